@@ -1,0 +1,315 @@
+"""SQLite storage, the default: one file shared by every process on the machine.
+
+One connection per process, guarded by a lock: SQLite serialises writers anyway, and a single
+connection keeps its prepared statements warm. WAL lets readers run beside the writer; every
+write is one statement or a short ``BEGIN IMMEDIATE`` transaction, so a writer never has to
+upgrade a read lock (the source of "database is locked" in the field); a busy database is waited
+out by the busy timeout and, past it, by a retry with backoff. A forked child opens its own
+connection, as SQLite requires.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Collection
+from dataclasses import fields
+from typing import Any, TypeVar
+
+from ..job import Job, Outcome
+from .base import Backend
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
+_SELECT = ", ".join(COLUMNS)
+
+# Each entry upgrades the schema from the version before it; index 0 creates version 1.
+MIGRATIONS = [
+    """
+    CREATE TABLE offload_jobs (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        task TEXT NOT NULL,
+        queue TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        args_json TEXT NOT NULL,
+        kwargs_json TEXT NOT NULL,
+        key TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL,
+        lost INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        run_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        worker TEXT,
+        lease_until REAL,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        progress_json TEXT,
+        result_json TEXT,
+        error TEXT,
+        traceback TEXT
+    );
+    -- Claims read only queued rows, in claim order: finished rows never slow them down.
+    CREATE INDEX offload_jobs_claim ON offload_jobs (priority DESC, run_at, seq)
+        WHERE state = 'queued';
+    CREATE INDEX offload_jobs_worker ON offload_jobs (worker) WHERE state = 'running';
+    CREATE INDEX offload_jobs_lease ON offload_jobs (lease_until) WHERE state = 'running';
+    CREATE INDEX offload_jobs_finished ON offload_jobs (finished_at)
+        WHERE state IN ('succeeded', 'failed', 'cancelled');
+    CREATE UNIQUE INDEX offload_jobs_key ON offload_jobs (key)
+        WHERE key IS NOT NULL AND state IN ('queued', 'running');
+    """,
+]
+
+INSERT = f"INSERT INTO offload_jobs ({_SELECT}) VALUES ({', '.join('?' * len(COLUMNS))})"
+INSERT_UNIQUE = INSERT + (
+    " ON CONFLICT (key) WHERE key IS NOT NULL AND state IN ('queued', 'running') DO NOTHING"
+)
+GET = f"SELECT {_SELECT} FROM offload_jobs WHERE id = ?"
+GET_BY_KEY = f"SELECT {_SELECT} FROM offload_jobs WHERE key = ? AND state IN ('queued', 'running')"
+CLAIM = f"""
+    UPDATE offload_jobs
+    SET state = 'running', worker = :worker, lease_until = :now + :lease, started_at = :now,
+        attempts = attempts + 1
+    WHERE seq IN (
+        SELECT seq FROM offload_jobs
+        WHERE state = 'queued' AND run_at <= :now
+          AND task IN (SELECT value FROM json_each(:tasks))
+          AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+        ORDER BY priority DESC, run_at, seq
+        LIMIT :limit)
+    RETURNING {_SELECT}
+"""
+HEARTBEAT = """
+    UPDATE offload_jobs SET lease_until = ?
+    WHERE worker = ? AND state = 'running'
+    RETURNING id, cancel_requested
+"""
+FINISH = """
+    UPDATE offload_jobs
+    SET state = ?, result_json = ?, error = ?, traceback = ?,
+        progress_json = coalesce(?, progress_json), finished_at = ?,
+        worker = NULL, lease_until = NULL
+    WHERE id = ? AND worker = ? AND state = 'running'
+"""
+RELEASE = """
+    UPDATE offload_jobs
+    SET state = 'queued', worker = NULL, lease_until = NULL, attempts = attempts - 1
+    WHERE id = ? AND worker = ? AND state = 'running'
+"""
+RECOVER = """
+    UPDATE offload_jobs
+    SET lost = lost + 1, worker = NULL, lease_until = NULL,
+        state = CASE WHEN lost + 1 >= :max_lost THEN 'failed' ELSE 'queued' END,
+        finished_at = CASE WHEN lost + 1 >= :max_lost THEN :now END,
+        error = CASE WHEN lost + 1 >= :max_lost
+                     THEN 'WorkerLost: worker lost ' || (lost + 1) || ' times' END
+    WHERE state = 'running' AND lease_until < :now
+"""
+CANCEL_QUEUED = """
+    UPDATE offload_jobs SET state = 'cancelled', finished_at = ?
+    WHERE id = ? AND state = 'queued'
+"""
+CANCEL_RUNNING = "UPDATE offload_jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'"
+SET_PROGRESS = """
+    UPDATE offload_jobs SET progress_json = ?
+    WHERE id = ? AND worker = ? AND state = 'running'
+"""
+PURGE = """
+    DELETE FROM offload_jobs
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?
+"""
+QUEUED_TASK_NAMES = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queued'"
+
+
+def _busy(error: sqlite3.OperationalError) -> bool:
+    message = str(error).lower()
+    return "locked" in message or "busy" in message
+
+
+class SQLiteBackend(Backend):
+    def __init__(self, path: str, synchronous: str = "NORMAL", busy_timeout: float = 30.0) -> None:
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(
+                "OFFLOAD_SQLITE_SYNCHRONOUS must be OFF, NORMAL, FULL or EXTRA, "
+                f"not {synchronous!r}"
+            )
+        self.path = path
+        self.synchronous = synchronous.upper()
+        self.busy_timeout = busy_timeout
+        self._pid = -1
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._run(lambda db: None)  # open now, so a bad path or a newer schema fails early
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        self._migrate(db)
+        return db
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} holds Flask-Offload schema version {version}, newer than this "
+                f"release understands ({SCHEMA_VERSION}); upgrade Flask-Offload"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for script in MIGRATIONS[version:]:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def after_fork(self) -> None:
+        # The parent's connection and lock are not ours: leave the connection unclosed (closing
+        # it could release the parent's file locks) and start afresh on first use.
+        self._db, self._pid, self._lock = None, -1, threading.Lock()
+
+    def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``operation`` on this process's connection, waiting out a busy database."""
+        pause = 0.005
+        deadline = time.monotonic() + 2 * self.busy_timeout
+        while True:
+            try:
+                with self._lock:
+                    if self._pid != os.getpid() or self._db is None:
+                        self._db, self._pid = self._connect(), os.getpid()
+                    return operation(self._db)
+            except sqlite3.OperationalError as error:
+                if not _busy(error) or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause * random.uniform(0.5, 1.5))
+            pause = min(pause * 2, 0.5)
+
+    def _transaction(self, db: sqlite3.Connection, body: Callable[[], T]) -> T:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            value = body()
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return value
+
+    def _job(self, row: Any) -> Job:
+        job = Job(*row)
+        job.backend = self
+        job.cancel_requested = bool(job.cancel_requested)
+        return job
+
+    def enqueue(self, job: Job) -> Job:
+        values = [getattr(job, name) for name in COLUMNS]
+        if job.key is None:
+            self._run(lambda db: db.execute(INSERT, values))
+            job.backend = self
+            return job
+
+        def insert_or_find(db: sqlite3.Connection) -> Job:
+            def body() -> Job:
+                if db.execute(INSERT_UNIQUE, values).rowcount == 1:
+                    job.backend = self
+                    return job
+                return self._job(db.execute(GET_BY_KEY, (job.key,)).fetchone())
+
+            return self._transaction(db, body)
+
+        return self._run(insert_or_find)
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._run(lambda db: db.execute(GET, (job_id,)).fetchone())
+        return None if row is None else self._job(row)
+
+    def claim(
+        self,
+        worker: str,
+        tasks: Collection[str],
+        queues: Collection[str] | None,
+        limit: int,
+        lease: float,
+    ) -> list[Job]:
+        params = {
+            "worker": worker,
+            "now": time.time(),
+            "lease": lease,
+            "tasks": _json_list(tasks),
+            "queues": None if queues is None else _json_list(queues),
+            "limit": limit,
+        }
+        rows = self._run(lambda db: db.execute(CLAIM, params).fetchall())
+        jobs = [self._job(row) for row in rows]
+        jobs.sort(key=lambda job: (-job.priority, job.run_at, job.created_at))
+        return jobs
+
+    def heartbeat(self, worker: str, lease: float) -> set[str]:
+        rows = self._run(lambda db: db.execute(HEARTBEAT, (time.time() + lease, worker)).fetchall())
+        return {job_id for job_id, cancel in rows if cancel}
+
+    def finish(self, job_id: str, worker: str, outcome: Outcome) -> bool:
+        values = (
+            outcome.state,
+            outcome.result_json,
+            outcome.error,
+            outcome.traceback,
+            outcome.progress_json,
+            time.time(),
+            job_id,
+            worker,
+        )
+        return self._run(lambda db: db.execute(FINISH, values).rowcount == 1)
+
+    def release(self, job_id: str, worker: str) -> bool:
+        return self._run(lambda db: db.execute(RELEASE, (job_id, worker)).rowcount == 1)
+
+    def recover(self, max_lost: int) -> int:
+        params = {"max_lost": max_lost, "now": time.time()}
+        return self._run(lambda db: db.execute(RECOVER, params).rowcount)
+
+    def cancel(self, job_id: str) -> bool:
+        def cancel(db: sqlite3.Connection) -> bool:
+            if db.execute(CANCEL_QUEUED, (time.time(), job_id)).rowcount == 1:
+                return True
+            return db.execute(CANCEL_RUNNING, (job_id,)).rowcount == 1
+
+        return self._run(cancel)
+
+    def set_progress(self, job_id: str, worker: str, progress_json: str) -> bool:
+        values = (progress_json, job_id, worker)
+        return self._run(lambda db: db.execute(SET_PROGRESS, values).rowcount == 1)
+
+    def purge(self, finished_before: float) -> int:
+        return self._run(lambda db: db.execute(PURGE, (finished_before,)).rowcount)
+
+    def queued_task_names(self) -> set[str]:
+        rows = self._run(lambda db: db.execute(QUEUED_TASK_NAMES).fetchall())
+        return {name for (name,) in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None and self._pid == os.getpid():
+                self._db.close()
+            self._db = None
+
+
+def _json_list(values: Collection[str]) -> str:
+    return json.dumps(list(values))

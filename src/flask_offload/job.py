@@ -1,0 +1,216 @@
+"""The job record every backend stores, its states, and ``current_job`` for code inside a task."""
+
+from __future__ import annotations
+
+import re
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from . import serializer
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+
+State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+QUEUED: State = "queued"
+RUNNING: State = "running"
+SUCCEEDED: State = "succeeded"
+FAILED: State = "failed"
+CANCELLED: State = "cancelled"
+FINAL_STATES: frozenset[str] = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def valid_id(job_id: object) -> bool:
+    """True for a well-formed job id: 32 lowercase hex characters."""
+    return isinstance(job_id, str) and _ID.fullmatch(job_id) is not None
+
+
+@dataclass(eq=False)
+class Job:
+    """One stored job. Arguments, result and progress are kept as the JSON text that was stored,
+    and decoded when read, so a corrupt row fails only the job that holds it."""
+
+    id: str
+    task: str
+    queue: str = "default"
+    priority: int = 0
+    state: State = QUEUED
+    args_json: str = "[]"
+    kwargs_json: str = "{}"
+    key: str | None = None
+    attempts: int = 0
+    max_attempts: int = 1
+    lost: int = 0
+    created_at: float = 0.0
+    run_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    lease_until: float | None = None
+    cancel_requested: bool = False
+    progress_json: str | None = None
+    result_json: str | None = None
+    error: str | None = None
+    traceback: str | None = None
+    backend: Backend | None = field(default=None, repr=False)
+
+    @property
+    def args(self) -> list[Any]:
+        """The positional arguments (a tuple given at enqueue arrives as a list)."""
+        value: list[Any] = serializer.loads(self.args_json)
+        return value
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        value: dict[str, Any] = serializer.loads(self.kwargs_json)
+        return value
+
+    @property
+    def result(self) -> Any:
+        """The task's return value once it has succeeded, else None."""
+        return None if self.result_json is None else serializer.loads(self.result_json)
+
+    @property
+    def progress(self) -> dict[str, Any] | None:
+        """``{"current": n, "total": m, "message": str}`` as last reported, or None."""
+        if self.progress_json is None:
+            return None
+        value: dict[str, Any] = serializer.loads(self.progress_json)
+        return value
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def _storage(self) -> Backend:
+        if self.backend is None:
+            raise RuntimeError("this Job is not attached to a storage backend")
+        return self.backend
+
+    def refresh(self) -> Job:
+        """Reload every field from storage; returns the job itself."""
+        fresh = self._storage().get(self.id)
+        if fresh is None:
+            raise LookupError(f"job {self.id} is no longer stored (expired or purged)")
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(fresh, name))
+        return self
+
+    def wait(self, timeout: float | None = None) -> Job:
+        """Block until the job is succeeded, failed or cancelled and return it; raise
+        ``TimeoutError`` when ``timeout`` seconds pass first. A failed job does not raise."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.002
+        while not self.refresh().finished:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"job {self.id} is still {self.state} after {timeout} s")
+                pause = min(pause, left)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+        return self
+
+    def cancel(self) -> bool:
+        """Cancel a queued job at once, or ask a running one to stop; False once it has finished."""
+        done = self._storage().cancel(self.id)
+        self.refresh()
+        return done
+
+
+@dataclass
+class Outcome:
+    """How a run ended, as the worker hands it to ``Backend.finish``."""
+
+    state: State
+    result_json: str | None = None
+    error: str | None = None
+    traceback: str | None = None
+    progress_json: str | None = None
+
+
+class Running:
+    """What a task sees of the job it is running, through ``current_job``."""
+
+    def __init__(self, job: Job, backend: Backend, worker: str) -> None:
+        self.job = job
+        self._backend = backend
+        self._worker = worker
+        self._written: str | None = job.progress_json
+        self._written_at = 0.0
+        self.pending_progress: str | None = None
+        self.cancel_flag = job.cancel_requested
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once someone has cancelled this running job; stop early by raising ``Cancelled``."""
+        return self.cancel_flag
+
+    def set_progress(self, current: int, total: int | None = None, message: str = "") -> None:
+        """Report progress. Written only when it changed, and at most every 0.1 s; the last value
+        is always stored when the job finishes."""
+        text = serializer.dumps(
+            {"current": current, "total": total, "message": message}, "progress"
+        )
+        if text == self._written:
+            return
+        if time.monotonic() - self._written_at < 0.1 and current != total:
+            self.pending_progress = text
+            return
+        self._write(text)
+
+    def flush_progress(self) -> None:
+        """Write progress held back by the throttle (the worker calls it on each heartbeat)."""
+        if self.pending_progress is not None:
+            self._write(self.pending_progress)
+
+    def _write(self, text: str) -> None:
+        self._backend.set_progress(self.job.id, self._worker, text)
+        self._written, self._written_at, self.pending_progress = text, time.monotonic(), None
+
+    @property
+    def last_progress(self) -> str | None:
+        """The newest progress reported, written or not: the finish stores it."""
+        return self.pending_progress or self._written
+
+
+_running: ContextVar[Running | None] = ContextVar("flask_offload_job", default=None)
+
+
+class _CurrentJob:
+    """A stand-in for the job the current thread is running; raises outside a task."""
+
+    def _get(self) -> Running:
+        running = _running.get()
+        if running is None:
+            raise RuntimeError("current_job is only available inside a running task")
+        return running
+
+    @property
+    def id(self) -> str:
+        return self._get().id
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._get().cancel_requested
+
+    def set_progress(self, current: int, total: int | None = None, message: str = "") -> None:
+        self._get().set_progress(current, total, message)
+
+    def __bool__(self) -> bool:
+        return _running.get() is not None
+
+    def __repr__(self) -> str:
+        running = _running.get()
+        return f"<current_job {running.id if running else 'outside a task'}>"
+
+
+current_job = _CurrentJob()

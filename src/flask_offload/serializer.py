@@ -1,0 +1,53 @@
+"""Strict JSON in and out: the queue holds data, never pickled code.
+
+Python's ``json`` quietly turns ``{1: "a"}`` into ``{"1": "a"}`` and writes ``NaN``; both would
+change a task's arguments on the way through storage, so both are refused here, before anything
+is stored, with a ``TypeError`` that names the offending value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_plain = (str, int, bool, type(None))
+
+
+def _check(value: Any, where: str) -> None:
+    """Raise ``TypeError`` unless ``value`` survives a JSON round trip unchanged (bar tuples)."""
+    if isinstance(value, _plain):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TypeError(f"{where} is {value!r}, which strict JSON cannot hold")
+        return
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check(item, f"{where}[{index}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"{where} has the key {key!r} of type {type(key).__name__}; "
+                    "JSON objects take string keys only"
+                )
+            _check(item, f"{where}[{key!r}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(value).__name__} ({value!r:.60}), which is not JSON; "
+        "pass plain data (str, int, float, bool, None, list, dict) such as an id to look up"
+    )
+
+
+def dumps(value: Any, what: str = "value") -> str:
+    """Encode ``value`` as compact strict JSON, or raise ``TypeError`` naming ``what`` is wrong."""
+    _check(value, what)
+    return _encoder.encode(value)
+
+
+def loads(text: str) -> Any:
+    """Decode JSON text written by :func:`dumps`."""
+    return json.loads(text)

@@ -1,0 +1,88 @@
+"""A task: a function that can still be called inline, or stored as a job and run later."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from .job import Job
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def default_name(fn: Callable[..., Any]) -> str:
+    """``module.qualname``, the name other processes find the function under."""
+    if fn.__module__ == "__main__":
+        raise ValueError(
+            f"task {fn.__qualname__!r} is defined in __main__, which other processes import "
+            "under another name: give it one, e.g. @offload.task(name='send_email')"
+        )
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+class Task(Generic[P, R]):
+    """A registered function. ``task(...)`` runs it now; ``task.delay(...)`` stores a job."""
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        runtime: Callable[[], Runtime],
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+    ) -> None:
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"a task name must be a non-empty str, not {name!r}")
+        if not isinstance(queue, str) or not queue:
+            raise TypeError(f"queue must be a non-empty str, not {queue!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int, not {priority!r}")
+        self.fn = fn
+        self.name = name or default_name(fn)
+        self.queue = queue
+        self.priority = priority
+        self._runtime = runtime
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:
+        """Store a job that runs ``fn(*args, **kwargs)``; returns once it is committed."""
+        return self._runtime().enqueue(
+            self.name, args, kwargs, priority=self.priority, queue=self.queue
+        )
+
+    def enqueue(
+        self,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        delay: float | None = None,
+        at: datetime | None = None,
+        key: str | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+    ) -> Job:
+        """Store a job with options: start after ``delay`` seconds or ``at`` an aware datetime;
+        ``key`` returns the queued or running job with that key instead of adding one."""
+        return self._runtime().enqueue(
+            self.name,
+            args,
+            kwargs,
+            delay=delay,
+            at=at,
+            key=key,
+            priority=self.priority if priority is None else priority,
+            queue=self.queue if queue is None else queue,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"

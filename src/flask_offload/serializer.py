@@ -37,7 +37,7 @@ def _check(value: Any, where: str) -> None:
             _check(item, f"{where}[{key!r}]")
         return
     raise TypeError(
-        f"{where} is a {type(value).__name__} ({value!r:.60}), which is not JSON; "
+        f"{where} is {value!r:.60} of type {type(value).__name__}, which is not JSON; "
         "pass plain data (str, int, float, bool, None, list, dict) such as an id to look up"
     )
 

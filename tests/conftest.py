@@ -1,0 +1,94 @@
+"""Shared fixtures: every backend for the conformance suite, and apps on real SQLite files."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from flask_offload.backends import Backend, MemoryBackend, SQLiteBackend
+from flask_offload.job import Job
+
+HERE = Path(__file__).parent
+
+
+def make_job(task: str = "t", **fields: Any) -> Job:
+    """A fresh queued job as the enqueue path builds it."""
+    now = time.time()
+    fields.setdefault("created_at", now)
+    fields.setdefault("run_at", now)
+    return Job(id=secrets.token_hex(16), task=task, **fields)
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {
+    "memory": lambda tmp: MemoryBackend(),
+    "sqlite": lambda tmp: SQLiteBackend(str(tmp / "jobs.db")),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    storage = BACKENDS[request.param](tmp_path)
+    yield storage
+    storage.close()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, every: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for an app subprocess: this checkout's tests on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE / "apps"), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def process(
+    args: list[str], env: dict[str, str], out: Path, cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process in its own session, killed if the test leaves it running."""
+    with out.open("ab") as sink:
+        proc = subprocess.Popen(
+            args, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def answers(url: str) -> bool:
+    """True once an HTTP server answers ``url`` with a success status."""
+    try:
+        return requests.get(url, timeout=2).ok
+    except requests.ConnectionError:
+        return False

@@ -1,0 +1,201 @@
+"""The one conformance suite every storage backend passes (see the ``backend`` fixture)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from conftest import make_job
+from flask_offload.backends import Backend
+from flask_offload.job import Outcome
+
+
+def test_enqueue_then_get_returns_every_field(backend: Backend) -> None:
+    job = make_job(
+        "send", queue="mail", priority=3, args_json="[1,2]", kwargs_json='{"a":1}', max_attempts=4
+    )
+    backend.enqueue(job)
+    stored = backend.get(job.id)
+    assert stored is not None and stored is not job
+    for name in (
+        "id",
+        "task",
+        "queue",
+        "priority",
+        "state",
+        "args_json",
+        "kwargs_json",
+        "attempts",
+        "max_attempts",
+        "created_at",
+        "run_at",
+    ):
+        assert getattr(stored, name) == getattr(job, name), name
+    assert stored.args == [1, 2] and stored.kwargs == {"a": 1}
+    assert stored.backend is backend
+    assert backend.get("0" * 32) is None
+
+
+def test_claim_order_is_priority_then_due_time_then_enqueue_order(backend: Backend) -> None:
+    now = time.time()
+    low_first = make_job(run_at=now - 10)
+    high = make_job(priority=5, run_at=now)
+    low_a = make_job(run_at=now - 5)
+    low_b = make_job(run_at=now - 5)
+    for job in (low_first, high, low_a, low_b):
+        backend.enqueue(job)
+    claimed = [backend.claim("w", ["t"], None, 1, 30)[0].id for _ in range(4)]
+    assert claimed == [high.id, low_first.id, low_a.id, low_b.id]
+    assert backend.claim("w", ["t"], None, 1, 30) == []
+
+
+def test_claim_takes_only_due_jobs_of_known_tasks_and_chosen_queues(backend: Backend) -> None:
+    future = make_job(run_at=time.time() + 60)
+    stranger = make_job("unknown")
+    other_queue = make_job(queue="reports")
+    mine = make_job()
+    for job in (future, stranger, other_queue, mine):
+        backend.enqueue(job)
+    assert [j.id for j in backend.claim("w", ["t"], ["default"], 10, 30)] == [mine.id]
+    assert [j.id for j in backend.claim("w", ["t"], None, 10, 30)] == [other_queue.id]
+    assert backend.claim("w", ["t"], None, 10, 30) == []
+    assert backend.queued_task_names() == {"t", "unknown"}
+
+
+def test_claim_marks_the_job_running_for_the_worker_with_a_lease(backend: Backend) -> None:
+    job = backend.enqueue(make_job())
+    before = time.time()
+    [claimed] = backend.claim("w1", ["t"], None, 5, 30)
+    stored = backend.get(job.id)
+    assert stored is not None
+    for seen in (claimed, stored):
+        assert seen.state == "running" and seen.worker == "w1" and seen.attempts == 1
+        assert seen.lease_until is not None and seen.lease_until >= before + 29
+        assert seen.started_at is not None and seen.started_at >= before - 1
+
+
+def test_claims_are_exclusive_when_threads_race(backend: Backend) -> None:
+    ids = {backend.enqueue(make_job()).id for _ in range(300)}
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def grab(worker: str) -> None:
+        while jobs := backend.claim(worker, ["t"], None, 3, 30):
+            with lock:
+                seen.extend(job.id for job in jobs)
+
+    threads = [threading.Thread(target=grab, args=(f"w{n}",)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(seen) == sorted(ids)
+
+
+def test_finish_stores_the_outcome_only_for_the_holder(backend: Backend) -> None:
+    job = backend.enqueue(make_job())
+    backend.claim("w1", ["t"], None, 1, 30)
+    assert not backend.finish(job.id, "w2", Outcome("succeeded", result_json="1"))
+    assert backend.finish(
+        job.id,
+        "w1",
+        Outcome("failed", error="ValueError: x", traceback="tb", progress_json='{"current":1}'),
+    )
+    stored = backend.get(job.id)
+    assert stored is not None
+    assert (stored.state, stored.error, stored.traceback) == ("failed", "ValueError: x", "tb")
+    assert stored.progress == {"current": 1} and stored.finished_at is not None
+    assert stored.worker is None and stored.lease_until is None
+    assert not backend.finish(job.id, "w1", Outcome("succeeded", result_json="1"))
+
+
+def test_finish_keeps_earlier_progress_when_the_outcome_has_none(backend: Backend) -> None:
+    job = backend.enqueue(make_job())
+    backend.claim("w", ["t"], None, 1, 30)
+    assert backend.set_progress(job.id, "w", '{"current":2}')
+    assert not backend.set_progress(job.id, "other", '{"current":9}')
+    backend.finish(job.id, "w", Outcome("succeeded", result_json='"ok"'))
+    stored = backend.get(job.id)
+    assert stored is not None and stored.progress == {"current": 2} and stored.result == "ok"
+
+
+def test_heartbeat_extends_only_the_workers_own_leases(backend: Backend) -> None:
+    mine, theirs = backend.enqueue(make_job()), backend.enqueue(make_job())
+    backend.claim("w1", ["t"], None, 1, 1)
+    backend.claim("w2", ["t"], None, 1, 1)
+    assert backend.heartbeat("w1", 100) == set()
+    held = {job.id: job for job in (backend.get(mine.id), backend.get(theirs.id)) if job}
+    assert held[mine.id].lease_until is not None and held[mine.id].lease_until > time.time() + 50
+    assert held[theirs.id].lease_until is not None and held[theirs.id].lease_until < time.time() + 2
+
+
+def test_release_puts_the_job_back_without_counting_the_attempt(backend: Backend) -> None:
+    job = backend.enqueue(make_job())
+    backend.claim("w", ["t"], None, 1, 30)
+    assert not backend.release(job.id, "other")
+    assert backend.release(job.id, "w")
+    stored = backend.get(job.id)
+    assert stored is not None
+    assert (stored.state, stored.attempts, stored.worker) == ("queued", 0, None)
+    assert [j.id for j in backend.claim("w2", ["t"], None, 1, 30)] == [job.id]
+
+
+def test_recover_requeues_expired_leases_then_fails_a_job_lost_too_often(
+    backend: Backend,
+) -> None:
+    job = backend.enqueue(make_job())
+    alive = backend.enqueue(make_job())
+    for round_ in (1, 2, 3):
+        [claimed] = backend.claim("dead", ["t"], None, 1, -1)  # a lease already expired
+        assert claimed.id == job.id
+        if round_ == 1:
+            backend.claim("alive", ["t"], None, 1, 60)
+        assert backend.recover(max_lost=3) == 1
+        stored = backend.get(job.id)
+        assert stored is not None and stored.lost == round_ and stored.attempts == round_
+        assert stored.state == ("failed" if round_ == 3 else "queued")
+    stored = backend.get(job.id)
+    assert stored is not None and stored.error == "WorkerLost: worker lost 3 times"
+    assert stored.finished_at is not None
+    survivor = backend.get(alive.id)
+    assert survivor is not None and survivor.state == "running" and survivor.lost == 0
+
+
+def test_cancel_of_queued_running_and_finished_jobs(backend: Backend) -> None:
+    queued, running, done = (backend.enqueue(make_job()) for _ in range(3))
+    assert backend.cancel(queued.id)
+    cancelled = backend.get(queued.id)
+    assert cancelled is not None and cancelled.state == "cancelled"
+    assert cancelled.finished_at is not None
+    backend.claim("w", ["t"], None, 2, 30)
+    assert backend.finish(done.id, "w", Outcome("succeeded", result_json="null"))
+    assert backend.cancel(running.id)
+    flagged = backend.get(running.id)
+    assert flagged is not None and flagged.state == "running" and flagged.cancel_requested
+    assert backend.heartbeat("w", 30) == {running.id}
+    assert not backend.cancel(done.id)
+    assert not backend.cancel(queued.id)
+    assert not backend.cancel("f" * 32)
+
+
+def test_purge_deletes_only_jobs_finished_before_the_cutoff(backend: Backend) -> None:
+    old, queued, running = (backend.enqueue(make_job()) for _ in range(3))
+    [first] = backend.claim("w", ["t"], None, 1, 30)
+    assert first.id == old.id
+    backend.finish(old.id, "w", Outcome("succeeded", result_json="1"))
+    backend.claim("w", ["t"], None, 1, 30)
+    assert backend.purge(time.time() - 60) == 0
+    assert backend.purge(time.time() + 1) == 1
+    assert backend.get(old.id) is None
+    assert backend.get(queued.id) is not None and backend.get(running.id) is not None
+
+
+def test_a_key_is_held_while_its_job_is_queued_or_running(backend: Backend) -> None:
+    first = backend.enqueue(make_job(key="report-7"))
+    again = backend.enqueue(make_job(key="report-7"))
+    assert again.id == first.id
+    backend.claim("w", ["t"], None, 1, 30)
+    assert backend.enqueue(make_job(key="report-7")).id == first.id
+    backend.finish(first.id, "w", Outcome("succeeded", result_json="1"))
+    fresh = backend.enqueue(make_job(key="report-7"))
+    assert fresh.id != first.id and backend.get(fresh.id) is not None

@@ -1,0 +1,66 @@
+"""What only the SQLite backend promises: index-backed queries, pragmas, file placement."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from flask_offload.backends import open_backend, sqlite_path
+from flask_offload.backends import sqlite as queries
+from flask_offload.backends.sqlite import SQLiteBackend
+
+
+def plan(backend: SQLiteBackend, sql: str, params: object) -> str:
+    rows = backend._run(lambda db: db.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall())
+    return "\n".join(row[3] for row in rows)
+
+
+@pytest.mark.parametrize(
+    "sql, params, index",
+    [
+        (
+            queries.CLAIM,
+            {"worker": "w", "now": 0, "lease": 1, "tasks": '["t"]', "queues": None, "limit": 1},
+            "offload_jobs_claim",
+        ),
+        (queries.HEARTBEAT, (1.0, "w"), "offload_jobs_worker"),
+        (queries.RECOVER, {"max_lost": 3, "now": 1.0}, "offload_jobs_lease"),
+        (queries.PURGE, (1.0,), "offload_jobs_finished"),
+        (queries.GET, ("x",), "sqlite_autoindex_offload_jobs_1"),
+    ],
+)
+def test_hot_queries_read_partial_indexes_not_the_finished_rows(
+    tmp_path: Path, sql: str, params: object, index: str
+) -> None:
+    """Claims, heartbeats and recovery use indexes that hold only queued or running rows, so a
+    million finished rows cost them nothing (bench/claim_with_finished.py measures it)."""
+    backend = SQLiteBackend(str(tmp_path / "jobs.db"))
+    text = plan(backend, sql, params)
+    assert f"USING INDEX {index}" in text
+    assert "SCAN offload_jobs\n" not in text + "\n", text
+
+
+def test_wal_and_synchronous_are_set(tmp_path: Path) -> None:
+    backend = SQLiteBackend(str(tmp_path / "jobs.db"), synchronous="full")
+    assert backend._run(lambda db: db.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
+    assert backend._run(lambda db: db.execute("PRAGMA synchronous").fetchone()[0]) == 2
+    with pytest.raises(ValueError, match="OFFLOAD_SQLITE_SYNCHRONOUS"):
+        SQLiteBackend(str(tmp_path / "other.db"), synchronous="sometimes")
+
+
+def test_urls_follow_flask_sqlalchemy(tmp_path: Path) -> None:
+    instance = tmp_path / "instance"
+    assert sqlite_path("sqlite:///jobs.db", str(instance)) == str(instance / "jobs.db")
+    assert instance.is_dir(), "the instance folder is created for a relative path"
+    assert sqlite_path(f"sqlite:///{tmp_path}/abs.db", "/nowhere") == f"{tmp_path}/abs.db"
+    assert type(open_backend("memory://", str(instance))).__name__ == "MemoryBackend"
+
+
+def test_a_second_connection_sees_a_commit_at_once(tmp_path: Path) -> None:
+    from conftest import make_job
+
+    writer, reader = (SQLiteBackend(str(tmp_path / "jobs.db")) for _ in range(2))
+    job = writer.enqueue(make_job(created_at=time.time()))
+    assert reader.get(job.id) is not None

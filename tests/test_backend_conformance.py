@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 from conftest import make_job
 from flask_offload.backends import Backend
-from flask_offload.job import Outcome
+from flask_offload.job import Outcome, WorkerInfo
 
 
 def test_enqueue_then_get_returns_every_field(backend: Backend) -> None:
@@ -94,11 +95,10 @@ def test_claims_are_exclusive_when_threads_race(backend: Backend) -> None:
 
 def test_finish_stores_the_outcome_only_for_the_holder(backend: Backend) -> None:
     job = backend.enqueue(make_job())
-    backend.claim("w1", ["t"], None, 1, 30)
-    assert not backend.finish(job.id, "w2", Outcome("succeeded", result_json="1"))
+    [claimed] = backend.claim("w1", ["t"], None, 1, 30)
+    assert not backend.finish(replace(claimed, worker="w2"), Outcome("succeeded", result_json="1"))
     assert backend.finish(
-        job.id,
-        "w1",
+        claimed,
         Outcome("failed", error="ValueError: x", traceback="tb", progress_json='{"current":1}'),
     )
     stored = backend.get(job.id)
@@ -106,15 +106,62 @@ def test_finish_stores_the_outcome_only_for_the_holder(backend: Backend) -> None
     assert (stored.state, stored.error, stored.traceback) == ("failed", "ValueError: x", "tb")
     assert stored.progress == {"current": 1} and stored.finished_at is not None
     assert stored.worker is None and stored.lease_until is None
-    assert not backend.finish(job.id, "w1", Outcome("succeeded", result_json="1"))
+    assert not backend.finish(claimed, Outcome("succeeded", result_json="1"))
+
+
+def test_a_stale_claim_cannot_finish_a_newer_attempt(backend: Backend) -> None:
+    """A run that lost its job (timeout, expired lease) never overwrites the next run, even in
+    the same worker: the attempt number fences it."""
+    backend.enqueue(make_job(max_attempts=3))
+    [first] = backend.claim("w", ["t"], None, 1, 30)
+    assert backend.finish(first, Outcome("queued", error="TimeoutError: late", run_at=0))
+    [second] = backend.claim("w", ["t"], None, 1, 30)
+    assert second.attempts == 2
+    assert not backend.finish(first, Outcome("succeeded", result_json='"stale"'))
+    assert not backend.set_progress(first, '{"current":9}')
+    assert not backend.release(first)
+    assert backend.finish(second, Outcome("succeeded", result_json='"fresh"'))
+    stored = backend.get(second.id)
+    assert stored is not None and stored.result == "fresh" and stored.progress is None
+
+
+def test_a_retry_outcome_queues_the_job_again_at_its_time(backend: Backend) -> None:
+    job = backend.enqueue(make_job(max_attempts=2))
+    [claimed] = backend.claim("w", ["t"], None, 1, 30)
+    later = time.time() + 60
+    assert backend.finish(claimed, Outcome("queued", error="OSError: flaky", run_at=later))
+    stored = backend.get(job.id)
+    assert stored is not None
+    assert (stored.state, stored.attempts, stored.error) == ("queued", 1, "OSError: flaky")
+    assert stored.run_at == later and stored.finished_at is None and stored.worker is None
+    assert backend.claim("w", ["t"], None, 1, 30) == [], "not due before its time"
+
+
+def test_retry_by_id_requeues_failed_and_cancelled_jobs_only(backend: Backend) -> None:
+    failed, cancelled, queued = (backend.enqueue(make_job()) for _ in range(3))
+    [claimed] = backend.claim("w", ["t"], None, 1, 30)
+    backend.finish(claimed, Outcome("failed", error="ValueError: x", traceback="tb"))
+    backend.cancel(cancelled.id)
+    assert not backend.retry(queued.id) and not backend.retry("e" * 32)
+    for job in (failed, cancelled):
+        assert backend.retry(job.id)
+        stored = backend.get(job.id)
+        assert stored is not None
+        assert (stored.state, stored.attempts, stored.error, stored.finished_at) == (
+            "queued",
+            0,
+            None,
+            None,
+        )
+    assert not backend.retry(failed.id)
 
 
 def test_finish_keeps_earlier_progress_when_the_outcome_has_none(backend: Backend) -> None:
     job = backend.enqueue(make_job())
-    backend.claim("w", ["t"], None, 1, 30)
-    assert backend.set_progress(job.id, "w", '{"current":2}')
-    assert not backend.set_progress(job.id, "other", '{"current":9}')
-    backend.finish(job.id, "w", Outcome("succeeded", result_json='"ok"'))
+    [claimed] = backend.claim("w", ["t"], None, 1, 30)
+    assert backend.set_progress(claimed, '{"current":2}')
+    assert not backend.set_progress(replace(claimed, worker="other"), '{"current":9}')
+    backend.finish(claimed, Outcome("succeeded", result_json='"ok"'))
     stored = backend.get(job.id)
     assert stored is not None and stored.progress == {"current": 2} and stored.result == "ok"
 
@@ -131,9 +178,9 @@ def test_heartbeat_extends_only_the_workers_own_leases(backend: Backend) -> None
 
 def test_release_puts_the_job_back_without_counting_the_attempt(backend: Backend) -> None:
     job = backend.enqueue(make_job())
-    backend.claim("w", ["t"], None, 1, 30)
-    assert not backend.release(job.id, "other")
-    assert backend.release(job.id, "w")
+    [claimed] = backend.claim("w", ["t"], None, 1, 30)
+    assert not backend.release(replace(claimed, worker="other"))
+    assert backend.release(claimed)
     stored = backend.get(job.id)
     assert stored is not None
     assert (stored.state, stored.attempts, stored.worker) == ("queued", 0, None)
@@ -167,8 +214,8 @@ def test_cancel_of_queued_running_and_finished_jobs(backend: Backend) -> None:
     cancelled = backend.get(queued.id)
     assert cancelled is not None and cancelled.state == "cancelled"
     assert cancelled.finished_at is not None
-    backend.claim("w", ["t"], None, 2, 30)
-    assert backend.finish(done.id, "w", Outcome("succeeded", result_json="null"))
+    claimed = {job.id: job for job in backend.claim("w", ["t"], None, 2, 30)}
+    assert backend.finish(claimed[done.id], Outcome("succeeded", result_json="null"))
     assert backend.cancel(running.id)
     flagged = backend.get(running.id)
     assert flagged is not None and flagged.state == "running" and flagged.cancel_requested
@@ -182,7 +229,7 @@ def test_purge_deletes_only_jobs_finished_before_the_cutoff(backend: Backend) ->
     old, queued, running = (backend.enqueue(make_job()) for _ in range(3))
     [first] = backend.claim("w", ["t"], None, 1, 30)
     assert first.id == old.id
-    backend.finish(old.id, "w", Outcome("succeeded", result_json="1"))
+    backend.finish(first, Outcome("succeeded", result_json="1"))
     backend.claim("w", ["t"], None, 1, 30)
     assert backend.purge(time.time() - 60) == 0
     assert backend.purge(time.time() + 1) == 1
@@ -194,8 +241,62 @@ def test_a_key_is_held_while_its_job_is_queued_or_running(backend: Backend) -> N
     first = backend.enqueue(make_job(key="report-7"))
     again = backend.enqueue(make_job(key="report-7"))
     assert again.id == first.id
-    backend.claim("w", ["t"], None, 1, 30)
+    [claimed] = backend.claim("w", ["t"], None, 1, 30)
     assert backend.enqueue(make_job(key="report-7")).id == first.id
-    backend.finish(first.id, "w", Outcome("succeeded", result_json="1"))
+    backend.finish(claimed, Outcome("succeeded", result_json="1"))
     fresh = backend.enqueue(make_job(key="report-7"))
     assert fresh.id != first.id and backend.get(fresh.id) is not None
+
+
+def test_a_key_is_unique_when_eight_threads_race(backend: Backend) -> None:
+    ids: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def race() -> None:
+        start.wait()
+        for n in range(20):
+            job = backend.enqueue(make_job(key=f"k{n}"))
+            with lock:
+                ids.append(job.id)
+
+    threads = [threading.Thread(target=race) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(ids) == 160 and len(set(ids)) == 20
+    assert len(backend.list_jobs(limit=1000)) == 20
+
+
+def test_a_tick_is_enqueued_once_and_never_an_older_one(backend: Backend) -> None:
+    backend.record_tick("nightly", 100.0)
+    assert not backend.enqueue_tick("nightly", 100.0, make_job("nightly")), "already recorded"
+    backend.record_tick("nightly", 50.0)  # a known schedule keeps its tick
+    assert backend.enqueue_tick("nightly", 200.0, make_job("nightly"))
+    assert not backend.enqueue_tick("nightly", 200.0, make_job("nightly"))
+    assert not backend.enqueue_tick("nightly", 150.0, make_job("nightly"))
+    assert backend.enqueue_tick("hourly", 10.0, make_job("hourly")), "new schedules may run"
+    assert backend.counts() == {("nightly", "queued"): 1, ("hourly", "queued"): 1}
+
+
+def test_list_jobs_and_counts(backend: Backend) -> None:
+    a, b, c = (backend.enqueue(make_job(task)) for task in ("x", "y", "x"))
+    backend.cancel(b.id)
+    assert [job.id for job in backend.list_jobs()] == [c.id, b.id, a.id]
+    assert [job.id for job in backend.list_jobs(task="x", limit=1)] == [c.id]
+    assert [job.id for job in backend.list_jobs(state="cancelled")] == [b.id]
+    assert backend.counts() == {("x", "queued"): 2, ("y", "cancelled"): 1}
+
+
+def test_worker_rows_show_live_processes(backend: Backend) -> None:
+    info = WorkerInfo("w1", "host", 42, ["mail"], ["t"], started_at=time.time())
+    backend.beat(info)
+    backend.beat(WorkerInfo("w2", "host", 43, None, ["t", "u"], started_at=time.time()))
+    rows = {w.id: w for w in backend.workers(time.time() - 60)}
+    assert set(rows) == {"w1", "w2"}
+    assert rows["w1"].queues == ["mail"] and rows["w2"].tasks == ["t", "u"]
+    assert rows["w1"].pid == 42 and rows["w1"].last_seen >= info.started_at
+    assert backend.workers(time.time() + 60) == []
+    backend.forget_worker("w1")
+    assert [w.id for w in backend.workers(0)] == ["w2"]

@@ -3,6 +3,6 @@
 from .extension import Offload
 from .job import Job, current_job
 from .task import Task
-from .worker import Cancelled
+from .worker import Cancelled, Retry
 
-__all__ = ["Cancelled", "Job", "Offload", "Task", "current_job"]
+__all__ = ["Cancelled", "Job", "Offload", "Retry", "Task", "current_job"]

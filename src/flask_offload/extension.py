@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar, overload
 
 from flask import Flask, current_app, has_app_context
 
 from . import lifecycle
 from .backends import open_backend
+from .cli import offload_cli
 from .job import Job
 from .runtime import Runtime
+from .schedule import Schedule
 from .task import Task
-from .worker import Settings
+from .worker import Cancelled, Retry, Settings
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -25,6 +28,9 @@ class Offload:
     Tasks are registered on the extension object and shared by every app it serves; each app
     gets its own storage and worker pool from its ``OFFLOAD_*`` configuration.
     """
+
+    Retry = Retry
+    Cancelled = Cancelled
 
     def __init__(self, app: Flask | None = None) -> None:
         self._tasks: dict[str, Task[..., Any]] = {}
@@ -42,6 +48,7 @@ class Offload:
         runtime = Runtime(backend, self._tasks, app.app_context, settings, eager=eager)
         self._runtimes[app] = runtime
         app.extensions["offload"] = self
+        app.cli.add_command(offload_cli)
         lifecycle.manage(
             runtime, lifecycle.plan(app.testing, explicit_workers, settings.threads, eager)
         )
@@ -70,35 +77,61 @@ class Offload:
 
     @overload
     def task(
-        self, *, name: str | None = None, queue: str = "default", priority: int = 0
-    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
-
-    def task(
         self,
-        fn: Callable[..., Any] | None = None,
         *,
         name: str | None = None,
         queue: str = "default",
         priority: int = 0,
-    ) -> Any:
-        """Register a task: ``@offload.task`` or ``@offload.task(name=..., queue=..., ...)``."""
+        retries: int = 0,
+        retry_backoff: float = 1.0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+        timeout: float | None = None,
+        public: bool = False,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+        """Register a task: ``@offload.task`` or ``@offload.task(name=..., retries=..., ...)``
+        with the options of :class:`~flask_offload.Task`."""
 
         def register(fn: Callable[..., Any]) -> Task[..., Any]:
-            task = Task(fn, self.runtime, name=name, queue=queue, priority=priority)
-            known = self._tasks.get(task.name)
-            if known is not None and known.fn is not fn:
-                raise ValueError(f"two tasks are named {task.name!r}: give one of them name=...")
-            self._tasks[task.name] = task
-            for runtime in list(self._runtimes.values()):
-                if runtime.worker.started:
-                    runtime.worker.wake()
-            return task
+            return self._register(Task(fn, self.runtime, **options))
 
         return register if fn is None else register(fn)
+
+    def periodic(
+        self,
+        *,
+        every: float | timedelta | None = None,
+        cron: str | None = None,
+        tz: str | None = None,
+        **options: Any,
+    ) -> Callable[[Callable[[], R]], Task[[], R]]:
+        """Register a task that runs once per tick, across every process sharing the storage:
+        ``every=timedelta(minutes=5)`` (aligned to the clock) or ``cron="*/5 * * * *"`` (UTC
+        unless ``tz`` names a zone; needs ``Flask-Offload[cron]``). Missed ticks run once."""
+        schedule = Schedule(every=every, cron=cron, tz=tz)
+
+        def register(fn: Callable[[], R]) -> Task[[], R]:
+            return self._register(Task(fn, self.runtime, schedule=schedule, **options))
+
+        return register
+
+    def _register(self, task: Task[P, R]) -> Task[P, R]:
+        known = self._tasks.get(task.name)
+        if known is not None and known.fn is not task.fn:
+            raise ValueError(f"two tasks are named {task.name!r}: give one of them name=...")
+        self._tasks[task.name] = task
+        for runtime in list(self._runtimes.values()):
+            runtime.wake()
+        return task
 
     def get_job(self, job_id: str) -> Job | None:
         """The job with this id, or None if it is unknown, expired or not a valid id."""
         return self.runtime().get(job_id)
+
+    def retry(self, job_id: str) -> Job:
+        """Queue a failed or cancelled job again; a clear error for any other job."""
+        return self.runtime().retry(job_id)
 
     def drain(self) -> int:
         """Run every due job now, in the calling thread, and return how many ran (for tests)."""

@@ -124,22 +124,38 @@ class Job:
 
 @dataclass
 class Outcome:
-    """How a run ended, as the worker hands it to ``Backend.finish``."""
+    """How a run ended, as the worker hands it to ``Backend.finish``; ``state`` queued with a
+    ``run_at`` is a retry."""
 
     state: State
     result_json: str | None = None
     error: str | None = None
     traceback: str | None = None
     progress_json: str | None = None
+    run_at: float | None = None
+
+
+@dataclass
+class WorkerInfo:
+    """A live worker process, as its heartbeat row shows it to stats and other processes."""
+
+    id: str
+    host: str
+    pid: int
+    queues: list[str] | None
+    tasks: list[str]
+    started_at: float
+    last_seen: float = 0.0
 
 
 class Running:
     """What a task sees of the job it is running, through ``current_job``."""
 
-    def __init__(self, job: Job, backend: Backend, worker: str) -> None:
+    def __init__(self, job: Job, backend: Backend) -> None:
         self.job = job
         self._backend = backend
-        self._worker = worker
+        self.abandoned = False
+        self.deadline: float | None = None
         self._written: str | None = job.progress_json
         self._written_at = 0.0
         self.pending_progress: str | None = None
@@ -173,7 +189,7 @@ class Running:
             self._write(self.pending_progress)
 
     def _write(self, text: str) -> None:
-        self._backend.set_progress(self.job.id, self._worker, text)
+        self._backend.set_progress(self.job, text)
         self._written, self._written_at, self.pending_progress = text, time.monotonic(), None
 
     @property

@@ -99,16 +99,17 @@ def plan(testing: bool, explicit_workers: bool, threads: int, eager: bool) -> Pl
     return "start"
 
 
-def manage(runtime: Runtime, how: Plan) -> None:
-    """Start ``runtime``'s pool as planned and tie it to the process's fork and exit."""
+def manage(
+    runtime: Runtime, how: Plan, pools: list[tuple[int, tuple[str, ...] | None]] | None = None
+) -> None:
+    """Start ``runtime``'s pools as planned and tie them to the process's fork and exit."""
     if how == "off":
         return
     _install_hooks()
     _managed.add(runtime)
     if how == "start":
-        runtime.start()
-        ctx = _cli_command()
-        if ctx is not None and ctx.command.name == "run":
+        runtime.start(pools)
+        if _cli_command() is not None:
             install_signal_handlers()
 
 

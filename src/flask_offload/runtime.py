@@ -9,12 +9,13 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from . import serializer
 from .backends.base import Backend
-from .job import RUNNING, Job, Running, valid_id
+from .job import QUEUED, RUNNING, Job, Running, valid_id
 from .worker import ContextFactory, Runnable, Settings, Worker, execute
 
 
@@ -34,7 +35,8 @@ class Runtime:
         self.context = context
         self.settings = settings
         self.eager = eager
-        self.worker = Worker(backend, tasks, context, settings)
+        self.pools = [Worker(backend, tasks, context, settings)]
+        self._plan: list[tuple[int, tuple[str, ...] | None]] | None = None
 
     def enqueue(
         self,
@@ -81,45 +83,77 @@ class Runtime:
         if self.eager:
             return self._run_now(job)
         stored = self.backend.enqueue(job)
-        if self.worker.started and stored is job:
-            self.worker.wake(job.run_at)
+        if stored is job:
+            self.wake(job.run_at)
         return stored
 
     def _run_now(self, job: Job) -> Job:
-        """EAGER mode: run the job in the caller's thread and store it finished."""
-        job.state, job.attempts, job.started_at = RUNNING, 1, time.time()
-        outcome = execute(
-            self.tasks[job.task],
-            job,
-            Running(job, self.backend, "eager"),
-            self.context,
-            self.settings,
-        )
-        job.state, job.finished_at = outcome.state, time.time()
-        job.result_json, job.error, job.traceback = (
-            outcome.result_json,
-            outcome.error,
-            outcome.traceback,
-        )
-        job.progress_json = outcome.progress_json
+        """EAGER mode: run the job in the caller's thread, retries at once, and store it."""
+        task = self.tasks[job.task]
+        job.state = QUEUED
+        while job.state == QUEUED:
+            job.state, job.started_at = RUNNING, time.time()
+            job.attempts += 1
+            outcome = execute(task, job, Running(job, self.backend), self.context, self.settings)
+            job.state, job.result_json = outcome.state, outcome.result_json
+            job.error, job.traceback = outcome.error, outcome.traceback
+            job.progress_json = outcome.progress_json or job.progress_json
+        job.finished_at = time.time()
         return self.backend.enqueue(job)
 
-    def start(self) -> None:
-        self.worker.start()
+    def retry(self, job_id: str) -> Job:
+        """Queue a failed or cancelled job again, with fresh attempts."""
+        job = self.get(job_id)
+        if job is None:
+            raise LookupError(f"no job {job_id!r} (unknown, malformed or expired)")
+        if not self.backend.retry(job_id):
+            raise ValueError(f"job {job_id} is {job.state}: only failed or cancelled jobs retry")
+        self.wake()
+        return job.refresh()
+
+    @property
+    def started(self) -> bool:
+        return any(pool.started for pool in self.pools)
+
+    def start(self, plan: list[tuple[int, tuple[str, ...] | None]] | None = None) -> None:
+        """Start the pool, or one pool per ``(threads, queues)`` in ``plan``."""
+        if plan is not None:
+            self._plan = plan
+            self.pools = [self._pool(threads, queues) for threads, queues in plan]
+        for pool in self.pools:
+            pool.start()
+
+    def _pool(self, threads: int, queues: tuple[str, ...] | None) -> Worker:
+        settings = replace(self.settings, threads=threads, queues=queues)
+        return Worker(self.backend, self.tasks, self.context, settings)
+
+    def wake(self, at: float | None = None) -> None:
+        """A job is due (now or ``at``) or a task was registered: wake the running pools."""
+        for pool in self.pools:
+            if pool.started:
+                pool.wake(at)
 
     def stop(self, timeout: float | None = None) -> None:
-        self.worker.stop(timeout)
+        """Drain every pool at once, within ``timeout`` (default ``SHUTDOWN_TIMEOUT``)."""
+        for pool in self.pools:
+            pool.begin_stop()
+        deadline = time.monotonic() + (
+            self.settings.shutdown_timeout if timeout is None else timeout
+        )
+        for pool in self.pools:
+            pool.stop(max(0.0, deadline - time.monotonic()))
 
     def drain(self) -> int:
         """Run every due job now, in this thread; for tests. Returns how many ran."""
-        return self.worker.drain()
+        return self.pools[0].drain()
 
     def after_fork(self, restart: bool) -> None:
-        """In a forked child: new connections, a new worker id, and threads if wanted."""
+        """In a forked child: new connections, new worker ids, and threads if wanted."""
         self.backend.after_fork()
-        self.worker = Worker(self.backend, self.tasks, self.context, self.settings)
+        plan = self._plan or [(self.settings.threads, self.settings.queues)]
+        self.pools = [self._pool(threads, queues) for threads, queues in plan]
         if restart:
-            self.worker.start()
+            self.start()
 
     def get(self, job_id: str) -> Job | None:
         """The stored job, or None for an unknown or malformed id."""

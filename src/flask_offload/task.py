@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from .job import Job
+from .schedule import Schedule
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -27,7 +28,13 @@ def default_name(fn: Callable[..., Any]) -> str:
 
 
 class Task(Generic[P, R]):
-    """A registered function. ``task(...)`` runs it now; ``task.delay(...)`` stores a job."""
+    """A registered function. ``task(...)`` runs it now; ``task.delay(...)`` stores a job.
+
+    Options: ``retries`` more attempts after a failure, ``retry_backoff`` seconds before the
+    first retry (doubling each time, with jitter), only for exceptions in ``retry_on``;
+    ``timeout`` seconds before a run is ended as failed; ``public`` to show the result over
+    HTTP; ``schedule`` for a periodic task.
+    """
 
     def __init__(
         self,
@@ -37,6 +44,12 @@ class Task(Generic[P, R]):
         name: str | None = None,
         queue: str = "default",
         priority: int = 0,
+        retries: int = 0,
+        retry_backoff: float = 1.0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+        timeout: float | None = None,
+        public: bool = False,
+        schedule: Schedule | None = None,
     ) -> None:
         if name is not None and (not isinstance(name, str) or not name):
             raise TypeError(f"a task name must be a non-empty str, not {name!r}")
@@ -44,10 +57,26 @@ class Task(Generic[P, R]):
             raise TypeError(f"queue must be a non-empty str, not {queue!r}")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TypeError(f"priority must be an int, not {priority!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
+        if not _seconds(retry_backoff, allow_zero=True):
+            raise ValueError(f"retry_backoff must be seconds >= 0, not {retry_backoff!r}")
+        if isinstance(retry_on, type):
+            retry_on = (retry_on,)
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
+            raise TypeError(f"retry_on must be exception classes, not {retry_on!r}")
+        if timeout is not None and not _seconds(timeout, allow_zero=False):
+            raise ValueError(f"timeout must be seconds > 0, not {timeout!r}")
         self.fn = fn
         self.name = name or default_name(fn)
         self.queue = queue
         self.priority = priority
+        self.max_attempts = retries + 1
+        self.retry_backoff = float(retry_backoff)
+        self.retry_on = tuple(retry_on)
+        self.timeout = None if timeout is None else float(timeout)
+        self.public = bool(public)
+        self.schedule = schedule
         self._runtime = runtime
         functools.update_wrapper(self, fn)
 
@@ -56,9 +85,7 @@ class Task(Generic[P, R]):
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Store a job that runs ``fn(*args, **kwargs)``; returns once it is committed."""
-        return self._runtime().enqueue(
-            self.name, args, kwargs, priority=self.priority, queue=self.queue
-        )
+        return self.enqueue(args, kwargs)
 
     def enqueue(
         self,
@@ -82,7 +109,14 @@ class Task(Generic[P, R]):
             key=key,
             priority=self.priority if priority is None else priority,
             queue=self.queue if queue is None else queue,
+            max_attempts=self.max_attempts,
         )
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
+
+
+def _seconds(value: object, allow_zero: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value >= 0 if allow_zero else value > 0

@@ -1,9 +1,12 @@
 """The storage interface: every verb a backend fills in, named for what happens to a job.
 
 A job's life is ``enqueue`` → ``claim`` (held by a lease the worker renews with ``heartbeat``) →
-``finish``; a worker that stops gracefully ``release``-s what it still holds, and ``recover``
-takes back jobs whose lease ran out because their worker died. Every backend passes the one
-conformance suite in ``tests/test_backend_conformance.py``.
+``finish`` (done, or back in the queue for a retry); a worker that stops gracefully
+``release``-s what it still holds, and ``recover`` takes back jobs whose lease ran out because
+their worker died. The claimed ``Job`` is the worker's ticket: ``finish``, ``release`` and
+``set_progress`` write only while the job is still held by that claim (same worker, same
+attempt), so a run that lost its lease can never overwrite a newer one. Every backend passes
+the one conformance suite in ``tests/test_backend_conformance.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection
 
-from ..job import Job, Outcome
+from ..job import Job, Outcome, WorkerInfo
 
 
 class Backend(ABC):
@@ -19,7 +22,18 @@ class Backend(ABC):
 
     @abstractmethod
     def enqueue(self, job: Job) -> Job:
-        """Store ``job`` durably and return it; the job is committed when this returns."""
+        """Store ``job`` durably and return it, committed. If ``job.key`` is held by a queued
+        or running job, store nothing and return that job instead."""
+
+    @abstractmethod
+    def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
+        """Store ``job`` for a periodic tick, once across all processes: only if ``schedule``
+        has not yet recorded ``tick`` or a later one. Records the tick with the job."""
+
+    @abstractmethod
+    def record_tick(self, schedule: str, tick: float) -> None:
+        """Record ``tick`` as done for a schedule seen for the first time (it waits for the
+        next tick instead of running at once); no change if the schedule is known."""
 
     @abstractmethod
     def get(self, job_id: str) -> Job | None:
@@ -46,12 +60,13 @@ class Backend(ABC):
         """Extend the lease of every job ``worker`` runs; return the ids asked to cancel."""
 
     @abstractmethod
-    def finish(self, job_id: str, worker: str, outcome: Outcome) -> bool:
-        """Store how the run ended. False (nothing written) if ``worker`` no longer holds it."""
+    def finish(self, job: Job, outcome: Outcome) -> bool:
+        """Store how the claimed run ``job`` ended. False (nothing written) if that claim no
+        longer holds the job."""
 
     @abstractmethod
-    def release(self, job_id: str, worker: str) -> bool:
-        """Put a running job back in the queue without counting the attempt (graceful stop)."""
+    def release(self, job: Job) -> bool:
+        """Put a claimed job back in the queue without counting the attempt (graceful stop)."""
 
     @abstractmethod
     def recover(self, max_lost: int) -> int:
@@ -65,8 +80,12 @@ class Backend(ABC):
         """Cancel a queued job, or flag a running one; False if it has already finished."""
 
     @abstractmethod
-    def set_progress(self, job_id: str, worker: str, progress_json: str) -> bool:
-        """Store progress of a running job held by ``worker``."""
+    def retry(self, job_id: str) -> bool:
+        """Queue a failed or cancelled job again, with fresh attempts; False otherwise."""
+
+    @abstractmethod
+    def set_progress(self, job: Job, progress_json: str) -> bool:
+        """Store progress of a claimed job while that claim holds it."""
 
     @abstractmethod
     def purge(self, finished_before: float) -> int:
@@ -75,6 +94,28 @@ class Backend(ABC):
     @abstractmethod
     def queued_task_names(self) -> set[str]:
         """The distinct task names of queued jobs, for the unknown-task report."""
+
+    @abstractmethod
+    def list_jobs(
+        self, state: str | None = None, task: str | None = None, limit: int = 50
+    ) -> list[Job]:
+        """The newest jobs first, optionally of one state and one task."""
+
+    @abstractmethod
+    def counts(self) -> dict[tuple[str, str], int]:
+        """How many jobs there are per (task, state)."""
+
+    @abstractmethod
+    def beat(self, info: WorkerInfo) -> None:
+        """Record that a worker process is alive (insert or update its row)."""
+
+    @abstractmethod
+    def workers(self, seen_since: float) -> list[WorkerInfo]:
+        """Worker processes that beat since ``seen_since``."""
+
+    @abstractmethod
+    def forget_worker(self, worker: str) -> None:
+        """Remove a stopped worker's row, and rows of workers silent for a day."""
 
     def after_fork(self) -> None:  # noqa: B027 - a backend with nothing per-process keeps this
         """Drop what a forked child must not share with its parent (connections, locks)."""

@@ -11,7 +11,7 @@ import time
 from collections.abc import Collection
 from dataclasses import replace
 
-from ..job import CANCELLED, FAILED, FINAL_STATES, QUEUED, RUNNING, Job, Outcome
+from ..job import CANCELLED, FAILED, FINAL_STATES, QUEUED, RUNNING, Job, Outcome, WorkerInfo
 from .base import Backend
 
 
@@ -20,21 +20,38 @@ class MemoryBackend(Backend):
         self._jobs: dict[str, Job] = {}
         self._order: dict[str, int] = {}
         self._seq = itertools.count()
+        self._ticks: dict[str, float] = {}
+        self._workers: dict[str, WorkerInfo] = {}
         self._lock = threading.Lock()
 
     def _copy(self, job: Job) -> Job:
         return replace(job, backend=self)
 
-    def enqueue(self, job: Job) -> Job:
-        with self._lock:
-            if job.key is not None:
-                for other in self._jobs.values():
-                    if other.key == job.key and other.state in (QUEUED, RUNNING):
-                        return self._copy(other)
-            self._jobs[job.id] = replace(job, backend=None)
-            self._order[job.id] = next(self._seq)
+    def _insert(self, job: Job) -> Job:
+        if job.key is not None:
+            for other in self._jobs.values():
+                if other.key == job.key and other.state in (QUEUED, RUNNING):
+                    return self._copy(other)
+        self._jobs[job.id] = replace(job, backend=None)
+        self._order[job.id] = next(self._seq)
         job.backend = self
         return job
+
+    def enqueue(self, job: Job) -> Job:
+        with self._lock:
+            return self._insert(job)
+
+    def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
+        with self._lock:
+            if self._ticks.get(schedule, -1.0) >= tick:
+                return False
+            self._ticks[schedule] = tick
+            self._insert(job)
+            return True
+
+    def record_tick(self, schedule: str, tick: float) -> None:
+        with self._lock:
+            self._ticks.setdefault(schedule, tick)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -79,35 +96,44 @@ class MemoryBackend(Backend):
                         cancelled.add(job.id)
         return cancelled
 
-    def _held(self, job_id: str, worker: str) -> Job | None:
-        job = self._jobs.get(job_id)
-        if job is None or job.state != RUNNING or job.worker != worker:
+    def _held(self, claimed: Job) -> Job | None:
+        job = self._jobs.get(claimed.id)
+        if (
+            job is None
+            or job.state != RUNNING
+            or job.worker != claimed.worker
+            or job.attempts != claimed.attempts
+        ):
             return None
         return job
 
-    def finish(self, job_id: str, worker: str, outcome: Outcome) -> bool:
+    def finish(self, job: Job, outcome: Outcome) -> bool:
         with self._lock:
-            job = self._held(job_id, worker)
-            if job is None:
+            held = self._held(job)
+            if held is None:
                 return False
-            job.state, job.finished_at = outcome.state, time.time()
-            job.result_json, job.error, job.traceback = (
+            held.state = outcome.state
+            held.result_json, held.error, held.traceback = (
                 outcome.result_json,
                 outcome.error,
                 outcome.traceback,
             )
             if outcome.progress_json is not None:
-                job.progress_json = outcome.progress_json
-            job.worker = job.lease_until = None
+                held.progress_json = outcome.progress_json
+            if outcome.state == QUEUED:
+                held.run_at = outcome.run_at if outcome.run_at is not None else time.time()
+            else:
+                held.finished_at = time.time()
+            held.worker = held.lease_until = None
             return True
 
-    def release(self, job_id: str, worker: str) -> bool:
+    def release(self, job: Job) -> bool:
         with self._lock:
-            job = self._held(job_id, worker)
-            if job is None:
+            held = self._held(job)
+            if held is None:
                 return False
-            job.state, job.worker, job.lease_until = QUEUED, None, None
-            job.attempts -= 1
+            held.state, held.worker, held.lease_until = QUEUED, None, None
+            held.attempts -= 1
             return True
 
     def recover(self, max_lost: int) -> int:
@@ -138,12 +164,23 @@ class MemoryBackend(Backend):
                 job.cancel_requested = True
             return True
 
-    def set_progress(self, job_id: str, worker: str, progress_json: str) -> bool:
+    def retry(self, job_id: str) -> bool:
         with self._lock:
-            job = self._held(job_id, worker)
-            if job is None:
+            job = self._jobs.get(job_id)
+            if job is None or job.state not in (FAILED, CANCELLED):
                 return False
-            job.progress_json = progress_json
+            job.state, job.run_at = QUEUED, time.time()
+            job.attempts = job.lost = 0
+            job.finished_at = job.result_json = job.error = job.traceback = None
+            job.cancel_requested = False
+            return True
+
+    def set_progress(self, job: Job, progress_json: str) -> bool:
+        with self._lock:
+            held = self._held(job)
+            if held is None:
+                return False
+            held.progress_json = progress_json
             return True
 
     def purge(self, finished_before: float) -> int:
@@ -163,3 +200,36 @@ class MemoryBackend(Backend):
     def queued_task_names(self) -> set[str]:
         with self._lock:
             return {job.task for job in self._jobs.values() if job.state == QUEUED}
+
+    def list_jobs(
+        self, state: str | None = None, task: str | None = None, limit: int = 50
+    ) -> list[Job]:
+        with self._lock:
+            jobs = [
+                self._copy(job)
+                for job in self._jobs.values()
+                if (state is None or job.state == state) and (task is None or job.task == task)
+            ]
+            jobs.sort(key=lambda job: -self._order[job.id])
+        return jobs[:limit]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        with self._lock:
+            for job in self._jobs.values():
+                counts[job.task, job.state] = counts.get((job.task, job.state), 0) + 1
+        return counts
+
+    def beat(self, info: WorkerInfo) -> None:
+        with self._lock:
+            self._workers[info.id] = replace(info, last_seen=time.time())
+
+    def workers(self, seen_since: float) -> list[WorkerInfo]:
+        with self._lock:
+            return [replace(w) for w in self._workers.values() if w.last_seen >= seen_since]
+
+    def forget_worker(self, worker: str) -> None:
+        stale = time.time() - 86400
+        with self._lock:
+            for key in [k for k, w in self._workers.items() if k == worker or w.last_seen < stale]:
+                del self._workers[key]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection
 from dataclasses import fields
 from typing import Any, TypeVar
 
-from ..job import Job, Outcome
+from ..job import Job, Outcome, WorkerInfo
 from .base import Backend
 
 T = TypeVar("T")
@@ -66,6 +66,18 @@ MIGRATIONS = [
         WHERE state IN ('succeeded', 'failed', 'cancelled');
     CREATE UNIQUE INDEX offload_jobs_key ON offload_jobs (key)
         WHERE key IS NOT NULL AND state IN ('queued', 'running');
+    -- The last tick each periodic schedule enqueued: one run per tick across processes.
+    CREATE TABLE offload_schedules (name TEXT PRIMARY KEY, last_tick REAL NOT NULL);
+    -- One row per live worker process, renewed by its heartbeat.
+    CREATE TABLE offload_workers (
+        id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        queues_json TEXT,
+        tasks_json TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        last_seen REAL NOT NULL
+    );
     """,
 ]
 
@@ -95,15 +107,17 @@ HEARTBEAT = """
 """
 FINISH = """
     UPDATE offload_jobs
-    SET state = ?, result_json = ?, error = ?, traceback = ?,
-        progress_json = coalesce(?, progress_json), finished_at = ?,
+    SET state = :state, result_json = :result_json, error = :error, traceback = :traceback,
+        progress_json = coalesce(:progress_json, progress_json),
+        finished_at = CASE WHEN :state = 'queued' THEN NULL ELSE :now END,
+        run_at = CASE WHEN :state = 'queued' THEN coalesce(:run_at, :now) ELSE run_at END,
         worker = NULL, lease_until = NULL
-    WHERE id = ? AND worker = ? AND state = 'running'
+    WHERE id = :id AND worker = :worker AND attempts = :attempts AND state = 'running'
 """
 RELEASE = """
     UPDATE offload_jobs
     SET state = 'queued', worker = NULL, lease_until = NULL, attempts = attempts - 1
-    WHERE id = ? AND worker = ? AND state = 'running'
+    WHERE id = ? AND worker = ? AND attempts = ? AND state = 'running'
 """
 RECOVER = """
     UPDATE offload_jobs
@@ -121,8 +135,37 @@ CANCEL_QUEUED = """
 CANCEL_RUNNING = "UPDATE offload_jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'"
 SET_PROGRESS = """
     UPDATE offload_jobs SET progress_json = ?
-    WHERE id = ? AND worker = ? AND state = 'running'
+    WHERE id = ? AND worker = ? AND attempts = ? AND state = 'running'
 """
+RETRY = """
+    UPDATE offload_jobs
+    SET state = 'queued', run_at = ?, attempts = 0, lost = 0, finished_at = NULL,
+        result_json = NULL, error = NULL, traceback = NULL, cancel_requested = 0
+    WHERE id = ? AND state IN ('failed', 'cancelled')
+"""
+ADVANCE_TICK = """
+    INSERT INTO offload_schedules (name, last_tick) VALUES (?, ?)
+    ON CONFLICT (name) DO UPDATE SET last_tick = excluded.last_tick
+    WHERE last_tick < excluded.last_tick
+"""
+RECORD_TICK = "INSERT INTO offload_schedules (name, last_tick) VALUES (?, ?) ON CONFLICT DO NOTHING"
+LIST_JOBS = f"""
+    SELECT {_SELECT} FROM offload_jobs
+    WHERE (:state IS NULL OR state = :state) AND (:task IS NULL OR task = :task)
+    ORDER BY seq DESC LIMIT :limit
+"""
+COUNTS = "SELECT task, state, count(*) FROM offload_jobs GROUP BY task, state"
+BEAT = """
+    INSERT INTO offload_workers (id, host, pid, queues_json, tasks_json, started_at, last_seen)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (id) DO UPDATE SET tasks_json = excluded.tasks_json,
+        last_seen = excluded.last_seen
+"""
+WORKERS = """
+    SELECT id, host, pid, queues_json, tasks_json, started_at, last_seen
+    FROM offload_workers WHERE last_seen >= ? ORDER BY started_at
+"""
+FORGET_WORKER = "DELETE FROM offload_workers WHERE id = ? OR last_seen < ?"
 PURGE = """
     DELETE FROM offload_jobs
     WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?
@@ -219,22 +262,31 @@ class SQLiteBackend(Backend):
         return job
 
     def enqueue(self, job: Job) -> Job:
-        values = [getattr(job, name) for name in COLUMNS]
         if job.key is None:
+            values = [getattr(job, name) for name in COLUMNS]
             self._run(lambda db: db.execute(INSERT, values))
             job.backend = self
             return job
+        return self._run(lambda db: self._transaction(db, lambda: self._insert_unique(db, job)))
 
-        def insert_or_find(db: sqlite3.Connection) -> Job:
-            def body() -> Job:
-                if db.execute(INSERT_UNIQUE, values).rowcount == 1:
-                    job.backend = self
-                    return job
-                return self._job(db.execute(GET_BY_KEY, (job.key,)).fetchone())
+    def _insert_unique(self, db: sqlite3.Connection, job: Job) -> Job:
+        values = [getattr(job, name) for name in COLUMNS]
+        if db.execute(INSERT_UNIQUE, values).rowcount == 1:
+            job.backend = self
+            return job
+        return self._job(db.execute(GET_BY_KEY, (job.key,)).fetchone())
 
-            return self._transaction(db, body)
+    def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
+        def body(db: sqlite3.Connection) -> bool:
+            if db.execute(ADVANCE_TICK, (schedule, tick)).rowcount != 1:
+                return False
+            self._insert_unique(db, job)
+            return True
 
-        return self._run(insert_or_find)
+        return self._run(lambda db: self._transaction(db, lambda: body(db)))
+
+    def record_tick(self, schedule: str, tick: float) -> None:
+        self._run(lambda db: db.execute(RECORD_TICK, (schedule, tick)))
 
     def get(self, job_id: str) -> Job | None:
         row = self._run(lambda db: db.execute(GET, (job_id,)).fetchone())
@@ -252,8 +304,8 @@ class SQLiteBackend(Backend):
             "worker": worker,
             "now": time.time(),
             "lease": lease,
-            "tasks": _json_list(tasks),
-            "queues": None if queues is None else _json_list(queues),
+            "tasks": json.dumps(list(tasks)),
+            "queues": None if queues is None else json.dumps(list(queues)),
             "limit": limit,
         }
         rows = self._run(lambda db: db.execute(CLAIM, params).fetchall())
@@ -265,21 +317,24 @@ class SQLiteBackend(Backend):
         rows = self._run(lambda db: db.execute(HEARTBEAT, (time.time() + lease, worker)).fetchall())
         return {job_id for job_id, cancel in rows if cancel}
 
-    def finish(self, job_id: str, worker: str, outcome: Outcome) -> bool:
-        values = (
-            outcome.state,
-            outcome.result_json,
-            outcome.error,
-            outcome.traceback,
-            outcome.progress_json,
-            time.time(),
-            job_id,
-            worker,
-        )
-        return self._run(lambda db: db.execute(FINISH, values).rowcount == 1)
+    def finish(self, job: Job, outcome: Outcome) -> bool:
+        params = {
+            "state": outcome.state,
+            "result_json": outcome.result_json,
+            "error": outcome.error,
+            "traceback": outcome.traceback,
+            "progress_json": outcome.progress_json,
+            "run_at": outcome.run_at,
+            "now": time.time(),
+            "id": job.id,
+            "worker": job.worker,
+            "attempts": job.attempts,
+        }
+        return self._run(lambda db: db.execute(FINISH, params).rowcount == 1)
 
-    def release(self, job_id: str, worker: str) -> bool:
-        return self._run(lambda db: db.execute(RELEASE, (job_id, worker)).rowcount == 1)
+    def release(self, job: Job) -> bool:
+        values = (job.id, job.worker, job.attempts)
+        return self._run(lambda db: db.execute(RELEASE, values).rowcount == 1)
 
     def recover(self, max_lost: int) -> int:
         params = {"max_lost": max_lost, "now": time.time()}
@@ -293,8 +348,11 @@ class SQLiteBackend(Backend):
 
         return self._run(cancel)
 
-    def set_progress(self, job_id: str, worker: str, progress_json: str) -> bool:
-        values = (progress_json, job_id, worker)
+    def retry(self, job_id: str) -> bool:
+        return self._run(lambda db: db.execute(RETRY, (time.time(), job_id)).rowcount == 1)
+
+    def set_progress(self, job: Job, progress_json: str) -> bool:
+        values = (progress_json, job.id, job.worker, job.attempts)
         return self._run(lambda db: db.execute(SET_PROGRESS, values).rowcount == 1)
 
     def purge(self, finished_before: float) -> int:
@@ -304,12 +362,40 @@ class SQLiteBackend(Backend):
         rows = self._run(lambda db: db.execute(QUEUED_TASK_NAMES).fetchall())
         return {name for (name,) in rows}
 
+    def list_jobs(
+        self, state: str | None = None, task: str | None = None, limit: int = 50
+    ) -> list[Job]:
+        params = {"state": state, "task": task, "limit": limit}
+        return [self._job(row) for row in self._run(lambda db: db.execute(LIST_JOBS, params))]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        rows = self._run(lambda db: db.execute(COUNTS).fetchall())
+        return {(task, state): count for task, state, count in rows}
+
+    def beat(self, info: WorkerInfo) -> None:
+        values = (
+            info.id,
+            info.host,
+            info.pid,
+            None if info.queues is None else json.dumps(info.queues),
+            json.dumps(info.tasks),
+            info.started_at,
+            time.time(),
+        )
+        self._run(lambda db: db.execute(BEAT, values))
+
+    def workers(self, seen_since: float) -> list[WorkerInfo]:
+        rows = self._run(lambda db: db.execute(WORKERS, (seen_since,)).fetchall())
+        return [
+            WorkerInfo(id, host, pid, queues and json.loads(queues), json.loads(tasks), start, seen)
+            for id, host, pid, queues, tasks, start, seen in rows
+        ]
+
+    def forget_worker(self, worker: str) -> None:
+        self._run(lambda db: db.execute(FORGET_WORKER, (worker, time.time() - 86400)))
+
     def close(self) -> None:
         with self._lock:
             if self._db is not None and self._pid == os.getpid():
                 self._db.close()
             self._db = None
-
-
-def _json_list(values: Collection[str]) -> str:
-    return json.dumps(list(values))

@@ -1,0 +1,175 @@
+"""``flask offload …``: a standalone worker, and commands to look at and steer jobs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from . import lifecycle
+from .job import FINAL_STATES, Job
+from .runtime import Runtime
+
+offload_cli = AppGroup("offload", help="Run workers and inspect Flask-Offload jobs.")
+
+
+def _runtime() -> Runtime:
+    extension = current_app.extensions.get("offload")
+    if extension is None:
+        raise click.ClickException("Flask-Offload is not initialised on this app")
+    runtime: Runtime = extension.runtime(current_app._get_current_object())  # type: ignore[attr-defined]
+    return runtime
+
+
+def _job(job_id: str) -> Job:
+    job = _runtime().get(job_id)
+    if job is None:
+        raise click.ClickException(f"no job {job_id!r} (unknown, malformed or expired)")
+    return job
+
+
+def parse_pools(
+    threads: int, queues: str | None, per_queue: str | None
+) -> list[tuple[int, tuple[str, ...] | None]]:
+    """The pools a worker runs: ``--concurrency-per-queue emails=2,default=4`` gives one pool
+    per queue; otherwise one pool of ``threads`` over ``--queues`` (or every queue)."""
+    if per_queue:
+        if queues:
+            raise click.UsageError("give --queues or --concurrency-per-queue, not both")
+        pools: list[tuple[int, tuple[str, ...] | None]] = []
+        for part in per_queue.split(","):
+            name, _, count = part.strip().partition("=")
+            if not name or not count.isdigit() or int(count) < 1:
+                raise click.BadParameter(
+                    f"{part!r} is not queue=threads (e.g. emails=2,default=4)",
+                    param_hint="--concurrency-per-queue",
+                )
+            pools.append((int(count), (name,)))
+        return pools
+    names = tuple(q.strip() for q in queues.split(",") if q.strip()) if queues else None
+    return [(threads, names)]
+
+
+@offload_cli.command("worker")
+@click.option("--threads", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--queues", help="Comma-separated queues to consume (default: all).")
+@click.option("--concurrency-per-queue", "per_queue", help="Threads per queue: emails=2,default=4")
+def worker_command(threads: int, queues: str | None, per_queue: str | None) -> None:
+    """Run a standalone worker until SIGTERM or Ctrl-C (which drain it gracefully)."""
+    pools = parse_pools(threads, queues, per_queue)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("flask_offload").setLevel(logging.INFO)
+    runtime = _runtime()
+    lifecycle.manage(runtime, "start", pools)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        lifecycle.stop_all()
+
+
+@offload_cli.command("jobs")
+@click.option("--state", type=click.Choice(["queued", "running", *sorted(FINAL_STATES)]))
+@click.option("--task", help="Only jobs of this task name.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+def jobs_command(state: str | None, task: str | None, limit: int) -> None:
+    """List the newest jobs."""
+    for job in _runtime().backend.list_jobs(state=state, task=task, limit=limit):
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
+        click.echo(f"{job.id}  {job.state:<9}  {created}  {job.attempts}  {job.task}")
+
+
+@offload_cli.command("show")
+@click.argument("job_id")
+def show_command(job_id: str) -> None:
+    """Print one job as JSON."""
+    job = _job(job_id)
+    fields: dict[str, Any] = {
+        name: getattr(job, name)
+        for name in (
+            "id",
+            "task",
+            "queue",
+            "priority",
+            "state",
+            "attempts",
+            "max_attempts",
+            "key",
+            "created_at",
+            "run_at",
+            "started_at",
+            "finished_at",
+            "worker",
+            "error",
+            "traceback",
+        )
+    }
+    fields.update(args=job.args, kwargs=job.kwargs, result=job.result, progress=job.progress)
+    click.echo(json.dumps(fields, indent=2))
+
+
+@offload_cli.command("retry")
+@click.argument("job_id")
+def retry_command(job_id: str) -> None:
+    """Queue a failed or cancelled job again."""
+    try:
+        job = _runtime().retry(job_id)
+    except (LookupError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{job.id} queued again")
+
+
+@offload_cli.command("cancel")
+@click.argument("job_id")
+def cancel_command(job_id: str) -> None:
+    """Cancel a queued job, or ask a running one to stop."""
+    job = _job(job_id)
+    if not job.cancel():
+        raise click.ClickException(f"job {job.id} has already {job.state}")
+    click.echo(f"{job.id} {'cancelled' if job.state == 'cancelled' else 'asked to stop'}")
+
+
+@offload_cli.command("purge")
+@click.option(
+    "--older-than",
+    type=click.FloatRange(min=0),
+    default=0,
+    show_default=True,
+    help="Only jobs that finished at least this many seconds ago.",
+)
+def purge_command(older_than: float) -> None:
+    """Delete finished jobs now (they also expire after OFFLOAD_RESULT_TTL)."""
+    count = _runtime().backend.purge(time.time() - older_than)
+    click.echo(f"deleted {count} finished job(s)")
+
+
+@offload_cli.command("stats")
+def stats_command() -> None:
+    """Jobs per task and state, live workers, and jobs no live worker can run."""
+    runtime = _runtime()
+    counts = runtime.backend.counts()
+    states = ["queued", "running", "succeeded", "failed", "cancelled"]
+    click.echo(f"{'task':<40} " + " ".join(f"{s:>9}" for s in states))
+    for task in sorted({task for task, _ in counts}):
+        click.echo(f"{task:<40} " + " ".join(f"{counts.get((task, s), 0):>9}" for s in states))
+    live = runtime.backend.workers(time.time() - 2 * runtime.settings.lease)
+    click.echo(f"\n{len(live)} live worker(s)")
+    for info in live:
+        queues = ",".join(info.queues) if info.queues else "all queues"
+        click.echo(f"  {info.id}  pid {info.pid} on {info.host}  {queues}  {len(info.tasks)} tasks")
+    known = {name for info in live for name in info.tasks}
+    for name in sorted(runtime.backend.queued_task_names() - known):
+        click.echo(f"warning: jobs of task {name!r} are queued but no live worker knows it")
+
+
+@offload_cli.command("init-db")
+def init_db_command() -> None:
+    """Create or upgrade the storage schema (done on first use too)."""
+    _runtime()
+    click.echo("storage schema is ready")

@@ -44,7 +44,9 @@ class Offload:
             raise RuntimeError("Flask-Offload is already initialised on this app")
         explicit_workers = "OFFLOAD_WORKERS" in app.config
         url, settings, eager, synchronous = read_config(app)
-        backend = open_backend(url, app.instance_path, synchronous)
+        backend = open_backend(
+            url, app.instance_path, synchronous, _flag(app.config, "OFFLOAD_PG_LISTEN")
+        )
         runtime = Runtime(backend, self._tasks, app.app_context, settings, eager=eager)
         self._runtimes[app] = runtime
         app.extensions["offload"] = self
@@ -153,6 +155,7 @@ def read_config(app: Flask) -> tuple[str, Settings, bool, str]:
     config.setdefault("OFFLOAD_MAX_PAYLOAD_BYTES", defaults.max_payload_bytes)
     config.setdefault("OFFLOAD_MAX_RESULT_BYTES", defaults.max_result_bytes)
     config.setdefault("OFFLOAD_SQLITE_SYNCHRONOUS", "NORMAL")
+    config.setdefault("OFFLOAD_PG_LISTEN", True)
 
     queues = config["OFFLOAD_QUEUES"]
     if isinstance(queues, str):

@@ -50,6 +50,7 @@ class Runtime:
         priority: int = 0,
         queue: str = "default",
         max_attempts: int = 1,
+        connection: Any = None,
     ) -> Job:
         """Validate, store durably and wake the pool; raise before storing anything if the
         arguments are not strict JSON."""
@@ -80,9 +81,9 @@ class Runtime:
             created_at=now,
             run_at=_due(now, delay, at),
         )
-        if self.eager:
+        if self.eager and connection is None:
             return self._run_now(job)
-        stored = self.backend.enqueue(job)
+        stored = self.backend.enqueue(job, connection)
         if stored is job:
             self.wake(job.run_at)
         return stored

@@ -97,9 +97,12 @@ class Task(Generic[P, R]):
         key: str | None = None,
         priority: int | None = None,
         queue: str | None = None,
+        connection: Any = None,
     ) -> Job:
         """Store a job with options: start after ``delay`` seconds or ``at`` an aware datetime;
-        ``key`` returns the queued or running job with that key instead of adding one."""
+        ``key`` returns the queued or running job with that key instead of adding one;
+        ``connection`` (PostgreSQL: a psycopg connection or SQLAlchemy connection or session)
+        stores it in the caller's transaction, so a rollback leaves no job."""
         return self._runtime().enqueue(
             self.name,
             args,
@@ -110,6 +113,7 @@ class Task(Generic[P, R]):
             priority=self.priority if priority is None else priority,
             queue=self.queue if queue is None else queue,
             max_attempts=self.max_attempts,
+            connection=connection,
         )
 
     def __repr__(self) -> str:

@@ -170,6 +170,7 @@ class Worker:
             return
         for _ in range(self.settings.threads):
             self._spawn()
+        self.backend.subscribe(self.wake)
         for target, name in ((self._maintain, "maintenance"), (self.scheduler.run, "scheduler")):
             thread = threading.Thread(target=target, name=f"offload-{name}", daemon=True)
             self._threads.append(thread)
@@ -226,6 +227,7 @@ class Worker:
             self._wake.notify_all()
         self.scheduler.stop()
         self._maintenance.set()
+        self.backend.unsubscribe(self.wake)
 
     def drain(self) -> int:
         """Run every due job in the calling thread until none is left; return how many ran."""
@@ -242,13 +244,20 @@ class Worker:
         return jobs[0] if jobs else None
 
     def _loop(self) -> None:
+        failures = 0
         while not self._stopping:
             seen = self._wakeups
             try:
                 job = self._claim()
-            except Exception:
-                logger.exception("could not claim a job; trying again shortly")
-                job = None
+            except Exception as error:
+                failures += 1
+                self._storage_down(error, failures)
+                with self._wake:
+                    self._wake.wait(min(self.settings.poll_interval * 2**failures, 10.0))
+                continue
+            if failures:
+                logger.warning("storage answers again: worker %s resumes", self.id)
+                failures = 0
             if job is not None:
                 if self._process(job).abandoned:
                     return  # a replacement thread took this one's place
@@ -260,6 +269,15 @@ class Worker:
                 self._wake.wait(max(0.0, pause))
                 if self._next_due <= time.time():
                     self._next_due = math.inf
+
+    def _storage_down(self, error: Exception, failures: int) -> None:
+        """Say once that storage is unreachable; the loop retries with backoff meanwhile."""
+        if failures == 1:
+            logger.error(
+                "cannot claim jobs, storage unreachable (%s): retrying with backoff", error
+            )
+        else:
+            logger.debug("storage still unreachable: %s", error)
 
     def _process(self, job: Job) -> Running:
         task = self.tasks[job.task]

@@ -27,14 +27,25 @@ def sqlite_path(url: str, instance_path: str) -> str:
     return os.path.join(instance_path, path)
 
 
-def open_backend(url: str, instance_path: str, sqlite_synchronous: str = "NORMAL") -> Backend:
-    """Open the storage ``url`` points at (``sqlite:…``, ``memory://``)."""
+def open_backend(
+    url: str, instance_path: str, sqlite_synchronous: str = "NORMAL", pg_listen: bool = True
+) -> Backend:
+    """Open the storage ``url`` points at (``sqlite:…``, ``postgresql://…``, ``memory://``)."""
     scheme = urlsplit(url).scheme if isinstance(url, str) else ""
     if scheme == "sqlite":
         return SQLiteBackend(sqlite_path(url, instance_path), synchronous=sqlite_synchronous)
     if scheme == "memory":
         return MemoryBackend()
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from .postgres import PostgresBackend
+        except ImportError as error:
+            raise ImportError(
+                f"OFFLOAD_URL {url!r} needs psycopg: pip install 'Flask-Offload[postgres]' "
+                f"({error})"
+            ) from None
+        return PostgresBackend(url, listen=pg_listen)
     raise ValueError(
-        f"OFFLOAD_URL {url!r} is not a storage Flask-Offload knows: "
-        "use sqlite:///name.db, sqlite:////absolute/path.db or memory://"
+        f"OFFLOAD_URL {url!r} is not a storage Flask-Offload knows: use sqlite:///name.db, "
+        "sqlite:////absolute/path.db, postgresql://user@host/db or memory://"
     )

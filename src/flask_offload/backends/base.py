@@ -12,7 +12,8 @@ the one conformance suite in ``tests/test_backend_conformance.py``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from typing import Any
 
 from ..job import Job, Outcome, WorkerInfo
 
@@ -21,9 +22,14 @@ class Backend(ABC):
     """Durable job storage shared by every process that points at the same URL."""
 
     @abstractmethod
-    def enqueue(self, job: Job) -> Job:
+    def enqueue(self, job: Job, connection: Any = None) -> Job:
         """Store ``job`` durably and return it, committed. If ``job.key`` is held by a queued
-        or running job, store nothing and return that job instead."""
+        or running job, store nothing and return that job instead.
+
+        With ``connection`` (a caller's open database connection or session), insert through it
+        instead, inside the caller's transaction: the job exists only if that commits. Backends
+        that cannot do this raise ``TypeError``.
+        """
 
     @abstractmethod
     def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
@@ -117,8 +123,24 @@ class Backend(ABC):
     def forget_worker(self, worker: str) -> None:
         """Remove a stopped worker's row, and rows of workers silent for a day."""
 
+    def subscribe(self, wake: Callable[[], None]) -> None:  # noqa: B027 - polling suffices
+        """Call ``wake`` when another process enqueues a job, where the storage can say so
+        (PostgreSQL's LISTEN/NOTIFY); elsewhere workers find such jobs by polling."""
+
+    def unsubscribe(self, wake: Callable[[], None]) -> None:  # noqa: B027 - see subscribe
+        """Stop calling ``wake``."""
+
     def after_fork(self) -> None:  # noqa: B027 - a backend with nothing per-process keeps this
         """Drop what a forked child must not share with its parent (connections, locks)."""
 
     def close(self) -> None:  # noqa: B027 - a backend with nothing to close keeps this
         """Release connections; the backend is not used afterwards."""
+
+
+def refuse_connection(connection: Any) -> None:
+    """Backends without transactional enqueue say so clearly instead of ignoring it."""
+    if connection is not None:
+        raise TypeError(
+            "enqueue(connection=...) stores the job in your transaction, which needs the "
+            "PostgreSQL backend (OFFLOAD_URL = 'postgresql://...')"
+        )

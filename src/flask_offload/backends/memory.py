@@ -10,9 +10,10 @@ import threading
 import time
 from collections.abc import Collection
 from dataclasses import replace
+from typing import Any
 
 from ..job import CANCELLED, FAILED, FINAL_STATES, QUEUED, RUNNING, Job, Outcome, WorkerInfo
-from .base import Backend
+from .base import Backend, refuse_connection
 
 
 class MemoryBackend(Backend):
@@ -37,7 +38,8 @@ class MemoryBackend(Backend):
         job.backend = self
         return job
 
-    def enqueue(self, job: Job) -> Job:
+    def enqueue(self, job: Job, connection: Any = None) -> Job:
+        refuse_connection(connection)
         with self._lock:
             return self._insert(job)
 

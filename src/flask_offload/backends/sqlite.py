@@ -21,7 +21,7 @@ from dataclasses import fields
 from typing import Any, TypeVar
 
 from ..job import Job, Outcome, WorkerInfo
-from .base import Backend
+from .base import Backend, refuse_connection
 
 T = TypeVar("T")
 
@@ -261,7 +261,8 @@ class SQLiteBackend(Backend):
         job.cancel_requested = bool(job.cancel_requested)
         return job
 
-    def enqueue(self, job: Job) -> Job:
+    def enqueue(self, job: Job, connection: Any = None) -> Job:
+        refuse_connection(connection)
         if job.key is None:
             values = [getattr(job, name) for name in COLUMNS]
             self._run(lambda db: db.execute(INSERT, values))

@@ -300,3 +300,36 @@ def test_worker_rows_show_live_processes(backend: Backend) -> None:
     assert backend.workers(time.time() + 60) == []
     backend.forget_worker("w1")
     assert [w.id for w in backend.workers(0)] == ["w2"]
+
+
+def test_an_ephemeral_jobs_arguments_are_deleted_once_it_is_final(backend: Backend) -> None:
+    """A background view's request snapshot (cookies and all) must not outlive its job."""
+    secret = '[{"headers":[["Cookie","session=s3cret"]]}]'
+    done, cancelled, lost, retried = (
+        backend.enqueue(make_job(args_json=secret, ephemeral=True, max_attempts=2))
+        for _ in range(4)
+    )
+    kept = backend.enqueue(make_job(args_json="[1]"))
+    claimed = {job.id: job for job in backend.claim("w", ["t"], None, 2, 30)}
+    backend.finish(claimed[done.id], Outcome("succeeded", result_json="1"))
+    backend.finish(claimed[cancelled.id], Outcome("queued", error="E: x", run_at=0))
+    backend.cancel(cancelled.id)
+    for _ in range(2):
+        for job in backend.claim("w", ["t"], None, 10, -1):
+            if job.id != lost.id:
+                backend.release(job)
+        backend.recover(max_lost=2)
+    claimed = {job.id: job for job in backend.claim("w", ["t"], None, 10, 30)}
+    backend.finish(claimed[retried.id], Outcome("queued", error="E: x", run_at=0))
+    states = {}
+    for job in (done, cancelled, lost, retried, kept):
+        stored = backend.get(job.id)
+        assert stored is not None
+        states[job.id] = stored.state
+        if stored.state in ("succeeded", "failed", "cancelled"):
+            assert (stored.args_json, stored.kwargs_json) == ("[]", "{}"), stored.state
+    assert [states[j.id] for j in (done, cancelled, lost)] == ["succeeded", "cancelled", "failed"]
+    assert backend.get(retried.id).args_json == secret, "kept while it may run again"  # type: ignore[union-attr]
+    assert backend.get(kept.id).args_json == "[1]"  # type: ignore[union-attr]
+    owner = backend.enqueue(make_job(owner_json='"alice"'))
+    assert backend.get(owner.id).owner_json == '"alice"'  # type: ignore[union-attr]

@@ -9,7 +9,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from flask import Flask, current_app, has_app_context
 
-from . import lifecycle
+from . import lifecycle, web
 from .backends import open_backend
 from .cli import offload_cli
 from .job import Job
@@ -34,6 +34,8 @@ class Offload:
 
     def __init__(self, app: Flask | None = None) -> None:
         self._tasks: dict[str, Task[..., Any]] = {}
+        self._owner: Callable[[], Any] | None = None
+        self._authorize: Callable[[Job], bool] | None = None
         self._runtimes: weakref.WeakKeyDictionary[Flask, Runtime] = weakref.WeakKeyDictionary()
         if app is not None:
             self.init_app(app)
@@ -51,6 +53,7 @@ class Offload:
         self._runtimes[app] = runtime
         app.extensions["offload"] = self
         app.cli.add_command(offload_cli)
+        app.register_blueprint(web.blueprint, url_prefix=app.config["OFFLOAD_URL_PREFIX"])
         lifecycle.manage(
             runtime, lifecycle.plan(app.testing, explicit_workers, settings.threads, eager)
         )
@@ -118,6 +121,28 @@ class Offload:
 
         return register
 
+    def background(self, view: Callable[..., Any] | None = None, **options: Any) -> Any:
+        """Make a view answer ``202 Accepted`` at once, with ``Location`` pointing at
+        ``{OFFLOAD_URL_PREFIX}/jobs/<id>``, and run it in a worker on a snapshot of its request.
+        Bare, or with task options: ``@offload.background(queue="reports", retries=2)``."""
+
+        def wrap(view: Callable[..., Any]) -> Any:
+            return web.background_view(self, view, **options)
+
+        return wrap if view is None else wrap(view)
+
+    def owner(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """Register who owns a background job: called in the request at enqueue time (e.g. the
+        logged-in user's id) and again when its status is polled; a mismatch answers 403."""
+        self._owner = fn
+        return fn
+
+    def authorize(self, fn: Callable[[Job], bool]) -> Callable[[Job], bool]:
+        """Register ``fn(job) -> bool`` deciding who may read a job over HTTP (else 403);
+        it replaces the ``owner`` rule."""
+        self._authorize = fn
+        return fn
+
     def _register(self, task: Task[P, R]) -> Task[P, R]:
         known = self._tasks.get(task.name)
         if known is not None and known.fn is not task.fn:
@@ -156,6 +181,9 @@ def read_config(app: Flask) -> tuple[str, Settings, bool, str]:
     config.setdefault("OFFLOAD_MAX_RESULT_BYTES", defaults.max_result_bytes)
     config.setdefault("OFFLOAD_SQLITE_SYNCHRONOUS", "NORMAL")
     config.setdefault("OFFLOAD_PG_LISTEN", True)
+    config.setdefault("OFFLOAD_URL_PREFIX", "/offload")
+    config.setdefault("OFFLOAD_MAX_REQUEST_BYTES", 1 << 20)
+    _number(config, "OFFLOAD_MAX_REQUEST_BYTES", 0, whole=True)
 
     queues = config["OFFLOAD_QUEUES"]
     if isinstance(queues, str):

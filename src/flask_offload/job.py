@@ -32,7 +32,12 @@ def valid_id(job_id: object) -> bool:
 @dataclass(eq=False)
 class Job:
     """One stored job. Arguments, result and progress are kept as the JSON text that was stored,
-    and decoded when read, so a corrupt row fails only the job that holds it."""
+    and decoded when read, so a corrupt row fails only the job that holds it.
+
+    An ``ephemeral`` job's arguments (a background view's request snapshot, with its cookies)
+    are deleted by the storage as soon as the job reaches a final state. ``owner_json`` is who
+    may read it, as ``@offload.owner`` said when it was enqueued.
+    """
 
     id: str
     task: str
@@ -56,6 +61,8 @@ class Job:
     result_json: str | None = None
     error: str | None = None
     traceback: str | None = None
+    owner_json: str | None = None
+    ephemeral: bool = False
     backend: Backend | None = field(default=None, repr=False)
 
     @property

@@ -51,6 +51,8 @@ class Runtime:
         queue: str = "default",
         max_attempts: int = 1,
         connection: Any = None,
+        owner_json: str | None = None,
+        ephemeral: bool = False,
     ) -> Job:
         """Validate, store durably and wake the pool; raise before storing anything if the
         arguments are not strict JSON."""
@@ -80,6 +82,8 @@ class Runtime:
             max_attempts=max_attempts,
             created_at=now,
             run_at=_due(now, delay, at),
+            owner_json=owner_json,
+            ephemeral=ephemeral,
         )
         if self.eager and connection is None:
             return self._run_now(job)
@@ -107,6 +111,11 @@ class Runtime:
         job = self.get(job_id)
         if job is None:
             raise LookupError(f"no job {job_id!r} (unknown, malformed or expired)")
+        if job.ephemeral and job.finished:
+            raise ValueError(
+                f"job {job_id} ran a background view, whose request snapshot is deleted when "
+                "it finishes: it cannot run again; make the request again instead"
+            )
         if not self.backend.retry(job_id):
             raise ValueError(f"job {job_id} is {job.state}: only failed or cancelled jobs retry")
         self.wake()

@@ -67,7 +67,7 @@ class Settings:
     poll_interval: float = 1.0
     shutdown_timeout: float = 20.0
     result_ttl: float = 86400.0
-    max_payload_bytes: int = 1 << 20
+    max_payload_bytes: int = 2 << 20
     max_result_bytes: int = 10 << 20
     max_lost: int = 3
 

@@ -12,7 +12,17 @@ from collections.abc import Collection
 from dataclasses import replace
 from typing import Any
 
-from ..job import CANCELLED, FAILED, FINAL_STATES, QUEUED, RUNNING, Job, Outcome, WorkerInfo
+from ..job import (
+    CANCELLED,
+    FAILED,
+    FINAL_STATES,
+    QUEUED,
+    RUNNING,
+    Job,
+    Outcome,
+    State,
+    WorkerInfo,
+)
 from .base import Backend, refuse_connection
 
 
@@ -27,6 +37,12 @@ class MemoryBackend(Backend):
 
     def _copy(self, job: Job) -> Job:
         return replace(job, backend=self)
+
+    def _settle(self, job: Job, state: State) -> None:
+        """Enter a final state; an ephemeral job's arguments go with it."""
+        job.state, job.finished_at = state, time.time()
+        if job.ephemeral:
+            job.args_json, job.kwargs_json = "[]", "{}"
 
     def _insert(self, job: Job) -> Job:
         if job.key is not None:
@@ -114,7 +130,7 @@ class MemoryBackend(Backend):
             held = self._held(job)
             if held is None:
                 return False
-            held.state = outcome.state
+            held.state = outcome.state  # a retry; _settle below for final states
             held.result_json, held.error, held.traceback = (
                 outcome.result_json,
                 outcome.error,
@@ -125,7 +141,7 @@ class MemoryBackend(Backend):
             if outcome.state == QUEUED:
                 held.run_at = outcome.run_at if outcome.run_at is not None else time.time()
             else:
-                held.finished_at = time.time()
+                self._settle(held, outcome.state)
             held.worker = held.lease_until = None
             return True
 
@@ -148,7 +164,7 @@ class MemoryBackend(Backend):
                 job.lost += 1
                 job.worker = job.lease_until = None
                 if job.lost >= max_lost:
-                    job.state, job.finished_at = FAILED, now
+                    self._settle(job, FAILED)
                     job.error = f"WorkerLost: worker lost {job.lost} times"
                 else:
                     job.state = QUEUED
@@ -161,7 +177,7 @@ class MemoryBackend(Backend):
             if job is None or job.state in FINAL_STATES:
                 return False
             if job.state == QUEUED:
-                job.state, job.finished_at = CANCELLED, time.time()
+                self._settle(job, CANCELLED)
             else:
                 job.cancel_requested = True
             return True

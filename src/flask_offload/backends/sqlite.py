@@ -55,8 +55,17 @@ MIGRATIONS = [
         progress_json TEXT,
         result_json TEXT,
         error TEXT,
-        traceback TEXT
+        traceback TEXT,
+        owner_json TEXT,
+        ephemeral INTEGER NOT NULL DEFAULT 0
     );
+    -- A background view's request snapshot (cookies included) lives only until the job ends.
+    CREATE TRIGGER offload_jobs_forget_snapshot
+    AFTER UPDATE OF state ON offload_jobs
+    WHEN NEW.ephemeral AND NEW.state IN ('succeeded', 'failed', 'cancelled')
+    BEGIN
+        UPDATE offload_jobs SET args_json = '[]', kwargs_json = '{}' WHERE seq = NEW.seq;
+    END;
     -- Claims read only queued rows, in claim order: finished rows never slow them down.
     CREATE INDEX offload_jobs_claim ON offload_jobs (priority DESC, run_at, seq)
         WHERE state = 'queued';
@@ -215,9 +224,8 @@ class SQLiteBackend(Backend):
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             for script in MIGRATIONS[version:]:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+                for statement in _statements(script):
+                    db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
@@ -258,7 +266,7 @@ class SQLiteBackend(Backend):
     def _job(self, row: Any) -> Job:
         job = Job(*row)
         job.backend = self
-        job.cancel_requested = bool(job.cancel_requested)
+        job.cancel_requested, job.ephemeral = bool(job.cancel_requested), bool(job.ephemeral)
         return job
 
     def enqueue(self, job: Job, connection: Any = None) -> Job:
@@ -400,3 +408,15 @@ class SQLiteBackend(Backend):
             if self._db is not None and self._pid == os.getpid():
                 self._db.close()
             self._db = None
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into statements (``executescript`` would commit our transaction)."""
+    statements, buffer = [], ""
+    for piece in script.split(";"):
+        buffer += piece + ";"
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip(" \n;"):
+                statements.append(buffer)
+            buffer = ""
+    return statements

@@ -221,3 +221,31 @@ def test_progress_reaches_a_poller_from_the_running_worker(tmp_path: Path) -> No
     finally:
         go_on.set()
         offload.runtime(app).stop(5)
+
+
+def test_a_tight_progress_loop_does_not_flood_storage(tmp_path: Path) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path))
+    app.config.update(OFFLOAD_URL=f"sqlite:///{tmp_path / 'jobs.db'}", OFFLOAD_WORKERS=0)
+    offload = Offload(app)
+    backend = offload.runtime(app).backend
+    writes = 0
+    real = backend.set_progress
+
+    def counting(job: Any, text: str) -> bool:
+        nonlocal writes
+        writes += 1
+        return real(job, text)
+
+    backend.set_progress = counting  # type: ignore[method-assign]
+
+    @offload.task
+    def busy() -> None:
+        for n in range(20000):
+            current_job.set_progress(n // 10, total=None)
+            current_job.set_progress(n // 10, total=None)  # unchanged: never written
+
+    with app.app_context():
+        job = busy.delay()
+    offload.drain()
+    assert job.refresh().progress == {"current": 1999, "total": None, "message": ""}
+    assert writes <= 50, f"{writes} progress writes for 20,000 calls"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ SUCCEEDED: State = "succeeded"
 FAILED: State = "failed"
 CANCELLED: State = "cancelled"
 FINAL_STATES: frozenset[str] = frozenset({SUCCEEDED, FAILED, CANCELLED})
+PROGRESS_EVERY = 0.1  # seconds between progress writes of one job: a tight loop cannot flood
 
 _ID = re.compile(r"[0-9a-f]{32}")
 
@@ -164,7 +166,8 @@ class Running:
         self.abandoned = False
         self.deadline: float | None = None
         self._written: str | None = job.progress_json
-        self._written_at = 0.0
+        self.written_at = 0.0
+        self._lock = threading.Lock()
         self.pending_progress: str | None = None
         self.cancel_flag = job.cancel_requested
 
@@ -178,26 +181,31 @@ class Running:
         return self.cancel_flag
 
     def set_progress(self, current: int, total: int | None = None, message: str = "") -> None:
-        """Report progress. Written only when it changed, and at most every 0.1 s; the last value
-        is always stored when the job finishes."""
+        """Report progress. Written only when it changed, and at most every
+        ``PROGRESS_EVERY`` seconds (the worker writes what was held back soon after); the
+        final value is always stored when the job finishes."""
         text = serializer.dumps(
             {"current": current, "total": total, "message": message}, "progress"
         )
-        if text == self._written:
-            return
-        if time.monotonic() - self._written_at < 0.1 and current != total:
-            self.pending_progress = text
-            return
-        self._write(text)
+        with self._lock:
+            if text == (self.pending_progress or self._written):
+                return
+            if time.monotonic() - self.written_at < PROGRESS_EVERY and current != total:
+                self.pending_progress = text
+                return
+            self._write(text)
 
     def flush_progress(self) -> None:
-        """Write progress held back by the throttle (the worker calls it on each heartbeat)."""
-        if self.pending_progress is not None:
-            self._write(self.pending_progress)
+        """Write progress held back by the throttle once its time has come."""
+        with self._lock:
+            pending = self.pending_progress
+            if pending is not None and time.monotonic() - self.written_at >= PROGRESS_EVERY:
+                self._write(pending)
 
     def _write(self, text: str) -> None:
+        self.pending_progress = None
         self._backend.set_progress(self.job, text)
-        self._written, self._written_at, self.pending_progress = text, time.monotonic(), None
+        self._written, self.written_at = text, time.monotonic()
 
     @property
     def last_progress(self) -> str | None:

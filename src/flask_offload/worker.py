@@ -24,7 +24,18 @@ from typing import Any, Protocol
 
 from . import serializer
 from .backends.base import Backend
-from .job import CANCELLED, FAILED, QUEUED, SUCCEEDED, Job, Outcome, Running, WorkerInfo, _running
+from .job import (
+    CANCELLED,
+    FAILED,
+    PROGRESS_EVERY,
+    QUEUED,
+    SUCCEEDED,
+    Job,
+    Outcome,
+    Running,
+    WorkerInfo,
+    _running,
+)
 from .schedule import Periodic, Scheduler
 
 logger = logging.getLogger("flask_offload")
@@ -323,6 +334,8 @@ class Worker:
             now = time.monotonic()
             try:
                 self._end_overdue(now)
+                for running in list(self._running.values()):
+                    running.flush_progress()
                 if now >= next_beat:
                     self._beat()
                     next_beat = now + self.settings.lease / 3
@@ -335,8 +348,13 @@ class Worker:
             except Exception:
                 logger.exception("worker maintenance failed; trying again")
                 next_beat = now + self.settings.lease / 3
-            deadlines = [r.deadline for r in self._running.values() if r.deadline is not None]
-            pause = min([next_beat, *deadlines]) - time.monotonic()
+            wakes = [next_beat]
+            for running in list(self._running.values()):
+                if running.deadline is not None:
+                    wakes.append(running.deadline)
+                if running.pending_progress is not None:
+                    wakes.append(running.written_at + PROGRESS_EVERY)
+            pause = min(wakes) - time.monotonic()
             self._maintenance.wait(max(0.01, pause))
             self._maintenance.clear()
 
@@ -345,8 +363,6 @@ class Worker:
             for job_id in self.backend.heartbeat(self.id, self.settings.lease):
                 if job_id in self._running:
                     self._running[job_id].cancel_flag = True
-            for running in list(self._running.values()):
-                running.flush_progress()
         self._info.tasks = sorted(self.tasks)
         self._info.queues = None if self.settings.queues is None else list(self.settings.queues)
         self.backend.beat(self._info)

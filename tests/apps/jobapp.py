@@ -15,9 +15,9 @@ import os
 import sys
 import time
 
-from flask import Flask, request
+from flask import Flask, Response, request
 
-from flask_offload import Offload
+from flask_offload import Offload, current_job
 
 offload = Offload()
 
@@ -52,6 +52,19 @@ def create_app() -> Flask:
     @app.get("/pid")
     def pid() -> dict[str, int]:
         return {"pid": os.getpid()}
+
+    @app.post("/background/<int:n>")
+    @offload.background
+    def background(n: int) -> tuple[dict[str, object], int, dict[str, str]]:
+        current_job.set_progress(1, total=2, message="halfway")
+        time.sleep(float(request.args.get("sleep", 0)))
+        body = {"n": n, "q": request.args.get("q"), "ran_in": os.getpid()}
+        return body, 201, {"X-Ran-In": str(os.getpid())}
+
+    @app.after_request
+    def served_by(response: Response) -> Response:
+        response.headers["X-Served-By"] = str(os.getpid())
+        return response
 
     return app
 

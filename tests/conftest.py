@@ -9,7 +9,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def process(
     args: list[str], env: dict[str, str], out: Path, cwd: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process in its own session, killed if the test leaves it running."""
+    """A child process in its own process group (stdout and stderr to ``out``); whatever is
+    left of the group when the test ends is killed, whether or not its leader has exited."""
     with out.open("ab") as sink:
         proc = subprocess.Popen(
             args, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd
@@ -75,7 +76,7 @@ def process(
     try:
         yield proc
     finally:
-        if proc.poll() is None:
+        with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
 
@@ -84,6 +85,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def jobapp_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """tests/apps/jobapp.py on tmp_path/jobs.db, its task runs logged to tmp_path/runs.log."""
+    return subprocess_env(
+        JOBAPP_LOG=str(tmp_path / "runs.log"),
+        JOBAPP_INSTANCE=str(tmp_path / "instance"),
+        OFFLOADTEST_OFFLOAD_URL=f"sqlite:///{tmp_path / 'jobs.db'}",
+        **extra,
+    )
+
+
+def runs(tmp_path: Path) -> list[tuple[str, int, int]]:
+    """(event, job number, pid) for every line jobapp's tasks logged in tmp_path/runs.log."""
+    path = tmp_path / "runs.log"
+    if not path.exists():
+        return []
+    lines = [line.split() for line in path.read_text().splitlines()]
+    return [(event, int(n), int(pid)) for event, n, pid in lines]
 
 
 def answers(url: str) -> bool:

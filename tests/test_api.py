@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import subprocess
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -457,3 +460,25 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
         db.execute("PRAGMA user_version = 99")
     with pytest.raises(RuntimeError, match="newer"):
         SQLiteBackend(str(path))
+
+
+def test_a_subprocess_with_preexec_fn_starts_no_pool(make_app: AppFactory) -> None:
+    """Python runs at-fork hooks in the child of Popen(preexec_fn=...) before it execs: a pool
+    started there would claim jobs and vanish with them."""
+    app, offload = make_app(OFFLOAD_POLL_INTERVAL=0.05)
+    gate = threading.Event()
+
+    @offload.task
+    def hold() -> None:
+        gate.wait(10)
+
+    try:
+        with app.app_context():
+            jobs = [hold.delay() for _ in range(4)]
+        wait_until(lambda: sum(job.refresh().state == "running" for job in jobs) == 2)
+        subprocess.run(["true"], preexec_fn=lambda: time.sleep(0.5), check=True)
+        holders = {job.refresh().worker for job in jobs} - {None}
+        assert holders and all(f":{os.getpid()}:" in holder for holder in holders), holders
+        assert sum(job.state == "queued" for job in jobs) == 2
+    finally:
+        gate.set()

@@ -12,27 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import answers, free_port, process, subprocess_env, wait_until
+from conftest import answers, free_port, jobapp_env, process, runs, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
-    return subprocess_env(
-        JOBAPP_LOG=str(tmp_path / "runs.log"),
-        JOBAPP_INSTANCE=str(tmp_path / "instance"),
-        OFFLOADTEST_OFFLOAD_URL=f"sqlite:///{tmp_path / 'jobs.db'}",
-        **extra,
-    )
-
-
-def runs(tmp_path: Path) -> list[tuple[str, int, int]]:
-    """(event, job number, pid) for every line the tasks logged."""
-    path = tmp_path / "runs.log"
-    if not path.exists():
-        return []
-    lines = [line.split() for line in path.read_text().splitlines()]
-    return [(event, int(n), int(pid)) for event, n, pid in lines]
 
 
 def states(tmp_path: Path) -> Counter[str]:
@@ -49,7 +31,9 @@ def attempts(tmp_path: Path, state: str) -> list[int]:
 def test_jobs_of_a_process_killed_with_sigkill_are_finished_by_the_next(tmp_path: Path) -> None:
     """200 jobs, SIGKILL mid-run: a new process on the same file runs every one; only the jobs
     that were running when the first died run twice."""
-    env = env_for(tmp_path, OFFLOADTEST_OFFLOAD_LEASE="2", OFFLOADTEST_OFFLOAD_POLL_INTERVAL="0.2")
+    env = jobapp_env(
+        tmp_path, OFFLOADTEST_OFFLOAD_LEASE="2", OFFLOADTEST_OFFLOAD_POLL_INTERVAL="0.2"
+    )
     log = tmp_path / "out.log"
     with process([sys.executable, "-m", "jobapp", "enqueue", "200", "0.02"], env, log) as first:
         wait_until(lambda: sum(e == "done" for e, _, _ in runs(tmp_path)) >= 30)
@@ -82,7 +66,7 @@ def test_sigterm_drains_running_jobs_and_loses_nothing(tmp_path: Path, scenario:
     within OFFLOAD_SHUTDOWN_TIMEOUT (or are put back without counting the attempt), nothing
     more is claimed, the process exits promptly, and a restart runs the rest."""
     sleep, timeout = ("1", "20") if scenario == "finish" else ("60", "1")
-    env = env_for(tmp_path, OFFLOADTEST_OFFLOAD_SHUTDOWN_TIMEOUT=timeout)
+    env = jobapp_env(tmp_path, OFFLOADTEST_OFFLOAD_SHUTDOWN_TIMEOUT=timeout)
     port = free_port()
     log = tmp_path / "out.log"
     args = [

@@ -6,18 +6,15 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import answers, free_port, subprocess_env, wait_until
+from conftest import answers, free_port, jobapp_env, process, runs, wait_until
 from flask_offload.backends import SQLiteBackend
 
 # Lines logged by the app's "%(process)d %(name)s %(levelname)s %(message)s" format.
@@ -25,40 +22,6 @@ STARTED = re.compile(r"^(\d+) flask_offload INFO worker (\S+) started (\d+) thre
 STOPPED = re.compile(r"^(\d+) flask_offload INFO worker (\S+) stopped$", re.M)
 PROBLEM = re.compile(r"^\d+ flask_offload (WARNING|ERROR|CRITICAL) .*$", re.M)
 BOOTED = re.compile(r"Booting worker with pid: (\d+)")
-
-
-def env_for(tmp_path: Path) -> dict[str, str]:
-    """The app on one SQLite file given by an absolute URL, its runs logged to runs.log."""
-    return subprocess_env(
-        JOBAPP_LOG=str(tmp_path / "runs.log"),
-        JOBAPP_INSTANCE=str(tmp_path / "instance"),
-        OFFLOADTEST_OFFLOAD_URL=f"sqlite:///{tmp_path / 'jobs.db'}",
-    )
-
-
-@contextmanager
-def server(args: list[str], env: dict[str, str], out: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A server in its own process group (stdout and stderr to ``out``); whatever is left of
-    the group when the test ends is killed, whether or not its leader has exited."""
-    with out.open("ab") as sink:
-        proc = subprocess.Popen(
-            args, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield proc
-    finally:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
-def runs(tmp_path: Path) -> list[tuple[str, int, int]]:
-    """(event, job number, pid) for every line the tasks logged."""
-    path = tmp_path / "runs.log"
-    if not path.exists():
-        return []
-    lines = [line.split() for line in path.read_text().splitlines()]
-    return [(event, int(n), int(pid)) for event, n, pid in lines]
 
 
 def done(tmp_path: Path) -> int:
@@ -121,26 +84,32 @@ def test_flask_run_debug_runs_one_pool_in_the_serving_process(tmp_path: Path) ->
     base = f"http://127.0.0.1:{port}"
     out = tmp_path / "server.log"
     args = [sys.executable, "-m", "flask", "--app", "jobapp:create_app", "run", "--debug"]
-    with server([*args, "--port", str(port)], env_for(tmp_path), out) as watcher:
+    with process([*args, "--port", str(port)], jobapp_env(tmp_path), out) as watcher:
         wait_until(lambda: answers(f"{base}/pid"), timeout=30)
         serving = requests.get(f"{base}/pid", timeout=10).json()["pid"]
         assert serving != watcher.pid, "the reloader serves from a child process"
 
-        with requests.Session() as session:
-            ids = []
-            for n in range(50):
-                response = session.post(f"{base}/enqueue/{n}", timeout=10)
-                assert response.status_code == 200, response.text
-                ids.append(response.json()["id"])
+        session = requests.Session()
+        ids = []
+        for n in range(50):
+            response = session.post(f"{base}/enqueue/{n}", timeout=10)
+            assert response.status_code == 200, response.text
+            ids.append(response.json()["id"])
         wait_until(lambda: done(tmp_path) >= 50, timeout=30)
+        assert assert_ran_once_each(tmp_path, 50) == {serving}
+        assert_succeeded(tmp_path, ids)
 
+        # Ctrl-C while a 2 s job runs: the watcher waits for the child to drain its pool.
+        slow = session.post(f"{base}/enqueue/50", params={"sleep": 2}, timeout=10).json()["id"]
+        wait_until(lambda: ("start", 50, serving) in runs(tmp_path), timeout=30)
         os.killpg(watcher.pid, signal.SIGINT)
         assert watcher.wait(30) == 0
         wait_until(lambda: gone(serving), timeout=30)
 
-    assert assert_ran_once_each(tmp_path, 50) == {serving}
-    assert_succeeded(tmp_path, ids)
+    assert ("done", 50, serving) in runs(tmp_path), "the running job finished before exit"
+    assert_succeeded(tmp_path, [slow])
     text = out.read_text()
+    assert [int(pid) for pid, _ in STOPPED.findall(text)] == [serving], "drained once"
     started = STARTED.findall(text)
     assert len(started) == 1, "exactly one pool in the two processes"
     pid, worker_id, threads = started[0]
@@ -175,7 +144,7 @@ def test_gunicorn_workers_share_one_sqlite_file(tmp_path: Path, preload: bool) -
         *(["--no-control-socket"] if gunicorn.version_info >= (25, 1) else []),
         "jobapp:create_app()",
     ]
-    with server(args, env_for(tmp_path), out) as master:
+    with process(args, jobapp_env(tmp_path), out) as master:
         wait_until(lambda: answers(f"{base}/pid"), timeout=30)
         ids = enqueue_concurrently(base, 2000)
         wait_until(lambda: done(tmp_path) >= 2000, timeout=120)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import answers, free_port, process, subprocess_env, wait_until
+from conftest import answers, free_port, jobapp_env, process, wait_until
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
@@ -24,12 +24,7 @@ def test_the_poll_lands_on_another_gunicorn_worker_and_gets_the_views_response(
     """202 + Location at once, Retry-After while pending, then the view's own status, headers
     and body, even when the poll is served by a process other than the one that ran it."""
     port = free_port()
-    env = subprocess_env(
-        JOBAPP_LOG=str(tmp_path / "runs.log"),
-        JOBAPP_INSTANCE=str(tmp_path / "instance"),
-        OFFLOADTEST_OFFLOAD_URL=f"sqlite:///{tmp_path / 'jobs.db'}",
-        OFFLOADTEST_OFFLOAD_POLL_INTERVAL="0.2",
-    )
+    env = jobapp_env(tmp_path, OFFLOADTEST_OFFLOAD_POLL_INTERVAL="0.2")
     args = [
         sys.executable,
         "-m",

@@ -27,7 +27,7 @@ from .runtime import Runtime
 
 logger = logging.getLogger("flask_offload")
 
-Plan = Literal["start", "after-fork", "off"]
+Plan = Literal["start", "after-fork", "watcher", "off"]
 
 # Runtimes of this process that want a pool, so fork and exit hooks can find them.
 _managed: weakref.WeakSet[Runtime] = weakref.WeakSet()
@@ -84,9 +84,9 @@ def plan(testing: bool, explicit_workers: bool, threads: int, eager: bool) -> Pl
         return "off"
     ctx = _cli_command()
     if ctx is not None:
-        if ctx.command.name != "run" or _is_reloader_watcher(ctx):
+        if ctx.command.name != "run":
             return "off"
-        return "start"
+        return "watcher" if _is_reloader_watcher(ctx) else "start"
     if _uwsgi_without_threads():
         logger.error(
             "uWSGI runs no Python threads without 'enable-threads = true': "
@@ -103,7 +103,9 @@ def manage(
     runtime: Runtime, how: Plan, pools: list[tuple[int, tuple[str, ...] | None]] | None = None
 ) -> None:
     """Start ``runtime``'s pools as planned and tie them to the process's fork and exit."""
-    if how == "off":
+    if how == "watcher":
+        hold_interrupt(runtime.settings.shutdown_timeout + 5)
+    if how in ("off", "watcher"):
         return
     _install_hooks()
     _managed.add(runtime)
@@ -121,9 +123,24 @@ def stop_all() -> None:
 
 def _after_fork_in_child() -> None:
     global _signals_installed
+    if _about_to_exec():
+        return
     _signals_installed = False
     for runtime in list(_managed):
         runtime.after_fork(restart=True)
+
+
+def _about_to_exec() -> bool:
+    """True in the child of ``subprocess.Popen(preexec_fn=...)``, which runs Python between
+    fork and exec: a pool started there would claim jobs and vanish with them."""
+    frame: FrameType | None = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == "_execute_child" and frame.f_globals.get("__name__") == (
+            "subprocess"
+        ):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _install_hooks() -> None:
@@ -150,10 +167,33 @@ def install_signal_handlers() -> None:
 
         def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
             stop_all()
-            if callable(previous):
-                previous(signum, frame)
-            elif previous != signal.SIG_IGN:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
+            _chain(previous, signum, frame)
 
         signal.signal(signum, handler)
+
+
+def hold_interrupt(grace: float) -> None:
+    """In ``flask run``'s reloader watcher: Ctrl-C reaches the serving child too, which drains
+    its pool, but Werkzeug's watcher would kill that child 0.25 s later. Hold the interrupt
+    until the child has exited (the watcher then exits with it) or ``grace`` seconds have
+    passed; a second Ctrl-C goes through at once. (SIGTERM to the watcher is Werkzeug's own:
+    it stops the child at once, and its jobs come back when their lease expires.)"""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def held(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGALRM, lambda _, frame: _chain(previous, signal.SIGINT, frame))
+        signal.setitimer(signal.ITIMER_REAL, grace)
+
+    signal.signal(signal.SIGINT, held)
+
+
+def _chain(previous: Any, signum: int, frame: FrameType | None) -> None:
+    """Hand a signal to the handler that was installed before ours."""
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)

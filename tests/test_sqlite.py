@@ -21,11 +21,11 @@ def plan(backend: SQLiteBackend, sql: str, params: object) -> str:
     "sql, params, index",
     [
         (
-            queries.CLAIM,
-            {"worker": "w", "now": 0, "lease": 1, "tasks": '["t"]', "queues": None, "limit": 1},
+            queries.CLAIM_PICK,
+            {"now": 0, "tasks": '["t"]', "queues": None, "limit": 1},
             "offload_jobs_claim",
         ),
-        (queries.HEARTBEAT, (1.0, "w"), "offload_jobs_worker"),
+        (queries.HEARTBEAT, (1.0, "w"), "offload_jobs_lease"),
         (queries.RECOVER, {"max_lost": 3, "now": 1.0}, "offload_jobs_lease"),
         (queries.PURGE, (1.0,), "offload_jobs_finished"),
         (queries.GET, ("x",), "sqlite_autoindex_offload_jobs_1"),

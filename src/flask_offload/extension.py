@@ -12,11 +12,11 @@ from flask import Flask, current_app, has_app_context
 from . import lifecycle, web
 from .backends import open_backend
 from .cli import offload_cli
+from .execution import Cancelled, Retry, Settings
 from .job import Job
 from .runtime import Runtime
 from .schedule import Schedule
 from .task import Task
-from .worker import Cancelled, Retry, Settings
 
 P = ParamSpec("P")
 R = TypeVar("R")

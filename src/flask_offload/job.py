@@ -165,6 +165,7 @@ class Running:
         self._backend = backend
         self.abandoned = False
         self.deadline: float | None = None
+        self.seconds = 0.0
         self._written: str | None = job.progress_json
         self.written_at = 0.0
         self._lock = threading.Lock()

@@ -15,8 +15,9 @@ from typing import Any
 
 from . import serializer
 from .backends.base import Backend
+from .execution import ContextFactory, Runnable, Settings, execute
 from .job import QUEUED, RUNNING, Job, Running, valid_id
-from .worker import ContextFactory, Runnable, Settings, Worker, execute
+from .worker import Worker
 
 
 class Runtime:

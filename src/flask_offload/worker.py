@@ -1,9 +1,14 @@
-"""The worker pool: claim → run in a context → finish, plus the maintenance loop that renews
-leases, ends runs past their timeout and takes back jobs whose worker died.
+"""The worker pool: claim → run → finish, plus the maintenance loop that renews leases, ends
+runs past their timeout and takes back jobs whose worker died.
 
-Each thread claims one job at a time and sleeps on a condition when the queue is empty, so an
-idle pool costs nothing and a job enqueued in this process wakes it at once. Other processes'
-jobs are found by polling every ``poll_interval`` seconds.
+Threads share a small batch of claimed jobs: one claim fetches about ``PREFETCH_SECONDS`` of
+work (a single job when jobs are slow, up to ``MAX_BATCH`` when they are fast), so fast jobs
+cost a fraction of a claim each and slow ones are never hoarded from other processes.
+Outcomes go to a finisher thread that stores whatever has piled up in one transaction; a job
+counts as running until its outcome is stored, so a crash may run again the few jobs of the
+last milliseconds. When the queue is empty the threads sleep on a condition: an idle pool
+costs nothing, a job enqueued in this process wakes it at once, and jobs from other processes
+are found by polling every ``poll_interval`` seconds (or at once, where storage notifies).
 """
 
 from __future__ import annotations
@@ -11,137 +16,28 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import secrets
 import socket
 import threading
 import time
-import traceback
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections import deque
+from collections.abc import Mapping
 
-from . import serializer
 from .backends.base import Backend
-from .job import (
-    CANCELLED,
-    FAILED,
-    PROGRESS_EVERY,
-    QUEUED,
-    SUCCEEDED,
-    Job,
-    Outcome,
-    Running,
-    WorkerInfo,
-    _running,
-)
-from .schedule import Periodic, Scheduler
+from .execution import ContextFactory, Runnable, Settings, execute, failure
+from .job import PROGRESS_EVERY, QUEUED, Job, Outcome, Running, WorkerInfo
+from .schedule import Scheduler
 
 logger = logging.getLogger("flask_offload")
 
-ContextFactory = Callable[[], AbstractContextManager[Any]]
-MAX_BACKOFF = 3600.0
-
-
-class Cancelled(Exception):
-    """Raise inside a task to stop it early after ``current_job.cancel_requested``."""
-
-
-class Retry(Exception):
-    """Raise inside a task to run it again after ``delay`` seconds (or the task's backoff).
-
-    Counts as an attempt: once the task's ``retries`` are used up the job fails.
-    """
-
-    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
-        super().__init__(reason)
-        self.delay = delay
-
-
-class Runnable(Periodic, Protocol):
-    """What the pool needs of a task."""
-
-    fn: Callable[..., Any]
-    retry_backoff: float
-    retry_on: tuple[type[BaseException], ...]
-    timeout: float | None
-
-
-@dataclass
-class Settings:
-    """How a pool runs; the Flask layer fills it from ``OFFLOAD_*`` configuration."""
-
-    threads: int = 2
-    queues: tuple[str, ...] | None = None
-    lease: float = 30.0
-    poll_interval: float = 1.0
-    shutdown_timeout: float = 20.0
-    result_ttl: float = 86400.0
-    max_payload_bytes: int = 2 << 20
-    max_result_bytes: int = 10 << 20
-    max_lost: int = 3
+PREFETCH_SECONDS = 0.005
+MAX_BATCH = 32
+Finished = tuple[Job, Outcome, Running]
 
 
 def new_worker_id() -> str:
     """A name no other process has, even after a restart with the same pid or host name."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-def backoff(base: float, attempt: int) -> float:
-    """Seconds before retry number ``attempt``: ``base`` doubling each time, ±25 % jitter."""
-    return float(min(MAX_BACKOFF, base * 2 ** (attempt - 1)) * random.uniform(0.75, 1.25))
-
-
-def failure(task: Runnable, job: Job, error: BaseException, trace: str | None) -> Outcome:
-    """A failed run: back in the queue after a backoff while attempts remain, else failed."""
-    text = f"{type(error).__name__}: {error}"
-    retryable = isinstance(error, (Retry, *task.retry_on))
-    if retryable and job.attempts < job.max_attempts:
-        delay = error.delay if isinstance(error, Retry) and error.delay is not None else None
-        wait = backoff(task.retry_backoff, job.attempts) if delay is None else delay
-        return Outcome(QUEUED, error=text, traceback=trace, run_at=time.time() + wait)
-    return Outcome(FAILED, error=text, traceback=trace)
-
-
-def execute(
-    task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
-) -> Outcome:
-    """Run one job inside ``context()`` and say how it ended; never raises."""
-    try:
-        size = len(job.args_json) + len(job.kwargs_json)
-        if size > settings.max_payload_bytes:
-            raise ValueError(f"arguments of {size} bytes exceed {settings.max_payload_bytes}")
-        args, kwargs = job.args, job.kwargs
-        if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise ValueError("arguments are not a JSON array and object")
-    except Exception as error:
-        return Outcome(FAILED, error=f"CorruptJob: stored job cannot be run: {error}")
-    token = _running.set(running)
-    try:
-        with context():
-            value = task.fn(*args, **kwargs)
-    except Cancelled:
-        return Outcome(CANCELLED, error="Cancelled", progress_json=running.last_progress)
-    except BaseException as error:
-        outcome = failure(task, job, error, traceback.format_exc())
-        outcome.progress_json = running.last_progress
-        if outcome.state == FAILED and not isinstance(error, Retry):
-            logger.error("job %s (%s) failed", job.id, job.task, exc_info=True)
-        return outcome
-    finally:
-        _running.reset(token)
-    try:
-        result = serializer.dumps(value, "the result")
-    except TypeError as error:
-        return Outcome(FAILED, error=f"TypeError: {error}", progress_json=running.last_progress)
-    if len(result) > settings.max_result_bytes:
-        error_text = (
-            f"ValueError: the result of {len(result)} bytes exceeds "
-            f"OFFLOAD_MAX_RESULT_BYTES ({settings.max_result_bytes})"
-        )
-        return Outcome(FAILED, error=error_text, progress_json=running.last_progress)
-    return Outcome(SUCCEEDED, result_json=result, progress_json=running.last_progress)
 
 
 class Worker:
@@ -163,6 +59,12 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._stuck = 0
         self._running: dict[str, Running] = {}
+        self._batch: deque[Job] = deque()
+        self._claiming = threading.Lock()
+        self._job_seconds = PREFETCH_SECONDS  # moving average of run time: sizes the batch
+        self._finished: list[Finished] = []
+        self._finisher = threading.Condition()
+        self._finisher_done = False
         self._wake = threading.Condition()
         self._wakeups = 0
         self._next_due = math.inf
@@ -176,12 +78,16 @@ class Worker:
         return bool(self._threads)
 
     def start(self) -> None:
-        """Start the threads, the maintenance loop and the scheduler; waiting jobs start now."""
+        """Start the threads, the finisher, the maintenance loop and the scheduler."""
         if self._threads:
             return
         for _ in range(self.settings.threads):
             self._spawn()
         self.backend.subscribe(self.wake)
+        self._finisher_thread = threading.Thread(
+            target=self._finish_loop, name="offload-finisher", daemon=True
+        )
+        self._finisher_thread.start()
         for target, name in ((self._maintain, "maintenance"), (self.scheduler.run, "scheduler")):
             thread = threading.Thread(target=target, name=f"offload-{name}", daemon=True)
             self._threads.append(thread)
@@ -204,33 +110,6 @@ class Worker:
         if at is None:
             self.scheduler.poke()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop claiming, let running jobs finish for up to ``timeout`` seconds, then put back
-        the ones still running without counting the attempt. Another worker will run them
-        again: running a job twice is better than losing it."""
-        if not self._threads or self._stopped:
-            return
-        self._stopped = True
-        timeout = self.settings.shutdown_timeout if timeout is None else timeout
-        self.begin_stop()
-        deadline = time.monotonic() + timeout
-        for thread in list(self._threads):
-            if thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
-        for running in list(self._running.values()):
-            try:
-                if self.backend.release(running.job):
-                    logger.warning(
-                        "job %s still running at shutdown: put back in the queue", running.id
-                    )
-            except Exception:
-                logger.exception("could not put back job %s; its lease will expire", running.id)
-        try:
-            self.backend.forget_worker(self.id)
-        except Exception:
-            logger.exception("could not remove this worker's heartbeat row")
-        logger.info("worker %s stopped", self.id)
-
     def begin_stop(self) -> None:
         """Stop claiming and scheduling; running jobs go on."""
         with self._wake:
@@ -240,26 +119,70 @@ class Worker:
         self._maintenance.set()
         self.backend.unsubscribe(self.wake)
 
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop claiming, let running jobs finish for up to ``timeout`` seconds, store their
+        outcomes, then put back what is still running or was never started, without counting
+        the attempt. Another worker will run those again: running a job twice is better than
+        losing it."""
+        if not self._threads or self._stopped:
+            return
+        self._stopped = True
+        timeout = self.settings.shutdown_timeout if timeout is None else timeout
+        self.begin_stop()
+        deadline = time.monotonic() + timeout
+        for thread in list(self._threads):
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        with self._finisher:
+            self._finisher_done = True
+            self._finisher.notify()
+        self._finisher_thread.join(max(1.0, deadline - time.monotonic()))
+        unstarted = list(self._batch)
+        self._batch.clear()
+        for job in [running.job for running in list(self._running.values())] + unstarted:
+            try:
+                if self.backend.release(job) and job not in unstarted:
+                    logger.warning(
+                        "job %s still running at shutdown: put back in the queue", job.id
+                    )
+            except Exception:
+                logger.exception("could not put back job %s; its lease will expire", job.id)
+        try:
+            self.backend.forget_worker(self.id)
+        except Exception:
+            logger.exception("could not remove this worker's heartbeat row")
+        logger.info("worker %s stopped", self.id)
+
     def drain(self) -> int:
         """Run every due job in the calling thread until none is left; return how many ran."""
         count = 0
-        while job := self._claim():
-            self._process(job)
+        while jobs := self.backend.claim(
+            self.id, list(self.tasks), self.settings.queues, 1, self.settings.lease
+        ):
+            self._store([self._run(jobs[0])])
             count += 1
         return count
 
-    def _claim(self) -> Job | None:
-        jobs = self.backend.claim(
-            self.id, list(self.tasks), self.settings.queues, 1, self.settings.lease
-        )
-        return jobs[0] if jobs else None
+    def _next_job(self) -> Job | None:
+        """The next job to run: from the shared batch, or from a new claim."""
+        with self._claiming:
+            if self._batch:
+                return self._batch.popleft()
+            if self._stopping:
+                return None
+            size = min(MAX_BATCH, max(1, int(PREFETCH_SECONDS / self._job_seconds)))
+            jobs = self.backend.claim(
+                self.id, list(self.tasks), self.settings.queues, size, self.settings.lease
+            )
+            self._batch.extend(jobs[1:])
+            return jobs[0] if jobs else None
 
     def _loop(self) -> None:
         failures = 0
         while not self._stopping:
             seen = self._wakeups
             try:
-                job = self._claim()
+                job = self._next_job()
             except Exception as error:
                 failures += 1
                 self._storage_down(error, failures)
@@ -270,7 +193,12 @@ class Worker:
                 logger.warning("storage answers again: worker %s resumes", self.id)
                 failures = 0
             if job is not None:
-                if self._process(job).abandoned:
+                finished = self._run(job)
+                with self._finisher:
+                    self._finished.append(finished)
+                    self._finisher.notify()
+                if finished[2].abandoned:
+                    self._stuck -= 1
                     return  # a replacement thread took this one's place
                 continue
             with self._wake:
@@ -290,21 +218,44 @@ class Worker:
         else:
             logger.debug("storage still unreachable: %s", error)
 
-    def _process(self, job: Job) -> Running:
+    def _run(self, job: Job) -> Finished:
         task = self.tasks[job.task]
         running = Running(job, self.backend)
+        began = time.monotonic()
         if task.timeout is not None:
-            running.deadline = time.monotonic() + task.timeout
+            running.deadline = began + task.timeout
             self._maintenance.set()
         self._running[job.id] = running
-        began = time.monotonic()
         try:
             outcome = execute(task, job, running, self.context, self.settings)
-            if self.backend.finish(job, outcome):
+        finally:
+            if self._running.get(job.id) is running:
+                del self._running[job.id]
+        running.seconds = time.monotonic() - began
+        self._job_seconds += (running.seconds - self._job_seconds) / 8
+        return job, outcome, running
+
+    def _finish_loop(self) -> None:
+        """Store outcomes as they come, all that have piled up in one transaction."""
+        while True:
+            with self._finisher:
+                while not self._finished and not self._finisher_done:
+                    self._finisher.wait()
+                if not self._finished:
+                    return
+                batch, self._finished = self._finished, []
+            self._store(batch)
+
+    def _store(self, batch: list[Finished]) -> None:
+        try:
+            stored = self.backend.finish_many([(job, outcome) for job, outcome, _ in batch])
+        except Exception:
+            logger.exception("could not store %d outcome(s); those jobs will run again", len(batch))
+            return
+        for (job, outcome, running), ok in zip(batch, stored, strict=True):
+            if ok:
                 state = "retrying" if outcome.state == QUEUED else outcome.state
-                logger.info(
-                    "job %s %s %s in %.3f s", job.id, job.task, state, time.monotonic() - began
-                )
+                logger.info("job %s %s %s in %.3f s", job.id, job.task, state, running.seconds)
                 if outcome.state == QUEUED:
                     self.wake(outcome.run_at)
             elif running.abandoned:
@@ -318,14 +269,6 @@ class Worker:
                     job.id,
                     job.task,
                 )
-        except Exception:
-            logger.exception("could not store the outcome of job %s; it will run again", job.id)
-        finally:
-            if self._running.get(job.id) is running:
-                del self._running[job.id]
-            if running.abandoned:
-                self._stuck -= 1
-        return running
 
     def _maintain(self) -> None:
         """Renew leases, end overdue runs, take back jobs of dead workers, expire old results."""
@@ -354,12 +297,11 @@ class Worker:
                     wakes.append(running.deadline)
                 if running.pending_progress is not None:
                     wakes.append(running.written_at + PROGRESS_EVERY)
-            pause = min(wakes) - time.monotonic()
-            self._maintenance.wait(max(0.01, pause))
+            self._maintenance.wait(max(0.01, min(wakes) - time.monotonic()))
             self._maintenance.clear()
 
     def _beat(self) -> None:
-        if self._running:
+        if self._running or self._batch or self._finished:
             for job_id in self.backend.heartbeat(self.id, self.settings.lease):
                 if job_id in self._running:
                     self._running[job_id].cancel_flag = True
@@ -380,7 +322,7 @@ class Worker:
             task = self.tasks[running.job.task]
             error = TimeoutError(f"job ran past its timeout of {task.timeout} s")
             running.cancel_flag = running.abandoned = True
-            del self._running[running.id]
+            self._running.pop(running.id, None)
             outcome = failure(task, running.job, error, None)
             if self.backend.finish(running.job, outcome) and outcome.state == QUEUED:
                 self.wake(outcome.run_at)
@@ -388,8 +330,7 @@ class Worker:
             self._stuck += 1
             if self._stuck > self.settings.threads:
                 logger.error(
-                    "%d threads are stuck in jobs past their timeout; not adding more",
-                    self._stuck,
+                    "%d threads are stuck in jobs past their timeout; not adding more", self._stuck
                 )
             elif not self._stopping:
                 self._spawn()

@@ -12,7 +12,7 @@ the one conformance suite in ``tests/test_backend_conformance.py``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from ..job import Job, Outcome, WorkerInfo
@@ -69,6 +69,10 @@ class Backend(ABC):
     def finish(self, job: Job, outcome: Outcome) -> bool:
         """Store how the claimed run ``job`` ended. False (nothing written) if that claim no
         longer holds the job."""
+
+    def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
+        """``finish`` several claimed runs, in one transaction where the storage allows."""
+        return [self.finish(job, outcome) for job, outcome in finished]
 
     @abstractmethod
     def release(self, job: Job) -> bool:

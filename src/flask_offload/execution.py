@@ -1,0 +1,118 @@
+"""Running one job: inside its context, with ``current_job`` set, and what its end means —
+success, a retry after a backoff, a failure, or a cancellation. Never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import serializer
+from .job import CANCELLED, FAILED, QUEUED, SUCCEEDED, Job, Outcome, Running, _running
+from .schedule import Periodic
+
+logger = logging.getLogger("flask_offload")
+
+ContextFactory = Callable[[], AbstractContextManager[Any]]
+MAX_BACKOFF = 3600.0
+
+
+class Cancelled(Exception):
+    """Raise inside a task to stop it early after ``current_job.cancel_requested``."""
+
+
+class Retry(Exception):
+    """Raise inside a task to run it again after ``delay`` seconds (or the task's backoff).
+
+    Counts as an attempt: once the task's ``retries`` are used up the job fails.
+    """
+
+    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class Runnable(Periodic, Protocol):
+    """What the pool needs of a task."""
+
+    fn: Callable[..., Any]
+    retry_backoff: float
+    retry_on: tuple[type[BaseException], ...]
+    timeout: float | None
+
+
+@dataclass
+class Settings:
+    """How a pool runs; the Flask layer fills it from ``OFFLOAD_*`` configuration."""
+
+    threads: int = 2
+    queues: tuple[str, ...] | None = None
+    lease: float = 30.0
+    poll_interval: float = 1.0
+    shutdown_timeout: float = 20.0
+    result_ttl: float = 86400.0
+    max_payload_bytes: int = 2 << 20
+    max_result_bytes: int = 10 << 20
+    max_lost: int = 3
+
+
+def backoff(base: float, attempt: int) -> float:
+    """Seconds before retry number ``attempt``: ``base`` doubling each time, ±25 % jitter."""
+    return float(min(MAX_BACKOFF, base * 2 ** (attempt - 1)) * random.uniform(0.75, 1.25))
+
+
+def failure(task: Runnable, job: Job, error: BaseException, trace: str | None) -> Outcome:
+    """A failed run: back in the queue after a backoff while attempts remain, else failed."""
+    text = f"{type(error).__name__}: {error}"
+    retryable = isinstance(error, (Retry, *task.retry_on))
+    if retryable and job.attempts < job.max_attempts:
+        delay = error.delay if isinstance(error, Retry) and error.delay is not None else None
+        wait = backoff(task.retry_backoff, job.attempts) if delay is None else delay
+        return Outcome(QUEUED, error=text, traceback=trace, run_at=time.time() + wait)
+    return Outcome(FAILED, error=text, traceback=trace)
+
+
+def execute(
+    task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
+) -> Outcome:
+    """Run one job inside ``context()`` and say how it ended; never raises."""
+    try:
+        size = len(job.args_json) + len(job.kwargs_json)
+        if size > settings.max_payload_bytes:
+            raise ValueError(f"arguments of {size} bytes exceed {settings.max_payload_bytes}")
+        args, kwargs = job.args, job.kwargs
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise ValueError("arguments are not a JSON array and object")
+    except Exception as error:
+        return Outcome(FAILED, error=f"CorruptJob: stored job cannot be run: {error}")
+    token = _running.set(running)
+    try:
+        with context():
+            value = task.fn(*args, **kwargs)
+    except Cancelled:
+        return Outcome(CANCELLED, error="Cancelled", progress_json=running.last_progress)
+    except BaseException as error:
+        outcome = failure(task, job, error, traceback.format_exc())
+        outcome.progress_json = running.last_progress
+        if outcome.state == FAILED and not isinstance(error, Retry):
+            logger.error("job %s (%s) failed", job.id, job.task, exc_info=True)
+        return outcome
+    finally:
+        _running.reset(token)
+    try:
+        result = serializer.dumps(value, "the result")
+    except TypeError as error:
+        return Outcome(FAILED, error=f"TypeError: {error}", progress_json=running.last_progress)
+    if len(result) > settings.max_result_bytes:
+        error_text = (
+            f"ValueError: the result of {len(result)} bytes exceeds "
+            f"OFFLOAD_MAX_RESULT_BYTES ({settings.max_result_bytes})"
+        )
+        return Outcome(FAILED, error=error_text, progress_json=running.last_progress)
+    return Outcome(SUCCEEDED, result_json=result, progress_json=running.last_progress)

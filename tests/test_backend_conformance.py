@@ -333,3 +333,14 @@ def test_an_ephemeral_jobs_arguments_are_deleted_once_it_is_final(backend: Backe
     assert backend.get(kept.id).args_json == "[1]"  # type: ignore[union-attr]
     owner = backend.enqueue(make_job(owner_json='"alice"'))
     assert backend.get(owner.id).owner_json == '"alice"'  # type: ignore[union-attr]
+
+
+def test_a_lost_job_whose_cancel_was_asked_for_ends_cancelled(backend: Backend) -> None:
+    job = backend.enqueue(make_job(ephemeral=True, args_json="[1]"))
+    backend.claim("dead", ["t"], None, 1, -1)
+    assert backend.cancel(job.id)
+    assert backend.recover(max_lost=3) == 1
+    stored = backend.get(job.id)
+    assert stored is not None
+    assert (stored.state, stored.error, stored.args_json) == ("cancelled", "Cancelled", "[]")
+    assert stored.finished_at is not None

@@ -192,6 +192,11 @@ def read_config(app: Flask) -> tuple[str, Settings, bool, str]:
         not isinstance(queues, (list, tuple)) or not all(isinstance(q, str) for q in queues)
     ):
         raise TypeError(f"OFFLOAD_QUEUES must be a list of queue names, not {queues!r}")
+    if queues is not None and not [name for name in queues if name.strip()]:
+        raise ValueError(
+            f"OFFLOAD_QUEUES={config['OFFLOAD_QUEUES']!r} names no queue, so this process would "
+            "run no job: leave it unset (None) to consume every queue"
+        )
     settings = Settings(
         threads=int(_number(config, "OFFLOAD_WORKERS", 0, whole=True)),
         queues=None if queues is None else tuple(queues),

@@ -234,6 +234,11 @@ class _CurrentJob:
     def cancel_requested(self) -> bool:
         return self._get().cancel_requested
 
+    @property
+    def attempts(self) -> int:
+        """Which attempt this run is: 1 for the first."""
+        return self._get().job.attempts
+
     def set_progress(self, current: int, total: int | None = None, message: str = "") -> None:
         self._get().set_progress(current, total, message)
 

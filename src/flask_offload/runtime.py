@@ -69,6 +69,10 @@ class Runtime:
                 f"the arguments take {size} bytes, over OFFLOAD_MAX_PAYLOAD_BYTES "
                 f"({self.settings.max_payload_bytes}); store large data elsewhere and pass its id"
             )
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int, not {priority!r}")
+        if not isinstance(queue, str) or not queue:
+            raise TypeError(f"queue must be a non-empty str, not {queue!r}")
         if key is not None and not isinstance(key, str):
             raise TypeError(f"key must be a str, not {type(key).__name__}")
         now = time.time()
@@ -118,6 +122,11 @@ class Runtime:
                 "it finishes: it cannot run again; make the request again instead"
             )
         if not self.backend.retry(job_id):
+            if job.state in ("failed", "cancelled") and job.key is not None:
+                raise ValueError(
+                    f"job {job_id} has key {job.key!r}, which another queued or running job "
+                    "holds now: wait for that job, or cancel it first"
+                )
             raise ValueError(f"job {job_id} is {job.state}: only failed or cancelled jobs retry")
         self.wake()
         return job.refresh()

@@ -101,12 +101,15 @@ class Scheduler:
         self._changed.set()
 
     def run(self) -> None:
+        failures = 0
         while not self._stopping:
-            pause = 60.0
             try:
                 pause = self.tick(time.time())
+                failures = 0
             except Exception:
+                failures += 1
                 logger.exception("periodic scheduling failed; trying again")
+                pause = min(60.0, 0.25 * 2 ** (failures - 1))  # soon, then backing off
             self._changed.wait(pause)
             self._changed.clear()
 

@@ -13,6 +13,7 @@ are found by polling every ``poll_interval`` seconds (or at once, where storage 
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ logger = logging.getLogger("flask_offload")
 
 PREFETCH_SECONDS = 0.005
 MAX_BATCH = 32
+MAX_DUES = 1024  # due times of in-process delayed jobs kept to wake up on time
 Finished = tuple[Job, Outcome, Running]
 
 
@@ -67,7 +69,7 @@ class Worker:
         self._finisher_done = False
         self._wake = threading.Condition()
         self._wakeups = 0
-        self._next_due = math.inf
+        self._dues: list[float] = []  # due times of in-process delayed jobs, a heap
         self._stopping = self._stopped = False
         self._maintenance = threading.Event()
         self._reported: set[str] = set()
@@ -103,7 +105,8 @@ class Worker:
         """A job is due now (or at ``at``), or a task was registered: let a thread look."""
         with self._wake:
             if at is not None and at > time.time():
-                self._next_due = min(self._next_due, at)
+                if len(self._dues) < MAX_DUES:  # beyond it, polling finds the job
+                    heapq.heappush(self._dues, at)
             else:
                 self._wakeups += 1
             self._wake.notify()
@@ -204,10 +207,12 @@ class Worker:
             with self._wake:
                 if self._stopping or self._wakeups != seen:
                     continue
-                pause = min(self.settings.poll_interval, self._next_due - time.time())
+                next_due = self._dues[0] if self._dues else math.inf
+                pause = min(self.settings.poll_interval, next_due - time.time())
                 self._wake.wait(max(0.0, pause))
-                if self._next_due <= time.time():
-                    self._next_due = math.inf
+                now = time.time()
+                while self._dues and self._dues[0] <= now:
+                    heapq.heappop(self._dues)
 
     def _storage_down(self, error: Exception, failures: int) -> None:
         """Say once that storage is unreachable; the loop retries with backoff meanwhile."""

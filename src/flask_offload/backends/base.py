@@ -80,7 +80,8 @@ class Backend(ABC):
 
     @abstractmethod
     def recover(self, max_lost: int) -> int:
-        """Requeue running jobs whose lease expired; fail those lost ``max_lost`` times.
+        """Requeue running jobs whose lease expired; fail those lost ``max_lost`` times, and
+        cancel those whose cancellation was asked for.
 
         Returns how many jobs were taken back.
         """

@@ -163,7 +163,10 @@ class MemoryBackend(Backend):
                     continue
                 job.lost += 1
                 job.worker = job.lease_until = None
-                if job.lost >= max_lost:
+                if job.cancel_requested:
+                    self._settle(job, CANCELLED)
+                    job.error = "Cancelled"
+                elif job.lost >= max_lost:
                     self._settle(job, FAILED)
                     job.error = f"WorkerLost: worker lost {job.lost} times"
                 else:
@@ -186,6 +189,11 @@ class MemoryBackend(Backend):
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None or job.state not in (FAILED, CANCELLED):
+                return False
+            if job.key is not None and any(
+                other.key == job.key and other.state in (QUEUED, RUNNING)
+                for other in self._jobs.values()
+            ):
                 return False
             job.state, job.run_at = QUEUED, time.time()
             job.attempts = job.lost = 0

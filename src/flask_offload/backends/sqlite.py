@@ -132,12 +132,16 @@ RELEASE = """
     SET state = 'queued', worker = NULL, lease_until = NULL, attempts = attempts - 1
     WHERE id = ? AND worker = ? AND attempts = ? AND state = 'running'
 """
+# A job whose worker died goes back in the queue; it is cancelled if someone asked for that
+# meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
 RECOVER = """
     UPDATE offload_jobs
     SET lost = lost + 1, worker = NULL, lease_until = NULL,
-        state = CASE WHEN lost + 1 >= :max_lost THEN 'failed' ELSE 'queued' END,
-        finished_at = CASE WHEN lost + 1 >= :max_lost THEN :now END,
-        error = CASE WHEN lost + 1 >= :max_lost
+        state = CASE WHEN cancel_requested THEN 'cancelled'
+                     WHEN lost + 1 >= :max_lost THEN 'failed' ELSE 'queued' END,
+        finished_at = CASE WHEN cancel_requested OR lost + 1 >= :max_lost THEN :now END,
+        error = CASE WHEN cancel_requested THEN 'Cancelled'
+                     WHEN lost + 1 >= :max_lost
                      THEN 'WorkerLost: worker lost ' || (lost + 1) || ' times' END
     WHERE state = 'running' AND lease_until < :now
 """
@@ -155,6 +159,9 @@ RETRY = """
     SET state = 'queued', run_at = ?, attempts = 0, lost = 0, finished_at = NULL,
         result_json = NULL, error = NULL, traceback = NULL, cancel_requested = 0
     WHERE id = ? AND state IN ('failed', 'cancelled')
+      AND (key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM offload_jobs AS holder
+          WHERE holder.key = offload_jobs.key AND holder.state IN ('queued', 'running')))
 """
 ADVANCE_TICK = """
     INSERT INTO offload_schedules (name, last_tick) VALUES (?, ?)

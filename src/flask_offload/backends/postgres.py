@@ -1,0 +1,709 @@
+"""PostgreSQL storage, the distributed engine: any number of worker processes on any machines.
+
+A small connection pool per process, opened on first use and opened again in a forked child.
+Claims take rows with ``FOR UPDATE SKIP LOCKED``, so workers never wait for each other; finish,
+release and progress are fenced by the claim (worker and attempt) as in SQLite. An enqueue is
+one autocommitted statement that also sends ``NOTIFY offload_jobs``, which a listener thread
+per process turns into wake-ups, so idle workers start a job at once and poll only as a safety
+net. Through ``enqueue(job, connection=...)`` the same statement runs in the caller's own
+transaction: the job and its notification exist only if that transaction commits.
+
+A lost connection is not a lost job: an insert repeated on a fresh connection after a reply
+was lost finds its own id and stores nothing twice, and a claim whose reply was lost is
+adopted by that worker's next claim instead of being held, unseen, by its heartbeat.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import select
+import sys
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import fields
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ..job import Job, Outcome, WorkerInfo
+from .base import Backend
+
+T = TypeVar("T")
+Connection = psycopg.Connection[TupleRow]
+# Runs ENQUEUE or HOLDER (both return rows) on a pooled connection or on a caller's.
+Execute = Callable[[str, Mapping[str, Any]], list[tuple[Any, ...]]]
+
+logger = logging.getLogger("flask_offload")
+
+SCHEMA_VERSION = 1
+CHANNEL = "offload_jobs"
+MIGRATION_LOCK = 0x0FF10AD  # pg_advisory_xact_lock key: one migrating process at a time
+COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
+_SELECT = ", ".join(COLUMNS)
+_VALUES = ", ".join(f"%({name})s" for name in COLUMNS)
+_PRIORITY, _RUN_AT = COLUMNS.index("priority"), COLUMNS.index("run_at")
+
+SCHEMA_TABLE_EXISTS = "SELECT to_regclass('offload_schema') IS NOT NULL"
+SCHEMA_VERSION_NOW = "SELECT coalesce(max(version), 0) FROM offload_schema"
+LOCK_MIGRATIONS = f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"
+CREATE_SCHEMA_TABLE = """
+    CREATE TABLE IF NOT EXISTS offload_schema (
+        version integer PRIMARY KEY,
+        applied_at timestamptz NOT NULL DEFAULT now()
+    )
+"""
+RECORD_VERSION = "INSERT INTO offload_schema (version) VALUES (%s)"
+
+# Each entry upgrades the schema from the version before it; index 0 creates version 1. Times
+# are epoch seconds in double precision, as in SQLite, so a Job holds the same floats.
+MIGRATIONS = [
+    """
+    CREATE TABLE offload_jobs (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id text NOT NULL UNIQUE,
+        task text NOT NULL,
+        queue text NOT NULL,
+        priority integer NOT NULL,
+        state text NOT NULL,
+        args_json text NOT NULL,
+        kwargs_json text NOT NULL,
+        key text,
+        attempts integer NOT NULL DEFAULT 0,
+        max_attempts integer NOT NULL,
+        lost integer NOT NULL DEFAULT 0,
+        created_at double precision NOT NULL,
+        run_at double precision NOT NULL,
+        started_at double precision,
+        finished_at double precision,
+        worker text,
+        lease_until double precision,
+        cancel_requested boolean NOT NULL DEFAULT false,
+        progress_json text,
+        result_json text,
+        error text,
+        traceback text,
+        owner_json text,
+        ephemeral boolean NOT NULL DEFAULT false
+    );
+    -- A background view's request snapshot (cookies included) lives only until the job ends.
+    CREATE FUNCTION offload_forget_snapshot() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        NEW.args_json := '[]';
+        NEW.kwargs_json := '{}';
+        RETURN NEW;
+    END
+    $$;
+    CREATE TRIGGER offload_jobs_forget_snapshot
+        BEFORE UPDATE OF state ON offload_jobs FOR EACH ROW
+        WHEN (NEW.ephemeral AND NEW.state IN ('succeeded', 'failed', 'cancelled'))
+        EXECUTE FUNCTION offload_forget_snapshot();
+    -- Claims read only queued rows, in claim order: finished rows never slow them down.
+    CREATE INDEX offload_jobs_claim ON offload_jobs (priority DESC, run_at, seq)
+        WHERE state = 'queued';
+    -- Running rows are few: heartbeats and recovery scan this small index.
+    CREATE INDEX offload_jobs_lease ON offload_jobs (lease_until) WHERE state = 'running';
+    CREATE INDEX offload_jobs_finished ON offload_jobs (finished_at)
+        WHERE state IN ('succeeded', 'failed', 'cancelled');
+    CREATE UNIQUE INDEX offload_jobs_key ON offload_jobs (key)
+        WHERE key IS NOT NULL AND state IN ('queued', 'running');
+    -- The last tick each periodic schedule enqueued: one run per tick across processes.
+    CREATE TABLE offload_schedules (name text PRIMARY KEY, last_tick double precision NOT NULL);
+    -- One row per live worker process, renewed by its heartbeat.
+    CREATE TABLE offload_workers (
+        id text PRIMARY KEY,
+        host text NOT NULL,
+        pid integer NOT NULL,
+        queues_json text,
+        tasks_json text NOT NULL,
+        started_at double precision NOT NULL,
+        last_seen double precision NOT NULL
+    );
+    """,
+]
+
+# No conflict target: a conflict on the id means this very insert was stored by an earlier try
+# whose reply was lost, and one on the key index means another job holds the key. Either way
+# nothing is stored and no notification is sent. The NOTIFY is part of the same transaction,
+# so listeners hear of the job only once it is committed.
+ENQUEUE = f"""
+    WITH inserted AS (
+        INSERT INTO offload_jobs ({_SELECT}) VALUES ({_VALUES})
+        ON CONFLICT DO NOTHING
+        RETURNING queue)
+    SELECT pg_notify('{CHANNEL}', queue) FROM inserted
+"""
+HOLDER = f"""
+    SELECT {_SELECT} FROM offload_jobs
+    WHERE id = %(id)s OR (key = %(key)s AND state IN ('queued', 'running'))
+    ORDER BY id = %(id)s DESC
+    LIMIT 1
+"""
+GET = f"SELECT {_SELECT} FROM offload_jobs WHERE id = %s"
+# MATERIALIZED: the locking subquery runs exactly once, so a claim never takes more than limit.
+CLAIM = f"""
+    WITH due AS MATERIALIZED (
+        SELECT seq FROM offload_jobs
+        WHERE state = 'queued' AND run_at <= %(now)s
+          AND task = ANY(%(tasks)s::text[])
+          AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+        ORDER BY priority DESC, run_at, seq
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED)
+    UPDATE offload_jobs
+    SET state = 'running', worker = %(worker)s, lease_until = %(now)s + %(lease)s,
+        started_at = %(now)s, attempts = attempts + 1
+    WHERE seq IN (SELECT seq FROM due)
+    RETURNING {_SELECT}, seq
+"""
+# Jobs a claim took although its reply never arrived: found by the claim's worker and time.
+# Setting started_at anew lets only one of the worker's threads adopt each job.
+ADOPT = f"""
+    UPDATE offload_jobs SET started_at = %(now)s, lease_until = %(now)s + %(lease)s
+    WHERE worker = %(worker)s AND state = 'running' AND started_at = ANY(%(stamps)s::float8[])
+    RETURNING {_SELECT}, seq
+"""
+HEARTBEAT = """
+    UPDATE offload_jobs SET lease_until = %s
+    WHERE state = 'running' AND worker = %s
+    RETURNING id, cancel_requested
+"""
+FINISH = """
+    UPDATE offload_jobs
+    SET state = %(state)s, result_json = %(result_json)s, error = %(error)s,
+        traceback = %(traceback)s,
+        progress_json = coalesce(%(progress_json)s, progress_json),
+        finished_at = CASE WHEN %(state)s::text = 'queued' THEN NULL ELSE %(now)s END,
+        run_at = CASE WHEN %(state)s::text = 'queued'
+                      THEN coalesce(%(run_at)s, %(now)s) ELSE run_at END,
+        worker = NULL, lease_until = NULL
+    WHERE id = %(id)s AND worker = %(worker)s AND attempts = %(attempts)s AND state = 'running'
+"""
+RELEASE = """
+    UPDATE offload_jobs
+    SET state = 'queued', worker = NULL, lease_until = NULL, attempts = attempts - 1
+    WHERE id = %s AND worker = %s AND attempts = %s AND state = 'running'
+"""
+# A job whose worker died goes back in the queue; it is cancelled if someone asked for that
+# meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
+RECOVER = """
+    UPDATE offload_jobs
+    SET lost = lost + 1, worker = NULL, lease_until = NULL,
+        state = CASE WHEN cancel_requested THEN 'cancelled'
+                     WHEN lost + 1 >= %(max_lost)s THEN 'failed' ELSE 'queued' END,
+        finished_at = CASE WHEN cancel_requested OR lost + 1 >= %(max_lost)s THEN %(now)s END,
+        error = CASE WHEN cancel_requested THEN 'Cancelled'
+                     WHEN lost + 1 >= %(max_lost)s
+                     THEN 'WorkerLost: worker lost ' || (lost + 1) || ' times' END
+    WHERE state = 'running' AND lease_until < %(now)s
+"""
+CANCEL_QUEUED = """
+    UPDATE offload_jobs SET state = 'cancelled', finished_at = %s
+    WHERE id = %s AND state = 'queued'
+"""
+CANCEL_RUNNING = """
+    UPDATE offload_jobs SET cancel_requested = true WHERE id = %s AND state = 'running'
+"""
+SET_PROGRESS = """
+    UPDATE offload_jobs SET progress_json = %s
+    WHERE id = %s AND worker = %s AND attempts = %s AND state = 'running'
+"""
+RETRY = """
+    UPDATE offload_jobs
+    SET state = 'queued', run_at = %s, attempts = 0, lost = 0, finished_at = NULL,
+        result_json = NULL, error = NULL, traceback = NULL, cancel_requested = false
+    WHERE id = %s AND state IN ('failed', 'cancelled')
+      AND (key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM offload_jobs AS holder
+          WHERE holder.key = offload_jobs.key AND holder.state IN ('queued', 'running')))
+"""
+ADVANCE_TICK = """
+    INSERT INTO offload_schedules AS s (name, last_tick) VALUES (%s, %s)
+    ON CONFLICT (name) DO UPDATE SET last_tick = excluded.last_tick
+    WHERE s.last_tick < excluded.last_tick
+"""
+RECORD_TICK = """
+    INSERT INTO offload_schedules (name, last_tick) VALUES (%s, %s) ON CONFLICT DO NOTHING
+"""
+LIST_JOBS = f"""
+    SELECT {_SELECT} FROM offload_jobs
+    WHERE (%(state)s::text IS NULL OR state = %(state)s)
+      AND (%(task)s::text IS NULL OR task = %(task)s)
+    ORDER BY seq DESC LIMIT %(limit)s
+"""
+COUNTS = "SELECT task, state, count(*) FROM offload_jobs GROUP BY task, state"
+BEAT = """
+    INSERT INTO offload_workers (id, host, pid, queues_json, tasks_json, started_at, last_seen)
+    VALUES (%s, %s, %s, %s, %s, %s, %s)
+    ON CONFLICT (id) DO UPDATE SET tasks_json = excluded.tasks_json,
+        last_seen = excluded.last_seen
+"""
+WORKERS = """
+    SELECT id, host, pid, queues_json, tasks_json, started_at, last_seen
+    FROM offload_workers WHERE last_seen >= %s ORDER BY started_at
+"""
+FORGET_WORKER = "DELETE FROM offload_workers WHERE id = %s OR last_seen < %s"
+PURGE = """
+    DELETE FROM offload_jobs
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < %s
+"""
+QUEUED_TASK_NAMES = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queued'"
+LISTEN = f"LISTEN {CHANNEL}"
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _check(conn: Connection) -> None:
+    """Check a pooled connection before use, without a round trip when it looks fine.
+
+    A server that ended the session (restart, shutdown, terminated backend) leaves its last
+    message or the end of the stream waiting on the socket; only then is the connection asked
+    to answer, and a dead one is replaced. Anything else that breaks under a statement is
+    caught by ``_run``.
+    """
+    if _readable(conn.fileno()):
+        ConnectionPool.check_connection(conn)
+
+
+def _readable(fd: int) -> bool:
+    if not hasattr(select, "poll"):  # Windows; select() is fine with its small descriptors
+        return bool(select.select([fd], [], [], 0)[0])
+    poller = select.poll()  # unlike select(), fine with descriptors above 1023
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _named(sql: str) -> str:
+    """psycopg's ``%(name)s`` placeholders as SQLAlchemy's ``:name``."""
+    return re.sub(r"%\((\w+)\)s", r":\1", sql)
+
+
+def _execute_on(connection: Any) -> Execute:
+    """Run statements through a caller's connection, inside the caller's transaction."""
+    if isinstance(connection, psycopg.Connection):
+        psycopg_connection: Connection = connection
+
+        def execute(sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+            with psycopg_connection.cursor() as cursor:
+                return cursor.execute(sql, params).fetchall()
+
+        return execute
+    if "sqlalchemy" in sys.modules:  # a SQLAlchemy object exists only once it is imported
+        from sqlalchemy import text
+        from sqlalchemy.engine import Connection as SAConnection
+        from sqlalchemy.orm import Session, scoped_session
+
+        if isinstance(connection, scoped_session):  # Flask-SQLAlchemy's db.session
+            connection = connection()
+        if isinstance(connection, (SAConnection, Session)):
+            sa_connection: SAConnection | Session = connection
+
+            def execute(sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+                result = sa_connection.execute(text(_named(sql)), dict(params))
+                return [tuple(row) for row in result]
+
+            return execute
+    raise TypeError(
+        "enqueue(connection=...) takes a psycopg 3 Connection, or a SQLAlchemy Connection or "
+        "Session (Flask-SQLAlchemy's db.session too), open on the same PostgreSQL database; "
+        f"not {type(connection).__module__}.{type(connection).__qualname__}"
+    )
+
+
+class PostgresBackend(Backend):
+    """Jobs in PostgreSQL tables (``offload_jobs``, ``offload_schedules``, ``offload_workers``).
+
+    ``listen=False`` (``OFFLOAD_PG_LISTEN = False``) is for PgBouncer in transaction pooling,
+    which cannot hold a ``LISTEN``: workers then find jobs by polling, and statements are not
+    prepared, which that mode of PgBouncer does not support either.
+    """
+
+    def __init__(
+        self, url: str, listen: bool = True, pool_size: int = 10, timeout: float = 5.0
+    ) -> None:
+        self.url = url
+        self.listen = listen
+        self.pool_size = pool_size
+        self.timeout = timeout
+        params = conninfo_to_dict(url)
+        where = f"{params.get('host') or 'local socket'}:{params.get('port') or 5432}"
+        self.where = f"{where}/{params.get('dbname') or params.get('user') or ''}"
+        # libpq's own defaults wait forever for an unreachable host: say so within seconds.
+        self._connect_args: dict[str, Any] = {"autocommit": True}
+        defaults = {"connect_timeout": max(2, round(timeout)), "application_name": "flask-offload"}
+        self._connect_args.update((k, v) for k, v in defaults.items() if k not in params)
+        self._pid = -1
+        self._lock = threading.Lock()
+        self._pool: ConnectionPool[Connection] | None = None
+        self._ready = False
+        self._unconfirmed: dict[str, list[float]] = {}
+        self._inherited: list[object] = []
+        self._subscribers: list[Callable[[], None]] = []
+        self._listener: threading.Thread | None = None
+        self._listening: Connection | None = None
+        self._closed = threading.Event()
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _pool_here(self) -> ConnectionPool[Connection]:
+        """This process's pool, opened on first use (and anew in a forked child)."""
+        pool = self._pool
+        if pool is not None and self._pid == os.getpid():
+            return pool
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                if self._pool is not None:  # forked without after_fork: see there
+                    self._inherited.append(self._pool)
+                self._pool = ConnectionPool(
+                    self.url,
+                    kwargs={
+                        **self._connect_args,
+                        **({} if self.listen else {"prepare_threshold": None}),
+                    },
+                    min_size=1,
+                    max_size=self.pool_size,
+                    timeout=self.timeout,
+                    # Give up a failing reconnection after a few seconds; the next request
+                    # starts a new one, so a server that is back is found again quickly.
+                    reconnect_timeout=2 * self.timeout,
+                    check=_check,
+                    name="flask-offload",
+                    open=False,
+                )
+                self._pool.open(wait=False)
+                self._pid = os.getpid()
+            return self._pool
+
+    def _run(self, operation: Callable[[Connection], T], retry: bool = True) -> T:
+        """Run ``operation`` on a pooled connection, migrating the schema on first use.
+
+        A connection that breaks under it (server restart, network cut) is dropped and, if
+        ``retry``, the operation runs once more on a fresh one: every verb but claim is safe
+        to repeat, since a repeat finds the first one's work done and changes nothing. An
+        unreachable server raises ``ConnectionError`` within about ``timeout`` seconds.
+        """
+        lost: psycopg.OperationalError | None = None
+        for _ in range(2 if retry else 1):
+            try:
+                with self._pool_here().connection() as conn:
+                    try:
+                        if not self._ready:
+                            self._migrate(conn)
+                        return operation(conn)
+                    except psycopg.OperationalError as error:
+                        if not conn.broken:
+                            raise
+                        lost = error
+            except PoolTimeout:
+                raise self._no_connection() from None
+        assert lost is not None
+        raise ConnectionError(
+            f"cannot reach PostgreSQL at {self.where}: {_one_line(lost)}"
+        ) from lost
+
+    def _no_connection(self) -> OSError:
+        """Why the pool gave no connection in time: the server's own answer, or a busy pool."""
+        try:
+            psycopg.connect(self.url, **self._connect_args).close()
+        except psycopg.Error as error:
+            return ConnectionError(f"cannot reach PostgreSQL at {self.where}: {_one_line(error)}")
+        return TimeoutError(
+            f"all {self.pool_size} of this process's connections to PostgreSQL at {self.where} "
+            f"stayed busy for {self.timeout:g} s"
+        )
+
+    def _migrate(self, conn: Connection) -> None:
+        """Create or upgrade the tables; one process at a time, under an advisory lock."""
+        version = 0
+        if conn.execute(SCHEMA_TABLE_EXISTS).fetchall()[0][0]:
+            version = conn.execute(SCHEMA_VERSION_NOW).fetchall()[0][0]
+        if version < SCHEMA_VERSION:
+            with conn.transaction():
+                conn.execute(LOCK_MIGRATIONS)
+                conn.execute(CREATE_SCHEMA_TABLE)
+                version = conn.execute(SCHEMA_VERSION_NOW).fetchall()[0][0]
+                for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                    conn.execute(script, prepare=False)
+                    conn.execute(RECORD_VERSION, (number,))
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"PostgreSQL at {self.where} holds Flask-Offload schema version {version}, newer "
+                f"than this release understands ({SCHEMA_VERSION}); upgrade Flask-Offload"
+            )
+        self._ready = True
+
+    @staticmethod
+    def _execute(conn: Connection) -> Execute:
+        def execute(sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+            return conn.execute(sql, params).fetchall()
+
+        return execute
+
+    def _job(self, row: tuple[Any, ...]) -> Job:
+        job = Job(*row[: len(COLUMNS)])
+        job.backend = self
+        return job
+
+    # -- the verbs -----------------------------------------------------------------------------
+
+    def enqueue(self, job: Job, connection: Any = None) -> Job:
+        if connection is not None:
+            return self._insert(_execute_on(connection), job)
+        return self._run(lambda conn: self._insert(self._execute(conn), job))
+
+    def _insert(self, execute: Execute, job: Job) -> Job:
+        """Insert ``job``, or return the queued or running job that holds its key."""
+        values = {name: getattr(job, name) for name in COLUMNS}
+        for _ in range(10):
+            if execute(ENQUEUE, values) or job.key is None:
+                break  # stored now, or (a conflict on the id) by an earlier try of this insert
+            rows = execute(HOLDER, {"id": job.id, "key": job.key})
+            if rows:
+                if rows[0][0] == job.id:
+                    break
+                return self._job(rows[0])
+            # The holder finished between the two statements: the key is free, insert again.
+        else:
+            raise RuntimeError(f"key {job.key!r} keeps changing hands; enqueue again")
+        job.backend = self
+        return job
+
+    def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
+        def enqueue_tick(conn: Connection) -> bool:
+            with conn.transaction():
+                if conn.execute(ADVANCE_TICK, (schedule, tick)).rowcount != 1:
+                    return False
+                self._insert(self._execute(conn), job)
+                return True
+
+        return self._run(enqueue_tick)
+
+    def record_tick(self, schedule: str, tick: float) -> None:
+        self._run(lambda conn: conn.execute(RECORD_TICK, (schedule, tick)))
+
+    def get(self, job_id: str) -> Job | None:
+        rows = self._run(lambda conn: conn.execute(GET, (job_id,)).fetchall())
+        return self._job(rows[0]) if rows else None
+
+    def claim(
+        self,
+        worker: str,
+        tasks: Collection[str],
+        queues: Collection[str] | None,
+        limit: int,
+        lease: float,
+    ) -> list[Job]:
+        now = time.time()
+        params = {
+            "worker": worker,
+            "now": now,
+            "lease": lease,
+            "tasks": list(tasks),
+            "queues": None if queues is None else list(queues),
+            "limit": limit,
+        }
+
+        def claim(conn: Connection) -> list[tuple[Any, ...]]:
+            stamps = list(self._unconfirmed.get(worker, ()))
+            if stamps:
+                adopt = {"worker": worker, "now": now, "lease": lease, "stamps": stamps}
+                rows = conn.execute(ADOPT, adopt).fetchall()
+                with self._lock:
+                    left = [s for s in self._unconfirmed.pop(worker, []) if s not in stamps]
+                    if left:
+                        self._unconfirmed[worker] = left
+                if rows:
+                    return rows
+            try:
+                return conn.execute(CLAIM, params).fetchall()
+            except psycopg.OperationalError:
+                if conn.broken:  # the claim may have been committed: adopt its jobs next time
+                    with self._lock:
+                        self._unconfirmed.setdefault(worker, []).append(now)
+                raise
+
+        # Not repeated here: the worker's loop claims again after a pause, and adopts.
+        rows = self._run(claim, retry=False)
+        rows.sort(key=lambda row: (-row[_PRIORITY], row[_RUN_AT], row[-1]))  # row[-1]: seq
+        return [self._job(row) for row in rows]
+
+    def heartbeat(self, worker: str, lease: float) -> set[str]:
+        until = time.time() + lease
+        rows = self._run(lambda conn: conn.execute(HEARTBEAT, (until, worker)).fetchall())
+        return {job_id for job_id, cancel in rows if cancel}
+
+    def finish(self, job: Job, outcome: Outcome) -> bool:
+        return self.finish_many([(job, outcome)])[0]
+
+    def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
+        now = time.time()
+        rows = [
+            {
+                "state": outcome.state,
+                "result_json": outcome.result_json,
+                "error": outcome.error,
+                "traceback": outcome.traceback,
+                "progress_json": outcome.progress_json,
+                "run_at": outcome.run_at,
+                "now": now,
+                "id": job.id,
+                "worker": job.worker,
+                "attempts": job.attempts,
+            }
+            for job, outcome in finished
+        ]
+
+        def store(conn: Connection) -> list[bool]:
+            with conn.transaction():  # one commit for the lot
+                return [conn.execute(FINISH, row).rowcount == 1 for row in rows]
+
+        return self._run(store)
+
+    def release(self, job: Job) -> bool:
+        values = (job.id, job.worker, job.attempts)
+        return self._run(lambda conn: conn.execute(RELEASE, values).rowcount == 1)
+
+    def recover(self, max_lost: int) -> int:
+        params = {"max_lost": max_lost, "now": time.time()}
+        return self._run(lambda conn: conn.execute(RECOVER, params).rowcount)
+
+    def cancel(self, job_id: str) -> bool:
+        def cancel(conn: Connection) -> bool:
+            if conn.execute(CANCEL_QUEUED, (time.time(), job_id)).rowcount == 1:
+                return True
+            return conn.execute(CANCEL_RUNNING, (job_id,)).rowcount == 1
+
+        return self._run(cancel)
+
+    def retry(self, job_id: str) -> bool:
+        def retry(conn: Connection) -> bool:
+            try:
+                return conn.execute(RETRY, (time.time(), job_id)).rowcount == 1
+            except psycopg.errors.UniqueViolation:
+                return False  # a job with its key was queued in the same instant
+
+        return self._run(retry)
+
+    def set_progress(self, job: Job, progress_json: str) -> bool:
+        values = (progress_json, job.id, job.worker, job.attempts)
+        return self._run(lambda conn: conn.execute(SET_PROGRESS, values).rowcount == 1)
+
+    def purge(self, finished_before: float) -> int:
+        return self._run(lambda conn: conn.execute(PURGE, (finished_before,)).rowcount)
+
+    def queued_task_names(self) -> set[str]:
+        rows = self._run(lambda conn: conn.execute(QUEUED_TASK_NAMES).fetchall())
+        return {name for (name,) in rows}
+
+    def list_jobs(
+        self, state: str | None = None, task: str | None = None, limit: int = 50
+    ) -> list[Job]:
+        params = {"state": state, "task": task, "limit": limit}
+        rows = self._run(lambda conn: conn.execute(LIST_JOBS, params).fetchall())
+        return [self._job(row) for row in rows]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        rows = self._run(lambda conn: conn.execute(COUNTS).fetchall())
+        return {(task, state): count for task, state, count in rows}
+
+    def beat(self, info: WorkerInfo) -> None:
+        values = (
+            info.id,
+            info.host,
+            info.pid,
+            None if info.queues is None else json.dumps(info.queues),
+            json.dumps(info.tasks),
+            info.started_at,
+            time.time(),
+        )
+        self._run(lambda conn: conn.execute(BEAT, values))
+
+    def workers(self, seen_since: float) -> list[WorkerInfo]:
+        rows = self._run(lambda conn: conn.execute(WORKERS, (seen_since,)).fetchall())
+        return [
+            WorkerInfo(id, host, pid, queues and json.loads(queues), json.loads(tasks), start, seen)
+            for id, host, pid, queues, tasks, start, seen in rows
+        ]
+
+    def forget_worker(self, worker: str) -> None:
+        self._run(lambda conn: conn.execute(FORGET_WORKER, (worker, time.time() - 86400)))
+
+    # -- wake-ups from other processes -----------------------------------------------------------
+
+    def subscribe(self, wake: Callable[[], None]) -> None:
+        if not self.listen:
+            return
+        with self._lock:
+            self._subscribers.append(wake)
+            listener = self._listener
+            if (listener is None or not listener.is_alive()) and not self._closed.is_set():
+                self._listener = threading.Thread(
+                    target=self._listen, name="offload-pg-listen", daemon=True
+                )
+                self._listener.start()
+
+    def unsubscribe(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            if wake in self._subscribers:
+                self._subscribers.remove(wake)
+
+    def _wake_all(self) -> None:
+        for wake in list(self._subscribers):
+            try:
+                wake()
+            except Exception:
+                logger.exception("a wake-up callback failed")
+
+    def _listen(self) -> None:
+        """``LISTEN`` on a connection of its own, waking subscribers per notification; after a
+        lost connection, connect again with backoff (workers poll meanwhile)."""
+        closed, failures = self._closed, 0
+        while not closed.is_set():
+            try:
+                with psycopg.connect(self.url, **self._connect_args) as conn:
+                    self._listening = conn
+                    conn.execute(LISTEN)
+                    if failures:
+                        logger.warning("listening to PostgreSQL at %s again", self.where)
+                    failures = 0
+                    self._wake_all()  # jobs may have come while nobody listened
+                    while not closed.is_set():
+                        for _ in conn.notifies(timeout=1.0):
+                            self._wake_all()
+            except psycopg.Error as error:
+                failures += 1
+                if failures == 1:
+                    logger.warning(
+                        "cannot listen to PostgreSQL at %s (%s): workers poll until it is back",
+                        self.where,
+                        _one_line(error),
+                    )
+                closed.wait(min(10.0, 0.25 * 2**failures) * random.uniform(0.5, 1.0))
+
+    # -- process lifecycle -----------------------------------------------------------------------
+
+    def after_fork(self) -> None:
+        # The parent's pool and listener are not ours. Keep them referenced and never close
+        # them here: closing would end the parent's sessions on the sockets both share.
+        self._inherited.append((self._pool, self._listening))
+        self._pool, self._pid, self._lock = None, -1, threading.Lock()
+        self._listener, self._listening, self._subscribers, self._unconfirmed = None, None, [], {}
+
+    def close(self) -> None:
+        self._closed.set()
+        listener = self._listener
+        if listener is not None and listener.is_alive():
+            listener.join(5)
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None and self._pid == os.getpid():
+            pool.close()

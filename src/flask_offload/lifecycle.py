@@ -127,7 +127,7 @@ def _after_fork_in_child() -> None:
         return
     _signals_installed = False
     for runtime in list(_managed):
-        runtime.after_fork(restart=True)
+        runtime.after_fork()
 
 
 def _about_to_exec() -> bool:

@@ -167,13 +167,12 @@ class Runtime:
         """Run every due job now, in this thread; for tests. Returns how many ran."""
         return self.pools[0].drain()
 
-    def after_fork(self, restart: bool) -> None:
-        """In a forked child: new connections, new worker ids, and threads if wanted."""
+    def after_fork(self) -> None:
+        """In a forked child: new connections, new worker ids, new threads."""
         self.backend.after_fork()
         plan = self._plan or [(self.settings.threads, self.settings.queues)]
         self.pools = [self._pool(threads, queues) for threads, queues in plan]
-        if restart:
-            self.start()
+        self.start()
 
     def get(self, job_id: str) -> Job | None:
         """The stored job, or None for an unknown or malformed id."""

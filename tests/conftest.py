@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import requests
 
+import pgtest
 from flask_offload.backends import Backend, MemoryBackend, SQLiteBackend
 from flask_offload.job import Job
 
@@ -33,7 +34,15 @@ def make_job(task: str = "t", **fields: Any) -> Job:
 BACKENDS: dict[str, Callable[[Path], Backend]] = {
     "memory": lambda tmp: MemoryBackend(),
     "sqlite": lambda tmp: SQLiteBackend(str(tmp / "jobs.db")),
+    "postgres": lambda tmp: pgtest.clean_backend(),  # this session's database, tables emptied
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_postgres_databases() -> Iterator[None]:
+    """Drop the throwaway PostgreSQL databases the session created (see pgtest.py)."""
+    yield
+    pgtest.drop_databases()
 
 
 @pytest.fixture(params=sorted(BACKENDS))

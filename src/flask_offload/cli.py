@@ -171,5 +171,5 @@ def stats_command() -> None:
 @offload_cli.command("init-db")
 def init_db_command() -> None:
     """Create or upgrade the storage schema (done on first use too)."""
-    _runtime()
+    _runtime().backend.prepare()
     click.echo("storage schema is ready")

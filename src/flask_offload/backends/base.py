@@ -128,6 +128,9 @@ class Backend(ABC):
     def forget_worker(self, worker: str) -> None:
         """Remove a stopped worker's row, and rows of workers silent for a day."""
 
+    def prepare(self) -> None:  # noqa: B027 - storage that opens eagerly is ready already
+        """Open the storage and create or upgrade its schema now, not on first use."""
+
     def subscribe(self, wake: Callable[[], None]) -> None:  # noqa: B027 - polling suffices
         """Call ``wake`` when another process enqueues a job, where the storage can say so
         (PostgreSQL's LISTEN/NOTIFY); elsewhere workers find such jobs by polling."""

@@ -24,6 +24,7 @@ import select
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import fields
 from typing import Any, TypeVar
@@ -282,6 +283,14 @@ def _readable(fd: int) -> bool:
     return bool(poller.poll(0))
 
 
+def _close_abandoned(pool: ConnectionPool[Connection], pid: int) -> None:
+    """Close the pool of a backend dropped without ``close()`` (an app made per test): in a
+    thread of its own, as the garbage collector may call this from one of the pool's threads,
+    which cannot wait for itself; and never in a forked child, whose pool it is not."""
+    if os.getpid() == pid:
+        threading.Thread(target=pool.close, name="offload-pg-close", daemon=True).start()
+
+
 def _named(sql: str) -> str:
     """psycopg's ``%(name)s`` placeholders as SQLAlchemy's ``:name``."""
     return re.sub(r"%\((\w+)\)s", r":\1", sql)
@@ -351,6 +360,7 @@ class PostgresBackend(Backend):
         self._listener: threading.Thread | None = None
         self._listening: Connection | None = None
         self._closed = threading.Event()
+        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     # -- connections -------------------------------------------------------------------------
 
@@ -381,6 +391,8 @@ class PostgresBackend(Backend):
                 )
                 self._pool.open(wait=False)
                 self._pid = os.getpid()
+                self._finalizer = weakref.finalize(self, _close_abandoned, self._pool, self._pid)
+                self._finalizer.atexit = False
             return self._pool
 
     def _run(self, operation: Callable[[Connection], T], retry: bool = True) -> T:
@@ -409,6 +421,9 @@ class PostgresBackend(Backend):
         raise ConnectionError(
             f"cannot reach PostgreSQL at {self.where}: {_one_line(lost)}"
         ) from lost
+
+    def prepare(self) -> None:
+        self._run(lambda conn: None)
 
     def _no_connection(self) -> OSError:
         """Why the pool gave no connection in time: the server's own answer, or a busy pool."""
@@ -706,4 +721,6 @@ class PostgresBackend(Backend):
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None and self._pid == os.getpid():
+            assert self._finalizer is not None
+            self._finalizer.detach()
             pool.close()

@@ -1,0 +1,432 @@
+"""What only the PostgreSQL backend promises: enqueue inside the caller's transaction, NOTIFY
+wake-ups, migrations that processes may race, hot queries on partial indexes, and connection
+failures that end in a clear error, never in a job stored twice or held by nobody."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+import pgtest
+from conftest import free_port, make_job, wait_until
+
+psycopg = pgtest.require_psycopg()
+
+from flask_offload.backends import open_backend  # noqa: E402
+from flask_offload.backends import postgres as queries  # noqa: E402
+from flask_offload.backends.postgres import PostgresBackend  # noqa: E402
+
+
+@pytest.fixture
+def url() -> str:
+    """This session's database, emptied."""
+    url = pgtest.session_database()
+    pgtest.clean(url)
+    return url
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[..., PostgresBackend]]:
+    """Open backends, closed when the test ends (an unclosed pool's finalizer misbehaves)."""
+    opened: list[PostgresBackend] = []
+
+    def connect(url: str, **options: Any) -> PostgresBackend:
+        opened.append(PostgresBackend(url, **options))
+        return opened[-1]
+
+    yield connect
+    for backend in opened:
+        backend.close()
+
+
+@pytest.fixture
+def pg(url: str, connect: Callable[..., PostgresBackend]) -> PostgresBackend:
+    return connect(url)
+
+
+def stored_ids(url: str) -> list[str]:
+    with pgtest.connect(url) as conn:
+        return [row[0] for row in conn.execute("SELECT id FROM offload_jobs ORDER BY seq")]
+
+
+def test_open_backend_routes_postgresql_urls(url: str) -> None:
+    for scheme in ("postgresql", "postgres"):
+        backend = open_backend(url.replace("postgresql", scheme, 1), "/nowhere", pg_listen=False)
+        try:
+            assert isinstance(backend, PostgresBackend) and not backend.listen
+            assert backend.counts() == {}
+        finally:
+            backend.close()
+
+
+def test_enqueue_in_a_psycopg_transaction_exists_only_once_it_commits(
+    pg: PostgresBackend, url: str
+) -> None:
+    with psycopg.connect(url) as conn:
+        conn.execute("CREATE TEMPORARY TABLE orders (n int)")
+        conn.commit()
+        conn.execute("INSERT INTO orders VALUES (1)")
+        rolled_back = pg.enqueue(make_job(), connection=conn)
+        assert rolled_back.backend is pg
+        assert pg.get(rolled_back.id) is None, "invisible to others until committed"
+        conn.rollback()
+        conn.execute("INSERT INTO orders VALUES (2)")
+        committed = pg.enqueue(make_job(), connection=conn)
+        keyed = pg.enqueue(make_job(key="order-2"), connection=conn)
+        assert pg.enqueue(make_job(key="order-2"), connection=conn).id == keyed.id
+        conn.commit()
+        assert conn.execute("SELECT n FROM orders").fetchall() == [(2,)]
+    assert stored_ids(url) == [committed.id, keyed.id]
+    assert pg.get(rolled_back.id) is None
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+@pytest.mark.parametrize("kind", ["Session", "Connection", "scoped_session"])
+def test_enqueue_in_a_sqlalchemy_transaction_exists_only_once_it_commits(
+    pg: PostgresBackend, url: str, driver: str, kind: str
+) -> None:
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    if driver == "psycopg2":
+        pytest.importorskip("psycopg2", reason="the psycopg2 driver is optional here")
+    from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+    engine = sqlalchemy.create_engine(url.replace("postgresql://", f"postgresql+{driver}://"))
+    try:
+        if kind == "Session":
+            holder: Any = Session(engine)
+        elif kind == "Connection":
+            holder = engine.connect()
+        else:
+            holder = scoped_session(sessionmaker(engine))  # as Flask-SQLAlchemy's db.session
+        rolled_back = pg.enqueue(make_job(), connection=holder)
+        assert pg.get(rolled_back.id) is None
+        holder.rollback()
+        committed = pg.enqueue(make_job(), connection=holder)
+        keyed = pg.enqueue(make_job(key="k"), connection=holder)
+        assert pg.enqueue(make_job(key="k"), connection=holder).id == keyed.id
+        holder.commit()
+        holder.close()
+    finally:
+        engine.dispose()
+    assert stored_ids(url) == [committed.id, keyed.id]
+    job = pg.get(committed.id)
+    assert job is not None and job.created_at == committed.created_at
+
+
+def test_unsupported_connections_are_refused_clearly(pg: PostgresBackend) -> None:
+    import sqlite3
+
+    for connection in (sqlite3.connect(":memory:"), object()):
+        with pytest.raises(TypeError, match="psycopg 3 Connection, or a SQLAlchemy"):
+            pg.enqueue(make_job(), connection=connection)
+    assert pg.counts() == {}
+
+
+def test_a_subscriber_wakes_when_another_process_enqueues_only_once_committed(
+    url: str, connect: Callable[..., PostgresBackend]
+) -> None:
+    listening, other = connect(url), connect(url)
+    woke = threading.Event()
+    listening.subscribe(woke.set)
+    assert woke.wait(10), "subscribers are woken once the LISTEN is in place"
+    woke.clear()
+    with psycopg.connect(url) as conn:
+        other.enqueue(make_job(), connection=conn)
+        assert not woke.wait(0.5), "no wake-up for an uncommitted job"
+        conn.commit()
+        assert woke.wait(10)
+    woke.clear()
+    other.enqueue(make_job())
+    assert woke.wait(10)
+    listening.unsubscribe(woke.set)
+    woke.clear()
+    other.enqueue(make_job())
+    assert not woke.wait(0.5)
+    listening.close()
+    assert not any(t.name == "offload-pg-listen" for t in threading.enumerate())
+
+
+def test_without_listen_nothing_listens(url: str, connect: Callable[..., PostgresBackend]) -> None:
+    """OFFLOAD_PG_LISTEN = False, for PgBouncer in transaction pooling: workers poll."""
+    backend = connect(url, listen=False)
+    backend.subscribe(lambda: None)
+    assert backend._listener is None
+    backend.enqueue(make_job())
+    assert backend.counts() == {("t", "queued"): 1}
+
+
+@pytest.mark.parametrize("hook", [True, False], ids=["after_fork", "pid-check"])
+def test_a_forked_child_uses_its_own_connections_and_leaves_the_parents_alone(
+    pg: PostgresBackend, hook: bool
+) -> None:
+    """As under gunicorn --preload: the child must not use, or close, the sessions it
+    inherited (closing them would end the parent's). The pid check covers a fork nobody
+    announced."""
+    assert pg.counts() == {}
+    woke = threading.Event()
+    pg.subscribe(woke.set)
+    assert woke.wait(10)
+    woke.clear()
+    pool, listening = pg._pool_here(), pg._listening
+    assert listening is not None
+    listener_session, opened = listening.info.backend_pid, pool.get_stats()["connections_num"]
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through its exit code
+        code = 1
+        try:
+            if hook:
+                pg.after_fork()
+            pg.enqueue(make_job("from-child"))
+            code = 0 if pg._pool_here() is not pool else 2
+            pg.close()
+            gc.collect()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    for _ in range(5):
+        assert pg.counts() == {("from-child", "queued"): 1}
+    assert pool.get_stats()["connections_num"] == opened, "no session of the parent was lost"
+    assert pg._listening is listening and listening.info.backend_pid == listener_session
+    assert woke.wait(10), "the parent's listener heard the child's job"
+
+
+def test_a_backend_dropped_without_close_closes_its_pool(url: str) -> None:
+    """As when a test suite makes an app per test and never closes its storage."""
+    backend = PostgresBackend(url)
+    assert backend.counts() == {}
+    pool = backend._pool_here()
+    del backend
+    gc.collect()
+    wait_until(lambda: pool.closed, timeout=10)
+
+
+MIGRATE = """
+import os, sys, time
+from flask_offload.backends.postgres import PostgresBackend
+backend = PostgresBackend(sys.argv[1])
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.001)
+print(backend.counts(), flush=True)
+"""
+
+
+def test_processes_that_migrate_at_once_create_the_schema_once(
+    tmp_path: Path, connect: Callable[..., PostgresBackend]
+) -> None:
+    url = pgtest.new_database()
+    go = tmp_path / "go"
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", MIGRATE, url, str(go)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(8)
+    ]
+    try:
+        for child in children:
+            assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        go.touch()
+        outputs = [child.communicate(timeout=60)[0] for child in children]
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    assert [child.returncode for child in children] == [0] * 8
+    assert outputs == ["{}\n"] * 8
+    with pgtest.connect(url) as conn:
+        assert conn.execute("SELECT version FROM offload_schema").fetchall() == [(1,)]
+        conn.execute("INSERT INTO offload_schema (version) VALUES (99)")
+    with pytest.raises(RuntimeError, match="schema version 99, newer than this release"):
+        connect(url).counts()
+
+
+@pytest.mark.parametrize(
+    "sql, params, indexes",
+    [
+        (
+            queries.CLAIM,
+            {"worker": "w", "now": 0.0, "lease": 1.0, "tasks": ["t"], "queues": None, "limit": 1},
+            ("offload_jobs_claim",),
+        ),
+        (queries.HEARTBEAT, (1.0, "w"), ("offload_jobs_lease",)),
+        (queries.RECOVER, {"max_lost": 3, "now": 1.0}, ("offload_jobs_lease",)),
+        (queries.PURGE, (1.0,), ("offload_jobs_finished",)),
+        (queries.GET, ("x",), ("offload_jobs_id_key",)),
+    ],
+    ids=["claim", "heartbeat", "recover", "purge", "get"],
+)
+def test_hot_queries_can_read_partial_indexes_not_the_finished_rows(
+    pg: PostgresBackend, sql: str, params: Any, indexes: tuple[str, ...]
+) -> None:
+    """Claims, heartbeats and recovery can use indexes holding only queued or running rows
+    (the table is empty here, so the planner is told to prefer indexes)."""
+
+    def plan(conn: Any) -> str:
+        with conn.transaction():
+            conn.execute("SET LOCAL enable_seqscan = off")
+            return "\n".join(row[0] for row in conn.execute("EXPLAIN " + sql, params))
+
+    text = pg._run(plan)
+    assert any(f"using {index} on offload_jobs" in text for index in indexes), text
+    assert "Seq Scan on offload_jobs" not in text, text
+
+
+def test_an_unreachable_server_raises_a_clear_error_within_seconds(
+    connect: Callable[..., PostgresBackend],
+) -> None:
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/offload"
+    began = time.monotonic()
+    with pytest.raises(ConnectionError, match=r"cannot reach PostgreSQL at 127.0.0.1:\d+/"):
+        connect(nowhere).enqueue(make_job())
+    assert time.monotonic() - began < 50, "seconds (the pool waits 5 s), not minutes"
+    with pytest.raises(ConnectionError, match="refused"):
+        connect(nowhere, timeout=1).claim("w", ["t"], None, 1, 30)  # the worker loop backs off
+
+
+class Proxy:
+    """A TCP relay to the test server that can lose a reply or go away, as networks do."""
+
+    def __init__(self, url: str) -> None:
+        with pgtest.connect(url) as conn:
+            self.target = (conn.info.host, conn.info.port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        parts = urlsplit(url)
+        user = parts.netloc.rpartition("@")[0]
+        netloc = f"{user}@{self.address}" if user else self.address
+        self.url = parts._replace(netloc=netloc).geturl()
+        self.down = False
+        self.lose_reply_to: bytes | None = None
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if self.down:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            cut = threading.Event()
+            for pair in ((client, upstream, cut, True), (upstream, client, cut, False)):
+                threading.Thread(target=self._pump, args=pair, daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, cut: threading.Event, up: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if up and self.lose_reply_to and self.lose_reply_to in data:
+                    self.lose_reply_to = None
+                    cut.set()  # the server runs this statement, but its reply is lost
+                elif not up and cut.is_set():
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._close(src, dst)
+
+    def _close(self, *sockets: socket.socket) -> None:
+        for sock in sockets:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def go_away(self) -> None:
+        self.down = True
+        self._close(*self.sockets)
+        self.sockets.clear()
+
+    def close(self) -> None:
+        self.go_away()
+        self.server.close()
+
+
+@pytest.fixture
+def proxy(url: str) -> Iterator[Proxy]:
+    relay = Proxy(url)
+    yield relay
+    relay.close()
+
+
+@pytest.mark.parametrize("key", [None, "report-1"])
+def test_an_insert_whose_reply_was_lost_is_stored_once(
+    proxy: Proxy, url: str, key: str | None, connect: Callable[..., PostgresBackend]
+) -> None:
+    backend = connect(proxy.url)
+    assert backend.counts() == {}
+    job = make_job(key=key)
+    proxy.lose_reply_to = b"pg_notify"
+    assert backend.enqueue(job) is job, "tried again on a fresh connection"
+    assert proxy.lose_reply_to is None, "the reply was lost"
+    assert stored_ids(url) == [job.id]
+
+
+def test_a_claim_whose_reply_was_lost_is_adopted_by_the_next(
+    proxy: Proxy, connect: Callable[..., PostgresBackend]
+) -> None:
+    """Otherwise the jobs would stay running under this worker's name, their lease renewed by
+    its heartbeat, with nobody running them."""
+    backend = connect(proxy.url)
+    ids = [backend.enqueue(make_job()).id for _ in range(3)]
+    proxy.lose_reply_to = b"SKIP LOCKED"
+    with pytest.raises(ConnectionError, match="cannot reach PostgreSQL"):
+        backend.claim("w", ["t"], None, 2, 30)
+    assert proxy.lose_reply_to is None
+    adopted = backend.claim("w", ["t"], None, 2, 30)
+    assert [(job.id, job.attempts, job.state) for job in adopted] == [
+        (ids[0], 1, "running"),
+        (ids[1], 1, "running"),
+    ]
+    assert [job.id for job in backend.claim("w", ["t"], None, 2, 30)] == [ids[2]]
+
+
+def test_the_pool_and_the_listener_come_back_with_the_server(
+    proxy: Proxy, caplog: pytest.LogCaptureFixture, connect: Callable[..., PostgresBackend]
+) -> None:
+    caplog.set_level(logging.WARNING, "flask_offload")
+    backend = connect(proxy.url)
+    woke = threading.Event()
+    backend.subscribe(woke.set)
+    assert woke.wait(10)
+    proxy.go_away()
+    began = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"cannot reach PostgreSQL at {proxy.address}/"):
+        backend.enqueue(make_job())
+    assert time.monotonic() - began < 50
+    wait_until(lambda: "cannot listen to PostgreSQL" in caplog.text, timeout=10)
+    proxy.down = False
+    woke.clear()
+
+    def answers() -> bool:
+        try:
+            return backend.counts() == {}
+        except ConnectionError:
+            return False
+
+    wait_until(answers, timeout=60, every=0.5)
+    assert woke.wait(30), "the listener is back and wakes subscribers"
+    assert f"listening to PostgreSQL at {proxy.address}" in caplog.text
+    woke.clear()
+    backend.enqueue(make_job())
+    assert woke.wait(10)

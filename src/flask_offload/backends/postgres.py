@@ -15,7 +15,6 @@ adopted by that worker's next claim instead of being held, unseen, by its heartb
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -36,6 +35,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..job import Job, Outcome, WorkerInfo
 from .base import Backend
+from .rows import finish_rows, worker_info, worker_row
 
 T = TypeVar("T")
 Connection = psycopg.Connection[TupleRow]
@@ -560,22 +560,7 @@ class PostgresBackend(Backend):
         return self.finish_many([(job, outcome)])[0]
 
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
-        now = time.time()
-        rows = [
-            {
-                "state": outcome.state,
-                "result_json": outcome.result_json,
-                "error": outcome.error,
-                "traceback": outcome.traceback,
-                "progress_json": outcome.progress_json,
-                "run_at": outcome.run_at,
-                "now": now,
-                "id": job.id,
-                "worker": job.worker,
-                "attempts": job.attempts,
-            }
-            for job, outcome in finished
-        ]
+        rows = finish_rows(finished)
 
         def store(conn: Connection) -> list[bool]:
             with conn.transaction():  # one commit for the lot
@@ -631,23 +616,12 @@ class PostgresBackend(Backend):
         return {(task, state): count for task, state, count in rows}
 
     def beat(self, info: WorkerInfo) -> None:
-        values = (
-            info.id,
-            info.host,
-            info.pid,
-            None if info.queues is None else json.dumps(info.queues),
-            json.dumps(info.tasks),
-            info.started_at,
-            time.time(),
-        )
+        values = worker_row(info)
         self._run(lambda conn: conn.execute(BEAT, values))
 
     def workers(self, seen_since: float) -> list[WorkerInfo]:
         rows = self._run(lambda conn: conn.execute(WORKERS, (seen_since,)).fetchall())
-        return [
-            WorkerInfo(id, host, pid, queues and json.loads(queues), json.loads(tasks), start, seen)
-            for id, host, pid, queues, tasks, start, seen in rows
-        ]
+        return [worker_info(row) for row in rows]
 
     def forget_worker(self, worker: str) -> None:
         self._run(lambda conn: conn.execute(FORGET_WORKER, (worker, time.time() - 86400)))

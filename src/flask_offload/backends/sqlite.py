@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from ..job import Job, Outcome, WorkerInfo
 from .base import Backend, refuse_connection
+from .rows import finish_rows, worker_info, worker_row
 
 T = TypeVar("T")
 
@@ -348,22 +349,7 @@ class SQLiteBackend(Backend):
         return self.finish_many([(job, outcome)])[0]
 
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
-        now = time.time()
-        rows = [
-            {
-                "state": outcome.state,
-                "result_json": outcome.result_json,
-                "error": outcome.error,
-                "traceback": outcome.traceback,
-                "progress_json": outcome.progress_json,
-                "run_at": outcome.run_at,
-                "now": now,
-                "id": job.id,
-                "worker": job.worker,
-                "attempts": job.attempts,
-            }
-            for job, outcome in finished
-        ]
+        rows = finish_rows(finished)
 
         def store(db: sqlite3.Connection) -> list[bool]:
             if len(rows) == 1:
@@ -415,23 +401,12 @@ class SQLiteBackend(Backend):
         return {(task, state): count for task, state, count in rows}
 
     def beat(self, info: WorkerInfo) -> None:
-        values = (
-            info.id,
-            info.host,
-            info.pid,
-            None if info.queues is None else json.dumps(info.queues),
-            json.dumps(info.tasks),
-            info.started_at,
-            time.time(),
-        )
+        values = worker_row(info)
         self._run(lambda db: db.execute(BEAT, values))
 
     def workers(self, seen_since: float) -> list[WorkerInfo]:
         rows = self._run(lambda db: db.execute(WORKERS, (seen_since,)).fetchall())
-        return [
-            WorkerInfo(id, host, pid, queues and json.loads(queues), json.loads(tasks), start, seen)
-            for id, host, pid, queues, tasks, start, seen in rows
-        ]
+        return [worker_info(row) for row in rows]
 
     def forget_worker(self, worker: str) -> None:
         self._run(lambda db: db.execute(FORGET_WORKER, (worker, time.time() - 86400)))

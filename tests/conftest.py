@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 import requests
+from flask import Flask
 
 import pgtest
+from flask_offload import Offload
 from flask_offload.backends import Backend, MemoryBackend, SQLiteBackend
 from flask_offload.job import Job
 
@@ -121,3 +123,28 @@ def answers(url: str) -> bool:
         return requests.get(url, timeout=2).ok
     except requests.ConnectionError:
         return False
+
+
+AppFactory = Callable[..., tuple[Flask, Offload]]
+
+
+@pytest.fixture
+def make_app(tmp_path: Path) -> Iterator[AppFactory]:
+    """Build an app with its own Offload on tmp_path/jobs.db, or on ``memory://`` with
+    ``storage="memory"``; stop its pool afterwards."""
+    made: list[tuple[Flask, Offload]] = []
+
+    def build(
+        offload: Offload | None = None, storage: str = "sqlite", **config: Any
+    ) -> tuple[Flask, Offload]:
+        url = f"sqlite:///{tmp_path / 'jobs.db'}" if storage == "sqlite" else "memory://"
+        app = Flask(__name__, instance_path=str(tmp_path / "instance"))
+        app.config.update({"OFFLOAD_URL": url, **config})
+        offload = offload or Offload()
+        offload.init_app(app)
+        made.append((app, offload))
+        return app, offload
+
+    yield build
+    for app, offload in made:
+        offload.runtime(app).stop(5)

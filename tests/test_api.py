@@ -9,36 +9,15 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask, current_app, g, has_request_context
 
-from conftest import make_job, wait_until
+from conftest import AppFactory, make_job, wait_until
 from flask_offload import Job, Offload, current_job
 from flask_offload.backends import SQLiteBackend
-
-AppFactory = Callable[..., tuple[Flask, Offload]]
-
-
-@pytest.fixture
-def make_app(tmp_path: Path) -> Iterator[AppFactory]:
-    """Build an app with its own Offload on tmp_path/jobs.db; stop its pool afterwards."""
-    made: list[tuple[Flask, Offload]] = []
-
-    def build(offload: Offload | None = None, **config: Any) -> tuple[Flask, Offload]:
-        app = Flask(__name__, instance_path=str(tmp_path / "instance"))
-        app.config.update({"OFFLOAD_URL": f"sqlite:///{tmp_path / 'jobs.db'}", **config})
-        offload = offload or Offload()
-        offload.init_app(app)
-        made.append((app, offload))
-        return app, offload
-
-    yield build
-    for app, offload in made:
-        offload.runtime(app).stop(5)
 
 
 def rows(tmp_path: Path) -> int:

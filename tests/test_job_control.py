@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing
 from datetime import datetime, timedelta, timezone
 from itertools import pairwise
@@ -29,33 +28,10 @@ from click.testing import Result
 from flask import Flask
 
 import flask_offload
-from conftest import make_job, process, subprocess_env, wait_until
+from conftest import AppFactory, make_job, process, subprocess_env, wait_until
 from flask_offload import Cancelled, Job, Offload, Retry, current_job
 from flask_offload.backends import SQLiteBackend
 from flask_offload.execution import MAX_BACKOFF, backoff
-
-AppFactory = Callable[..., tuple[Flask, Offload]]
-
-@pytest.fixture
-def make_app(tmp_path: Path) -> Iterator[AppFactory]:
-    """Build an app with its own Offload on tmp_path/jobs.db, or on ``memory://`` with
-    ``storage="memory"``; stop its pool afterwards."""
-    made: list[tuple[Flask, Offload]] = []
-
-    def build(
-        offload: Offload | None = None, storage: str = "sqlite", **config: Any
-    ) -> tuple[Flask, Offload]:
-        url = f"sqlite:///{tmp_path / 'jobs.db'}" if storage == "sqlite" else "memory://"
-        app = Flask(__name__, instance_path=str(tmp_path / "instance"))
-        app.config.update({"OFFLOAD_URL": url, **config})
-        offload = offload or Offload()
-        offload.init_app(app)
-        made.append((app, offload))
-        return app, offload
-
-    yield build
-    for app, offload in made:
-        offload.runtime(app).stop(5)
 
 
 @pytest.fixture(params=["sqlite", "memory"])

@@ -1,0 +1,63 @@
+"""The benchmark harness in quick mode, so it cannot rot: it runs end to end and writes a report
+with figures for the floors and Flask-Offload on SQLite. It asserts no speed (figures belong
+in bench/, and the full run stays out of pass/fail)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NUMBER = re.compile(r"^[0-9][0-9,]*(\.[0-9]+)?\*?$")
+
+
+def _row(table: str, label: str) -> list[str]:
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells[0] == label:
+            return cells[1:]
+    raise AssertionError(f"no row {label!r} in the report:\n{table}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_quick_mode_writes_a_report(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "versions:" in done.stdout and "Flask-Offload" in done.stdout
+
+    report = (out / "benchmarks.md").read_text()
+    assert "python -m bench --quick" in report
+    assert "## Targets" in report
+    # enqueue mean/p50/p99 and no-op throughput are numbers for every floor and Flask-Offload
+    # on SQLite (PostgreSQL's floor may be skipped where no server runs)
+    for label in (
+        "queue.Queue put/get",
+        "raw SQLite: insert+commit, claim loop",
+        "Flask-Offload SQLite, in-process workers",
+        "Flask-Offload SQLite, standalone worker",
+    ):
+        cells = _row(report, label)
+        for cell in cells[:4]:
+            assert NUMBER.match(cell), f"{label}: {cells}"
+    floor = _row(report, "raw PostgreSQL: insert+commit, SKIP LOCKED")
+    assert all(NUMBER.match(cell) for cell in floor[:4]) or "skipped" in floor
+    in_process = _row(report, "Flask-Offload SQLite, in-process workers")
+    assert all(NUMBER.match(cell) for cell in in_process), in_process
+    assert "**Memory.** One process" in report and "**Claim, SQLite.**" in report
+    assert (out / "benchmarks.json").exists()

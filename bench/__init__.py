@@ -1,0 +1,1 @@
+"""Benchmarks of Flask-Offload against floors and peers: ``python -m bench --quick``."""

@@ -1,0 +1,345 @@
+"""Flask-Offload, through its public API: ``@offload.task``, ``.delay()``, ``OFFLOAD_*``
+configuration and ``flask offload worker``.
+
+- ``sqlite``: the default setup, a SQLite file and 2 worker threads inside the process that
+  enqueues (``OFFLOAD_WORKERS = 2``).
+- ``sqlite-worker``: the same file, enqueued by a process with ``OFFLOAD_WORKERS = 0`` and run
+  by ``flask offload worker --threads 2``, a process of its own.
+- ``postgres``: ``OFFLOAD_URL = postgresql://…`` and ``flask offload worker --threads 2``
+  (skipped while the PostgreSQL backend cannot be imported or run).
+
+The standalone worker loads ``create_app`` below: ``flask --app bench.offload:create_app``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from flask import Flask
+
+from bench import common
+from bench.common import Context, Skip, WorkerProcess
+from flask_offload import Offload
+
+offload = Offload()
+THREADS = 2
+
+
+@offload.task(name="bench.noop")
+def noop() -> None:
+    common.job_done()
+
+
+@offload.task(name="bench.sleep")
+def sleep() -> None:
+    common.job_sleep()
+
+
+@offload.task(name="bench.mark")
+def mark(t0: float) -> None:
+    common.job_started(t0)
+
+
+def create_app(url: str | None = None, workers: int | None = None) -> Flask:
+    """The benchmark's app; the standalone worker reads its storage from $BENCH_OFFLOAD_URL."""
+    app = Flask("bench.offload")
+    app.config["OFFLOAD_URL"] = url or os.environ["BENCH_OFFLOAD_URL"]
+    if workers is not None:
+        app.config["OFFLOAD_WORKERS"] = workers
+    offload.init_app(app)
+    return app
+
+
+def stop_pool(app: Flask) -> None:
+    offload.runtime(app).stop(10)
+
+
+class _Base:
+    """What the three setups share: the enqueue, claim and measuring code."""
+
+    url: str
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    @contextmanager
+    def _enqueuer(self) -> Iterator[Flask]:
+        """An app that only enqueues (``OFFLOAD_WORKERS = 0``), its context pushed."""
+        app = create_app(self.url, workers=0)
+        with app.app_context():
+            yield app
+
+    def _worker(self) -> WorkerProcess:
+        flask = common.executable("flask")
+        args = [flask, "--app", "bench.offload:create_app", "offload", "worker"]
+        return WorkerProcess(
+            [*args, "--threads", str(THREADS)],
+            self.ctx.log("worker"),
+            self.ctx.tmp,
+            common.child_env(BENCH_OFFLOAD_URL=self.url),
+        )
+
+    def _throughput_standalone(self, task: Any) -> dict[str, Any]:
+        with self._enqueuer():
+            return common.run_throughput(
+                self.ctx.side,
+                task.delay,
+                self._worker,
+                lambda w: w.stop(self.ctx.counts.grace),
+                self.ctx.counts,
+            )
+
+    def enqueue(self) -> dict[str, Any]:
+        """Enqueue with no worker running anywhere, as for every other system."""
+        with self._enqueuer():
+            return common.time_enqueue(noop.delay, self.ctx.counts)
+
+    def claim(self) -> dict[str, Any]:
+        """Claim speed (Backend.claim of one job at a time, then finish) on a table with no
+        finished rows, then with ``deep_rows`` finished rows."""
+        from flask_offload.job import SUCCEEDED, Outcome
+
+        with self._enqueuer() as app:
+            backend = offload.runtime(app).backend
+            tasks = list(offload._tasks)
+
+            def measure(count: int) -> dict[str, Any]:
+                for _ in range(count):
+                    noop.delay()
+                clock = time.perf_counter_ns
+                claims, finishes = [], []
+                while True:
+                    t = clock()
+                    jobs = backend.claim("bench-claimer", tasks, None, 1, 30.0)
+                    claims.append(clock() - t)
+                    if not jobs:
+                        break
+                    t = clock()
+                    backend.finish(jobs[0], Outcome(SUCCEEDED, result_json="null"))
+                    finishes.append(clock() - t)
+                claims.pop()  # the empty claim that ended the loop
+                return {
+                    "claim_us": common.summary(claims, 1e-3),
+                    "finish_us": common.summary(finishes, 1e-3),
+                }
+
+            measure(self.ctx.counts.warmup)  # warm the connection and the page cache
+            empty = measure(self.ctx.counts.claims)
+            began = time.monotonic()
+            self._fill(backend, self.ctx.counts.deep_rows)
+            filled = time.monotonic() - began
+            deep = measure(self.ctx.counts.claims)
+        ratio = deep["claim_us"]["mean"] / empty["claim_us"]["mean"]
+        return {
+            "empty": empty,
+            "deep": deep,
+            "deep_rows": self.ctx.counts.deep_rows,
+            "fill_s": filled,
+            "deep_over_empty": ratio,
+        }
+
+    def _fill(self, backend: Any, rows: int) -> None:
+        raise NotImplementedError
+
+
+class InProcess(_Base):
+    """SQLite, workers inside the process (the default)."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.url = f"sqlite:///{os.path.join(ctx.tmp, 'offload.db')}"
+
+    def _throughput(self, task: Any) -> dict[str, Any]:
+        with self._enqueuer():
+            return common.run_throughput(
+                self.ctx.side,
+                task.delay,
+                lambda: create_app(self.url, workers=THREADS),
+                stop_pool,
+                self.ctx.counts,
+            )
+
+    def enqueue(self) -> dict[str, Any]:
+        """Enqueue as the default setup does: this process's pool runs the jobs meanwhile."""
+        app = create_app(self.url, workers=THREADS)
+        try:
+            with app.app_context():
+                return common.time_enqueue(noop.delay, self.ctx.counts)
+        finally:
+            stop_pool(app)
+
+    def noop(self) -> dict[str, Any]:
+        return self._throughput(noop)
+
+    def sleep(self) -> dict[str, Any]:
+        return self._throughput(sleep)
+
+    def latency(self) -> dict[str, Any]:
+        app = create_app(self.url, workers=THREADS)
+        try:
+            with app.app_context():
+                return common.run_latency(self.ctx.side, mark.delay, self.ctx.counts)
+        finally:
+            stop_pool(app)
+
+    def idle(self) -> dict[str, Any]:
+        app = create_app(self.url, workers=THREADS)
+        try:
+            with app.app_context():
+                return common.run_idle(self.ctx.side, noop.delay, [os.getpid()], self.ctx.counts)
+        finally:
+            stop_pool(app)
+
+    def rss(self) -> dict[str, Any]:
+        """RSS of one process that enqueues and runs ``rss_jobs`` no-op jobs with its pool,
+        in chunks, so the queue stays short while the finished rows pile up (as they do with
+        the default ``OFFLOAD_RESULT_TTL`` of a day)."""
+        total = self.ctx.counts.rss_jobs
+        chunk = max(1, min(10_000, total // 100))
+        app = create_app(self.url, workers=THREADS)
+        samples: list[tuple[int, float]] = []
+        began = time.monotonic()
+        try:
+            with app.app_context():
+                done = 0
+                while done < total:
+                    for _ in range(min(chunk, total - done)):
+                        noop.delay()
+                    done += min(chunk, total - done)
+                    deadline = time.monotonic() + 120
+                    while self.ctx.side.done() < done:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"stuck at {self.ctx.side.done()}/{done} jobs")
+                        time.sleep(0.005)
+                    samples.append((done, common.rss_mb()))
+        finally:
+            stop_pool(app)
+        elapsed = time.monotonic() - began
+        start = samples[0][1]
+        middle = min(samples, key=lambda s: abs(s[0] - total // 2))[1]
+        end = samples[-1][1]
+        return {
+            "jobs": total,
+            "rss_start_mb": start,
+            "rss_middle_mb": middle,
+            "rss_end_mb": end,
+            "rss_max_mb": max(mb for _, mb in samples),
+            "growth_mb": end - start,
+            "start_after_jobs": samples[0][0],
+            "samples": samples[:: max(1, len(samples) // 20)] + samples[-1:],
+            "elapsed_s": elapsed,
+            "jobs_per_s": total / elapsed,
+        }
+
+    def _fill(self, backend: Any, rows: int) -> None:
+        """Copy one finished job ``rows`` times (fresh ids) straight into the table."""
+        import sqlite3
+
+        template = noop.delay()
+        jobs = backend.claim("bench-filler", [noop.name], None, 1, 30.0)
+        from flask_offload.job import SUCCEEDED, Outcome
+
+        backend.finish(jobs[0], Outcome(SUCCEEDED, result_json="null"))
+        db = sqlite3.connect(self.url[len("sqlite:///") :], isolation_level=None, timeout=60)
+        columns = [row[1] for row in db.execute("PRAGMA table_info(offload_jobs)")]
+        columns = [c for c in columns if c != "seq"]
+        values = ["lower(hex(randomblob(16)))" if c == "id" else c for c in columns]
+        db.execute(
+            f"""WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
+            INSERT INTO offload_jobs ({", ".join(columns)})
+            SELECT {", ".join(values)} FROM offload_jobs, n WHERE offload_jobs.id = ?""",
+            (rows, template.id),
+        )
+        db.close()
+
+
+class Standalone(InProcess):
+    """SQLite, enqueued with ``OFFLOAD_WORKERS = 0``, run by ``flask offload worker``."""
+
+    enqueue = _Base.enqueue
+
+    def noop(self) -> dict[str, Any]:
+        return self._throughput_standalone(noop)
+
+    def sleep(self) -> dict[str, Any]:
+        return self._throughput_standalone(sleep)
+
+    def latency(self) -> dict[str, Any]:
+        worker = self._worker()
+        try:
+            with self._enqueuer():
+                return common.run_latency(self.ctx.side, mark.delay, self.ctx.counts)
+        finally:
+            worker.stop(self.ctx.counts.grace)
+
+    def idle(self) -> dict[str, Any]:
+        worker = self._worker()
+        try:
+            with self._enqueuer():
+                return common.run_idle(self.ctx.side, noop.delay, [worker.pid], self.ctx.counts)
+        finally:
+            worker.stop(self.ctx.counts.grace)
+
+    rss = None  # type: ignore[assignment]
+    claim = None  # type: ignore[assignment]
+
+
+class Postgres(Standalone):
+    """PostgreSQL, enqueued with ``OFFLOAD_WORKERS = 0``, run by ``flask offload worker``."""
+
+    def __init__(self, ctx: Context) -> None:
+        _Base.__init__(self, ctx)
+        try:
+            import flask_offload.backends.postgres  # noqa: F401
+        except Exception as error:
+            raise Skip(f"the PostgreSQL backend cannot be imported ({error})") from None
+        self._database = common.pg_database("bench_offload")
+        self.url = self._database.__enter__()
+
+    def close(self) -> None:
+        self._database.__exit__(None, None, None)
+
+    claim = _Base.claim  # type: ignore[assignment]
+
+    def _fill(self, backend: Any, rows: int) -> None:
+        """Copy one finished job ``rows`` times (fresh ids) straight into the table."""
+        psycopg = common.need("psycopg")
+        from flask_offload.job import SUCCEEDED, Outcome
+
+        template = noop.delay()
+        jobs = backend.claim("bench-filler", [noop.name], None, 1, 30.0)
+        backend.finish(jobs[0], Outcome(SUCCEEDED, result_json="null"))
+        with psycopg.connect(self.url, autocommit=True) as db:
+            found = db.execute(
+                """SELECT column_name, column_default, is_identity
+                   FROM information_schema.columns
+                   WHERE table_name = 'offload_jobs' ORDER BY ordinal_position"""
+            ).fetchall()
+            columns = [
+                name
+                for name, default, identity in found
+                if identity != "YES" and not str(default or "").startswith("nextval(")
+            ]
+            values = ["md5(random()::text || g::text)" if c == "id" else c for c in columns]
+            names = ", ".join(columns)
+            db.execute(
+                f"""INSERT INTO offload_jobs ({names})
+                SELECT {", ".join(values)} FROM offload_jobs, generate_series(1, %s) AS g
+                WHERE offload_jobs.id = %s""",
+                (rows, template.id),
+            )
+            db.execute("ANALYZE offload_jobs")
+
+
+SYSTEMS: dict[str, Callable[[Context], Any]] = {
+    "sqlite": InProcess,
+    "sqlite-worker": Standalone,
+    "postgres": Postgres,
+}
+
+if __name__ == "__main__":
+    common.main("bench.offload")

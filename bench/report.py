@@ -1,0 +1,492 @@
+"""Turn one run's results into ``benchmarks.md`` (tables, targets, versions, the command) and
+``benchmarks.png`` (matplotlib, Agg). Every ratio compares figures of the same run."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Run = dict[str, Any]
+
+X = "\N{MULTIPLICATION SIGN}"  # written so, since ruff flags the bare sign as ambiguous
+FAMILY_TITLES = {"floor": "Floors", "offload": "Flask-Offload", "peer": "Peers"}
+COLORS = {"floor": "#9e9e9e", "offload": "#1f77b4", "peer": "#ff7f0e"}
+
+
+def value(run: Run, key: str, workload: str, *path: str) -> float | None:
+    """A number from a successful result, or None."""
+    outcome = run["results"].get(key, {}).get(workload)
+    if not outcome or outcome.get("status") != "ok":
+        return None
+    data: Any = outcome.get("data")
+    for part in path:
+        data = data.get(part) if isinstance(data, dict) else None
+    if not isinstance(data, (int, float)) or isinstance(data, bool) or math.isnan(data):
+        return None
+    return float(data)
+
+
+def _outcome(run: Run, key: str, workload: str) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = run["results"].get(key, {}).get(workload)
+    return found
+
+
+# --- formatting ----------------------------------------------------------------------------
+
+
+def num(x: float | None, unit: str = "") -> str:
+    """A figure with sensible precision."""
+    if x is None:
+        return "—"
+    if x >= 1000:
+        text = f"{x:,.0f}"
+    elif x >= 100:
+        text = f"{x:.0f}"
+    elif x >= 10:
+        text = f"{x:.1f}"
+    elif x >= 1:
+        text = f"{x:.2f}"
+    else:
+        text = f"{x:.3f}"
+    return text + unit
+
+
+def brief(workload: str, outcome: dict[str, Any]) -> str:
+    """One line for the progress log."""
+    status = outcome.get("status")
+    wall = f" ({outcome.get('wall_s', 0):.1f} s)"
+    if status != "ok":
+        where = f" [{outcome['log']}]" if outcome.get("log") and status == "error" else ""
+        return f"{status}: {outcome.get('reason', '')}{where}{wall}"
+    data = outcome["data"]
+    if workload == "enqueue":
+        s = data["enqueue_us"]
+        text = f"mean {num(s['mean'])} µs, p50 {num(s['p50'])} µs, p99 {num(s['p99'])} µs"
+    elif workload in ("noop", "sleep"):
+        text = f"{num(data.get('jobs_per_s'))} jobs/s (start-up {data['startup_s']:.2f} s)"
+    elif workload == "latency":
+        s = data["start_ms"]
+        text = f"p50 {num(s['p50'])} ms, p99 {num(s['p99'])} ms ({s['n']} samples)"
+    elif workload == "idle":
+        text = f"{data['idle_cpu_pct']:.2f} % CPU over {data['idle_window_s']:.0f} s"
+    elif workload == "rss":
+        text = (
+            f"RSS {num(data['rss_start_mb'])} → {num(data['rss_middle_mb'])} → "
+            f"{num(data['rss_end_mb'])} MB over {data['jobs']:,} jobs"
+        )
+    elif workload == "claim":
+        text = (
+            f"claim mean {num(data['empty']['claim_us']['mean'])} µs empty, "
+            f"{num(data['deep']['claim_us']['mean'])} µs with {data['deep_rows']:,} finished "
+            f"rows ({X}{data['deep_over_empty']:.2f})"
+        )
+    else:
+        text = str(data)
+    if data.get("note"):
+        text += f" — {data['note']}"
+    return text + wall
+
+
+# --- targets -------------------------------------------------------------------------------
+
+
+Target = tuple[str, str, bool | None]  # what, measured, holds (None: not measured)
+
+
+def _ratio(
+    what: str, a: float | None, b: float | None, unit: str, test: Callable[[float], bool]
+) -> Target:
+    if a is None or b is None or b == 0:
+        return what, "not measured", None
+    r = a / b
+    return what, f"{num(a)} {unit} / {num(b)} {unit} = {r:.2f}{X}", test(r)
+
+
+def _below(what: str, a: float | None, unit: str, limit: float) -> Target:
+    if a is None:
+        return what, "not measured", None
+    return what, f"{num(a)} {unit}", a < limit
+
+
+def targets(run: Run) -> list[Target]:
+    """The issue's targets, each computed from figures of this run."""
+    v = value
+    rows = [
+        _ratio(
+            f"SQLite enqueue p50 ≤ 1.5{X} raw SQLite insert+commit (no worker running)",
+            v(run, "offload-sqlite-worker", "enqueue", "enqueue_us", "p50"),
+            v(run, "floor-sqlite", "enqueue", "enqueue_us", "p50"),
+            "µs",
+            lambda r: r <= 1.5,
+        ),
+        _ratio(
+            f"SQLite no-op throughput ≥ 4{X} Huey SqliteHuey (in-process workers)",
+            v(run, "offload-sqlite", "noop", "jobs_per_s"),
+            v(run, "huey-sqlite", "noop", "jobs_per_s"),
+            "jobs/s",
+            lambda r: r >= 4,
+        ),
+        _ratio(
+            "SQLite no-op throughput ≥ the raw per-claim loop (in-process workers)",
+            v(run, "offload-sqlite", "noop", "jobs_per_s"),
+            v(run, "floor-sqlite", "noop", "jobs_per_s"),
+            "jobs/s",
+            lambda r: r >= 1,
+        ),
+        _below(
+            "In-process enqueue-to-start p50 < 1 ms",
+            v(run, "offload-sqlite", "latency", "start_ms", "p50"),
+            "ms",
+            1.0,
+        ),
+        _below(
+            "Idle worker CPU < 0.5 % (in-process pool)",
+            v(run, "offload-sqlite", "idle", "idle_cpu_pct"),
+            "%",
+            0.5,
+        ),
+        _below(
+            "Idle worker CPU < 0.5 % (standalone SQLite worker)",
+            v(run, "offload-sqlite-worker", "idle", "idle_cpu_pct"),
+            "%",
+            0.5,
+        ),
+        _below(
+            "Idle worker CPU < 0.5 % (standalone PostgreSQL worker)",
+            v(run, "offload-postgres", "idle", "idle_cpu_pct"),
+            "%",
+            0.5,
+        ),
+    ]
+    jobs = v(run, "offload-sqlite", "rss", "jobs")
+    rows.append(
+        _below(
+            f"RSS growth < 20 MB over {f'{jobs:,.0f}' if jobs else '1,000,000'} jobs",
+            v(run, "offload-sqlite", "rss", "growth_mb"),
+            "MB",
+            20.0,
+        )
+    )
+    for key, name in (("offload-sqlite", "SQLite"), ("offload-postgres", "PostgreSQL")):
+        deep = v(run, key, "claim", "deep_rows")
+        rows.append(
+            _ratio(
+                f"{name} claim with {f'{deep:,.0f}' if deep else '1,000,000'} finished rows "
+                "within 20 % of an empty table (mean claim time)",
+                v(run, key, "claim", "deep", "claim_us", "mean"),
+                v(run, key, "claim", "empty", "claim_us", "mean"),
+                "µs",
+                lambda r: r <= 1.2,
+            )
+        )
+    rows += [
+        _ratio(
+            f"PostgreSQL enqueue p50 ≤ 1.3{X} raw insert+commit",
+            v(run, "offload-postgres", "enqueue", "enqueue_us", "p50"),
+            v(run, "floor-postgres", "enqueue", "enqueue_us", "p50"),
+            "µs",
+            lambda r: r <= 1.3,
+        ),
+        _ratio(
+            f"PostgreSQL no-op throughput ≥ 3{X} procrastinate",
+            v(run, "offload-postgres", "noop", "jobs_per_s"),
+            v(run, "procrastinate", "noop", "jobs_per_s"),
+            "jobs/s",
+            lambda r: r >= 3,
+        ),
+        _ratio(
+            "PostgreSQL no-op throughput ≥ the raw SKIP LOCKED loop",
+            v(run, "offload-postgres", "noop", "jobs_per_s"),
+            v(run, "floor-postgres", "noop", "jobs_per_s"),
+            "jobs/s",
+            lambda r: r >= 1,
+        ),
+        _below(
+            "PostgreSQL NOTIFY wake-up (enqueue-to-start, standalone worker) p50 < 5 ms",
+            v(run, "offload-postgres", "latency", "start_ms", "p50"),
+            "ms",
+            5.0,
+        ),
+    ]
+    return rows
+
+
+def mark(holds: bool | None) -> str:
+    return {True: "✓", False: "✗", None: "—"}[holds]
+
+
+def target_lines(run: Run) -> list[str]:
+    return [f"{mark(holds)} {what}: {measured}" for what, measured, holds in targets(run)]
+
+
+# --- markdown ------------------------------------------------------------------------------
+
+
+def _cell(run: Run, key: str, workload: str, *path: str, unit: str = "") -> str:
+    outcome = _outcome(run, key, workload)
+    if outcome is None:
+        return ""
+    if outcome.get("status") == "skipped":
+        return "skipped" if not str(outcome.get("reason", "")).startswith("workload") else ""
+    if outcome.get("status") != "ok":
+        return "error"
+    text = num(value(run, key, workload, *path), unit)
+    if outcome.get("data", {}).get("note"):
+        text += "*"
+    return text
+
+
+def markdown(run: Run, chart: tuple[Path | None, str]) -> str:
+    quick = run["mode"] == "quick"
+    counts = run["counts"]
+    systems = run["systems"]
+    lines = ["# Benchmarks", ""]
+    if quick:
+        lines += [
+            "> **Quick mode**: tiny counts to check that the harness works. These figures say "
+            "nothing about speed; see the full run for that.",
+            "",
+        ]
+    lines += [
+        f"Measured by `{run['command']}` on {run['started'][:16].replace('T', ' ')} UTC, "
+        f"{run['versions']['CPU']}, in {run['seconds'] / 60:.1f} minutes. Every system ran "
+        "on the same machine, one at a time, each (system, workload) in a fresh process with "
+        "fresh state; every ratio below compares figures of this one run. Load average "
+        f"(1, 5, 15 min) at the start: {_load(run, 'start')}; at the end: {_load(run, 'end')}.",
+        "",
+        "## Targets",
+        "",
+        "| Target | Measured | Holds |",
+        "| --- | --- | :-: |",
+    ]
+    for what, measured, holds in targets(run):
+        lines.append(f"| {what} | {measured} | {mark(holds)} |")
+    lines += [
+        "",
+        "✓ holds, ✗ does not, — not measured in this run (system skipped or failed).",
+        "",
+        "## All systems",
+        "",
+        f"Enqueue: {counts['enqueue']:,} jobs one by one from one thread, no worker running "
+        "(except the in-process row, whose own pool runs the jobs meanwhile). Throughput: "
+        f"{counts['jobs']:,} jobs queued first, then 2 workers started, jobs/s from the first "
+        "job's start to the last job's end. Enqueue→start: one job at a time to idle workers. "
+        f"Idle CPU: a waiting worker over {counts['idle']:g} s, % of one core.",
+        "",
+        "| System | Enqueue mean µs | p50 µs | p99 µs | No-op jobs/s | 1 ms jobs/s "
+        "| Enqueue→start p50 ms | p99 ms | Idle CPU % |",
+        "| --- | --: | --: | --: | --: | --: | --: | --: | --: |",
+    ]
+    family = None
+    for system in systems:
+        if system["family"] != family:
+            family = system["family"]
+            lines.append(f"| **{FAMILY_TITLES[family]}** | | | | | | | | |")
+        key = system["key"]
+        cells = [
+            _cell(run, key, "enqueue", "enqueue_us", "mean"),
+            _cell(run, key, "enqueue", "enqueue_us", "p50"),
+            _cell(run, key, "enqueue", "enqueue_us", "p99"),
+            _cell(run, key, "noop", "jobs_per_s"),
+            _cell(run, key, "sleep", "jobs_per_s"),
+            _cell(run, key, "latency", "start_ms", "p50"),
+            _cell(run, key, "latency", "start_ms", "p99"),
+            _cell(run, key, "idle", "idle_cpu_pct"),
+        ]
+        lines.append(f"| {system['label']} | " + " | ".join(cells) + " |")
+    lines += ["", "A blank cell: the workload does not apply to that system.", ""]
+
+    notes = []
+    for system in systems:
+        for workload, outcome in run["results"].get(system["key"], {}).items():
+            data = outcome.get("data") or {}
+            if outcome.get("status") == "ok" and data.get("note"):
+                notes.append(f"- \\* {system['label']}, {workload}: {data['note']}")
+    if notes:
+        lines += [*notes, ""]
+
+    lines += _offload_only(run)
+    lines += _skipped(run)
+    path, note = chart
+    lines += ["## Chart", ""]
+    lines += [f"![Benchmarks]({path.name})", ""] if path else [note, ""]
+    lines += _method(run)
+    lines += ["## Versions", "", "| Component | Version |", "| --- | --- |"]
+    lines += [f"| {name} | {version} |" for name, version in run["versions"].items()]
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "```sh",
+        "python3 -m pip install -e '.[bench]'   # the peers, psycopg and matplotlib",
+        f"{run['command']}",
+        "```",
+        "",
+        "Needs PostgreSQL (127.0.0.1:5432, user postgres, trust), Redis (127.0.0.1:6379; db "
+        "15 is flushed) and RabbitMQ (127.0.0.1:5672, guest) on the same machine; a system "
+        "whose package or service is missing is reported as skipped. `python -m bench --quick` "
+        "runs the harness with tiny counts in about a minute (the test suite does, in "
+        "`tests/test_bench_quick.py`); `--only KEY,...` and `--workloads ...` pick parts "
+        "(`--list` shows the keys).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _load(run: Run, when: str) -> str:
+    load = run.get("load", {}).get(when)
+    return ", ".join(f"{x:.2f}" for x in load) if load else "unknown"
+
+
+def _offload_only(run: Run) -> list[str]:
+    lines = ["## Flask-Offload only", ""]
+    rss = _outcome(run, "offload-sqlite", "rss")
+    if rss and rss.get("status") == "ok":
+        d = rss["data"]
+        lines += [
+            f"**Memory.** One process with the in-process pool (SQLite, 2 threads) enqueues "
+            f"and runs {d['jobs']:,} no-op jobs in chunks, the finished rows kept (default "
+            f"`OFFLOAD_RESULT_TTL`). RSS after the first {d['start_after_jobs']:,} jobs: "
+            f"{num(d['rss_start_mb'])} MB; half-way: {num(d['rss_middle_mb'])} MB; at the end: "
+            f"{num(d['rss_end_mb'])} MB (growth {d['growth_mb']:+.1f} MB, peak "
+            f"{num(d['rss_max_mb'])} MB); {num(d['jobs_per_s'])} jobs/s enqueued and run.",
+            "",
+        ]
+    else:
+        lines += [f"**Memory.** {_why(rss)}", ""]
+    for key, name in (("offload-sqlite", "SQLite"), ("offload-postgres", "PostgreSQL")):
+        claim = _outcome(run, key, "claim")
+        if claim and claim.get("status") == "ok":
+            d = claim["data"]
+            e, k = d["empty"]["claim_us"], d["deep"]["claim_us"]
+            ef, kf = d["empty"]["finish_us"], d["deep"]["finish_us"]
+            lines += [
+                f"**Claim, {name}.** `Backend.claim` of one job at a time ({e['n']:,} claims, "
+                "each followed by `finish`), first on a table with no finished rows, then with "
+                f"{d['deep_rows']:,} finished rows (filled in {d['fill_s']:.0f} s):",
+                "",
+                "| Table | claim mean µs | p50 µs | p99 µs | finish mean µs |",
+                "| --- | --: | --: | --: | --: |",
+                f"| empty | {num(e['mean'])} | {num(e['p50'])} | {num(e['p99'])} | "
+                f"{num(ef['mean'])} |",
+                f"| {d['deep_rows']:,} finished rows | {num(k['mean'])} | {num(k['p50'])} | "
+                f"{num(k['p99'])} | {num(kf['mean'])} |",
+                "",
+            ]
+        elif claim is not None:
+            lines += [f"**Claim, {name}.** {_why(claim)}", ""]
+    return lines
+
+
+def _why(outcome: dict[str, Any] | None) -> str:
+    if outcome is None:
+        return "Not run."
+    return f"Not measured: {outcome.get('status')}, {outcome.get('reason', '')}."
+
+
+def _skipped(run: Run) -> list[str]:
+    lines = []
+    for system in run["systems"]:
+        outcomes = run["results"].get(system["key"], {})
+        reasons = {
+            str(o.get("reason"))
+            for o in outcomes.values()
+            if o.get("status") == "skipped" and not str(o.get("reason")).startswith("workload")
+        }
+        for reason in sorted(reasons):
+            lines.append(f"- {system['label']}: skipped — {reason}")
+        for workload, o in outcomes.items():
+            if o.get("status") == "error":
+                lines.append(f"- {system['label']}, {workload}: failed — {o.get('reason')}")
+    return ["## Skipped and failed", "", *lines, ""] if lines else []
+
+
+def _method(run: Run) -> list[str]:
+    return [
+        "## How it is measured",
+        "",
+        "- `python -m bench` runs each (system, workload) as `python -m bench.<module> "
+        f"<system> <workload> --{run['mode']} --json` in a process group of its own, killed "
+        "whole when it ends; systems run one after another on the machine's 2 cores.",
+        "- Every job reports through a side channel that costs the same everywhere: a no-op "
+        "job adds one to its thread's slot in a counter file its process maps (no system call); "
+        "a process forked by a worker (RQ's work horse, Celery's and Dramatiq's children) "
+        "appends one byte to a file instead; a latency job appends its enqueue and start times. "
+        "The measuring process reads the files every 2 ms.",
+        "- Workers: Flask-Offload in-process = 2 pool threads in the enqueuing process; "
+        "standalone = `flask offload worker --threads 2`; Huey = `huey_consumer -w 2 -k "
+        "thread`; RQ = two `rq worker` processes; Celery = `celery worker --pool=prefork -c "
+        "2`; Dramatiq = `dramatiq --processes 1 --threads 2`; procrastinate = `procrastinate "
+        "worker --concurrency 2`; floors = 2 threads. Peers keep their defaults otherwise; "
+        "workers are started and stopped by PID.",
+        "- Clean state for each run: a fresh temporary directory (SQLite files), Redis db 15 "
+        "flushed, RabbitMQ queues purged and deleted, a PostgreSQL database created and "
+        "dropped.",
+        "- Throughput is counted from the first job's start, so worker start-up (reported in "
+        "`benchmarks.json` as `startup_s`) does not dilute it; a run still going after "
+        f"{run['counts']['run_timeout']:.0f} s reports the rate of the jobs done (marked \\*). "
+        "A run shorter than a few polls (the `queue.Queue` floor's no-op run) is only roughly "
+        "timed.",
+        "- Enqueue-to-start samples are taken one at a time, 5-15 ms apart, with a budget of "
+        f"{run['counts']['latency']} samples or {run['counts']['latency_budget']:.0f} s; "
+        "workers that poll (SQLite across processes, SqliteHuey) show their poll interval.",
+        "- Idle CPU sums user and system time of the worker processes and their children "
+        "(`/proc`, 10 ms ticks); for the in-process pool, of the whole process.",
+        "",
+    ]
+
+
+# --- chart ---------------------------------------------------------------------------------
+
+
+def chart(run: Run, path: Path) -> tuple[Path | None, str]:
+    """Four panels of horizontal bars; returns the path, or None and why there is none."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None, "No chart: matplotlib is not installed (`pip install -e '.[bench]'`)."
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("Enqueue p50 (µs, less is better)", "enqueue", ("enqueue_us", "p50"), True),
+        ("No-op throughput (jobs/s, more is better)", "noop", ("jobs_per_s",), True),
+        ("1 ms jobs throughput (jobs/s, more is better)", "sleep", ("jobs_per_s",), False),
+        ("Enqueue→start p50 (ms, less is better)", "latency", ("start_ms", "p50"), True),
+    ]
+    systems = run["systems"]
+    fig, axes = plt.subplots(2, 2, figsize=(15, 10))
+    for ax, (title, workload, keys, log) in zip(axes.flat, panels, strict=True):
+        labels, values, colors = [], [], []
+        for system in reversed(systems):
+            x = value(run, system["key"], workload, *keys)
+            if x is not None and x > 0:
+                labels.append(system["label"])
+                values.append(x)
+                colors.append(COLORS[system["family"]])
+        ax.set_title(title, fontsize=11)
+        if not values:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        bars = ax.barh(labels, values, color=colors)
+        if log:
+            ax.set_xscale("log")
+        for bar, x in zip(bars, values, strict=True):
+            ax.text(x, bar.get_y() + bar.get_height() / 2, " " + num(x), va="center", fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.margins(x=0.15)
+        ax.grid(axis="x", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
+    fig.legend(handles, list(FAMILY_TITLES.values()), loc="lower center", ncol=3)
+    mode = " (quick mode: not meaningful)" if run["mode"] == "quick" else ""
+    fig.suptitle(
+        f"Flask-Offload benchmarks{mode}, {run['started'][:10]}, {run['versions']['CPU']}",
+        fontsize=12,
+    )
+    fig.tight_layout(rect=(0, 0.04, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path, ""

@@ -220,6 +220,9 @@ class SQLiteBackend(Backend):
         )
         db.execute("PRAGMA journal_mode = WAL")
         db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        # 16 MiB of page cache (SQLite's default is 2): with a million finished rows, claims
+        # and finishes otherwise read their index pages from the file again and again.
+        db.execute("PRAGMA cache_size = -16384")
         self._migrate(db)
         return db
 

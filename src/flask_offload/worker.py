@@ -31,8 +31,8 @@ from .schedule import Scheduler
 
 logger = logging.getLogger("flask_offload")
 
-PREFETCH_SECONDS = 0.005
-MAX_BATCH = 32
+PREFETCH_SECONDS = 0.01
+MAX_BATCH = 64
 MAX_DUES = 1024  # due times of in-process delayed jobs kept to wake up on time
 Finished = tuple[Job, Outcome, Running]
 

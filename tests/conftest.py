@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from flask import Flask
 import pgtest
 from flask_offload import Offload
 from flask_offload.backends import Backend, MemoryBackend, SQLiteBackend
-from flask_offload.job import Job
+from flask_offload.job import Job, new_id
 
 HERE = Path(__file__).parent
 
@@ -30,7 +29,8 @@ def make_job(task: str = "t", **fields: Any) -> Job:
     now = time.time()
     fields.setdefault("created_at", now)
     fields.setdefault("run_at", now)
-    return Job(id=secrets.token_hex(16), task=task, **fields)
+    fields.setdefault("id", new_id())
+    return Job(task=task, **fields)
 
 
 BACKENDS: dict[str, Callable[[Path], Backend]] = {

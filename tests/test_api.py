@@ -326,15 +326,15 @@ def test_a_running_job_sees_the_cancel_request(make_app: AppFactory) -> None:
 
 def test_expired_leases_are_recovered_and_run(make_app: AppFactory, tmp_path: Path) -> None:
     _app, offload = make_app(OFFLOAD_LEASE=0.3, OFFLOAD_POLL_INTERVAL=0.1)
-
-    @offload.task(name="orphan")
-    def orphan() -> str:
-        return "rescued"
-
     outsider = SQLiteBackend(str(tmp_path / "jobs.db"))
     job = outsider.enqueue(make_job("orphan"))
     [held] = outsider.claim("a-dead-worker", ["orphan"], None, 1, lease=0.2)
     assert held.id == job.id
+
+    @offload.task(name="orphan")  # registered once the dead worker holds the job
+    def orphan() -> str:
+        return "rescued"
+
     assert job.wait(timeout=10).result == "rescued"
     assert (job.attempts, job.lost) == (2, 1)
 

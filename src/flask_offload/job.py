@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import threading
 import time
 from contextvars import ContextVar
@@ -24,6 +25,11 @@ FINAL_STATES: frozenset[str] = frozenset({SUCCEEDED, FAILED, CANCELLED})
 PROGRESS_EVERY = 0.1  # seconds between progress writes of one job: a tight loop cannot flood
 
 _ID = re.compile(r"[0-9a-f]{32}")
+
+
+def new_id() -> str:
+    """A fresh job id: 128 random bits as 32 hex characters (uuid4 holds only 122)."""
+    return secrets.token_hex(16)
 
 
 def valid_id(job_id: object) -> bool:

@@ -6,7 +6,6 @@ context each job runs in.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -16,7 +15,7 @@ from typing import Any
 from . import serializer
 from .backends.base import Backend
 from .execution import ContextFactory, Runnable, Settings, execute
-from .job import QUEUED, RUNNING, Job, Running, valid_id
+from .job import QUEUED, RUNNING, Job, Running, new_id, valid_id
 from .worker import Worker
 
 
@@ -77,7 +76,7 @@ class Runtime:
             raise TypeError(f"key must be a str, not {type(key).__name__}")
         now = time.time()
         job = Job(
-            id=secrets.token_hex(16),
+            id=new_id(),
             task=task_name,
             queue=queue,
             priority=priority,

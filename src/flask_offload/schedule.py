@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -20,7 +19,7 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from .backends.base import Backend
-from .job import Job
+from .job import Job, new_id
 
 logger = logging.getLogger("flask_offload")
 
@@ -124,7 +123,7 @@ class Scheduler:
                 self.backend.record_tick(task.name, latest)
                 self._known.add(task.name)
             job = Job(
-                id=secrets.token_hex(16),
+                id=new_id(),
                 task=task.name,
                 queue=task.queue,
                 priority=task.priority,

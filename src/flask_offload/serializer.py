@@ -13,6 +13,11 @@ from typing import Any
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _plain = (str, int, bool, type(None))
+_EMPTY: dict[type, str] = {
+    tuple: "[]",
+    list: "[]",
+    dict: "{}",
+}  # most calls: no arguments, or no keywords
 
 
 def _check(value: Any, where: str) -> None:
@@ -44,6 +49,8 @@ def _check(value: Any, where: str) -> None:
 
 def dumps(value: Any, what: str = "value") -> str:
     """Encode ``value`` as compact strict JSON, or raise ``TypeError`` naming ``what`` is wrong."""
+    if type(value) in _EMPTY and not value:
+        return _EMPTY[type(value)]
     _check(value, what)
     return _encoder.encode(value)
 

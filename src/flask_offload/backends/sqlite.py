@@ -21,29 +21,15 @@ from dataclasses import fields
 from operator import attrgetter
 from typing import Any, TypeVar
 
-from ..job import QUEUED, Job, Outcome, WorkerInfo, new_id
+from ..job import QUEUED, Job, Outcome, WorkerInfo
 from .base import Backend, refuse_connection
 from .rows import finish_rows, worker_info, worker_row
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 1
 COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
 _SELECT = ", ".join(COLUMNS)
-
-
-def row_key(job_id: object) -> int:
-    """A job's row key: the first 63 bits of its random id (-1, no row, for a malformed id).
-
-    Keying rows by their id makes a lookup by id one B-tree descent, and spares every enqueue
-    a separate index of random ids, the dearest part of an insert. SQL reaches it as
-    ``offload_seq(id)``.
-    """
-    try:
-        return int(job_id[:16], 16) >> 1  # type: ignore[index]
-    except (TypeError, ValueError):
-        return -1
-
 
 # Each entry upgrades the schema from the version before it; index 0 creates version 1.
 MIGRATIONS = [
@@ -104,63 +90,14 @@ MIGRATIONS = [
         last_seen REAL NOT NULL
     );
     """,
-    # Version 2: rows are keyed by row_key(id) instead of insertion order (see row_key);
-    # claims break ties by created_at.
-    f"""
-    CREATE TABLE offload_jobs_v2 (
-        seq INTEGER PRIMARY KEY,
-        id TEXT NOT NULL,
-        task TEXT NOT NULL,
-        queue TEXT NOT NULL,
-        priority INTEGER NOT NULL,
-        state TEXT NOT NULL,
-        args_json TEXT NOT NULL,
-        kwargs_json TEXT NOT NULL,
-        key TEXT,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        max_attempts INTEGER NOT NULL,
-        lost INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL,
-        run_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        worker TEXT,
-        lease_until REAL,
-        cancel_requested INTEGER NOT NULL DEFAULT 0,
-        progress_json TEXT,
-        result_json TEXT,
-        error TEXT,
-        traceback TEXT,
-        owner_json TEXT,
-        ephemeral INTEGER NOT NULL DEFAULT 0
-    );
-    INSERT INTO offload_jobs_v2 (seq, {_SELECT})
-        SELECT offload_seq(id), {_SELECT} FROM offload_jobs;
-    DROP TABLE offload_jobs;
-    ALTER TABLE offload_jobs_v2 RENAME TO offload_jobs;
-    CREATE TRIGGER offload_jobs_forget_snapshot
-    AFTER UPDATE OF state ON offload_jobs
-    WHEN NEW.ephemeral AND NEW.state IN ('succeeded', 'failed', 'cancelled')
-    BEGIN
-        UPDATE offload_jobs SET args_json = '[]', kwargs_json = '{{}}' WHERE seq = NEW.seq;
-    END;
-    CREATE INDEX offload_jobs_claim ON offload_jobs (priority DESC, run_at, created_at)
-        WHERE state = 'queued';
-    CREATE INDEX offload_jobs_lease ON offload_jobs (lease_until) WHERE state = 'running';
-    CREATE INDEX offload_jobs_finished ON offload_jobs (finished_at)
-        WHERE state IN ('succeeded', 'failed', 'cancelled');
-    CREATE UNIQUE INDEX offload_jobs_key ON offload_jobs (key)
-        WHERE key IS NOT NULL AND state IN ('queued', 'running');
-    """,
 ]
-# Every statement that finds a job by id goes through its row key.
-BY_ID = "seq = offload_seq(:id) AND id = :id"
 
 
 def _insert(columns: Sequence[str]) -> str:
-    """An INSERT of a job's row key and ``columns``, positional (cheaper to bind than named)."""
-    marks = ", ".join("?" * (1 + len(columns)))
-    return f"INSERT INTO offload_jobs (seq, {', '.join(columns)}) VALUES ({marks})"
+    """An INSERT of ``columns``, positional (cheaper to bind than named parameters)."""
+    return (
+        f"INSERT INTO offload_jobs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    )
 
 
 # What a new job sets; the other columns start at their defaults. Fewer bound values make a
@@ -175,7 +112,7 @@ _new_values, _whole_values = attrgetter(*NEW_COLUMNS), attrgetter(*COLUMNS)
 IF_KEY_FREE = (
     " ON CONFLICT (key) WHERE key IS NOT NULL AND state IN ('queued', 'running') DO NOTHING"
 )
-GET = f"SELECT {_SELECT} FROM offload_jobs WHERE {BY_ID}"
+GET = f"SELECT {_SELECT} FROM offload_jobs WHERE id = ?"
 GET_BY_KEY = f"SELECT {_SELECT} FROM offload_jobs WHERE key = ? AND state IN ('queued', 'running')"
 # A claim picks, then takes, in one BEGIN IMMEDIATE transaction: as one UPDATE with a
 # subquery, SQLite is several times slower.
@@ -184,7 +121,7 @@ CLAIM_PICK = """
     WHERE state = 'queued' AND run_at <= :now
       AND task IN (SELECT value FROM json_each(:tasks))
       AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
-    ORDER BY priority DESC, run_at, created_at
+    ORDER BY priority DESC, run_at, seq
     LIMIT :limit
 """
 CLAIM_TAKE = f"""
@@ -199,19 +136,19 @@ HEARTBEAT = """
     WHERE state = 'running' AND worker = ?
     RETURNING id, cancel_requested
 """
-FINISH = f"""
+FINISH = """
     UPDATE offload_jobs
     SET state = :state, result_json = :result_json, error = :error, traceback = :traceback,
         progress_json = coalesce(:progress_json, progress_json),
         finished_at = CASE WHEN :state = 'queued' THEN NULL ELSE :now END,
         run_at = CASE WHEN :state = 'queued' THEN coalesce(:run_at, :now) ELSE run_at END,
         worker = NULL, lease_until = NULL
-    WHERE {BY_ID} AND worker = :worker AND attempts = :attempts AND state = 'running'
+    WHERE id = :id AND worker = :worker AND attempts = :attempts AND state = 'running'
 """
-RELEASE = f"""
+RELEASE = """
     UPDATE offload_jobs
     SET state = 'queued', worker = NULL, lease_until = NULL, attempts = attempts - 1
-    WHERE {BY_ID} AND worker = :worker AND attempts = :attempts AND state = 'running'
+    WHERE id = ? AND worker = ? AND attempts = ? AND state = 'running'
 """
 # A job whose worker died goes back in the queue; it is cancelled if someone asked for that
 # meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
@@ -226,22 +163,20 @@ RECOVER = """
                      THEN 'WorkerLost: worker lost ' || (lost + 1) || ' times' END
     WHERE state = 'running' AND lease_until < :now
 """
-CANCEL_QUEUED = f"""
-    UPDATE offload_jobs SET state = 'cancelled', finished_at = :now
-    WHERE {BY_ID} AND state = 'queued'
+CANCEL_QUEUED = """
+    UPDATE offload_jobs SET state = 'cancelled', finished_at = ?
+    WHERE id = ? AND state = 'queued'
 """
-CANCEL_RUNNING = f"""
-    UPDATE offload_jobs SET cancel_requested = 1 WHERE {BY_ID} AND state = 'running'
+CANCEL_RUNNING = "UPDATE offload_jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'"
+SET_PROGRESS = """
+    UPDATE offload_jobs SET progress_json = ?
+    WHERE id = ? AND worker = ? AND attempts = ? AND state = 'running'
 """
-SET_PROGRESS = f"""
-    UPDATE offload_jobs SET progress_json = :progress_json
-    WHERE {BY_ID} AND worker = :worker AND attempts = :attempts AND state = 'running'
-"""
-RETRY = f"""
+RETRY = """
     UPDATE offload_jobs
-    SET state = 'queued', run_at = :now, attempts = 0, lost = 0, finished_at = NULL,
+    SET state = 'queued', run_at = ?, attempts = 0, lost = 0, finished_at = NULL,
         result_json = NULL, error = NULL, traceback = NULL, cancel_requested = 0
-    WHERE {BY_ID} AND state IN ('failed', 'cancelled')
+    WHERE id = ? AND state IN ('failed', 'cancelled')
       AND (key IS NULL OR NOT EXISTS (
           SELECT 1 FROM offload_jobs AS holder
           WHERE holder.key = offload_jobs.key AND holder.state IN ('queued', 'running')))
@@ -255,7 +190,7 @@ RECORD_TICK = "INSERT INTO offload_schedules (name, last_tick) VALUES (?, ?) ON 
 LIST_JOBS = f"""
     SELECT {_SELECT} FROM offload_jobs
     WHERE (:state IS NULL OR state = :state) AND (:task IS NULL OR task = :task)
-    ORDER BY created_at DESC LIMIT :limit
+    ORDER BY seq DESC LIMIT :limit
 """
 COUNTS = "SELECT task, state, count(*) FROM offload_jobs GROUP BY task, state"
 BEAT = """
@@ -305,7 +240,6 @@ class SQLiteBackend(Backend):
         # 16 MiB of page cache (SQLite's default is 2): with a million finished rows, claims
         # and finishes otherwise read their index pages from the file again and again.
         db.execute("PRAGMA cache_size = -16384")
-        db.create_function("offload_seq", 1, row_key, deterministic=True)
         self._migrate(db)
         return db
 
@@ -370,27 +304,14 @@ class SQLiteBackend(Backend):
     def enqueue(self, job: Job, connection: Any = None) -> Job:
         refuse_connection(connection)
         if job.key is None:
-            self._run(lambda db: self._insert(db, job))
+            self._run(lambda db: db.execute(*_insert_of(job)))
             job.backend = self
             return job
         return self._run(lambda db: self._transaction(db, lambda: self._insert_unique(db, job)))
 
-    def _insert(self, db: sqlite3.Connection, job: Job, on_conflict: str = "") -> int:
-        """Insert ``job``; if its row key is taken (two ids alike in their first 63 bits, about
-        once in 10^13 enqueues with a million rows kept), under a new id."""
-        new = job.state == QUEUED
-        sql = (INSERT_NEW if new else INSERT_WHOLE) + on_conflict
-        values = _new_values if new else _whole_values
-        while True:
-            try:
-                return db.execute(sql, (row_key(job.id), *values(job))).rowcount
-            except sqlite3.IntegrityError as error:
-                if "offload_jobs.seq" not in str(error):
-                    raise
-                job.id = new_id()
-
     def _insert_unique(self, db: sqlite3.Connection, job: Job) -> Job:
-        if self._insert(db, job, IF_KEY_FREE) == 1:
+        sql, values = _insert_of(job)
+        if db.execute(sql + IF_KEY_FREE, values).rowcount == 1:
             job.backend = self
             return job
         return self._job(db.execute(GET_BY_KEY, (job.key,)).fetchone())
@@ -408,7 +329,7 @@ class SQLiteBackend(Backend):
         self._run(lambda db: db.execute(RECORD_TICK, (schedule, tick)))
 
     def get(self, job_id: str) -> Job | None:
-        row = self._run(lambda db: db.execute(GET, {"id": job_id}).fetchone())
+        row = self._run(lambda db: db.execute(GET, (job_id,)).fetchone())
         return None if row is None else self._job(row)
 
     def claim(
@@ -459,7 +380,7 @@ class SQLiteBackend(Backend):
         return self._run(store)
 
     def release(self, job: Job) -> bool:
-        values = {"id": job.id, "worker": job.worker, "attempts": job.attempts}
+        values = (job.id, job.worker, job.attempts)
         return self._run(lambda db: db.execute(RELEASE, values).rowcount == 1)
 
     def recover(self, max_lost: int) -> int:
@@ -468,24 +389,17 @@ class SQLiteBackend(Backend):
 
     def cancel(self, job_id: str) -> bool:
         def cancel(db: sqlite3.Connection) -> bool:
-            params = {"id": job_id, "now": time.time()}
-            if db.execute(CANCEL_QUEUED, params).rowcount == 1:
+            if db.execute(CANCEL_QUEUED, (time.time(), job_id)).rowcount == 1:
                 return True
-            return db.execute(CANCEL_RUNNING, params).rowcount == 1
+            return db.execute(CANCEL_RUNNING, (job_id,)).rowcount == 1
 
         return self._run(cancel)
 
     def retry(self, job_id: str) -> bool:
-        params = {"id": job_id, "now": time.time()}
-        return self._run(lambda db: db.execute(RETRY, params).rowcount == 1)
+        return self._run(lambda db: db.execute(RETRY, (time.time(), job_id)).rowcount == 1)
 
     def set_progress(self, job: Job, progress_json: str) -> bool:
-        values = {
-            "progress_json": progress_json,
-            "id": job.id,
-            "worker": job.worker,
-            "attempts": job.attempts,
-        }
+        values = (progress_json, job.id, job.worker, job.attempts)
         return self._run(lambda db: db.execute(SET_PROGRESS, values).rowcount == 1)
 
     def purge(self, finished_before: float) -> int:
@@ -521,6 +435,13 @@ class SQLiteBackend(Backend):
             if self._db is not None and self._pid == os.getpid():
                 self._db.close()
             self._db = None
+
+
+def _insert_of(job: Job) -> tuple[str, tuple[Any, ...]]:
+    """The INSERT that stores ``job`` and its values: a new job's, or every column."""
+    if job.state == QUEUED:
+        return INSERT_NEW, _new_values(job)
+    return INSERT_WHOLE, _whole_values(job)
 
 
 def _statements(script: str) -> list[str]:

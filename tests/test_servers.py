@@ -48,11 +48,18 @@ def assert_ran_once_each(tmp_path: Path, count: int) -> set[int]:
 
 
 def assert_succeeded(tmp_path: Path, ids: list[str]) -> None:
-    """Storage agrees: every job the server handed out an id for has succeeded."""
+    """Storage agrees: every job the server handed out an id for has succeeded. An outcome is
+    stored a few milliseconds after the task's own "done" line (outcomes are stored in
+    batches), so jobs still running or queued get time to settle first."""
     backend = SQLiteBackend(str(tmp_path / "jobs.db"))
-    try:
+
+    def states() -> Counter[str | None]:
         jobs = [backend.get(job_id) for job_id in ids]
-        assert Counter(job.state if job else None for job in jobs) == {"succeeded": len(ids)}
+        return Counter(job.state if job else None for job in jobs)
+
+    try:
+        wait_until(lambda: not {"queued", "running"} & set(states()), timeout=30)
+        assert states() == {"succeeded": len(ids)}
     finally:
         backend.close()
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from flask import Flask
@@ -27,6 +27,7 @@ from flask_offload import Offload
 
 offload = Offload()
 THREADS = 2
+CLAIM_ROUNDS = 4  # the claim workload alternates empty and deep tables this many times
 
 
 @offload.task(name="bench.noop")
@@ -100,49 +101,60 @@ class _Base:
 
     def claim(self) -> dict[str, Any]:
         """Claim speed (Backend.claim of one job at a time, then finish) on a table with no
-        finished rows, then with ``deep_rows`` finished rows."""
+        finished rows and on one with ``deep_rows`` finished rows, measured side by side in
+        alternating rounds, so a shared machine's drift weighs on both alike."""
         from flask_offload.job import SUCCEEDED, Outcome
 
-        with self._enqueuer() as app:
-            backend = offload.runtime(app).backend
-            tasks = list(offload._tasks)
+        counts = self.ctx.counts
+        with self._deep_url() as deep_url:
+            apps = {"empty": create_app(self.url, workers=0), "deep": create_app(deep_url, 0)}
+            with apps["deep"].app_context():
+                began = time.monotonic()
+                self._fill(offload.runtime().backend, counts.deep_rows, deep_url)
+                filled = time.monotonic() - began
+            samples: dict[str, tuple[list[int], list[int]]] = {n: ([], []) for n in apps}
 
-            def measure(count: int) -> dict[str, Any]:
-                for _ in range(count):
-                    noop.delay()
-                clock = time.perf_counter_ns
-                claims, finishes = [], []
-                while True:
-                    t = clock()
-                    jobs = backend.claim("bench-claimer", tasks, None, 1, 30.0)
-                    claims.append(clock() - t)
-                    if not jobs:
-                        break
-                    t = clock()
-                    backend.finish(jobs[0], Outcome(SUCCEEDED, result_json="null"))
-                    finishes.append(clock() - t)
-                claims.pop()  # the empty claim that ended the loop
-                return {
-                    "claim_us": common.summary(claims, 1e-3),
-                    "finish_us": common.summary(finishes, 1e-3),
-                }
+            def measure(name: str, count: int, keep: bool) -> None:
+                with apps[name].app_context():
+                    backend, tasks = offload.runtime().backend, list(offload._tasks)
+                    for _ in range(count):
+                        noop.delay()
+                    clock = time.perf_counter_ns
+                    claims, finishes = samples[name] if keep else ([], [])
+                    for _ in range(count):
+                        t = clock()
+                        [job] = backend.claim("bench-claimer", tasks, None, 1, 30.0)
+                        claims.append(clock() - t)
+                        t = clock()
+                        backend.finish(job, Outcome(SUCCEEDED, result_json="null"))
+                        finishes.append(clock() - t)
 
-            measure(self.ctx.counts.warmup)  # warm the connection and the page cache
-            empty = measure(self.ctx.counts.claims)
-            began = time.monotonic()
-            self._fill(backend, self.ctx.counts.deep_rows)
-            filled = time.monotonic() - began
-            deep = measure(self.ctx.counts.claims)
-        ratio = deep["claim_us"]["mean"] / empty["claim_us"]["mean"]
+            for name in apps:  # warm each connection and page cache
+                measure(name, counts.warmup, keep=False)
+            for _ in range(CLAIM_ROUNDS):
+                for name in apps:
+                    measure(name, counts.claims // CLAIM_ROUNDS, keep=True)
+        result = {
+            name: {
+                "claim_us": common.summary(claims, 1e-3),
+                "finish_us": common.summary(finishes, 1e-3),
+            }
+            for name, (claims, finishes) in samples.items()
+        }
         return {
-            "empty": empty,
-            "deep": deep,
-            "deep_rows": self.ctx.counts.deep_rows,
+            **result,
+            "deep_rows": counts.deep_rows,
+            "rounds": CLAIM_ROUNDS,
             "fill_s": filled,
-            "deep_over_empty": ratio,
+            "deep_over_empty": result["deep"]["claim_us"]["mean"]
+            / result["empty"]["claim_us"]["mean"],
         }
 
-    def _fill(self, backend: Any, rows: int) -> None:
+    def _deep_url(self) -> AbstractContextManager[str]:
+        """Where the claim workload keeps its table of finished rows."""
+        raise NotImplementedError
+
+    def _fill(self, backend: Any, rows: int, url: str) -> None:
         raise NotImplementedError
 
 
@@ -235,7 +247,10 @@ class InProcess(_Base):
             "jobs_per_s": total / elapsed,
         }
 
-    def _fill(self, backend: Any, rows: int) -> None:
+    def _deep_url(self) -> AbstractContextManager[str]:
+        return nullcontext(f"sqlite:///{os.path.join(self.ctx.tmp, 'deep.db')}")
+
+    def _fill(self, backend: Any, rows: int, url: str) -> None:
         """Copy one finished job ``rows`` times (fresh ids) straight into the table."""
         import sqlite3
 
@@ -244,7 +259,7 @@ class InProcess(_Base):
         from flask_offload.job import SUCCEEDED, Outcome
 
         backend.finish(jobs[0], Outcome(SUCCEEDED, result_json="null"))
-        db = sqlite3.connect(self.url[len("sqlite:///") :], isolation_level=None, timeout=60)
+        db = sqlite3.connect(url[len("sqlite:///") :], isolation_level=None, timeout=60)
         columns = [row[1] for row in db.execute("PRAGMA table_info(offload_jobs)")]
         columns = [c for c in columns if c != "seq"]
         values = ["lower(hex(randomblob(16)))" if c == "id" else c for c in columns]
@@ -305,7 +320,10 @@ class Postgres(Standalone):
 
     claim = _Base.claim  # type: ignore[assignment]
 
-    def _fill(self, backend: Any, rows: int) -> None:
+    def _deep_url(self) -> AbstractContextManager[str]:
+        return common.pg_database("bench_offload_deep")
+
+    def _fill(self, backend: Any, rows: int, url: str) -> None:
         """Copy one finished job ``rows`` times (fresh ids) straight into the table."""
         psycopg = common.need("psycopg")
         from flask_offload.job import SUCCEEDED, Outcome
@@ -313,7 +331,7 @@ class Postgres(Standalone):
         template = noop.delay()
         jobs = backend.claim("bench-filler", [noop.name], None, 1, 30.0)
         backend.finish(jobs[0], Outcome(SUCCEEDED, result_json="null"))
-        with psycopg.connect(self.url, autocommit=True) as db:
+        with psycopg.connect(url, autocommit=True) as db:
             found = db.execute(
                 """SELECT column_name, column_default, is_identity
                    FROM information_schema.columns

@@ -364,8 +364,9 @@ def _offload_only(run: Run) -> list[str]:
             ef, kf = d["empty"]["finish_us"], d["deep"]["finish_us"]
             lines += [
                 f"**Claim, {name}.** `Backend.claim` of one job at a time ({e['n']:,} claims, "
-                "each followed by `finish`), first on a table with no finished rows, then with "
-                f"{d['deep_rows']:,} finished rows (filled in {d['fill_s']:.0f} s):",
+                f"each followed by `finish`), in {d['rounds']} alternating rounds on a "
+                f"table with no finished rows and on one with {d['deep_rows']:,} finished rows "
+                f"(filled in {d['fill_s']:.0f} s):",
                 "",
                 "| Table | claim mean µs | p50 µs | p99 µs | finish mean µs |",
                 "| --- | --: | --: | --: | --: |",

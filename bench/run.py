@@ -55,7 +55,7 @@ REGISTRY = [System(*row) for row in [
     ("offload-sqlite-worker", "offload", "sqlite-worker",
      "Flask-Offload SQLite, standalone worker", "offload", CORE, CORE),
     ("offload-postgres", "offload", "postgres", "Flask-Offload PostgreSQL, standalone worker",
-     "offload", (*CORE, "claim"), CORE[:2]),
+     "offload", (*CORE, "claim"), (*CORE[:2], "claim")),
     ("huey-sqlite", "peer_huey", "sqlite", "Huey SqliteHuey", "peer", *PEER),
     ("huey-redis", "peer_huey", "redis", "Huey RedisHuey", "peer", *PEER),
     ("rq-fork", "peer_rq", "fork", "RQ Worker (fork per job)", "peer", *PEER),

@@ -102,7 +102,8 @@ class _Base:
     def claim(self) -> dict[str, Any]:
         """Claim speed (Backend.claim of one job at a time, then finish) on a table with no
         finished rows and on one with ``deep_rows`` finished rows, measured side by side in
-        alternating rounds, so a shared machine's drift weighs on both alike."""
+        rounds that alternate which table goes first, so a shared machine's drift and the
+        cost of going second weigh on both alike."""
         from flask_offload.job import SUCCEEDED, Outcome
 
         counts = self.ctx.counts
@@ -131,8 +132,8 @@ class _Base:
 
             for name in apps:  # warm each connection and page cache
                 measure(name, counts.warmup, keep=False)
-            for _ in range(CLAIM_ROUNDS):
-                for name in apps:
+            for round in range(CLAIM_ROUNDS):  # empty first, then deep first, and so on
+                for name in list(apps)[:: -1 if round % 2 else 1]:
                     measure(name, counts.claims // CLAIM_ROUNDS, keep=True)
         result = {
             name: {

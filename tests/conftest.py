@@ -117,6 +117,22 @@ def runs(tmp_path: Path) -> list[tuple[str, int, int]]:
     return [(event, int(n), int(pid)) for event, n, pid in lines]
 
 
+def sigterm_with_two_running(
+    proc: subprocess.Popen[bytes], tmp_path: Path
+) -> list[tuple[str, int, int]]:
+    """Once two jobs have started, send SIGTERM; check that the process hands the signal on
+    to the default handler promptly and claimed nothing more. Returns the jobs' run events."""
+    wait_until(lambda: sum(e == "start" for e, _, _ in runs(tmp_path)) == 2)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(60)
+    assert code == -signal.SIGTERM, "the signal is handed on to the default handler"
+    assert time.monotonic() - sent < 30
+    events = runs(tmp_path)
+    assert sum(e == "start" for e, _, _ in events) == 2, "nothing claimed after SIGTERM"
+    return events
+
+
 def answers(url: str) -> bool:
     """True once an HTTP server answers ``url`` with a success status."""
     try:

@@ -5,14 +5,21 @@ from __future__ import annotations
 import signal
 import sqlite3
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import answers, free_port, jobapp_env, process, runs, wait_until
+from conftest import (
+    answers,
+    free_port,
+    jobapp_env,
+    process,
+    runs,
+    sigterm_with_two_running,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -87,15 +94,7 @@ def test_sigterm_drains_running_jobs_and_loses_nothing(tmp_path: Path, scenario:
         wait_until(lambda: answers(f"{url}/pid"))
         for n in range(4):
             requests.post(f"{url}/enqueue/{n}", params={"sleep": sleep}, timeout=10)
-        wait_until(lambda: sum(e == "start" for e, _, _ in runs(tmp_path)) == 2)
-        sent = time.monotonic()
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(60)
-        took = time.monotonic() - sent
-    assert code == -signal.SIGTERM, "the signal is handed on to the default handler"
-    assert took < 30
-    events = runs(tmp_path)
-    assert sum(e == "start" for e, _, _ in events) == 2, "nothing claimed after SIGTERM"
+        events = sigterm_with_two_running(server, tmp_path)
     if scenario == "finish":
         assert sum(e == "done" for e, _, _ in events) == 2
         assert states(tmp_path) == Counter(succeeded=2, queued=2)

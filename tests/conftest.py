@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pgtest
 from flask_offload import Offload
 from flask_offload.backends import Backend, MemoryBackend, SQLiteBackend
 from flask_offload.job import Job, new_id
+from flask_offload.worker import Worker
 
 HERE = Path(__file__).parent
 
@@ -139,6 +141,31 @@ def answers(url: str) -> bool:
         return requests.get(url, timeout=2).ok
     except requests.ConnectionError:
         return False
+
+
+@pytest.fixture
+def pools() -> Iterator[list[Worker]]:
+    """Pools a test starts by hand; stopped when it ends."""
+    started: list[Worker] = []
+    yield started
+    for pool in started:
+        pool.stop(5)
+
+
+def start_pool(
+    pools: list[Worker], app: Flask, offload: Offload, backend: Any = None, **settings: Any
+) -> Worker:
+    """A pool for ``app``'s tasks on ``backend`` (default: the app's own storage)."""
+    runtime = offload.runtime(app)
+    pool = Worker(
+        backend or runtime.backend,
+        runtime.tasks,
+        runtime.context,
+        replace(runtime.settings, **settings),
+    )
+    pool.start()
+    pools.append(pool)
+    return pool
 
 
 AppFactory = Callable[..., tuple[Flask, Offload]]

@@ -96,7 +96,9 @@ def test_claims_are_exclusive_when_threads_race(backend: Backend) -> None:
 def test_finish_stores_the_outcome_only_for_the_holder(backend: Backend) -> None:
     job = backend.enqueue(make_job())
     [claimed] = backend.claim("w1", ["t"], None, 1, 30)
-    assert not backend.finish(replace(claimed, worker="w2"), Outcome("succeeded", result_json="1"))
+    assert not backend.finish(
+        replace(claimed, claim="another-claim"), Outcome("succeeded", result_json="1")
+    )
     assert backend.finish(
         claimed,
         Outcome("failed", error="ValueError: x", traceback="tb", progress_json='{"current":1}'),
@@ -111,7 +113,7 @@ def test_finish_stores_the_outcome_only_for_the_holder(backend: Backend) -> None
 
 def test_a_stale_claim_cannot_finish_a_newer_attempt(backend: Backend) -> None:
     """A run that lost its job (timeout, expired lease) never overwrites the next run, even in
-    the same worker: the attempt number fences it."""
+    the same worker: the claim token fences it."""
     backend.enqueue(make_job(max_attempts=3))
     [first] = backend.claim("w", ["t"], None, 1, 30)
     assert backend.finish(first, Outcome("queued", error="TimeoutError: late", run_at=0))
@@ -160,26 +162,55 @@ def test_finish_keeps_earlier_progress_when_the_outcome_has_none(backend: Backen
     job = backend.enqueue(make_job())
     [claimed] = backend.claim("w", ["t"], None, 1, 30)
     assert backend.set_progress(claimed, '{"current":2}')
-    assert not backend.set_progress(replace(claimed, worker="other"), '{"current":9}')
+    assert not backend.set_progress(replace(claimed, claim="another-claim"), '{"current":9}')
     backend.finish(claimed, Outcome("succeeded", result_json='"ok"'))
     stored = backend.get(job.id)
     assert stored is not None and stored.progress == {"current": 2} and stored.result == "ok"
 
 
-def test_heartbeat_extends_only_the_workers_own_leases(backend: Backend) -> None:
-    mine, theirs = backend.enqueue(make_job()), backend.enqueue(make_job())
-    backend.claim("w1", ["t"], None, 1, 1)
-    backend.claim("w2", ["t"], None, 1, 1)
-    assert backend.heartbeat("w1", 100) == set()
-    held = {job.id: job for job in (backend.get(mine.id), backend.get(theirs.id)) if job}
-    assert held[mine.id].lease_until is not None and held[mine.id].lease_until > time.time() + 50
-    assert held[theirs.id].lease_until is not None and held[theirs.id].lease_until < time.time() + 2
+def test_heartbeat_renews_exactly_the_jobs_held(backend: Backend) -> None:
+    """Not every running job of the worker: a job given up (its outcome could not be stored)
+    must expire and be recovered even while the worker stays busy."""
+    held, given_up, theirs = (backend.enqueue(make_job()) for _ in range(3))
+    mine = {job.id: job for job in backend.claim("w1", ["t"], None, 2, 0.5)}
+    backend.claim("w2", ["t"], None, 1, 0.5)
+    assert backend.heartbeat([mine[held.id]], 100) == set()
+    assert backend.heartbeat([], 100) == set()
+    stored = backend.get(held.id)
+    assert stored is not None and stored.lease_until is not None
+    assert stored.lease_until > time.time() + 50
+    time.sleep(0.6)
+    assert backend.recover(3) == 2, "the job given up and the other worker's are taken back"
+    assert [backend.get(j.id).state for j in (held, given_up, theirs)] == [  # type: ignore[union-attr]
+        "running",
+        "queued",
+        "queued",
+    ]
+
+
+def test_a_run_from_before_a_retry_by_id_cannot_write_over_the_new_run(backend: Backend) -> None:
+    """Retry by id sets attempts back to 0, so the same worker's next claim has the same
+    attempt number as the stale run: only the claim token tells them apart."""
+    job = backend.enqueue(make_job())
+    [stale] = backend.claim("w", ["t"], None, 1, 30)
+    assert backend.finish(stale, Outcome("failed", error="TimeoutError: late"))
+    assert backend.retry(job.id)
+    [fresh] = backend.claim("w", ["t"], None, 1, 30)
+    assert (fresh.worker, fresh.attempts) == (stale.worker, stale.attempts)
+    assert fresh.claim != stale.claim
+    assert not backend.set_progress(stale, '{"current":9}')
+    assert not backend.finish(stale, Outcome("succeeded", result_json='"stale"'))
+    assert backend.heartbeat([stale], 30) == set()
+    assert not backend.release(stale)
+    assert backend.finish(fresh, Outcome("succeeded", result_json='"fresh"'))
+    stored = backend.get(job.id)
+    assert stored is not None and (stored.result, stored.progress) == ("fresh", None)
 
 
 def test_release_puts_the_job_back_without_counting_the_attempt(backend: Backend) -> None:
     job = backend.enqueue(make_job())
     [claimed] = backend.claim("w", ["t"], None, 1, 30)
-    assert not backend.release(replace(claimed, worker="other"))
+    assert not backend.release(replace(claimed, claim="another-claim"))
     assert backend.release(claimed)
     stored = backend.get(job.id)
     assert stored is not None
@@ -219,7 +250,7 @@ def test_cancel_of_queued_running_and_finished_jobs(backend: Backend) -> None:
     assert backend.cancel(running.id)
     flagged = backend.get(running.id)
     assert flagged is not None and flagged.state == "running" and flagged.cancel_requested
-    assert backend.heartbeat("w", 30) == {running.id}
+    assert backend.heartbeat([claimed[running.id]], 30) == {running.id}
     assert not backend.cancel(done.id)
     assert not backend.cancel(queued.id)
     assert not backend.cancel("f" * 32)

@@ -102,7 +102,8 @@ def test_sigterm_drains_running_jobs_and_loses_nothing(tmp_path: Path, scenario:
         assert sum(e == "done" for e, _, _ in events) == 0
         assert states(tmp_path) == Counter(queued=4)
         assert "put back in the queue" in log.read_text()
-    assert attempts(tmp_path, "queued") == [0, 0] if scenario == "finish" else [0] * 4
+    expected_attempts = [0, 0] if scenario == "finish" else [0] * 4
+    assert attempts(tmp_path, "queued") == expected_attempts, "put back without counting"
 
     restart_env = {**env, "JOBAPP_SLEEP_SCALE": "0"}
     with process([sys.executable, "-m", "jobapp", "idle"], restart_env, log) as again:

@@ -28,6 +28,7 @@ psycopg = pgtest.require_psycopg()
 from flask_offload.backends import open_backend  # noqa: E402
 from flask_offload.backends import postgres as queries  # noqa: E402
 from flask_offload.backends.postgres import PostgresBackend  # noqa: E402
+from flask_offload.job import Outcome  # noqa: E402
 
 
 @pytest.fixture
@@ -248,7 +249,8 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
     assert [child.returncode for child in children] == [0] * 8
     assert outputs == ["{}\n"] * 8
     with pgtest.connect(url) as conn:
-        assert conn.execute("SELECT version FROM offload_schema").fetchall() == [(1,)]
+        versions = conn.execute("SELECT version FROM offload_schema ORDER BY version").fetchall()
+        assert versions == [(n,) for n in range(1, queries.SCHEMA_VERSION + 1)]
         conn.execute("INSERT INTO offload_schema (version) VALUES (99)")
     with pytest.raises(RuntimeError, match="schema version 99, newer than this release"):
         connect(url).counts()
@@ -259,10 +261,22 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
     [
         (
             queries.CLAIM,
-            {"worker": "w", "now": 0.0, "lease": 1.0, "tasks": ["t"], "queues": None, "limit": 1},
+            {
+                "worker": "w",
+                "now": 0.0,
+                "lease": 1.0,
+                "token": "c",
+                "tasks": ["t"],
+                "queues": None,
+                "limit": 1,
+            },
             ("offload_jobs_claim",),
         ),
-        (queries.HEARTBEAT, (1.0, "w"), ("offload_jobs_lease",)),
+        (
+            queries.HEARTBEAT,
+            {"until": 1.0, "ids": ["x"], "claims": ["c"]},
+            ("offload_jobs_id_key", "offload_jobs_lease"),
+        ),
         (queries.RECOVER, {"max_lost": 3, "now": 1.0}, ("offload_jobs_lease",)),
         (queries.PURGE, (1.0,), ("offload_jobs_finished",)),
         (queries.GET, ("x",), ("offload_jobs_id_key",)),
@@ -430,3 +444,36 @@ def test_the_pool_and_the_listener_come_back_with_the_server(
     woke.clear()
     backend.enqueue(make_job())
     assert woke.wait(10)
+
+
+def test_verbs_repeated_after_a_lost_reply_report_the_work_they_did(
+    proxy: Proxy, connect: Callable[..., PostgresBackend]
+) -> None:
+    """A verb whose reply was lost runs again on a fresh connection and finds its own work
+    done: it reports that work, not a failure."""
+    backend = connect(proxy.url)
+    failed, running = backend.enqueue(make_job()), backend.enqueue(make_job())
+    claimed = {job.id: job for job in backend.claim("w", ["t"], None, 2, 30)}
+    assert backend.finish(claimed[failed.id], Outcome("failed", error="ValueError: x"))
+
+    proxy.lose_reply_to = b"COMMIT"
+    done = backend.finish_many([(claimed[running.id], Outcome("queued", error="E: x", run_at=0))])
+    assert proxy.lose_reply_to is None, "the reply was lost"
+    assert done == [True], "its outcome was stored by the first try"
+    assert backend.get(running.id).state == "queued"
+
+    proxy.lose_reply_to = b"state IN ('failed', 'cancelled')"
+    assert backend.retry(failed.id), "retried by the first try"
+    assert proxy.lose_reply_to is None
+    assert backend.get(failed.id).state == "queued"
+
+    proxy.lose_reply_to = b"SET state = 'cancelled'"
+    assert backend.cancel(failed.id), "cancelled by the first try"
+    assert proxy.lose_reply_to is None
+    assert backend.get(failed.id).state == "cancelled"
+
+    [again] = backend.claim("w", ["t"], None, 1, 30)
+    proxy.lose_reply_to = b"SET cancel_requested = true"
+    assert backend.cancel(again.id), "asked to stop by the first try"
+    assert proxy.lose_reply_to is None
+    assert backend.get(again.id).cancel_requested

@@ -63,13 +63,25 @@ class Settings:
 
 
 def backoff(base: float, attempt: int) -> float:
-    """Seconds before retry number ``attempt``: ``base`` doubling each time, ±25 % jitter."""
-    return float(min(MAX_BACKOFF, base * 2 ** (attempt - 1)) * random.uniform(0.75, 1.25))
+    """Seconds before retry number ``attempt``: ``base`` doubling each time, ±25 % jitter,
+    never over ``MAX_BACKOFF`` (the cap applies after the jitter)."""
+    exponent = min(attempt - 1, 64)  # 2**64 seconds is past any cap; keeps the float finite
+    return float(min(MAX_BACKOFF, base * 2**exponent * random.uniform(0.75, 1.25)))
+
+
+def describe(error: BaseException) -> str:
+    """``"Type: message"`` for storage, even for an exception whose ``__str__`` fails."""
+    try:
+        message = str(error)
+    except Exception:
+        message = "<the exception's message could not be read>"
+    return serializer.safe_text(f"{type(error).__name__}: {message}")
 
 
 def failure(task: Runnable, job: Job, error: BaseException, trace: str | None) -> Outcome:
     """A failed run: back in the queue after a backoff while attempts remain, else failed."""
-    text = f"{type(error).__name__}: {error}"
+    text = describe(error)
+    trace = None if trace is None else serializer.safe_text(trace)
     retryable = isinstance(error, (Retry, *task.retry_on))
     if retryable and job.attempts < job.max_attempts:
         delay = error.delay if isinstance(error, Retry) and error.delay is not None else None
@@ -98,7 +110,7 @@ def execute(
     except Cancelled:
         return Outcome(CANCELLED, error="Cancelled", progress_json=running.last_progress)
     except BaseException as error:
-        outcome = failure(task, job, error, traceback.format_exc())
+        outcome = failure(task, job, error, _format_exc())
         outcome.progress_json = running.last_progress
         if outcome.state == FAILED and not isinstance(error, Retry):
             logger.error("job %s (%s) failed", job.id, job.task, exc_info=True)
@@ -116,3 +128,11 @@ def execute(
         )
         return Outcome(FAILED, error=error_text, progress_json=running.last_progress)
     return Outcome(SUCCEEDED, result_json=result, progress_json=running.last_progress)
+
+
+def _format_exc() -> str | None:
+    """The current traceback as text, or None if even that cannot be had."""
+    try:
+        return traceback.format_exc()
+    except Exception:
+        return None

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar, overload
 
 from flask import Flask, current_app, has_app_context
+from flask.ctx import AppContext
 
 from . import lifecycle, web
 from .backends import open_backend
 from .cli import offload_cli
-from .execution import Cancelled, Retry, Settings
+from .execution import Cancelled, ContextFactory, Retry, Settings
 from .job import Job
 from .runtime import Runtime
 from .schedule import Schedule
@@ -49,7 +51,7 @@ class Offload:
         backend = open_backend(
             url, app.instance_path, synchronous, _flag(app.config, "OFFLOAD_PG_LISTEN")
         )
-        runtime = Runtime(backend, self._tasks, app.app_context, settings, eager=eager)
+        runtime = Runtime(backend, self._tasks, _context_of(app), settings, eager=eager)
         self._runtimes[app] = runtime
         app.extensions["offload"] = self
         app.cli.add_command(offload_cli)
@@ -149,7 +151,7 @@ class Offload:
             raise ValueError(f"two tasks are named {task.name!r}: give one of them name=...")
         self._tasks[task.name] = task
         for runtime in list(self._runtimes.values()):
-            runtime.wake()
+            runtime.tasks_changed()
         return task
 
     def get_job(self, job_id: str) -> Job | None:
@@ -163,6 +165,20 @@ class Offload:
     def drain(self) -> int:
         """Run every due job now, in the calling thread, and return how many ran (for tests)."""
         return self.runtime().drain()
+
+
+def _context_of(app: Flask) -> ContextFactory:
+    """``app.app_context`` without keeping ``app`` alive: the runtime is a value of a weak
+    dictionary keyed by the app, and a strong reference back would never let it go."""
+    ref = weakref.ref(app)
+
+    def context() -> AppContext:
+        live = ref()
+        if live is None:
+            raise RuntimeError("the app this job belongs to no longer exists")
+        return live.app_context()
+
+    return context
 
 
 def read_config(app: Flask) -> tuple[str, Settings, bool, str]:
@@ -207,6 +223,9 @@ def read_config(app: Flask) -> tuple[str, Settings, bool, str]:
         max_payload_bytes=int(_number(config, "OFFLOAD_MAX_PAYLOAD_BYTES", 2, whole=True)),
         max_result_bytes=int(_number(config, "OFFLOAD_MAX_RESULT_BYTES", 2, whole=True)),
     )
+    prefix = config["OFFLOAD_URL_PREFIX"]
+    if not isinstance(prefix, str) or not prefix.startswith("/"):
+        raise ValueError(f"OFFLOAD_URL_PREFIX must be a path such as '/offload', not {prefix!r}")
     url = config["OFFLOAD_URL"]
     if not isinstance(url, str):
         raise TypeError(f"OFFLOAD_URL must be a str, not {url!r}")
@@ -220,8 +239,13 @@ def _number(config: dict[str, Any], key: str, minimum: float, whole: bool = Fals
         number = float(value) if not isinstance(value, bool) else None
     except (TypeError, ValueError):
         number = None
-    if number is None or number < minimum or (whole and not number.is_integer()):
-        kind = "a whole number" if whole else "a number"
+    if (
+        number is None
+        or not math.isfinite(number)  # NaN passes every comparison; inf never expires
+        or number < minimum
+        or (whole and not number.is_integer())
+    ):
+        kind = "a whole number" if whole else "a finite number"
         raise ValueError(f"{key} must be {kind} >= {minimum}, not {value!r}")
     return number
 

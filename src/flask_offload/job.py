@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import threading
@@ -14,6 +15,8 @@ from . import serializer
 
 if TYPE_CHECKING:
     from .backends.base import Backend
+
+logger = logging.getLogger("flask_offload")
 
 State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 QUEUED: State = "queued"
@@ -41,6 +44,10 @@ def valid_id(job_id: object) -> bool:
 class Job:
     """One stored job. Arguments, result and progress are kept as the JSON text that was stored,
     and decoded when read, so a corrupt row fails only the job that holds it.
+
+    ``claim`` is the token of the claim that runs it now: fresh for every claim and never
+    reused, it fences every write of a run, so a stale run cannot overwrite a newer one even
+    after a retry by id resets ``attempts``.
 
     An ``ephemeral`` job's arguments (a background view's request snapshot, with its cookies)
     are deleted by the storage as soon as the job reaches a final state. ``owner_json`` is who
@@ -71,6 +78,7 @@ class Job:
     traceback: str | None = None
     owner_json: str | None = None
     ephemeral: bool = False
+    claim: str | None = None
     backend: Backend | None = field(default=None, repr=False)
 
     @property
@@ -169,13 +177,11 @@ class Running:
     def __init__(self, job: Job, backend: Backend) -> None:
         self.job = job
         self._backend = backend
-        self.abandoned = False
-        self.deadline: float | None = None
-        self.seconds = 0.0
         self._written: str | None = job.progress_json
         self.written_at = 0.0
         self._lock = threading.Lock()
         self.pending_progress: str | None = None
+        self._write_failed = False
         self.cancel_flag = job.cancel_requested
 
     @property
@@ -210,9 +216,18 @@ class Running:
                 self._write(pending)
 
     def _write(self, text: str) -> None:
-        self.pending_progress = None
-        self._backend.set_progress(self.job, text)
-        self._written, self.written_at = text, time.monotonic()
+        """Store progress now. A storage error is logged and the value kept for the finish
+        (or the next flush): progress is never worth failing the job for."""
+        self.written_at = time.monotonic()
+        try:
+            self._backend.set_progress(self.job, text)
+        except Exception as error:
+            self.pending_progress = text
+            log = logger.debug if self._write_failed else logger.warning
+            log("job %s: could not store progress (%s); kept for later", self.id, error)
+            self._write_failed = True
+            return
+        self.pending_progress, self._written = None, text
 
     @property
     def last_progress(self) -> str | None:

@@ -147,10 +147,16 @@ class Runtime:
         return Worker(self.backend, self.tasks, self.context, settings)
 
     def wake(self, at: float | None = None) -> None:
-        """A job is due (now or ``at``) or a task was registered: wake the running pools."""
+        """A job is due (now or ``at``): wake the running pools."""
         for pool in self.pools:
             if pool.started:
                 pool.wake(at)
+
+    def tasks_changed(self) -> None:
+        """A task was registered: the running pools claim its jobs and read its schedule."""
+        for pool in self.pools:
+            if pool.started:
+                pool.tasks_changed()
 
     def stop(self, timeout: float | None = None) -> None:
         """Drain every pool at once, within ``timeout`` (default ``SHUTDOWN_TIMEOUT``)."""

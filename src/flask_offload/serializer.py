@@ -48,11 +48,39 @@ def _check(value: Any, where: str) -> None:
 
 
 def dumps(value: Any, what: str = "value") -> str:
-    """Encode ``value`` as compact strict JSON, or raise ``TypeError`` naming ``what`` is wrong."""
+    """Encode ``value`` as compact strict JSON, or raise ``TypeError`` naming ``what`` is wrong.
+
+    Whatever the value (nested 10,000 deep, circular, an int of 5,000 digits, a string with a
+    lone surrogate from ``os.listdir()``), the only error is that ``TypeError``.
+    """
     if type(value) in _EMPTY and not value:
         return _EMPTY[type(value)]
-    _check(value, what)
-    return _encoder.encode(value)
+    try:
+        _check(value, what)
+        text = _encoder.encode(value)
+        text.encode("utf-8")  # a lone surrogate cannot be stored as UTF-8
+    except RecursionError:
+        raise TypeError(f"{what} is nested too deeply (or contains itself) for JSON") from None
+    except UnicodeEncodeError as error:
+        bad = error.object[error.start : error.end]
+        raise TypeError(
+            f"{what} holds the lone surrogate {bad!r}, which is not text UTF-8 can store "
+            "(a file name from os.listdir()? decode it with errors='replace')"
+        ) from None
+    except ValueError as error:  # e.g. an int beyond Python's int-to-str digit limit
+        raise TypeError(f"{what} cannot be written as JSON: {error}") from None
+    return text
+
+
+def safe_text(text: str) -> str:
+    """``text`` as storable UTF-8 with no NUL: lone surrogates and NULs become escapes."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def loads(text: str) -> Any:

@@ -1,14 +1,30 @@
 """The worker pool: claim → run → finish, plus the maintenance loop that renews leases, ends
 runs past their timeout and takes back jobs whose worker died.
 
-Threads share a small batch of claimed jobs: one claim fetches about ``PREFETCH_SECONDS`` of
-work (a single job when jobs are slow, up to ``MAX_BATCH`` when they are fast), so fast jobs
-cost a fraction of a claim each and slow ones are never hoarded from other processes.
-Outcomes go to a finisher thread that stores whatever has piled up in one transaction; a job
-counts as running until its outcome is stored, so a crash may run again the few jobs of the
-last milliseconds. When the queue is empty the threads sleep on a condition: an idle pool
-costs nothing, a job enqueued in this process wakes it at once, and jobs from other processes
-are found by polling every ``poll_interval`` seconds (or at once, where storage notifies).
+Every job the pool holds is one :class:`Claimed` that moves ``batched`` → ``running`` →
+``storing`` → ``gone`` under the pool's one lock, and the heartbeat renews exactly the jobs
+that are not ``gone``. The rules this gives, which the README repeats:
+
+- A claim fetches about ``PREFETCH_SECONDS`` of work (one job when jobs are slow, up to
+  ``MAX_BATCH`` when fast). A batched job not started within ``GIVE_BACK_AFTER`` seconds is
+  put back for other processes, so jobs that turn slow are never hoarded.
+- Whatever a task returns or raises becomes that job's outcome; nothing a task does ends a
+  loop thread. A value that cannot be stored fails its job with a clear error.
+- Outcomes go to a finisher thread that stores what has piled up in one transaction. A job
+  counts as running until its outcome is stored, so a crash may run again the jobs of the last
+  milliseconds. A store that fails is retried with backoff (alone, so one bad row cannot hold
+  others back) while the heartbeat keeps the lease; only after ``STORE_TRIES`` failures is the
+  job given up to recovery, which runs it again once its lease runs out.
+- A run past its task's timeout is failed (or retried) at once; Python cannot kill its thread,
+  so a new one takes its place, up to ``threads`` stuck at once (logged when reached). A stuck
+  thread that returns rejoins the pool if it is short, so the pool always comes back to size.
+- Stopping stops claims and puts unstarted jobs back at once, but heartbeats and timeouts go on
+  until the running jobs have finished or the drain time is up; what still runs is then put
+  back without counting the attempt, and threads stuck past a timeout are not waited for.
+
+When the queue is empty the threads sleep on a condition: an idle pool costs nothing, a job
+enqueued in this process wakes it at once, and jobs from other processes are found by polling
+every ``poll_interval`` seconds (or at once, where storage notifies).
 """
 
 from __future__ import annotations
@@ -23,23 +39,45 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
 
-from .backends.base import Backend
-from .execution import ContextFactory, Runnable, Settings, execute, failure
-from .job import PROGRESS_EVERY, QUEUED, Job, Outcome, Running, WorkerInfo
+from .backends.base import Backend, StorageCorrupt
+from .execution import ContextFactory, Runnable, Settings, describe, execute, failure
+from .job import FAILED, PROGRESS_EVERY, QUEUED, Job, Outcome, Running, WorkerInfo
 from .schedule import Scheduler
 
 logger = logging.getLogger("flask_offload")
 
 PREFETCH_SECONDS = 0.01
 MAX_BATCH = 64
+GIVE_BACK_AFTER = 0.1  # seconds a claimed job may wait in the batch before it is put back
+STORE_TRIES = 10  # failed stores of one outcome before it is given up to recovery
 MAX_DUES = 1024  # due times of in-process delayed jobs kept to wake up on time
-Finished = tuple[Job, Outcome, Running]
+
+Stage = Literal["batched", "running", "storing", "gone"]
 
 
 def new_worker_id() -> str:
     """A name no other process has, even after a restart with the same pid or host name."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@dataclass(eq=False)
+class Claimed:
+    """One job this pool holds, from its claim until its outcome is stored or given up."""
+
+    job: Job
+    running: Running
+    claimed_at: float
+    stage: Stage = "batched"
+    thread: threading.Thread | None = None
+    deadline: float | None = None
+    outcome: Outcome | None = None
+    seconds: float = 0.0
+    timed_out: bool = False
+    store_tries: int = 0
+    store_after: float = 0.0
 
 
 class Worker:
@@ -58,51 +96,56 @@ class Worker:
         self.settings = settings
         self.id = new_worker_id()
         self.scheduler = Scheduler(backend, tasks, self.wake)
-        self._threads: list[threading.Thread] = []
-        self._stuck = 0
-        self._running: dict[str, Running] = {}
-        self._batch: deque[Job] = deque()
-        self._claiming = threading.Lock()
+        self._lock = threading.Lock()  # guards every Claimed and the sets below
+        self._held: set[Claimed] = set()
+        self._batch: deque[Claimed] = deque()
+        self._storing: list[Claimed] = []
+        self._loops: set[threading.Thread] = set()  # claim-and-run threads: the pool's size
+        self._stuck: set[threading.Thread] = set()  # threads in runs past their timeout
+        self._helpers: list[threading.Thread] = []  # finisher, maintenance, scheduler
+        self._claiming = threading.Lock()  # one claim at a time; the others take from it
         self._job_seconds = PREFETCH_SECONDS  # moving average of run time: sizes the batch
-        self._finished: list[Finished] = []
-        self._finisher = threading.Condition()
-        self._finisher_done = False
+        self._finisher = threading.Condition(self._lock)
         self._wake = threading.Condition()
         self._wakeups = 0
         self._dues: list[float] = []  # due times of in-process delayed jobs, a heap
-        self._stopping = self._stopped = False
+        self._started = self._stopping = self._stopped = self._halted = False
+        self._finisher_done = self._maintenance_done = False
         self._maintenance = threading.Event()
         self._reported: set[str] = set()
         self._info = WorkerInfo(self.id, socket.gethostname(), os.getpid(), None, [], time.time())
 
     @property
     def started(self) -> bool:
-        return bool(self._threads)
+        return self._started
 
     def start(self) -> None:
         """Start the threads, the finisher, the maintenance loop and the scheduler."""
-        if self._threads:
+        if self._started:
             return
-        for _ in range(self.settings.threads):
-            self._spawn()
+        self._started = True
+        with self._lock:
+            for _ in range(self.settings.threads):
+                self._spawn()
         self.backend.subscribe(self.wake)
-        self._finisher_thread = threading.Thread(
-            target=self._finish_loop, name="offload-finisher", daemon=True
-        )
-        self._finisher_thread.start()
-        for target, name in ((self._maintain, "maintenance"), (self.scheduler.run, "scheduler")):
-            thread = threading.Thread(target=target, name=f"offload-{name}", daemon=True)
-            self._threads.append(thread)
+        for target, name in (
+            (self._finish_loop, "finisher"),
+            (self._maintain, "maintenance"),
+            (self.scheduler.run, "scheduler"),
+        ):
+            thread = threading.Thread(target=target, name=f"offload-{name} {self.id}", daemon=True)
+            self._helpers.append(thread)
             thread.start()
         logger.info("worker %s started %d threads", self.id, self.settings.threads)
 
     def _spawn(self) -> None:
-        thread = threading.Thread(target=self._loop, name="offload-worker", daemon=True)
-        self._threads.append(thread)
+        """Add a claim-and-run thread (with the lock held)."""
+        thread = threading.Thread(target=self._loop, name=f"offload-worker {self.id}", daemon=True)
+        self._loops.add(thread)
         thread.start()
 
     def wake(self, at: float | None = None) -> None:
-        """A job is due now (or at ``at``), or a task was registered: let a thread look."""
+        """A job is due now (or at ``at``): let a thread look."""
         with self._wake:
             if at is not None and at > time.time():
                 if len(self._dues) < MAX_DUES:  # beyond it, polling finds the job
@@ -110,51 +153,74 @@ class Worker:
             else:
                 self._wakeups += 1
             self._wake.notify()
-        if at is None:
-            self.scheduler.poke()
+
+    def tasks_changed(self) -> None:
+        """A task was registered: claim its jobs, and look at the periodic schedules again."""
+        self.wake()
+        self.scheduler.poke()
 
     def begin_stop(self) -> None:
-        """Stop claiming and scheduling; running jobs go on."""
+        """Stop claiming and scheduling, and put unstarted jobs back; running jobs go on."""
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
         self.scheduler.stop()
-        self._maintenance.set()
         self.backend.unsubscribe(self.wake)
+        with self._lock:
+            unstarted = self._leave(list(self._batch))
+        self._put_back(unstarted, "unstarted")
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop claiming, let running jobs finish for up to ``timeout`` seconds, store their
-        outcomes, then put back what is still running or was never started, without counting
-        the attempt. Another worker will run those again: running a job twice is better than
-        losing it."""
-        if not self._threads or self._stopped:
+        """Stop claiming, let running jobs finish for up to ``timeout`` seconds (leases still
+        renewed, timeouts still enforced), store their outcomes, then put back what is still
+        running, without counting the attempt. Another worker will run those again: running a
+        job twice is better than losing it."""
+        if not self._started or self._stopped:
             return
         self._stopped = True
         timeout = self.settings.shutdown_timeout if timeout is None else timeout
-        self.begin_stop()
         deadline = time.monotonic() + timeout
-        for thread in list(self._threads):
+        self.begin_stop()
+        with self._lock:
+            loops = list(self._loops)
+        for thread in loops:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
-        with self._finisher:
+        with self._lock:
+            still = self._leave([c for c in self._held if c.stage in ("batched", "running")])
             self._finisher_done = True
             self._finisher.notify()
-        self._finisher_thread.join(max(1.0, deadline - time.monotonic()))
-        unstarted = list(self._batch)
-        self._batch.clear()
-        for job in [running.job for running in list(self._running.values())] + unstarted:
-            try:
-                if self.backend.release(job) and job not in unstarted:
-                    logger.warning(
-                        "job %s still running at shutdown: put back in the queue", job.id
-                    )
-            except Exception:
-                logger.exception("could not put back job %s; its lease will expire", job.id)
+        self._put_back(still, "still running at shutdown")
+        self._helpers[0].join(max(1.0, deadline - time.monotonic()))  # the finisher
+        self._maintenance_done = True
+        self._maintenance.set()
         try:
             self.backend.forget_worker(self.id)
         except Exception:
             logger.exception("could not remove this worker's heartbeat row")
         logger.info("worker %s stopped", self.id)
+
+    def _leave(self, claimed: list[Claimed]) -> list[Claimed]:
+        """Mark jobs as no longer held (with the lock held); returns them."""
+        for c in claimed:
+            c.stage = "gone"
+            self._held.discard(c)
+            if c in self._batch:
+                self._batch.remove(c)
+        return claimed
+
+    def _put_back(self, claimed: list[Claimed], why: str) -> None:
+        """Release jobs this pool no longer holds; a failure leaves them to their lease."""
+        for c in claimed:
+            try:
+                if self.backend.release(c.job) and c.thread is not None:
+                    logger.warning("job %s %s: put back in the queue", c.job.id, why)
+            except Exception as error:
+                logger.warning(
+                    "could not put back job %s (%s); it runs again once its lease expires",
+                    c.job.id,
+                    error,
+                )
 
     def drain(self) -> int:
         """Run every due job in the calling thread until none is left; return how many ran."""
@@ -162,57 +228,116 @@ class Worker:
         while jobs := self.backend.claim(
             self.id, list(self.tasks), self.settings.queues, 1, self.settings.lease
         ):
-            self._store([self._run(jobs[0])])
+            job = jobs[0]
+            self.backend.finish(job, self._execute(job, Running(job, self.backend)))
             count += 1
         return count
 
-    def _next_job(self) -> Job | None:
-        """The next job to run: from the shared batch, or from a new claim."""
-        with self._claiming:
-            if self._batch:
-                return self._batch.popleft()
-            if self._stopping:
-                return None
-            size = min(MAX_BATCH, max(1, int(PREFETCH_SECONDS / self._job_seconds)))
-            jobs = self.backend.claim(
-                self.id, list(self.tasks), self.settings.queues, size, self.settings.lease
-            )
-            self._batch.extend(jobs[1:])
-            return jobs[0] if jobs else None
+    # -- claim and run ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        """Claim and run jobs until the pool stops, or this thread is no longer needed."""
+        me = threading.current_thread()
         failures = 0
         while not self._stopping:
             seen = self._wakeups
             try:
-                job = self._next_job()
+                claimed = self._next(me)
+            except StorageCorrupt as error:
+                self._halt(error)
+                self._pause(self.settings.poll_interval * 10)
+                continue
             except Exception as error:
                 failures += 1
                 self._storage_down(error, failures)
-                with self._wake:
-                    self._wake.wait(min(self.settings.poll_interval * 2**failures, 10.0))
+                self._pause(min(self.settings.poll_interval * 2**failures, 10.0))
                 continue
             if failures:
                 logger.warning("storage answers again: worker %s resumes", self.id)
                 failures = 0
-            if job is not None:
-                finished = self._run(job)
-                with self._finisher:
-                    self._finished.append(finished)
-                    self._finisher.notify()
-                if finished[2].abandoned:
-                    self._stuck -= 1
-                    return  # a replacement thread took this one's place
-                continue
-            with self._wake:
-                if self._stopping or self._wakeups != seen:
-                    continue
-                next_due = self._dues[0] if self._dues else math.inf
-                pause = min(self.settings.poll_interval, next_due - time.time())
-                self._wake.wait(max(0.0, pause))
-                now = time.time()
-                while self._dues and self._dues[0] <= now:
-                    heapq.heappop(self._dues)
+            if claimed is None:
+                self._idle(seen)
+            elif not self._run(claimed, me):
+                return  # it ran past its timeout and the pool has its size without it
+
+    def _next(self, me: threading.Thread) -> Claimed | None:
+        """The next job to run: from the shared batch, or from a new claim."""
+        with self._claiming:
+            with self._lock:
+                if self._batch:
+                    return self._begin(self._batch.popleft(), me)
+                if self._stopping or self._halted:
+                    return None
+            size = min(MAX_BATCH, max(1, int(PREFETCH_SECONDS / self._job_seconds)))
+            jobs = self.backend.claim(
+                self.id, list(self.tasks), self.settings.queues, size, self.settings.lease
+            )
+            now = time.monotonic()
+            with self._lock:
+                claimed = [Claimed(job, Running(job, self.backend), now) for job in jobs]
+                self._held.update(claimed)
+                self._batch.extend(claimed[1:])
+            if len(claimed) > 1:
+                self._maintenance.set()  # to give back what is still batched in time
+            with self._lock:
+                return self._begin(claimed[0], me) if claimed else None
+
+    def _begin(self, claimed: Claimed, me: threading.Thread) -> Claimed:
+        """Move a batched job to running in thread ``me`` (with the lock held)."""
+        claimed.stage, claimed.thread = "running", me
+        timeout = self.tasks[claimed.job.task].timeout
+        if timeout is not None:
+            claimed.deadline = time.monotonic() + timeout
+            self._maintenance.set()
+        return claimed
+
+    def _run(self, claimed: Claimed, me: threading.Thread) -> bool:
+        """Run one job and hand its outcome to the finisher. False if this thread was stuck
+        past the job's timeout and the pool no longer needs it."""
+        began = time.monotonic()
+        outcome = self._execute(claimed.job, claimed.running)
+        seconds = time.monotonic() - began
+        self._job_seconds += (seconds - self._job_seconds) / 8
+        with self._lock:
+            if claimed.stage == "running":
+                claimed.outcome, claimed.seconds = outcome, seconds
+                self._store_later(claimed)
+                return True
+            self._stuck.discard(me)
+            rejoin = not self._stopping and len(self._loops) < self.settings.threads
+            if rejoin:
+                self._loops.add(me)
+        why = "its timeout" if claimed.timed_out else "it was put back at shutdown"
+        logger.info(
+            "job %s (%s) finished after %s: outcome dropped", claimed.job.id, claimed.job.task, why
+        )
+        return rejoin
+
+    def _execute(self, job: Job, running: Running) -> Outcome:
+        """Run ``job``; any error of the pool's own becomes the job's failure, never the
+        thread's end."""
+        try:
+            return execute(self.tasks[job.task], job, running, self.context, self.settings)
+        except Exception as error:
+            logger.exception("job %s (%s) could not be run", job.id, job.task)
+            return Outcome(FAILED, error=f"WorkerError: {describe(error)}")
+
+    def _idle(self, seen: int) -> None:
+        """Sleep until woken, a delayed job of this process is due, or the poll interval."""
+        with self._wake:
+            if self._stopping or self._wakeups != seen:
+                return
+            next_due = self._dues[0] if self._dues else math.inf
+            pause = min(self.settings.poll_interval, next_due - time.time())
+            self._wake.wait(max(0.0, pause))
+            now = time.time()
+            while self._dues and self._dues[0] <= now:
+                heapq.heappop(self._dues)
+
+    def _pause(self, seconds: float) -> None:
+        with self._wake:
+            if not self._stopping:
+                self._wake.wait(seconds)
 
     def _storage_down(self, error: Exception, failures: int) -> None:
         """Say once that storage is unreachable; the loop retries with backoff meanwhile."""
@@ -223,96 +348,176 @@ class Worker:
         else:
             logger.debug("storage still unreachable: %s", error)
 
-    def _run(self, job: Job) -> Finished:
-        task = self.tasks[job.task]
-        running = Running(job, self.backend)
-        began = time.monotonic()
-        if task.timeout is not None:
-            running.deadline = began + task.timeout
-            self._maintenance.set()
-        self._running[job.id] = running
-        try:
-            outcome = execute(task, job, running, self.context, self.settings)
-        finally:
-            if self._running.get(job.id) is running:
-                del self._running[job.id]
-        running.seconds = time.monotonic() - began
-        self._job_seconds += (running.seconds - self._job_seconds) / 8
-        return job, outcome, running
+    def _halt(self, error: StorageCorrupt) -> None:
+        """Damaged storage: stop claiming and recovering (either would only repeat work)."""
+        with self._lock:
+            first, self._halted = not self._halted, True
+        if first:
+            logger.critical("%s. Worker %s stops claiming jobs.", error, self.id)
+
+    # -- storing outcomes ------------------------------------------------------------------------
+
+    def _store_later(self, claimed: Claimed) -> None:
+        """Queue an outcome for the finisher (with the lock held)."""
+        claimed.stage = "storing"
+        self._storing.append(claimed)
+        self._finisher.notify()
 
     def _finish_loop(self) -> None:
-        """Store outcomes as they come, all that have piled up in one transaction."""
+        """Store outcomes as they come, all that have piled up in one transaction; ones that
+        failed to store before are tried again alone, after their backoff."""
         while True:
-            with self._finisher:
-                while not self._finished and not self._finisher_done:
-                    self._finisher.wait()
-                if not self._finished:
+            with self._lock:
+                due = self._due_outcomes()
+                if due is None:
                     return
-                batch, self._finished = self._finished, []
-            self._store(batch)
+            fresh = [c for c in due if not c.store_tries]
+            for batch in ([fresh] if fresh else []) + [[c] for c in due if c.store_tries]:
+                self._store(batch)
 
-    def _store(self, batch: list[Finished]) -> None:
+    def _due_outcomes(self) -> list[Claimed] | None:
+        """Wait for outcomes due to be stored (with the lock held); None once the pool has
+        stopped and nothing is left to try."""
+        while True:
+            now = time.monotonic()
+            due = [c for c in self._storing if c.store_after <= now]
+            if due:
+                self._storing = [c for c in self._storing if c.store_after > now]
+                return due
+            if self._finisher_done and not self._storing:
+                return None
+            if self._finisher_done:  # at shutdown, one more try for each, without waiting
+                due, self._storing = self._storing, []
+                for c in due:
+                    c.store_tries = STORE_TRIES - 1
+                return due
+            wait = min((c.store_after for c in self._storing), default=now + 3600) - now
+            self._finisher.wait(max(0.001, wait))
+
+    def _store(self, batch: list[Claimed]) -> None:
+        pairs = [(c.job, c.outcome) for c in batch if c.outcome is not None]
         try:
-            stored = self.backend.finish_many([(job, outcome) for job, outcome, _ in batch])
-        except Exception:
-            logger.exception("could not store %d outcome(s); those jobs will run again", len(batch))
+            stored = self.backend.finish_many(pairs)
+        except Exception as error:
+            self._store_failed(batch, error)
             return
-        for (job, outcome, running), ok in zip(batch, stored, strict=True):
-            if ok:
-                state = "retrying" if outcome.state == QUEUED else outcome.state
-                logger.info("job %s %s %s in %.3f s", job.id, job.task, state, running.seconds)
-                if outcome.state == QUEUED:
-                    self.wake(outcome.run_at)
-            elif running.abandoned:
+        with self._lock:
+            self._leave(batch)
+        for c, ok in zip(batch, stored, strict=True):
+            self._report(c, ok)
+
+    def _store_failed(self, batch: list[Claimed], error: Exception) -> None:
+        """Try again with backoff, each alone; give a job up to recovery after STORE_TRIES."""
+        if isinstance(error, StorageCorrupt):
+            self._halt(error)
+        given_up = []
+        with self._lock:
+            for c in batch:
+                c.store_tries += 1
+                if c.store_tries >= STORE_TRIES or self._halted:
+                    given_up.append(c)
+                else:
+                    c.store_after = time.monotonic() + min(2.0, 0.05 * 2**c.store_tries)
+                    self._store_later(c)
+            self._leave(given_up)
+        if self._halted:
+            logger.error("%d outcome(s) not stored: the storage is damaged", len(batch))
+            return
+        if len(batch) > len(given_up):
+            logger.error("could not store %d outcome(s) (%s): trying again", len(batch), error)
+        for c in given_up:
+            logger.error(
+                "gave up storing the outcome of job %s (%s) after %d tries (%s): it runs again "
+                "once its lease expires",
+                c.job.id,
+                c.job.task,
+                c.store_tries,
+                error,
+            )
+
+    def _report(self, claimed: Claimed, stored: bool) -> None:
+        job, outcome = claimed.job, claimed.outcome
+        assert outcome is not None
+        if stored:
+            if outcome.state == QUEUED:
+                wait = (outcome.run_at or time.time()) - time.time()
                 logger.info(
-                    "job %s (%s) finished after its timeout: outcome dropped", job.id, job.task
-                )
-            else:
-                logger.warning(
-                    "job %s (%s) was no longer held by this worker (lease expired): "
-                    "its outcome is dropped",
+                    "job %s %s failed in %.3f s, retrying in %.3f s",
                     job.id,
                     job.task,
+                    claimed.seconds,
+                    max(0.0, wait),
                 )
+                self.wake(outcome.run_at)
+            else:
+                logger.info(
+                    "job %s %s %s in %.3f s", job.id, job.task, outcome.state, claimed.seconds
+                )
+        else:
+            logger.warning(
+                "job %s (%s) was no longer held by this worker (lease expired): "
+                "its outcome is dropped",
+                job.id,
+                job.task,
+            )
+
+    # -- maintenance -----------------------------------------------------------------------------
 
     def _maintain(self) -> None:
-        """Renew leases, end overdue runs, take back jobs of dead workers, expire old results."""
+        """Renew leases, end overdue runs, give back stale batches, take back jobs of dead
+        workers, expire old results; until the pool's threads are joined."""
         next_beat = next_purge = next_report = 0.0
-        while not self._stopping:
+        while not self._maintenance_done:
             now = time.monotonic()
             try:
                 self._end_overdue(now)
-                for running in list(self._running.values()):
-                    running.flush_progress()
+                self._give_back(now)
+                with self._lock:
+                    running = [c.running for c in self._held if c.stage == "running"]
+                for each in running:
+                    each.flush_progress()
                 if now >= next_beat:
-                    self._beat()
                     next_beat = now + self.settings.lease / 3
-                if now >= next_purge:
-                    self.backend.purge(time.time() - self.settings.result_ttl)
+                    self._beat()
+                if now >= next_purge and not self._halted:
                     next_purge = now + min(60.0, self.settings.result_ttl)
-                if now >= next_report:
-                    self._report_unknown_tasks()
+                    self.backend.purge(time.time() - self.settings.result_ttl)
+                if now >= next_report and not self._halted:
                     next_report = now + 60.0
-            except Exception:
-                logger.exception("worker maintenance failed; trying again")
-                next_beat = now + self.settings.lease / 3
-            wakes = [next_beat]
-            for running in list(self._running.values()):
-                if running.deadline is not None:
-                    wakes.append(running.deadline)
-                if running.pending_progress is not None:
-                    wakes.append(running.written_at + PROGRESS_EVERY)
-            self._maintenance.wait(max(0.01, min(wakes) - time.monotonic()))
+                    self._report_unknown_tasks()
+            except StorageCorrupt as error:
+                self._halt(error)
+            except Exception as error:
+                logger.warning("worker maintenance failed (%s); trying again", error)
+            self._maintenance.wait(max(0.01, self._next_maintenance(next_beat) - time.monotonic()))
             self._maintenance.clear()
 
+    def _next_maintenance(self, next_beat: float) -> float:
+        """When maintenance has something to do next."""
+        wakes = [next_beat]
+        with self._lock:
+            for c in self._held:
+                if c.stage == "running" and c.deadline is not None:
+                    wakes.append(c.deadline)
+                if c.stage == "running" and c.running.pending_progress is not None:
+                    wakes.append(c.running.written_at + PROGRESS_EVERY)
+            if self._batch:
+                wakes.append(self._batch[0].claimed_at + GIVE_BACK_AFTER)
+        return min(wakes)
+
     def _beat(self) -> None:
-        if self._running or self._batch or self._finished:
-            for job_id in self.backend.heartbeat(self.id, self.settings.lease):
-                if job_id in self._running:
-                    self._running[job_id].cancel_flag = True
+        """Renew the lease of exactly the jobs held, say this process is alive, recover."""
+        with self._lock:
+            held = {c.job.id: c for c in self._held}
+        if held:
+            cancelled = self.backend.heartbeat([c.job for c in held.values()], self.settings.lease)
+            for job_id in cancelled:
+                held[job_id].running.cancel_flag = True
         self._info.tasks = sorted(self.tasks)
         self._info.queues = None if self.settings.queues is None else list(self.settings.queues)
         self.backend.beat(self._info)
+        if self._halted:
+            return
         recovered = self.backend.recover(self.settings.max_lost)
         if recovered:
             logger.warning("took back %d job(s) whose worker stopped answering", recovered)
@@ -320,25 +525,53 @@ class Worker:
 
     def _end_overdue(self, now: float) -> None:
         """End runs past their task's timeout. A Python thread cannot be killed: the run is
-        marked failed (or retried), asked to cancel, and a new thread takes its place."""
-        for running in list(self._running.values()):
-            if running.deadline is None or running.deadline > now or running.abandoned:
-                continue
-            task = self.tasks[running.job.task]
-            error = TimeoutError(f"job ran past its timeout of {task.timeout} s")
-            running.cancel_flag = running.abandoned = True
-            self._running.pop(running.id, None)
-            outcome = failure(task, running.job, error, None)
-            if self.backend.finish(running.job, outcome) and outcome.state == QUEUED:
-                self.wake(outcome.run_at)
-            logger.warning("job %s (%s) timed out", running.id, running.job.task)
-            self._stuck += 1
-            if self._stuck > self.settings.threads:
-                logger.error(
-                    "%d threads are stuck in jobs past their timeout; not adding more", self._stuck
-                )
-            elif not self._stopping:
-                self._spawn()
+        failed (or retried) and asked to cancel, and a new thread takes its place."""
+        with self._lock:
+            if self._finisher_done:  # past the drain: what still runs is put back instead
+                return
+            overdue = [
+                c
+                for c in self._held
+                if c.stage == "running" and c.deadline is not None and c.deadline <= now
+            ]
+            for c in overdue:
+                task = self.tasks[c.job.task]
+                error = TimeoutError(f"job ran past its timeout of {task.timeout} s")
+                c.outcome = failure(task, c.job, error, None)
+                c.outcome.progress_json = c.running.last_progress
+                c.running.cancel_flag = c.timed_out = True
+                c.seconds = task.timeout or 0.0
+                self._store_later(c)
+                self._replace(c.thread)
+        for c in overdue:
+            logger.warning("job %s (%s) timed out", c.job.id, c.job.task)
+
+    def _replace(self, stuck: threading.Thread | None) -> None:
+        """Take a stuck thread out of the pool and start another (with the lock held), up to
+        ``threads`` stuck at once; beyond that the pool runs short until one returns."""
+        assert stuck is not None
+        self._loops.discard(stuck)
+        self._stuck.add(stuck)
+        if self._stopping:
+            return
+        if len(self._stuck) <= self.settings.threads:
+            self._spawn()
+        else:
+            logger.error(
+                "%d threads are stuck in runs past their timeout, more than the pool's %d: "
+                "not adding more threads until one of them returns",
+                len(self._stuck),
+                self.settings.threads,
+            )
+
+    def _give_back(self, now: float) -> None:
+        """Put back batched jobs that waited too long: the jobs before them turned slow, and
+        another process may be idle."""
+        with self._lock:
+            stale = [c for c in self._batch if now - c.claimed_at >= GIVE_BACK_AFTER]
+            self._leave(stale)
+        if stale:
+            self._put_back(stale, "waited in a batch")
 
     def _report_unknown_tasks(self) -> None:
         for name in sorted(self.backend.queued_task_names() - set(self.tasks) - self._reported):

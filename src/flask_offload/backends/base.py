@@ -4,8 +4,9 @@ A job's life is ``enqueue`` → ``claim`` (held by a lease the worker renews wit
 ``finish`` (done, or back in the queue for a retry); a worker that stops gracefully
 ``release``-s what it still holds, and ``recover`` takes back jobs whose lease ran out because
 their worker died. The claimed ``Job`` is the worker's ticket: ``finish``, ``release`` and
-``set_progress`` write only while the job is still held by that claim (same worker, same
-attempt), so a run that lost its lease can never overwrite a newer one. Every backend passes
+``set_progress`` write only while the job is still held by that claim (its ``claim`` token,
+fresh for every claim and never reused), so a run that lost its lease can never overwrite a
+newer one, not even after a retry by id. Every backend passes
 the one conformance suite in ``tests/test_backend_conformance.py``.
 """
 
@@ -58,12 +59,14 @@ class Backend(ABC):
 
         Only jobs whose task name is in ``tasks`` and, unless ``queues`` is None, whose queue is
         in ``queues``. Order: higher priority, then earlier due time, then enqueue order. Each
-        claim counts as an attempt and holds the job for ``lease`` seconds.
+        claim counts as an attempt, holds the job for ``lease`` seconds and gives it a new
+        ``claim`` token.
         """
 
     @abstractmethod
-    def heartbeat(self, worker: str, lease: float) -> set[str]:
-        """Extend the lease of every job ``worker`` runs; return the ids asked to cancel."""
+    def heartbeat(self, held: Collection[Job], lease: float) -> set[str]:
+        """Extend by ``lease`` seconds the lease of each claimed job in ``held`` that its claim
+        still holds (and of no other job); return the ids of those asked to cancel."""
 
     @abstractmethod
     def finish(self, job: Job, outcome: Outcome) -> bool:
@@ -76,7 +79,8 @@ class Backend(ABC):
 
     @abstractmethod
     def release(self, job: Job) -> bool:
-        """Put a claimed job back in the queue without counting the attempt (graceful stop)."""
+        """Put a claimed job back in the queue without counting the attempt (graceful stop, or
+        an unstarted job given back); False if that claim no longer holds it."""
 
     @abstractmethod
     def recover(self, max_lost: int) -> int:
@@ -143,6 +147,10 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - a backend with nothing to close keeps this
         """Release connections; the backend is not used afterwards."""
+
+
+class StorageCorrupt(RuntimeError):
+    """The storage answers that its data is damaged: running on would only repeat work."""
 
 
 def refuse_connection(connection: Any) -> None:

@@ -31,6 +31,7 @@ class MemoryBackend(Backend):
         self._jobs: dict[str, Job] = {}
         self._order: dict[str, int] = {}
         self._seq = itertools.count()
+        self._claims = itertools.count(1)  # claim tokens: never reused
         self._ticks: dict[str, float] = {}
         self._workers: dict[str, WorkerInfo] = {}
         self._lock = threading.Lock()
@@ -100,28 +101,26 @@ class MemoryBackend(Backend):
                 job.state, job.worker, job.lease_until = RUNNING, worker, now + lease
                 job.started_at = now
                 job.attempts += 1
+                job.claim = f"{next(self._claims)}"
                 claimed.append(self._copy(job))
             return claimed
 
-    def heartbeat(self, worker: str, lease: float) -> set[str]:
+    def heartbeat(self, held: Collection[Job], lease: float) -> set[str]:
         until = time.time() + lease
         cancelled = set()
         with self._lock:
-            for job in self._jobs.values():
-                if job.state == RUNNING and job.worker == worker:
+            for claimed in held:
+                job = self._held(claimed)
+                if job is not None:
                     job.lease_until = until
                     if job.cancel_requested:
                         cancelled.add(job.id)
         return cancelled
 
     def _held(self, claimed: Job) -> Job | None:
+        """The stored job if ``claimed``'s claim still holds it."""
         job = self._jobs.get(claimed.id)
-        if (
-            job is None
-            or job.state != RUNNING
-            or job.worker != claimed.worker
-            or job.attempts != claimed.attempts
-        ):
+        if job is None or job.state != RUNNING or job.claim != claimed.claim:
             return None
         return job
 
@@ -150,7 +149,7 @@ class MemoryBackend(Backend):
             held = self._held(job)
             if held is None:
                 return False
-            held.state, held.worker, held.lease_until = QUEUED, None, None
+            held.state, held.worker, held.lease_until, held.claim = QUEUED, None, None, None
             held.attempts -= 1
             return True
 
@@ -162,7 +161,7 @@ class MemoryBackend(Backend):
                 if job.state != RUNNING or job.lease_until is None or job.lease_until >= now:
                     continue
                 job.lost += 1
-                job.worker = job.lease_until = None
+                job.worker = job.lease_until = job.claim = None
                 if job.cancel_requested:
                     self._settle(job, CANCELLED)
                     job.error = "Cancelled"

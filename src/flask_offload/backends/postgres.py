@@ -2,7 +2,7 @@
 
 A small connection pool per process, opened on first use and opened again in a forked child.
 Claims take rows with ``FOR UPDATE SKIP LOCKED``, so workers never wait for each other; finish,
-release and progress are fenced by the claim (worker and attempt) as in SQLite. An enqueue is
+release and progress are fenced by the claim's token as in SQLite. An enqueue is
 one autocommitted statement that also sends ``NOTIFY offload_jobs``, which a listener thread
 per process turns into wake-ups, so idle workers start a job at once and poll only as a safety
 net. Through ``enqueue(job, connection=...)`` the same statement runs in the caller's own
@@ -10,7 +10,8 @@ transaction: the job and its notification exist only if that transaction commits
 
 A lost connection is not a lost job: an insert repeated on a fresh connection after a reply
 was lost finds its own id and stores nothing twice, and a claim whose reply was lost is
-adopted by that worker's next claim instead of being held, unseen, by its heartbeat.
+adopted by that worker's next claim instead of being held, unseen, by its heartbeat. A
+finish, retry or cancel repeated after a lost reply reports the work its first try did.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import select
 import sys
 import threading
@@ -44,7 +46,7 @@ Execute = Callable[[str, Mapping[str, Any]], list[tuple[Any, ...]]]
 
 logger = logging.getLogger("flask_offload")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CHANNEL = "offload_jobs"
 MIGRATION_LOCK = 0x0FF10AD  # pg_advisory_xact_lock key: one migrating process at a time
 COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
@@ -128,6 +130,8 @@ MIGRATIONS = [
         last_seen double precision NOT NULL
     );
     """,
+    # Version 2: every claim gets a token of its own that fences the run's writes.
+    "ALTER TABLE offload_jobs ADD COLUMN claim text",
 ]
 
 # No conflict target: a conflict on the id means this very insert was stored by an earlier try
@@ -160,20 +164,23 @@ CLAIM = f"""
         FOR UPDATE SKIP LOCKED)
     UPDATE offload_jobs
     SET state = 'running', worker = %(worker)s, lease_until = %(now)s + %(lease)s,
-        started_at = %(now)s, attempts = attempts + 1
+        started_at = %(now)s, attempts = attempts + 1, claim = %(token)s || '.' || seq
     WHERE seq IN (SELECT seq FROM due)
     RETURNING {_SELECT}, seq
 """
-# Jobs a claim took although its reply never arrived: found by the claim's worker and time.
-# Setting started_at anew lets only one of the worker's threads adopt each job.
+# Jobs a claim took although its reply never arrived: found by that claim's token. A new
+# token lets only one of the worker's threads adopt each job.
 ADOPT = f"""
-    UPDATE offload_jobs SET started_at = %(now)s, lease_until = %(now)s + %(lease)s
-    WHERE worker = %(worker)s AND state = 'running' AND started_at = ANY(%(stamps)s::float8[])
+    UPDATE offload_jobs
+    SET started_at = %(now)s, lease_until = %(now)s + %(lease)s,
+        claim = %(token)s || '.' || seq
+    WHERE worker = %(worker)s AND state = 'running'
+      AND split_part(claim, '.', 1) = ANY(%(tokens)s::text[])
     RETURNING {_SELECT}, seq
 """
 HEARTBEAT = """
-    UPDATE offload_jobs SET lease_until = %s
-    WHERE state = 'running' AND worker = %s
+    UPDATE offload_jobs SET lease_until = %(until)s
+    WHERE id = ANY(%(ids)s::text[]) AND claim = ANY(%(claims)s::text[]) AND state = 'running'
     RETURNING id, cancel_requested
 """
 FINISH = """
@@ -185,18 +192,24 @@ FINISH = """
         run_at = CASE WHEN %(state)s::text = 'queued'
                       THEN coalesce(%(run_at)s, %(now)s) ELSE run_at END,
         worker = NULL, lease_until = NULL
-    WHERE id = %(id)s AND worker = %(worker)s AND attempts = %(attempts)s AND state = 'running'
+    WHERE id = %(id)s AND claim = %(claim)s AND state = 'running'
+"""
+# A finish keeps the claim token, so a finish repeated after a lost reply recognises its work.
+FINISHED_BY = """
+    SELECT id FROM offload_jobs
+    WHERE id = ANY(%(ids)s::text[]) AND claim = ANY(%(claims)s::text[]) AND state <> 'running'
 """
 RELEASE = """
     UPDATE offload_jobs
-    SET state = 'queued', worker = NULL, lease_until = NULL, attempts = attempts - 1
-    WHERE id = %s AND worker = %s AND attempts = %s AND state = 'running'
+    SET state = 'queued', worker = NULL, lease_until = NULL, claim = NULL,
+        attempts = attempts - 1
+    WHERE id = %s AND claim = %s AND state = 'running'
 """
 # A job whose worker died goes back in the queue; it is cancelled if someone asked for that
 # meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
 RECOVER = """
     UPDATE offload_jobs
-    SET lost = lost + 1, worker = NULL, lease_until = NULL,
+    SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = NULL,
         state = CASE WHEN cancel_requested THEN 'cancelled'
                      WHEN lost + 1 >= %(max_lost)s THEN 'failed' ELSE 'queued' END,
         finished_at = CASE WHEN cancel_requested OR lost + 1 >= %(max_lost)s THEN %(now)s END,
@@ -213,9 +226,9 @@ CANCEL_RUNNING = """
     UPDATE offload_jobs SET cancel_requested = true WHERE id = %s AND state = 'running'
 """
 SET_PROGRESS = """
-    UPDATE offload_jobs SET progress_json = %s
-    WHERE id = %s AND worker = %s AND attempts = %s AND state = 'running'
+    UPDATE offload_jobs SET progress_json = %s WHERE id = %s AND claim = %s AND state = 'running'
 """
+STATE = "SELECT state, cancel_requested FROM offload_jobs WHERE id = %s"
 RETRY = """
     UPDATE offload_jobs
     SET state = 'queued', run_at = %s, attempts = 0, lost = 0, finished_at = NULL,
@@ -354,7 +367,7 @@ class PostgresBackend(Backend):
         self._lock = threading.Lock()
         self._pool: ConnectionPool[Connection] | None = None
         self._ready = False
-        self._unconfirmed: dict[str, list[float]] = {}
+        self._unconfirmed: dict[str, list[str]] = {}  # claim tokens whose reply was lost
         self._inherited: list[object] = []
         self._subscribers: list[Callable[[], None]] = []
         self._listener: threading.Thread | None = None
@@ -395,13 +408,20 @@ class PostgresBackend(Backend):
                 self._finalizer.atexit = False
             return self._pool
 
-    def _run(self, operation: Callable[[Connection], T], retry: bool = True) -> T:
+    def _run(
+        self,
+        operation: Callable[[Connection], T],
+        retry: bool = True,
+        confirm: Callable[[Connection, T], T] | None = None,
+    ) -> T:
         """Run ``operation`` on a pooled connection, migrating the schema on first use.
 
         A connection that breaks under it (server restart, network cut) is dropped and, if
         ``retry``, the operation runs once more on a fresh one: every verb but claim is safe
-        to repeat, since a repeat finds the first one's work done and changes nothing. An
-        unreachable server raises ``ConnectionError`` within about ``timeout`` seconds.
+        to repeat, since a repeat finds the first one's work done and changes nothing. As the
+        first try may have done the work before its reply was lost, ``confirm`` then looks at
+        what is stored and corrects the repeat's answer. An unreachable server raises
+        ``ConnectionError`` within about ``timeout`` seconds.
         """
         lost: psycopg.OperationalError | None = None
         for _ in range(2 if retry else 1):
@@ -410,7 +430,10 @@ class PostgresBackend(Backend):
                     try:
                         if not self._ready:
                             self._migrate(conn)
-                        return operation(conn)
+                        value = operation(conn)
+                        if lost is not None and confirm is not None:
+                            value = confirm(conn, value)
+                        return value
                     except psycopg.OperationalError as error:
                         if not conn.broken:
                             raise
@@ -517,23 +540,24 @@ class PostgresBackend(Backend):
         limit: int,
         lease: float,
     ) -> list[Job]:
-        now = time.time()
+        now, token = time.time(), secrets.token_hex(8)
         params = {
             "worker": worker,
             "now": now,
             "lease": lease,
+            "token": token,
             "tasks": list(tasks),
             "queues": None if queues is None else list(queues),
             "limit": limit,
         }
 
         def claim(conn: Connection) -> list[tuple[Any, ...]]:
-            stamps = list(self._unconfirmed.get(worker, ()))
-            if stamps:
-                adopt = {"worker": worker, "now": now, "lease": lease, "stamps": stamps}
+            tokens = list(self._unconfirmed.get(worker, ()))
+            if tokens:
+                adopt = {**params, "tokens": tokens}
                 rows = conn.execute(ADOPT, adopt).fetchall()
                 with self._lock:
-                    left = [s for s in self._unconfirmed.pop(worker, []) if s not in stamps]
+                    left = [t for t in self._unconfirmed.pop(worker, []) if t not in tokens]
                     if left:
                         self._unconfirmed[worker] = left
                 if rows:
@@ -543,7 +567,7 @@ class PostgresBackend(Backend):
             except psycopg.OperationalError:
                 if conn.broken:  # the claim may have been committed: adopt its jobs next time
                     with self._lock:
-                        self._unconfirmed.setdefault(worker, []).append(now)
+                        self._unconfirmed.setdefault(worker, []).append(token)
                 raise
 
         # Not repeated here: the worker's loop claims again after a pause, and adopts.
@@ -551,9 +575,15 @@ class PostgresBackend(Backend):
         rows.sort(key=lambda row: (-row[_PRIORITY], row[_RUN_AT], row[-1]))  # row[-1]: seq
         return [self._job(row) for row in rows]
 
-    def heartbeat(self, worker: str, lease: float) -> set[str]:
-        until = time.time() + lease
-        rows = self._run(lambda conn: conn.execute(HEARTBEAT, (until, worker)).fetchall())
+    def heartbeat(self, held: Collection[Job], lease: float) -> set[str]:
+        if not held:
+            return set()
+        params = {
+            "until": time.time() + lease,
+            "ids": [job.id for job in held],
+            "claims": [job.claim for job in held],
+        }
+        rows = self._run(lambda conn: conn.execute(HEARTBEAT, params).fetchall())
         return {job_id for job_id, cancel in rows if cancel}
 
     def finish(self, job: Job, outcome: Outcome) -> bool:
@@ -566,10 +596,16 @@ class PostgresBackend(Backend):
             with conn.transaction():  # one commit for the lot
                 return [conn.execute(FINISH, row).rowcount == 1 for row in rows]
 
-        return self._run(store)
+        def confirm(conn: Connection, stored: list[bool]) -> list[bool]:
+            """After a lost reply: the outcomes the first try stored count as stored."""
+            params = {"ids": [r["id"] for r in rows], "claims": [r["claim"] for r in rows]}
+            done = {job_id for (job_id,) in conn.execute(FINISHED_BY, params).fetchall()}
+            return [ok or row["id"] in done for ok, row in zip(stored, rows, strict=True)]
+
+        return self._run(store, confirm=confirm)
 
     def release(self, job: Job) -> bool:
-        values = (job.id, job.worker, job.attempts)
+        values = (job.id, job.claim)
         return self._run(lambda conn: conn.execute(RELEASE, values).rowcount == 1)
 
     def recover(self, max_lost: int) -> int:
@@ -582,7 +618,12 @@ class PostgresBackend(Backend):
                 return True
             return conn.execute(CANCEL_RUNNING, (job_id,)).rowcount == 1
 
-        return self._run(cancel)
+        def confirm(conn: Connection, done: bool) -> bool:
+            """After a lost reply: cancelled, or asked to stop, by the first try."""
+            rows = conn.execute(STATE, (job_id,)).fetchall()
+            return done or bool(rows and (rows[0][0] == "cancelled" or rows[0][1]))
+
+        return self._run(cancel, confirm=confirm)
 
     def retry(self, job_id: str) -> bool:
         def retry(conn: Connection) -> bool:
@@ -591,10 +632,15 @@ class PostgresBackend(Backend):
             except psycopg.errors.UniqueViolation:
                 return False  # a job with its key was queued in the same instant
 
-        return self._run(retry)
+        def confirm(conn: Connection, done: bool) -> bool:
+            """After a lost reply: no longer failed or cancelled, so the first try retried it."""
+            rows = conn.execute(STATE, (job_id,)).fetchall()
+            return done or bool(rows and rows[0][0] in ("queued", "running"))
+
+        return self._run(retry, confirm=confirm)
 
     def set_progress(self, job: Job, progress_json: str) -> bool:
-        values = (progress_json, job.id, job.worker, job.attempts)
+        values = (progress_json, job.id, job.claim)
         return self._run(lambda conn: conn.execute(SET_PROGRESS, values).rowcount == 1)
 
     def purge(self, finished_before: float) -> int:

@@ -23,8 +23,7 @@ def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]
             "run_at": outcome.run_at,
             "now": now,
             "id": job.id,
-            "worker": job.worker,
-            "attempts": job.attempts,
+            "claim": job.claim,
         }
         for job, outcome in finished
     ]

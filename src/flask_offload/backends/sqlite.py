@@ -13,21 +13,23 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
+from contextlib import suppress
 from dataclasses import fields
 from operator import attrgetter
 from typing import Any, TypeVar
 
 from ..job import QUEUED, Job, Outcome, WorkerInfo
-from .base import Backend, refuse_connection
+from .base import Backend, StorageCorrupt, refuse_connection
 from .rows import finish_rows, worker_info, worker_row
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
 _SELECT = ", ".join(COLUMNS)
 
@@ -90,6 +92,8 @@ MIGRATIONS = [
         last_seen REAL NOT NULL
     );
     """,
+    # Version 2: every claim gets a token of its own that fences the run's writes.
+    "ALTER TABLE offload_jobs ADD COLUMN claim TEXT;",
 ]
 
 
@@ -127,13 +131,14 @@ CLAIM_PICK = """
 CLAIM_TAKE = f"""
     UPDATE offload_jobs
     SET state = 'running', worker = :worker, lease_until = :now + :lease, started_at = :now,
-        attempts = attempts + 1
+        attempts = attempts + 1, claim = :token || '.' || seq
     WHERE seq IN (SELECT value FROM json_each(:seqs))
     RETURNING {_SELECT}
 """
 HEARTBEAT = """
-    UPDATE offload_jobs SET lease_until = ?
-    WHERE state = 'running' AND worker = ?
+    UPDATE offload_jobs SET lease_until = :until
+    WHERE id IN (SELECT value FROM json_each(:ids))
+      AND claim IN (SELECT value FROM json_each(:claims)) AND state = 'running'
     RETURNING id, cancel_requested
 """
 FINISH = """
@@ -143,18 +148,19 @@ FINISH = """
         finished_at = CASE WHEN :state = 'queued' THEN NULL ELSE :now END,
         run_at = CASE WHEN :state = 'queued' THEN coalesce(:run_at, :now) ELSE run_at END,
         worker = NULL, lease_until = NULL
-    WHERE id = :id AND worker = :worker AND attempts = :attempts AND state = 'running'
+    WHERE id = :id AND claim = :claim AND state = 'running'
 """
 RELEASE = """
     UPDATE offload_jobs
-    SET state = 'queued', worker = NULL, lease_until = NULL, attempts = attempts - 1
-    WHERE id = ? AND worker = ? AND attempts = ? AND state = 'running'
+    SET state = 'queued', worker = NULL, lease_until = NULL, claim = NULL,
+        attempts = attempts - 1
+    WHERE id = ? AND claim = ? AND state = 'running'
 """
 # A job whose worker died goes back in the queue; it is cancelled if someone asked for that
 # meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
 RECOVER = """
     UPDATE offload_jobs
-    SET lost = lost + 1, worker = NULL, lease_until = NULL,
+    SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = NULL,
         state = CASE WHEN cancel_requested THEN 'cancelled'
                      WHEN lost + 1 >= :max_lost THEN 'failed' ELSE 'queued' END,
         finished_at = CASE WHEN cancel_requested OR lost + 1 >= :max_lost THEN :now END,
@@ -169,8 +175,7 @@ CANCEL_QUEUED = """
 """
 CANCEL_RUNNING = "UPDATE offload_jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'"
 SET_PROGRESS = """
-    UPDATE offload_jobs SET progress_json = ?
-    WHERE id = ? AND worker = ? AND attempts = ? AND state = 'running'
+    UPDATE offload_jobs SET progress_json = ? WHERE id = ? AND claim = ? AND state = 'running'
 """
 RETRY = """
     UPDATE offload_jobs
@@ -211,6 +216,15 @@ PURGE = """
 QUEUED_TASK_NAMES = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queued'"
 
 
+def _truncate_wal(db: sqlite3.Connection) -> bool:
+    """Checkpoint the whole WAL into the database and truncate it; True if that worked."""
+    try:
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.Error:
+        return False
+    return bool(busy == 0)
+
+
 def _busy(error: sqlite3.OperationalError) -> bool:
     message = str(error).lower()
     return "locked" in message or "busy" in message
@@ -229,6 +243,7 @@ class SQLiteBackend(Backend):
         self._pid = -1
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._disk_was_full = False
         self._run(lambda db: None)  # open now, so a bad path or a newer schema fails early
 
     def _connect(self) -> sqlite3.Connection:
@@ -240,6 +255,10 @@ class SQLiteBackend(Backend):
         # 16 MiB of page cache (SQLite's default is 2): with a million finished rows, claims
         # and finishes otherwise read their index pages from the file again and again.
         db.execute("PRAGMA cache_size = -16384")
+        # After a checkpoint the WAL shrinks back to this size (4 MiB, about the autocheckpoint
+        # threshold), so a burst never leaves a large log behind on a small volume.
+        db.execute("PRAGMA journal_size_limit = 4194304")
+        self._fit_wal(db)
         self._migrate(db)
         return db
 
@@ -270,7 +289,11 @@ class SQLiteBackend(Backend):
         self._db, self._pid, self._lock = None, -1, threading.Lock()
 
     def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``operation`` on this process's connection, waiting out a busy database."""
+        """Run ``operation`` on this process's connection, waiting out a busy database.
+
+        A full disk gets the WAL checkpointed and truncated, so space freed elsewhere is
+        not eaten again by the log; a damaged or unusable file raises an error that names it.
+        """
         pause = 0.005
         deadline = time.monotonic() + 2 * self.busy_timeout
         while True:
@@ -278,19 +301,74 @@ class SQLiteBackend(Backend):
                 with self._lock:
                     if self._pid != os.getpid() or self._db is None:
                         self._db, self._pid = self._connect(), os.getpid()
-                    return operation(self._db)
-            except sqlite3.OperationalError as error:
-                if not _busy(error) or time.monotonic() > deadline:
-                    raise
+                    return self._attempt(self._db, operation)
+            except sqlite3.DatabaseError as error:
+                retry = isinstance(error, sqlite3.OperationalError) and _busy(error)
+                if not retry or time.monotonic() > deadline:
+                    explained = self._explain(error)
+                    if explained is None:
+                        raise
+                    raise explained from error
             time.sleep(pause * random.uniform(0.5, 1.5))
             pause = min(pause * 2, 0.5)
+
+    def _attempt(self, db: sqlite3.Connection, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``operation``. After a full disk, the first write that fits again checkpoints
+        and truncates the WAL, so the log does not grow back into the space just freed."""
+        try:
+            value = operation(db)
+        except sqlite3.Error as error:
+            if db.in_transaction:  # a failed ROLLBACK must not leave the connection stuck
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            if "full" in str(error).lower():
+                self._disk_was_full = True
+            raise
+        if self._disk_was_full and _truncate_wal(db):
+            self._disk_was_full = False
+            self._fit_wal(db)
+        return value
+
+    def _fit_wal(self, db: sqlite3.Connection) -> None:
+        """Checkpoint before the WAL can fill a small volume: at an eighth of its free space
+        at most (SQLite's default waits for 1,000 pages, about 4 MB)."""
+        try:
+            volume = os.statvfs(os.path.dirname(self.path) or ".")
+        except (OSError, AttributeError):  # no statvfs on Windows: keep SQLite's default
+            return
+        free = volume.f_bavail * volume.f_frsize
+        page = db.execute("PRAGMA page_size").fetchone()[0]
+        db.execute(f"PRAGMA wal_autocheckpoint = {max(16, min(1000, free // 8 // page))}")
+
+    def _explain(self, error: sqlite3.Error) -> Exception | None:
+        """``error`` in the caller's terms: which setting, which file, what to do."""
+        message = str(error).lower()
+        where = f"the job store {self.path} (OFFLOAD_URL)"
+        if "malformed" in message or "not a database" in message:
+            return StorageCorrupt(
+                f"{where} is damaged or not a SQLite database ({error}): stop the processes "
+                "that use it, then restore it from a backup or move it away and start afresh "
+                f"(`sqlite3 {self.path} .recover` may save its jobs)"
+            )
+        if "unable to open" in message:
+            return RuntimeError(
+                f"cannot open {where} ({error}): check that its folder exists and that this "
+                "process may write there"
+            )
+        if "readonly" in message:
+            return RuntimeError(
+                f"{where} is read-only for this process ({error}): SQLite must write the file "
+                "and, beside it, its -wal and -shm files"
+            )
+        return None
 
     def _transaction(self, db: sqlite3.Connection, body: Callable[[], T]) -> T:
         db.execute("BEGIN IMMEDIATE")
         try:
             value = body()
         except BaseException:
-            db.execute("ROLLBACK")
+            with suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
         return value
@@ -344,6 +422,7 @@ class SQLiteBackend(Backend):
             "worker": worker,
             "now": time.time(),
             "lease": lease,
+            "token": secrets.token_hex(8),
             "tasks": json.dumps(list(tasks)),
             "queues": None if queues is None else json.dumps(list(queues)),
             "limit": limit,
@@ -360,8 +439,15 @@ class SQLiteBackend(Backend):
         jobs.sort(key=lambda job: (-job.priority, job.run_at, job.created_at))
         return jobs
 
-    def heartbeat(self, worker: str, lease: float) -> set[str]:
-        rows = self._run(lambda db: db.execute(HEARTBEAT, (time.time() + lease, worker)).fetchall())
+    def heartbeat(self, held: Collection[Job], lease: float) -> set[str]:
+        if not held:
+            return set()
+        params = {
+            "until": time.time() + lease,
+            "ids": json.dumps([job.id for job in held]),
+            "claims": json.dumps([job.claim for job in held]),
+        }
+        rows = self._run(lambda db: db.execute(HEARTBEAT, params).fetchall())
         return {job_id for job_id, cancel in rows if cancel}
 
     def finish(self, job: Job, outcome: Outcome) -> bool:
@@ -380,7 +466,7 @@ class SQLiteBackend(Backend):
         return self._run(store)
 
     def release(self, job: Job) -> bool:
-        values = (job.id, job.worker, job.attempts)
+        values = (job.id, job.claim)
         return self._run(lambda db: db.execute(RELEASE, values).rowcount == 1)
 
     def recover(self, max_lost: int) -> int:
@@ -399,7 +485,7 @@ class SQLiteBackend(Backend):
         return self._run(lambda db: db.execute(RETRY, (time.time(), job_id)).rowcount == 1)
 
     def set_progress(self, job: Job, progress_json: str) -> bool:
-        values = (progress_json, job.id, job.worker, job.attempts)
+        values = (progress_json, job.id, job.claim)
         return self._run(lambda db: db.execute(SET_PROGRESS, values).rowcount == 1)
 
     def purge(self, finished_before: float) -> int:

@@ -190,4 +190,6 @@ def make_app(tmp_path: Path) -> Iterator[AppFactory]:
 
     yield build
     for app, offload in made:
-        offload.runtime(app).stop(5)
+        runtime = offload.runtime(app)
+        runtime.stop(5)
+        runtime.backend.close()

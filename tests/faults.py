@@ -54,8 +54,8 @@ class Faulty:
 
 
 def every(k: int, limit: int = 1_000_000) -> Callable[[int], bool]:
-    """Break every ``k``-th call, at most ``limit`` times."""
-    return lambda n: n % k == 0 and n // k <= limit
+    """Break every ``k``-th call from the first on (1st, k+1-th, ...), at most ``limit`` times."""
+    return lambda n: (n - 1) % k == 0 and (n - 1) // k < limit
 
 
 def once(n: int = 1) -> Callable[[int], bool]:

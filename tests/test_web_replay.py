@@ -194,9 +194,8 @@ def test_background_above_the_route_decorator_raises_with_the_right_order(
         def upside_down() -> str:
             return "ran inline"
 
-    message = str(raised.value)
-    assert message.index("@app.post") < message.index("@offload.background"), message
-    assert "upside_down" in message
+    right_order = '    @app.post("/path")\n    @offload.background\n    def upside_down(): ...'
+    assert right_order in str(raised.value)
 
 
 def test_background_above_the_route_decorator_before_init_app_raises_at_init_app(

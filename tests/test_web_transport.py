@@ -231,6 +231,7 @@ def raw_request(server: Server, head: bytes, body: Iterable[bytes] = ()) -> byte
         try:
             for part in body:
                 sock.sendall(part)
+            sock.shutdown(socket.SHUT_WR)  # Werkzeug drains an unread body until it ends
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server stopped reading: its answer says why
         answer = b""

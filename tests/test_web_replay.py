@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, Response, g, redirect, request, send_file
+from flask import Blueprint, Flask, Response, g, redirect, request, send_file
 from flask.testing import FlaskClient
+from flask.views import MethodView
 
 import pgtest
 from conftest import AppFactory
@@ -275,3 +276,34 @@ def test_redirects_empty_answers_and_head_poll_like_the_foreground(
         assert by_get.status == foreground.status and by_get.get_data() == b""
         assert by_get.headers["Content-Length"] == "0"
         assert by_get.headers["X-Page"] == "1"
+
+
+def test_a_blueprint_registered_later_with_the_wrong_order_fails_at_the_first_request(
+    make_app: AppFactory,
+) -> None:
+    app, offload = make_app(OFFLOAD_WORKERS=0)
+    app.testing = True
+    reports = Blueprint("reports", __name__)
+
+    @offload.background
+    @reports.post("/upside-down")
+    def upside_down() -> str:
+        return "ran inline"
+
+    app.register_blueprint(reports)
+    with pytest.raises(
+        TypeError, match=r"'upside_down' is registered .*endpoint 'reports\.upside_down'"
+    ):
+        app.test_client().post("/upside-down")
+
+
+def test_a_method_view_method_can_be_a_background_view(site: Site) -> None:
+    app, offload, _client = site
+
+    class Orders(MethodView):
+        @offload.background
+        def post(self, n: int) -> str:
+            return f"{type(self).__name__} {n} {request.get_data(as_text=True)}"
+
+    app.add_url_rule("/orders/<int:n>", view_func=Orders.as_view("orders"))
+    assert run(site, "POST", "/orders/3", data="x").get_data() == b"Orders 3 x"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -67,6 +68,10 @@ class BackgroundView:
         self.task = task
         self._offload = offload
 
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        """Bind as the function it wraps would, so a ``MethodView`` method can be one."""
+        return self if instance is None else types.MethodType(self, instance)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if request.environ.get(REPLAY) == self.task.name:
             return current_app.ensure_sync(self.view)(*args, **kwargs)
@@ -104,11 +109,28 @@ def background_view(offload: Offload, view: Callable[..., Any], **options: Any) 
 
 def install(app: Flask) -> None:
     """Wire background views into ``app``: read their request bodies before anything parses
-    them, and refuse a view that was registered unwrapped (the decorators in the wrong order)."""
+    them, and refuse a view registered unwrapped (the decorators in the wrong order) now, or
+    at the first request for routes added later (a blueprint registered after ``init_app``)."""
     _check_order(app, _is_wrapped)
+    app.before_request(_FirstRequestCheck(app))
     app.wsgi_app = snapshot.BodyCapture(  # type: ignore[method-assign]
         app, app.wsgi_app, lambda view: isinstance(view, BackgroundView)
     )
+
+
+class _FirstRequestCheck:
+    """A before-request hook: at the first request, once every route is registered (Flask
+    refuses new ones after it), check the decorator order of all of them. A failure fails
+    every request, loudly, rather than letting a background view run inline."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.done = False
+
+    def __call__(self) -> None:
+        if not self.done:
+            _check_order(self.app, _is_wrapped)
+            self.done = True
 
 
 def _default_name(view: Callable[..., Any]) -> str:

@@ -307,3 +307,16 @@ def test_a_method_view_method_can_be_a_background_view(site: Site) -> None:
 
     app.add_url_rule("/orders/<int:n>", view_func=Orders.as_view("orders"))
     assert run(site, "POST", "/orders/3", data="x").get_data() == b"Orders 3 x"
+
+
+def test_one_function_can_be_served_both_inline_and_in_the_background(site: Site) -> None:
+    """Wrapped first and then registered plain too, on purpose: not a decorator-order mistake."""
+    app, offload, client = site
+
+    def total() -> str:
+        return "42"
+
+    app.add_url_rule("/total/later", "later", offload.background(total))
+    app.add_url_rule("/total", "now", total)
+    assert client.get("/total").get_data() == b"42"
+    assert run(site, "GET", "/total/later").get_data() == b"42"

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from flask import (
 )
 from werkzeug.serving import make_server
 
-from conftest import wait_until
+from conftest import answers, free_port, process, subprocess_env, wait_until
 from flask_offload import Offload
 
 pytestmark = pytest.mark.slow
@@ -178,9 +180,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         offload.runtime(app).stop(5)
 
 
-def poll(server: Server, location: str, method: str = "GET") -> requests.Response:
+def poll(base: str, location: str, method: str = "GET") -> requests.Response:
     """The job's answer once it is no longer pending."""
-    url = server.base + location
+    url = base + location
 
     def done() -> list[requests.Response]:
         answer = requests.request(method, url, timeout=10, allow_redirects=False)
@@ -190,18 +192,18 @@ def poll(server: Server, location: str, method: str = "GET") -> requests.Respons
     return answer
 
 
-def both(server: Server, method: str, name: str, **kwargs: Any) -> tuple[Any, Any]:
+def both(base: str, method: str, name: str, **kwargs: Any) -> tuple[Any, Any]:
     """The foreground's answer and the background job's answer to the same request."""
     make: Callable[[], dict[str, Any]] = kwargs.pop("fresh", lambda: {})
     foreground = requests.request(
-        method, f"{server.base}/fg/{name}", timeout=10, allow_redirects=False, **kwargs, **make()
+        method, f"{base}/fg/{name}", timeout=10, allow_redirects=False, **kwargs, **make()
     )
     accepted = requests.request(
-        method, f"{server.base}/bg/{name}", timeout=10, allow_redirects=False, **kwargs, **make()
+        method, f"{base}/bg/{name}", timeout=10, allow_redirects=False, **kwargs, **make()
     )
     assert accepted.status_code == 202, accepted.text
     return foreground, poll(
-        server, accepted.headers["Location"], "HEAD" if method == "HEAD" else "GET"
+        base, accepted.headers["Location"], "HEAD" if method == "HEAD" else "GET"
     )
 
 
@@ -212,20 +214,20 @@ def chunks(total: int, size: int = 1000) -> Iterator[bytes]:
 
 
 def test_a_chunked_body_reaches_the_replayed_view(server: Server) -> None:
-    foreground, background = both(server, "POST", "body", fresh=lambda: {"data": chunks(1000)})
+    foreground, background = both(server.base, "POST", "body", fresh=lambda: {"data": chunks(1000)})
     assert foreground.json()["bytes_seen"] == 1000
     assert background.json() == foreground.json()
     accepted = requests.post(f"{server.base}/bg/framing", data=chunks(300), timeout=10)
-    assert poll(server, accepted.headers["Location"]).json() == {
+    assert poll(server.base, accepted.headers["Location"]).json() == {
         "content_length": 300,
         "transfer_encoding": None,
         "bytes_seen": 300,
     }
 
 
-def raw_request(server: Server, head: bytes, body: Iterable[bytes] = ()) -> bytes:
+def raw_request(base: str, head: bytes, body: Iterable[bytes] = ()) -> bytes:
     """Send raw bytes (a request line requests would re-encode), and read the whole answer."""
-    host, port = server.base.removeprefix("http://").split(":")
+    host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(head)
         try:
@@ -241,6 +243,16 @@ def raw_request(server: Server, head: bytes, body: Iterable[bytes] = ()) -> byte
         except ConnectionResetError:
             pass
     return answer
+
+
+def location_of(answer: bytes) -> str:
+    """The Location header of a raw HTTP answer."""
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    return next(
+        line.split(b":", 1)[1].strip().decode()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"location:")
+    )
 
 
 def test_an_endless_chunked_body_is_refused_after_the_limit_not_read_whole(
@@ -259,7 +271,7 @@ def test_an_endless_chunked_body_is_refused_after_the_limit_not_read_whole(
         b"POST /bg/body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
         b"Connection: close\r\n\r\n"
     )
-    raw_request(server, head, endless())
+    raw_request(server.base, head, endless())
     assert server.statuses[started:] == ["413 REQUEST ENTITY TOO LARGE"]
     assert server.read[0] - before <= LIMIT + 65536 * 2, "read no further than the limit"
 
@@ -271,17 +283,13 @@ def test_raw_query_bytes_replay_as_the_foreground_saw_them(server: Server) -> No
         head = b"GET /%s/json?q=\xff\xfe%%FF HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (
             side.encode()
         )
-        answer = raw_request(server, head)
+        answer = raw_request(server.base, head)
         assert answer.startswith(b"HTTP/1.1 "), answer[:100]
         answers[side] = answer
-    location = next(
-        line.split(b": ", 1)[1].decode()
-        for line in answers["bg"].split(b"\r\n")
-        if line.lower().startswith(b"location:")
-    )
+    location = location_of(answers["bg"])
     foreground = answers["fg"].split(b"\r\n\r\n", 1)[1]
     assert json.loads(foreground)["args"] == {"q": ["\u00ff\u00fe%FF"]}, foreground
-    assert poll(server, location).content == foreground
+    assert poll(server.base, location).content == foreground
 
 
 CASES: dict[str, tuple[str, str, Callable[[], dict[str, Any]]]] = {
@@ -310,7 +318,7 @@ CASES: dict[str, tuple[str, str, Callable[[], dict[str, Any]]]] = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_ordinary_views_answer_the_same_in_the_background(server: Server, case: str) -> None:
     method, name, make = CASES[case]
-    foreground, background = both(server, method, name, fresh=make)
+    foreground, background = both(server.base, method, name, fresh=make)
 
     def comparable(answer: requests.Response) -> dict[str, str]:
         skip = {"date", "set-cookie", "cache-control"}
@@ -320,3 +328,57 @@ def test_ordinary_views_answer_the_same_in_the_background(server: Server, case: 
     assert comparable(background) == comparable(foreground)
     assert background.content == foreground.content
     assert background.headers.get("Cache-Control") == "no-store"
+
+
+@pytest.fixture(scope="module")
+def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """tests/apps/replayapp.py under gunicorn (one sync worker): its base URL and worker pid."""
+    tmp = tmp_path_factory.mktemp("gunicorn")
+    env = subprocess_env(
+        REPLAYAPP_INSTANCE=str(tmp / "instance"),
+        OFFLOADTEST_OFFLOAD_URL=f"sqlite:///{tmp / 'jobs.db'}",
+        OFFLOADTEST_OFFLOAD_MAX_REQUEST_BYTES=str(1 << 20),
+        OFFLOADTEST_OFFLOAD_POLL_INTERVAL="0.2",
+    )
+    port = free_port()
+    args = [sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"127.0.0.1:{port}"]
+    log = tmp / "gunicorn.log"
+    with process([*args, "replayapp:create_app()"], env, log) as server:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: answers(f"{base}/pid"))
+        yield base, requests.get(f"{base}/pid", timeout=10).json()["pid"]
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+    assert "Traceback" not in log.read_text()
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1])
+
+
+def test_gunicorn_a_chunked_body_reaches_the_replayed_view(gunicorn: tuple[str, int]) -> None:
+    base, _pid = gunicorn
+    foreground, background = both(base, "POST", "body", fresh=lambda: {"data": chunks(5000)})
+    assert foreground.json()["bytes_seen"] == 5000
+    assert background.json() == foreground.json()
+
+
+def test_gunicorn_an_endless_chunked_body_is_refused_without_reading_it_whole(
+    gunicorn: tuple[str, int],
+) -> None:
+    """64 MiB sent chunked to a 1 MiB limit: 413, and the worker's peak memory barely moves
+    (reading it whole, as before, grew the worker by the size of the body)."""
+    base, pid = gunicorn
+    before = peak_rss_kib(pid)
+    piece = b"x" * 65536
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    head = (
+        b"POST /bg/body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    answer = raw_request(base, head, [chunk] * 1024 + [b"0\r\n\r\n"])
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:100]
+    assert peak_rss_kib(pid) - before < 16 * 1024, "the body was not read whole"

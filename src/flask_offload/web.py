@@ -14,6 +14,7 @@ shared cache may keep it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import types
@@ -103,7 +104,9 @@ def background_view(offload: Offload, view: Callable[..., Any], **options: Any) 
         task = known  # the same view defined again, by an app factory's second call
     else:
         task = offload.task(name=name, **options)(runner)
-    _wrapped.add(view)
+    for fn in _unwrapped(view):
+        with contextlib.suppress(TypeError):  # an unhashable callable cannot be tracked
+            _wrapped.add(fn)
     return BackgroundView(offload, view, task)
 
 
@@ -161,23 +164,30 @@ def _is_wrapped(fn: Callable[..., Any]) -> bool:
 
 
 def _check_order(app: Flask, is_background: Callable[[Any], bool]) -> None:
-    """Raise if ``app`` serves a background view's function without its wrapper: the route
-    decorator ran first, so the wrapper would never be called and the view would run inline."""
+    """Raise if ``app`` serves a background view's function plain and never through its
+    wrapper: its route decorator ran first (below ``@offload.background``), so the wrapper is
+    never called and the view runs inline. Serving a function both ways is allowed."""
+    served: set[int] = set()  # the functions behind the BackgroundViews the app serves
+    plain: list[tuple[str, Callable[..., Any]]] = []
     for endpoint, registered in app.view_functions.items():
+        chain: list[Callable[..., Any]] = []
         for fn in _unwrapped(registered):
             if isinstance(fn, BackgroundView):
+                served.update(id(inner) for inner in _unwrapped(fn.view))
                 break
-            if is_background(fn):
-                name = getattr(fn, "__name__", repr(fn))
-                raise TypeError(
-                    f"view {name!r} is registered on app {app.name!r} (endpoint {endpoint!r}) "
-                    "before @offload.background wraps it, so it would run inline and answer at "
-                    "once: the route decorator must be the outer one, above "
-                    "@offload.background:\n\n"
-                    '    @app.post("/path")\n'
-                    "    @offload.background\n"
-                    f"    def {name}(): ..."
-                )
+            chain.append(fn)
+        else:
+            plain.extend((endpoint, fn) for fn in chain)
+    for endpoint, fn in plain:
+        if is_background(fn) and id(fn) not in served:
+            name = getattr(fn, "__name__", repr(fn))
+            raise TypeError(
+                f"view {name!r} is registered on app {app.name!r} (endpoint {endpoint!r}) "
+                "before @offload.background wraps it, so it would run inline and answer at "
+                "once: the route decorator must be the outer one, above @offload.background:"
+                '\n\n    @app.post("/path")\n    @offload.background\n'
+                f"    def {name}(): ..."
+            )
 
 
 def _retry_after() -> str:

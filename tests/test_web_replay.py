@@ -3,6 +3,7 @@ real storage (the transport-level cases are in test_web_transport.py)."""
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -320,3 +321,43 @@ def test_one_function_can_be_served_both_inline_and_in_the_background(site: Site
     app.add_url_rule("/total", "now", total)
     assert client.get("/total").get_data() == b"42"
     assert run(site, "GET", "/total/later").get_data() == b"42"
+
+
+def test_a_relative_redirect_still_points_where_the_foregrounds_does(site: Site) -> None:
+    app, offload, client = site
+
+    @app.get("/a/b")
+    @offload.background
+    def relative() -> Any:
+        return redirect("next?x=1")
+
+    assert client.get("/offload/jobs/" + "0" * 32).status_code == 404
+    assert run(site, "GET", "/a/b").headers["Location"] == "http://localhost/a/next?x=1"
+
+
+def test_a_background_view_wrapped_again_outside_has_its_body_read_first(site: Site) -> None:
+    """A decorator above @offload.background (a login check) hides it from a plain
+    isinstance test: the body is still read before the hook parses the form."""
+    app, offload, _client = site
+
+    @app.before_request
+    def read_form() -> None:
+        g.form = request.form.to_dict()
+
+    def logged_in(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def check(*args: Any, **kwargs: Any) -> Any:
+            return view(*args, **kwargs)
+
+        return check
+
+    @app.post("/outer")
+    @logged_in
+    @offload.background
+    def outer() -> Any:
+        return {"view": request.form.to_dict(), "hook": g.form}
+
+    assert run(site, "POST", "/outer", data={"a": "1"}).json == {
+        "view": {"a": "1"},
+        "hook": {"a": "1"},
+    }

@@ -116,9 +116,7 @@ def install(app: Flask) -> None:
     at the first request for routes added later (a blueprint registered after ``init_app``)."""
     _check_order(app, _is_wrapped)
     app.before_request(_FirstRequestCheck(app))
-    app.wsgi_app = snapshot.BodyCapture(  # type: ignore[method-assign]
-        app, app.wsgi_app, lambda view: isinstance(view, BackgroundView)
-    )
+    app.wsgi_app = snapshot.BodyCapture(app, app.wsgi_app, _is_background_view)  # type: ignore[method-assign]
 
 
 class _FirstRequestCheck:
@@ -145,6 +143,11 @@ def _default_name(view: Callable[..., Any]) -> str:
             "e.g. @offload.background(name='build_report')"
         )
     return f"view:{view.__module__}.{view.__qualname__}"
+
+
+def _is_background_view(view: Callable[..., Any] | None) -> bool:
+    """True for a BackgroundView, or a view that wraps one (a login check above it)."""
+    return view is not None and any(isinstance(fn, BackgroundView) for fn in _unwrapped(view))
 
 
 def _unwrapped(fn: Callable[..., Any]) -> Iterator[Callable[..., Any]]:

@@ -116,7 +116,8 @@ def install(app: Flask) -> None:
     at the first request for routes added later (a blueprint registered after ``init_app``)."""
     _check_order(app, _is_wrapped)
     app.before_request(_FirstRequestCheck(app))
-    app.wsgi_app = snapshot.BodyCapture(app, app.wsgi_app, _is_background_view)  # type: ignore[method-assign]
+    capture = snapshot.BodyCapture(app, app.wsgi_app, _is_background_view)
+    app.wsgi_app = capture  # type: ignore[method-assign]
 
 
 class _FirstRequestCheck:

@@ -1,6 +1,6 @@
-"""Background views over a real HTTP server (Werkzeug's, as ``flask run`` serves): chunked
-bodies, raw query bytes, and a table of ordinary views answering the same in the foreground
-and in the background."""
+"""Background views over real HTTP servers, where the transport matters: Werkzeug's (as
+``flask run`` serves) for chunked bodies, raw query bytes and a table of ordinary views
+answering the same in the foreground and in the background; gunicorn for chunked bodies."""
 
 from __future__ import annotations
 
@@ -273,21 +273,21 @@ def test_an_endless_chunked_body_is_refused_after_the_limit_not_read_whole(
     )
     raw_request(server.base, head, endless())
     assert server.statuses[started:] == ["413 REQUEST ENTITY TOO LARGE"]
-    assert server.read[0] - before <= LIMIT + 65536 * 2, "read no further than the limit"
+    assert server.read[0] - before <= LIMIT + 1, "read no further than the limit"
 
 
 def test_raw_query_bytes_replay_as_the_foreground_saw_them(server: Server) -> None:
     """A raw, non-ASCII query (latin-1 text in WSGI) is not encoded a second time."""
-    answers = {}
+    raw = {}
     for side in ("fg", "bg"):
         head = b"GET /%s/json?q=\xff\xfe%%FF HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (
             side.encode()
         )
         answer = raw_request(server.base, head)
         assert answer.startswith(b"HTTP/1.1 "), answer[:100]
-        answers[side] = answer
-    location = location_of(answers["bg"])
-    foreground = answers["fg"].split(b"\r\n\r\n", 1)[1]
+        raw[side] = answer
+    location = location_of(raw["bg"])
+    foreground = raw["fg"].split(b"\r\n\r\n", 1)[1]
     assert json.loads(foreground)["args"] == {"q": ["\u00ff\u00fe%FF"]}, foreground
     assert poll(server.base, location).content == foreground
 

@@ -56,6 +56,7 @@ class Offload:
         app.extensions["offload"] = self
         app.cli.add_command(offload_cli)
         app.register_blueprint(web.blueprint, url_prefix=app.config["OFFLOAD_URL_PREFIX"])
+        web.install(app)
         lifecycle.manage(
             runtime, lifecycle.plan(app.testing, explicit_workers, settings.threads, eager)
         )

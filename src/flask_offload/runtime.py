@@ -108,6 +108,8 @@ class Runtime:
             job.error, job.traceback = outcome.error, outcome.traceback
             job.progress_json = outcome.progress_json or job.progress_json
         job.finished_at = time.time()
+        if job.ephemeral:  # stored already final: no storage trigger on finishing forgets it
+            job.args_json, job.kwargs_json = "[]", "{}"
         return self.backend.enqueue(job)
 
     def retry(self, job_id: str) -> Job:

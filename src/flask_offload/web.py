@@ -1,110 +1,197 @@
 """HTTP: background views (answer 202 now, run the view in a worker) and the job status URL.
 
 A background view never runs in a thread with the live request (the seeds' leak). Its request
-is copied into a snapshot (method, path, query, headers, body), stored as the job's arguments,
-and rebuilt in the worker, where the view runs through Flask's normal dispatch: before and
-after request hooks and error handlers apply, so ``abort(404)`` becomes a stored 404. The
-storage deletes the snapshot, cookies included, once the job ends. ``Set-Cookie`` is never
-stored or replayed: a job URL must not hand a session to whoever holds it.
+is copied into a snapshot (``snapshot.py``), stored as the job's arguments, and rebuilt in the
+worker (``replay.py``), where the view runs through Flask's normal dispatch: before and after
+request hooks and error handlers apply, so ``abort(404)`` becomes a stored 404. The storage
+deletes the snapshot, cookies included, once the job ends. ``Set-Cookie`` is never stored or
+replayed: a job URL must not hand a session to whoever holds it.
+
+Every answer of the status URL, and a background view's 202, says ``Cache-Control: no-store``:
+it changes from pending to done, and it may be guarded by ``@offload.owner``, so no browser or
+shared cache may keep it.
 """
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+import types
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response, current_app, jsonify, request, url_for
-from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.test import EnvironBuilder
+from flask import Blueprint, Flask, Response, current_app, jsonify, make_response, request, url_for
 
-from . import serializer
+from . import serializer, snapshot
 from .job import FAILED, SUCCEEDED, Job, valid_id
+from .replay import REPLAY, answer, replay
+from .task import Task
 
 if TYPE_CHECKING:
     from .extension import Offload
 
-REPLAY = "flask_offload.replay"  # an environ key no HTTP header can set
+NO_STORE = {"Cache-Control": "no-store"}
 blueprint = Blueprint("offload", __name__)
+# Every function some @offload.background wrapped, to catch it registered unwrapped on an app
+# initialised later (the decorators in the wrong order).
+_wrapped: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 
 
-def snapshot(max_bytes: int) -> dict[str, Any]:
-    """What the worker needs to rebuild this request; 413 if its body is over ``max_bytes``."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise RequestEntityTooLarge(f"a background request body is limited to {max_bytes} bytes")
-    body = request.get_data(cache=True)
-    if len(body) > max_bytes:
-        raise RequestEntityTooLarge(f"a background request body is limited to {max_bytes} bytes")
-    environ = request.environ
-    return {
-        "method": request.method,
-        "base_url": request.host_url.rstrip("/") + request.root_path,
-        "path": request.path,
-        "query": environ.get("QUERY_STRING", ""),
-        "headers": [[name, value] for name, value in request.headers.items()],
-        "body": base64.b64encode(body).decode("ascii"),
-        "remote_addr": request.remote_addr,
-    }
+@dataclass(frozen=True, slots=True)
+class ViewRunner:
+    """The task behind a background view: replay the request in the worker's own app.
+
+    It holds no view (each app dispatches to the view it registered), so one task serves every
+    app that defines the view: an app factory can run twice. Two runners are equal when their
+    name and options are, which is how a second registration is recognised as the same view.
+    """
+
+    name: str
+    options: tuple[tuple[str, Any], ...]
+
+    def __call__(self, shot: dict[str, Any]) -> dict[str, Any]:
+        app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+        # The stored result is base64 (4 bytes for 3) with its headers around it.
+        limit = int(app.config["OFFLOAD_MAX_RESULT_BYTES"]) * 3 // 4
+        return replay(app, self.name, shot, limit)
 
 
-def replay(task_name: str, shot: dict[str, Any]) -> dict[str, Any]:
-    """Run the view again on the rebuilt request and return its response as JSON data."""
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    builder = EnvironBuilder(
-        path=shot["path"],
-        base_url=shot["base_url"],
-        query_string=shot["query"],
-        method=shot["method"],
-        headers=[tuple(pair) for pair in shot["headers"]],
-        data=base64.b64decode(shot["body"]),
-        environ_base={"REMOTE_ADDR": shot["remote_addr"] or ""},
-        environ_overrides={REPLAY: task_name},
-    )
-    try:
-        environ = builder.get_environ()
-    finally:
-        builder.close()
-    with app.request_context(environ):
-        response = app.full_dispatch_request()
-    headers = [[k, v] for k, v in response.headers.items() if k.lower() != "set-cookie"]
-    return {
-        "status": response.status_code,
-        "headers": headers,
-        "body": base64.b64encode(response.get_data()).decode("ascii"),
-    }
+class BackgroundView:
+    """A view that answers ``202 Accepted`` at once and runs in a worker on a snapshot of its
+    request; in the worker (the replay), it calls the view itself."""
 
+    def __init__(self, offload: Offload, view: Callable[..., Any], task: Task[..., Any]) -> None:
+        functools.update_wrapper(self, view)
+        self.view = view
+        self.task = task
+        self._offload = offload
 
-def background_view(offload: Offload, view: Callable[..., Any], **options: Any) -> Any:
-    """Wrap ``view`` so a request answers 202 at once and the view runs in a worker."""
-    name = options.pop("name", None) or f"view:{view.__module__}.{view.__qualname__}"
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        """Bind as the function it wraps would, so a ``MethodView`` method can be one."""
+        return self if instance is None else types.MethodType(self, instance)
 
-    def run_view(shot: dict[str, Any]) -> dict[str, Any]:
-        return replay(name, shot)
-
-    task = offload.task(name=name, **options)(run_view)
-
-    @functools.wraps(view)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if request.environ.get(REPLAY) == name:
-            return current_app.ensure_sync(view)(*args, **kwargs)
-        shot = snapshot(int(current_app.config["OFFLOAD_MAX_REQUEST_BYTES"]))
-        owner = offload._owner
-        job = offload.runtime().enqueue(
-            task.name,
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if request.environ.get(REPLAY) == self.task.name:
+            return current_app.ensure_sync(self.view)(*args, **kwargs)
+        shot = snapshot.take(request.environ, int(current_app.config["OFFLOAD_MAX_REQUEST_BYTES"]))
+        owner = self._offload._owner
+        job = self._offload.runtime().enqueue(
+            self.task.name,
             [shot],
-            priority=task.priority,
-            queue=task.queue,
-            max_attempts=task.max_attempts,
+            priority=self.task.priority,
+            queue=self.task.queue,
+            max_attempts=self.task.max_attempts,
             owner_json=None if owner is None else serializer.dumps(owner(), "the owner"),
             ephemeral=True,
         )
         location = url_for("offload.job_status", job_id=job.id)
         body = jsonify(id=job.id, url=location, state=job.state)
-        return body, 202, {"Location": location, "Retry-After": _retry_after()}
+        return body, 202, {"Location": location, "Retry-After": _retry_after(), **NO_STORE}
 
-    return wrapper
+
+def background_view(offload: Offload, view: Callable[..., Any], **options: Any) -> BackgroundView:
+    """Wrap ``view`` as a background view, registering (or reusing) its task."""
+    name = options.pop("name", None) or _default_name(view)
+    inner = {id(fn) for fn in _unwrapped(view)}
+    for app in list(offload._runtimes.keys()):
+        _check_order(app, lambda fn: id(fn) in inner)
+    runner = ViewRunner(name, tuple(sorted(options.items())))
+    known = offload._tasks.get(name)
+    if known is not None and known.fn == runner:
+        task = known  # the same view defined again, by an app factory's second call
+    else:
+        task = offload.task(name=name, **options)(runner)
+    for fn in _unwrapped(view):
+        with contextlib.suppress(TypeError):  # an unhashable callable cannot be tracked
+            _wrapped.add(fn)
+    return BackgroundView(offload, view, task)
+
+
+def install(app: Flask) -> None:
+    """Wire background views into ``app``: read their request bodies before anything parses
+    them, and refuse a view registered unwrapped (the decorators in the wrong order) now, or
+    at the first request for routes added later (a blueprint registered after ``init_app``)."""
+    _check_order(app, _is_wrapped)
+    app.before_request(_FirstRequestCheck(app))
+    capture = snapshot.BodyCapture(app, app.wsgi_app, _is_background_view)
+    app.wsgi_app = capture  # type: ignore[method-assign]
+
+
+class _FirstRequestCheck:
+    """A before-request hook: at the first request, once every route is registered (Flask
+    refuses new ones after it), check the decorator order of all of them. A failure fails
+    every request, loudly, rather than letting a background view run inline."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.done = False
+
+    def __call__(self) -> None:
+        if not self.done:
+            _check_order(self.app, _is_wrapped)
+            self.done = True
+
+
+def _default_name(view: Callable[..., Any]) -> str:
+    """``view:module.qualname``; a view in ``__main__`` must be named, as a task must."""
+    if view.__module__ == "__main__":
+        raise ValueError(
+            f"background view {view.__qualname__!r} is defined in __main__, which other "
+            "processes import under another name, so no worker would find it: give it one, "
+            "e.g. @offload.background(name='build_report')"
+        )
+    return f"view:{view.__module__}.{view.__qualname__}"
+
+
+def _is_background_view(view: Callable[..., Any] | None) -> bool:
+    """True for a BackgroundView, or a view that wraps one (a login check above it)."""
+    return view is not None and any(isinstance(fn, BackgroundView) for fn in _unwrapped(view))
+
+
+def _unwrapped(fn: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """``fn`` and the functions it wraps (``__wrapped__``, as functools.wraps records)."""
+    seen: set[int] = set()
+    while fn is not None and id(fn) not in seen:
+        seen.add(id(fn))
+        yield fn
+        fn = getattr(fn, "__wrapped__", None)  # type: ignore[assignment]
+
+
+def _is_wrapped(fn: Callable[..., Any]) -> bool:
+    try:
+        return fn in _wrapped
+    except TypeError:  # an unhashable callable was never wrapped
+        return False
+
+
+def _check_order(app: Flask, is_background: Callable[[Any], bool]) -> None:
+    """Raise if ``app`` serves a background view's function plain and never through its
+    wrapper: its route decorator ran first (below ``@offload.background``), so the wrapper is
+    never called and the view runs inline. Serving a function both ways is allowed."""
+    served: set[int] = set()  # the functions behind the BackgroundViews the app serves
+    plain: list[tuple[str, Callable[..., Any]]] = []
+    for endpoint, registered in app.view_functions.items():
+        chain: list[Callable[..., Any]] = []
+        for fn in _unwrapped(registered):
+            if isinstance(fn, BackgroundView):
+                served.update(id(inner) for inner in _unwrapped(fn.view))
+                break
+            chain.append(fn)
+        else:
+            plain.extend((endpoint, fn) for fn in chain)
+    for endpoint, fn in plain:
+        if is_background(fn) and id(fn) not in served:
+            name = getattr(fn, "__name__", repr(fn))
+            raise TypeError(
+                f"view {name!r} is registered on app {app.name!r} (endpoint {endpoint!r}) "
+                "before @offload.background wraps it, so it would run inline and answer at "
+                "once: the route decorator must be the outer one, above @offload.background:"
+                '\n\n    @app.post("/path")\n    @offload.background\n'
+                f"    def {name}(): ..."
+            )
 
 
 def _retry_after() -> str:
@@ -126,8 +213,15 @@ def _allowed(offload: Offload, job: Job) -> bool:
 
 
 @blueprint.get("/jobs/<job_id>")
-def job_status(job_id: str) -> Any:
-    """A background view's response once it is done (202 while pending), or a task's state."""
+def job_status(job_id: str) -> Response:
+    """A background view's response once it is done (202 while pending), or a task's state;
+    never cached."""
+    response = make_response(_status(job_id))
+    response.headers.update(NO_STORE)
+    return response
+
+
+def _status(job_id: str) -> Any:
     offload: Offload = current_app.extensions["offload"]
     job = offload.runtime().get(job_id) if valid_id(job_id) else None
     if job is None:
@@ -138,12 +232,7 @@ def job_status(job_id: str) -> Any:
     status: dict[str, Any] = {"id": job.id, "state": job.state, "progress": job.progress}
     if job.ephemeral:
         if job.state == SUCCEEDED:
-            stored = job.result
-            return Response(
-                base64.b64decode(stored["body"]),
-                status=stored["status"],
-                headers=[tuple(pair) for pair in stored["headers"]],
-            )
+            return answer(job.result, request.method)
         if job.state == FAILED:
             if current_app.debug:
                 status.update(error=job.error, traceback=job.traceback)

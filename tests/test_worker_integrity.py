@@ -422,3 +422,38 @@ def test_wake_ups_from_other_processes_do_not_rerun_the_scheduler(
     finally:
         other.close()
     assert counting.calls["enqueue_tick"] - before <= 2
+
+
+def test_a_timeout_whose_outcome_fails_to_store_once_still_ends_as_a_timeout(
+    make_app: AppFactory, pools: list[Worker]
+) -> None:
+    """The timeout outcome goes through the same retried store as any other: no thread is
+    lost to the storage error, and the job is not later "recovered" as lost."""
+    app, offload = make_app(OFFLOAD_WORKERS=0)
+    release = threading.Event()
+
+    @offload.task(timeout=0.2)
+    def hangs() -> None:
+        release.wait(10)
+
+    @offload.task
+    def quick(n: int) -> int:
+        return n
+
+    faulty = Faulty(offload.runtime(app).backend, {"finish_many": once(1)})
+    pool = start_pool(pools, app, offload, faulty, threads=1, lease=0.6, poll_interval=0.02)
+    try:
+        with app.app_context():
+            job = hangs.delay()
+            job.wait(timeout=10)
+            assert (job.state, job.lost) == ("failed", 0)
+            assert job.error == "TimeoutError: job ran past its timeout of 0.2 s"
+            assert faulty.raised["finish_many"] == 1
+            assert quick.delay(7).wait(timeout=10).result == 7
+        time.sleep(1.5)  # two leases: a lease left to lapse would be recovered now
+        assert job.refresh().lost == 0 and job.state == "failed"
+        assert len(loop_threads(pool)) == 2, "the stuck thread and its replacement"
+        release.set()
+        wait_until(lambda: len(loop_threads(pool)) == 1, timeout=10)
+    finally:
+        release.set()

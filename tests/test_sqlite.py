@@ -20,7 +20,9 @@ def plan(backend: SQLiteBackend, sql: str, params: object) -> str:
 
 
 finish_params = {
-    **dict.fromkeys(["state", "result_json", "error", "traceback", "progress_json", "run_at"]),
+    **dict.fromkeys(
+        ["state", "result_json", "error", "traceback", "progress_json", "run_at", "expires_at"]
+    ),
     "now": 1.0,
     "id": "x",
     "claim": "c",
@@ -42,6 +44,7 @@ finish_params = {
         ),
         (queries.RECOVER, {"max_lost": 3, "now": 1.0}, "offload_jobs_lease"),
         (queries.PURGE, (1.0,), "offload_jobs_finished"),
+        (queries.PURGE_EXPIRED, (1.0,), "offload_jobs_expires"),
         (queries.GET, ("x",), "sqlite_autoindex_offload_jobs_1"),
         (queries.FINISH, finish_params, "sqlite_autoindex_offload_jobs_1"),
     ],

@@ -45,6 +45,7 @@ class Runnable(Periodic, Protocol):
     retry_backoff: float
     retry_on: tuple[type[BaseException], ...]
     timeout: float | None
+    result_ttl: float | None
 
 
 @dataclass
@@ -108,7 +109,8 @@ def execute(
         with context():
             value = task.fn(*args, **kwargs)
     except Cancelled:
-        return Outcome(CANCELLED, error="Cancelled", progress_json=running.last_progress)
+        progress = running.last_progress
+        return Outcome(CANCELLED, error="Cancelled", progress_json=progress, ttl=task.result_ttl)
     except BaseException as error:
         outcome = failure(task, job, error, _format_exc())
         outcome.progress_json = running.last_progress
@@ -127,7 +129,8 @@ def execute(
             f"OFFLOAD_MAX_RESULT_BYTES ({settings.max_result_bytes})"
         )
         return Outcome(FAILED, error=error_text, progress_json=running.last_progress)
-    return Outcome(SUCCEEDED, result_json=result, progress_json=running.last_progress)
+    progress = running.last_progress
+    return Outcome(SUCCEEDED, result_json=result, progress_json=progress, ttl=task.result_ttl)
 
 
 def _format_exc() -> str | None:

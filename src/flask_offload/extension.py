@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from collections.abc import Callable
 from datetime import timedelta
@@ -15,11 +16,12 @@ from . import lifecycle, web
 from .backends import open_backend
 from .cli import offload_cli
 from .execution import Cancelled, ContextFactory, Retry, Settings
-from .job import Job
+from .job import Job, new_id
 from .runtime import Runtime
 from .schedule import Schedule
-from .task import Task
+from .task import ENQUEUE_OPTIONS, TASK_OPTIONS, Task, check_options
 
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -38,6 +40,7 @@ class Offload:
         self._tasks: dict[str, Task[..., Any]] = {}
         self._owner: Callable[[], Any] | None = None
         self._authorize: Callable[[Job], bool] | None = None
+        self._status_format: Callable[[Job, dict[str, Any]], Any] | None = None
         self._runtimes: weakref.WeakKeyDictionary[Flask, Runtime] = weakref.WeakKeyDictionary()
         if app is not None:
             self.init_app(app)
@@ -95,11 +98,13 @@ class Offload:
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
         timeout: float | None = None,
         public: bool = False,
+        result_ttl: float | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
         """Register a task: ``@offload.task`` or ``@offload.task(name=..., retries=..., ...)``
         with the options of :class:`~flask_offload.Task`."""
+        check_options(options, TASK_OPTIONS, "@offload.task")
 
         def register(fn: Callable[..., Any]) -> Task[..., Any]:
             return self._register(Task(fn, self.runtime, **options))
@@ -117,6 +122,7 @@ class Offload:
         """Register a task that runs once per tick, across every process sharing the storage:
         ``every=timedelta(minutes=5)`` (aligned to the clock) or ``cron="*/5 * * * *"`` (UTC
         unless ``tz`` names a zone; needs ``Flask-Offload[cron]``). Missed ticks run once."""
+        check_options(options, TASK_OPTIONS, "@offload.periodic")
         schedule = Schedule(every=every, cron=cron, tz=tz)
 
         def register(fn: Callable[[], R]) -> Task[[], R]:
@@ -156,8 +162,60 @@ class Offload:
         return task
 
     def get_job(self, job_id: str) -> Job | None:
-        """The job with this id, or None if it is unknown, expired or not a valid id."""
+        """The job with this id, or None if it is unknown, expired or not a valid id. A
+        Celery- or RQ-style id (a UUID with dashes) raises ``ValueError`` saying why."""
+        if isinstance(job_id, str) and _UUID.fullmatch(job_id):
+            raise ValueError(
+                f"{job_id!r} is a UUID, the shape of a Celery or RQ id; Flask-Offload's ids are "
+                "32 lowercase hex characters without dashes (128 random bits), as job.id gives"
+            )
         return self.runtime().get(job_id)
+
+    def new_id(self) -> str:
+        """A fresh job id to store in your own row (and commit) before
+        ``task.enqueue(..., id=job_id)``, so the job never starts before the row exists."""
+        return new_id()
+
+    def enqueue(
+        self,
+        task_name: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        retries: int | None = None,
+        **options: Any,
+    ) -> Job:
+        """Store a job of the task named ``task_name`` without importing it (RQ's
+        ``enqueue("module.func")``); it waits for a worker that registers that name. Takes
+        ``retries`` and the options of ``Task.enqueue``; a task registered here under that
+        name lends its own defaults."""
+        check_options(options, ENQUEUE_OPTIONS, "offload.enqueue()")
+        if not isinstance(task_name, str) or not task_name:
+            raise TypeError(f"the task name must be a non-empty str, not {task_name!r}")
+        if retries is not None and (
+            isinstance(retries, bool) or not isinstance(retries, int) or retries < 0
+        ):
+            raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
+        known = self._tasks.get(task_name)
+        queue, priority = options.pop("queue", None), options.pop("priority", None)
+        return self.runtime().enqueue(
+            task_name,
+            args,
+            kwargs,
+            queue=queue if queue is not None else known.queue if known else "default",
+            priority=priority if priority is not None else known.priority if known else 0,
+            max_attempts=(known.max_attempts if known else 1) if retries is None else retries + 1,
+            **options,
+        )
+
+    def status_format(
+        self, fn: Callable[[Job, dict[str, Any]], Any]
+    ) -> Callable[[Job, dict[str, Any]], Any]:
+        """Register ``fn(job, status) -> JSON`` shaping what ``GET {URL_PREFIX}/jobs/<id>``
+        answers for a task's job (``status`` is the default body), so a polling page written
+        for Celery's or RQ's shape keeps working."""
+        self._status_format = fn
+        return fn
 
     def retry(self, job_id: str) -> Job:
         """Queue a failed or cancelled job again; a clear error for any other job."""

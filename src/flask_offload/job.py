@@ -45,6 +45,9 @@ class Job:
     """One stored job. Arguments, result and progress are kept as the JSON text that was stored,
     and decoded when read, so a corrupt row fails only the job that holds it.
 
+    ``expires_at`` is when a finished job is deleted, where its task's ``result_ttl`` set it
+    (otherwise ``OFFLOAD_RESULT_TTL`` after ``finished_at``).
+
     ``claim`` is the token of the claim that runs it now: fresh for every claim and never
     reused, it fences every write of a run, so a stale run cannot overwrite a newer one even
     after a retry by id resets ``attempts``.
@@ -79,6 +82,7 @@ class Job:
     owner_json: str | None = None
     ephemeral: bool = False
     claim: str | None = None
+    expires_at: float | None = None
     backend: Backend | None = field(default=None, repr=False)
 
     @property
@@ -99,7 +103,8 @@ class Job:
 
     @property
     def progress(self) -> dict[str, Any] | None:
-        """``{"current": n, "total": m, "message": str}`` as last reported, or None."""
+        """``{"current": n, "total": m, "message": str}`` as last reported, with ``"meta"``
+        when the task gave one, or None."""
         if self.progress_json is None:
             return None
         value: dict[str, Any] = serializer.loads(self.progress_json)
@@ -156,6 +161,7 @@ class Outcome:
     traceback: str | None = None
     progress_json: str | None = None
     run_at: float | None = None
+    ttl: float | None = None  # keep the finished job this long instead of OFFLOAD_RESULT_TTL
 
 
 @dataclass
@@ -193,13 +199,16 @@ class Running:
         """True once someone has cancelled this running job; stop early by raising ``Cancelled``."""
         return self.cancel_flag
 
-    def set_progress(self, current: int, total: int | None = None, message: str = "") -> None:
-        """Report progress. Written only when it changed, and at most every
-        ``PROGRESS_EVERY`` seconds (the worker writes what was held back soon after); the
-        final value is always stored when the job finishes."""
-        text = serializer.dumps(
-            {"current": current, "total": total, "message": message}, "progress"
-        )
+    def set_progress(
+        self, current: int, total: int | None = None, message: str = "", meta: Any = None
+    ) -> None:
+        """Report progress, with ``meta`` (strict JSON) for data of your own. Written only
+        when it changed, and at most every ``PROGRESS_EVERY`` seconds (the worker writes what
+        was held back soon after); the final value is always stored when the job finishes."""
+        progress = {"current": current, "total": total, "message": message}
+        if meta is not None:
+            progress["meta"] = meta
+        text = serializer.dumps(progress, "progress")
         with self._lock:
             if text == (self.pending_progress or self._written):
                 return
@@ -260,8 +269,11 @@ class _CurrentJob:
         """Which attempt this run is: 1 for the first."""
         return self._get().job.attempts
 
-    def set_progress(self, current: int, total: int | None = None, message: str = "") -> None:
-        self._get().set_progress(current, total, message)
+    def set_progress(
+        self, current: int, total: int | None = None, message: str = "", meta: Any = None
+    ) -> None:
+        """Report progress (``meta``: strict JSON of your own, shown by ``job.progress``)."""
+        self._get().set_progress(current, total, message, meta)
 
     def __bool__(self) -> bool:
         return _running.get() is not None

@@ -6,13 +6,14 @@ context each job runs in.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from . import serializer
+from . import commits, serializer
 from .backends.base import Backend
 from .execution import ContextFactory, Runnable, Settings, execute
 from .job import QUEUED, RUNNING, Job, Running, new_id, valid_id
@@ -44,18 +45,21 @@ class Runtime:
         args: Any = (),
         kwargs: Any = None,
         *,
-        delay: float | None = None,
+        delay: float | timedelta | None = None,
         at: datetime | None = None,
         key: str | None = None,
         priority: int = 0,
         queue: str = "default",
         max_attempts: int = 1,
+        id: str | None = None,
         connection: Any = None,
+        after_commit: Any = None,
         owner_json: str | None = None,
         ephemeral: bool = False,
     ) -> Job:
         """Validate, store durably and wake the pool; raise before storing anything if the
-        arguments are not strict JSON."""
+        arguments are not strict JSON. With ``after_commit`` (a SQLAlchemy session) the job is
+        stored once that session commits, and the Job returned is not stored yet."""
         if not isinstance(args, (list, tuple)):
             raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
         if kwargs is not None and not isinstance(kwargs, dict):
@@ -74,9 +78,15 @@ class Runtime:
             raise TypeError(f"queue must be a non-empty str, not {queue!r}")
         if key is not None and not isinstance(key, str):
             raise TypeError(f"key must be a str, not {type(key).__name__}")
+        if id is not None and not valid_id(id):
+            raise ValueError(
+                f"id must be 32 lowercase hex characters, as offload.new_id() gives, not {id!r}"
+            )
+        if connection is not None and after_commit is not None:
+            raise TypeError("give connection= (in your transaction) or after_commit=, not both")
         now = time.time()
         job = Job(
-            id=new_id(),
+            id=new_id() if id is None else id,
             task=task_name,
             queue=queue,
             priority=priority,
@@ -89,16 +99,32 @@ class Runtime:
             owner_json=owner_json,
             ephemeral=ephemeral,
         )
+        if after_commit is not None:
+            commits.after_commit(after_commit, lambda: self._store(job, None))
+            return job
+        return self._store(job, connection)
+
+    def _store(self, job: Job, connection: Any) -> Job:
+        """Store ``job`` (run it, in EAGER mode) and wake the pool; through ``connection``,
+        wake it once that transaction commits, where the connection can say so."""
         if self.eager and connection is None:
             return self._run_now(job)
         stored = self.backend.enqueue(job, connection)
         if stored is job:
-            self.wake(job.run_at)
+            if connection is None:
+                self.wake(job.run_at)
+            else:
+                commits.after_commit(connection, lambda: self.wake(job.run_at), strict=False)
         return stored
 
     def _run_now(self, job: Job) -> Job:
-        """EAGER mode: run the job in the caller's thread, retries at once, and store it."""
-        task = self.tasks[job.task]
+        """EAGER mode: run the job in the caller's thread, retries at once, and store it (or
+        not, for a task with ``result_ttl=0``)."""
+        task = self.tasks.get(job.task)
+        if task is None:
+            raise LookupError(
+                f"OFFLOAD_EAGER runs jobs at once, but this app registers no task {job.task!r}"
+            )
         job.state = QUEUED
         while job.state == QUEUED:
             job.state, job.started_at = RUNNING, time.time()
@@ -110,6 +136,10 @@ class Runtime:
         job.finished_at = time.time()
         if job.ephemeral:  # stored already final: no storage trigger on finishing forgets it
             job.args_json, job.kwargs_json = "[]", "{}"
+        if outcome.ttl is not None:
+            if outcome.ttl <= 0:
+                return job
+            job.expires_at = job.finished_at + outcome.ttl
         return self.backend.enqueue(job)
 
     def retry(self, job_id: str) -> Job:
@@ -186,12 +216,18 @@ class Runtime:
         return self.backend.get(job_id) if valid_id(job_id) else None
 
 
-def _due(now: float, delay: float | None, at: datetime | None) -> float:
-    """When a job may start, from ``delay`` seconds or an aware ``at`` datetime."""
+def _due(now: float, delay: float | timedelta | None, at: datetime | None) -> float:
+    """When a job may start, from ``delay`` (seconds or a timedelta) or an aware ``at``."""
     if delay is not None and at is not None:
         raise TypeError("give delay= or at=, not both")
+    if isinstance(delay, timedelta):
+        delay = delay.total_seconds()
     if delay is not None:
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not delay >= 0:
+        if (
+            isinstance(delay, bool)
+            or not isinstance(delay, (int, float))
+            or not 0 <= delay < math.inf
+        ):
             raise ValueError(f"delay must be a number of seconds >= 0, not {delay!r}")
         return now + delay
     if at is not None:

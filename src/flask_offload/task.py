@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
-from collections.abc import Callable
-from datetime import datetime
+import math
+from collections.abc import Callable, Collection
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from .job import Job
@@ -15,6 +17,52 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+TASK_OPTIONS = (
+    "name", "queue", "priority", "retries", "retry_backoff", "retry_on", "timeout", "public",
+    "result_ttl",
+)  # fmt: skip
+ENQUEUE_OPTIONS = (
+    "args", "kwargs", "delay", "at", "key", "priority", "queue", "id", "connection",
+    "after_commit",
+)  # fmt: skip
+# What Celery and RQ call an option, and how Flask-Offload says it.
+SPELLINGS = {
+    "countdown": "delay= (seconds or a timedelta)",
+    "eta": "at= (an aware datetime)",
+    "job_id": "id= (reserve one with offload.new_id())",
+    "task_id": "id= (reserve one with offload.new_id())",
+    "ignore_result": "result_ttl=0 on the task",
+    "max_retries": "retries=",
+    "default_retry_delay": "retry_backoff=",
+    "autoretry_for": "retry_on=",
+    "time_limit": "timeout=",
+    "soft_time_limit": "timeout=",
+    "job_timeout": "timeout=",
+    "bind": "current_job inside the task (no self argument)",
+    "rate_limit": None,
+}
+
+
+def check_options(given: Collection[str], known: Collection[str], where: str) -> None:
+    """Refuse options ``where`` does not take, pointing to the right spelling: Celery's and
+    RQ's names, and near misses (``retrys=``)."""
+    for option in given:
+        if option in known:
+            continue
+        if option in SPELLINGS:
+            spelling = SPELLINGS[option]
+            hint = (
+                f"Flask-Offload spells this {spelling}"
+                if spelling
+                else "Flask-Offload has no rate limits; limit the queue's threads instead "
+                "(flask offload worker --concurrency-per-queue)"
+            )
+        else:
+            near = difflib.get_close_matches(option, known, n=1)
+            hint = f"did you mean {near[0]}=?" if near else f"it takes {', '.join(known)}"
+        raise TypeError(f"{where} takes no option {option}=: {hint}")
 
 
 def default_name(fn: Callable[..., Any]) -> str:
@@ -33,7 +81,9 @@ class Task(Generic[P, R]):
     Options: ``retries`` more attempts after a failure, ``retry_backoff`` seconds before the
     first retry (doubling each time, with jitter), only for exceptions in ``retry_on``;
     ``timeout`` seconds before a run is ended as failed; ``public`` to show the result over
-    HTTP; ``schedule`` for a periodic task.
+    HTTP; ``result_ttl`` seconds to keep a succeeded or cancelled job instead of
+    ``OFFLOAD_RESULT_TTL`` (0: delete it at once, Celery's ``ignore_result``; failed jobs are
+    kept for inspection); ``schedule`` for a periodic task.
     """
 
     def __init__(
@@ -49,6 +99,7 @@ class Task(Generic[P, R]):
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
         timeout: float | None = None,
         public: bool = False,
+        result_ttl: float | None = None,
         schedule: Schedule | None = None,
     ) -> None:
         if name is not None and (not isinstance(name, str) or not name):
@@ -67,6 +118,8 @@ class Task(Generic[P, R]):
             raise TypeError(f"retry_on must be exception classes, not {retry_on!r}")
         if timeout is not None and not _seconds(timeout, allow_zero=False):
             raise ValueError(f"timeout must be seconds > 0, not {timeout!r}")
+        if result_ttl is not None and not _seconds(result_ttl, allow_zero=True):
+            raise ValueError(f"result_ttl must be seconds >= 0, not {result_ttl!r}")
         self.fn = fn
         self.name = name or default_name(fn)
         self.queue = queue
@@ -76,6 +129,7 @@ class Task(Generic[P, R]):
         self.retry_on = tuple(retry_on)
         self.timeout = None if timeout is None else float(timeout)
         self.public = bool(public)
+        self.result_ttl = None if result_ttl is None else float(result_ttl)
         self.schedule = schedule
         self._runtime = runtime
         functools.update_wrapper(self, fn)
@@ -92,17 +146,23 @@ class Task(Generic[P, R]):
         args: tuple[Any, ...] | list[Any] = (),
         kwargs: dict[str, Any] | None = None,
         *,
-        delay: float | None = None,
+        delay: float | timedelta | None = None,
         at: datetime | None = None,
         key: str | None = None,
         priority: int | None = None,
         queue: str | None = None,
+        id: str | None = None,
         connection: Any = None,
+        after_commit: Any = None,
+        **unknown: Any,
     ) -> Job:
-        """Store a job with options: start after ``delay`` seconds or ``at`` an aware datetime;
-        ``key`` returns the queued or running job with that key instead of adding one;
-        ``connection`` (PostgreSQL: a psycopg connection or SQLAlchemy connection or session)
-        stores it in the caller's transaction, so a rollback leaves no job."""
+        """Store a job with options: start after ``delay`` (seconds or a timedelta) or ``at``
+        an aware datetime; ``key`` returns the queued or running job with that key instead of
+        adding one; ``id`` one reserved with ``offload.new_id()``; ``connection`` (a psycopg
+        connection, or a SQLAlchemy connection or session; on SQLite, one on the job store's
+        own file) stores it in the caller's transaction, so a rollback leaves no job;
+        ``after_commit`` (a SQLAlchemy session) stores it once that session commits."""
+        check_options(unknown, ENQUEUE_OPTIONS, f"{self.name}.enqueue()")
         return self._runtime().enqueue(
             self.name,
             args,
@@ -113,7 +173,9 @@ class Task(Generic[P, R]):
             priority=self.priority if priority is None else priority,
             queue=self.queue if queue is None else queue,
             max_attempts=self.max_attempts,
+            id=id,
             connection=connection,
+            after_commit=after_commit,
         )
 
     def __repr__(self) -> str:
@@ -121,6 +183,6 @@ class Task(Generic[P, R]):
 
 
 def _seconds(value: object, allow_zero: bool) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return False
     return value >= 0 if allow_zero else value > 0

@@ -251,4 +251,6 @@ def _status(job_id: str) -> Any:
     )
     if task is not None and task.public:
         status.update(result=job.result, error=job.error)
+    if offload._status_format is not None:
+        return jsonify(offload._status_format(job, status))
     return jsonify(status)

@@ -29,7 +29,7 @@ class Backend(ABC):
 
         With ``connection`` (a caller's open database connection or session), insert through it
         instead, inside the caller's transaction: the job exists only if that commits. Backends
-        that cannot do this raise ``TypeError``.
+        that cannot do this raise ``TypeError``. An id another job has raises ``ValueError``.
         """
 
     @abstractmethod
@@ -71,7 +71,8 @@ class Backend(ABC):
     @abstractmethod
     def finish(self, job: Job, outcome: Outcome) -> bool:
         """Store how the claimed run ``job`` ended. False (nothing written) if that claim no
-        longer holds the job."""
+        longer holds the job. ``outcome.ttl`` sets when the finished job expires; a ttl of 0
+        deletes it now (a task's ``result_ttl=0``)."""
 
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
         """``finish`` several claimed runs, in one transaction where the storage allows."""
@@ -104,7 +105,8 @@ class Backend(ABC):
 
     @abstractmethod
     def purge(self, finished_before: float) -> int:
-        """Delete finished jobs that finished before this time; return how many."""
+        """Delete finished jobs that finished before this time, and those whose own
+        ``expires_at`` (a task's ``result_ttl``) has passed; return how many."""
 
     @abstractmethod
     def queued_task_names(self) -> set[str]:
@@ -158,5 +160,10 @@ def refuse_connection(connection: Any) -> None:
     if connection is not None:
         raise TypeError(
             "enqueue(connection=...) stores the job in your transaction, which needs the "
-            "PostgreSQL backend (OFFLOAD_URL = 'postgresql://...')"
+            "PostgreSQL backend, or SQLite on your own database's file"
         )
+
+
+def id_in_use(job: Job) -> ValueError:
+    """The error for ``enqueue(id=...)`` with an id another job has."""
+    return ValueError(f"job id {job.id} is already used: reserve a fresh one with offload.new_id()")

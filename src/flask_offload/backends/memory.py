@@ -23,7 +23,7 @@ from ..job import (
     State,
     WorkerInfo,
 )
-from .base import Backend, refuse_connection
+from .base import Backend, id_in_use, refuse_connection
 
 
 class MemoryBackend(Backend):
@@ -46,6 +46,8 @@ class MemoryBackend(Backend):
             job.args_json, job.kwargs_json = "[]", "{}"
 
     def _insert(self, job: Job) -> Job:
+        if job.id in self._jobs:
+            raise id_in_use(job)
         if job.key is not None:
             for other in self._jobs.values():
                 if other.key == job.key and other.state in (QUEUED, RUNNING):
@@ -129,7 +131,12 @@ class MemoryBackend(Backend):
             held = self._held(job)
             if held is None:
                 return False
+            if outcome.ttl is not None and outcome.ttl <= 0:  # result_ttl=0: keep nothing
+                del self._jobs[held.id]
+                del self._order[held.id]
+                return True
             held.state = outcome.state  # a retry; _settle below for final states
+            held.expires_at = None if outcome.ttl is None else time.time() + outcome.ttl
             held.result_json, held.error, held.traceback = (
                 outcome.result_json,
                 outcome.error,
@@ -197,7 +204,7 @@ class MemoryBackend(Backend):
             job.state, job.run_at = QUEUED, time.time()
             job.attempts = job.lost = 0
             job.finished_at = job.result_json = job.error = job.traceback = None
-            job.cancel_requested = False
+            job.cancel_requested, job.expires_at = False, None
             return True
 
     def set_progress(self, job: Job, progress_json: str) -> bool:
@@ -209,13 +216,18 @@ class MemoryBackend(Backend):
             return True
 
     def purge(self, finished_before: float) -> int:
+        now = time.time()
         with self._lock:
             old = [
                 job.id
                 for job in self._jobs.values()
                 if job.state in FINAL_STATES
                 and job.finished_at is not None
-                and job.finished_at < finished_before
+                and (
+                    job.finished_at < finished_before
+                    if job.expires_at is None
+                    else job.expires_at < now
+                )
             ]
             for job_id in old:
                 del self._jobs[job_id]

@@ -36,7 +36,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..job import Job, Outcome, WorkerInfo
-from .base import Backend
+from .base import Backend, id_in_use
 from .rows import finish_rows, worker_info, worker_row
 
 T = TypeVar("T")
@@ -46,7 +46,7 @@ Execute = Callable[[str, Mapping[str, Any]], list[tuple[Any, ...]]]
 
 logger = logging.getLogger("flask_offload")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CHANNEL = "offload_jobs"
 MIGRATION_LOCK = 0x0FF10AD  # pg_advisory_xact_lock key: one migrating process at a time
 COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
@@ -132,6 +132,11 @@ MIGRATIONS = [
     """,
     # Version 2: every claim gets a token of its own that fences the run's writes.
     "ALTER TABLE offload_jobs ADD COLUMN claim text",
+    # Version 3: a task's result_ttl sets when its finished job is deleted.
+    """
+    ALTER TABLE offload_jobs ADD COLUMN expires_at double precision;
+    CREATE INDEX offload_jobs_expires ON offload_jobs (expires_at) WHERE expires_at IS NOT NULL;
+    """,
 ]
 
 # No conflict target: a conflict on the id means this very insert was stored by an earlier try
@@ -191,9 +196,12 @@ FINISH = """
         finished_at = CASE WHEN %(state)s::text = 'queued' THEN NULL ELSE %(now)s END,
         run_at = CASE WHEN %(state)s::text = 'queued'
                       THEN coalesce(%(run_at)s, %(now)s) ELSE run_at END,
-        worker = NULL, lease_until = NULL
+        worker = NULL, lease_until = NULL, expires_at = %(expires_at)s
     WHERE id = %(id)s AND claim = %(claim)s AND state = 'running'
 """
+# A task with result_ttl=0 keeps nothing of a job that ended: it is deleted instead.
+FORGET = "DELETE FROM offload_jobs WHERE id = %(id)s AND claim = %(claim)s AND state = 'running'"
+EXISTING = "SELECT id FROM offload_jobs WHERE id = ANY(%(ids)s::text[])"
 # A finish keeps the claim token, so a finish repeated after a lost reply recognises its work.
 FINISHED_BY = """
     SELECT id FROM offload_jobs
@@ -232,7 +240,8 @@ STATE = "SELECT state, cancel_requested FROM offload_jobs WHERE id = %s"
 RETRY = """
     UPDATE offload_jobs
     SET state = 'queued', run_at = %s, attempts = 0, lost = 0, finished_at = NULL,
-        result_json = NULL, error = NULL, traceback = NULL, cancel_requested = false
+        result_json = NULL, error = NULL, traceback = NULL, cancel_requested = false,
+        expires_at = NULL
     WHERE id = %s AND state IN ('failed', 'cancelled')
       AND (key IS NULL OR NOT EXISTS (
           SELECT 1 FROM offload_jobs AS holder
@@ -266,8 +275,9 @@ WORKERS = """
 FORGET_WORKER = "DELETE FROM offload_workers WHERE id = %s OR last_seen < %s"
 PURGE = """
     DELETE FROM offload_jobs
-    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < %s
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < %s AND expires_at IS NULL
 """
+PURGE_EXPIRED = "DELETE FROM offload_jobs WHERE expires_at < %s"
 QUEUED_TASK_NAMES = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queued'"
 LISTEN = f"LISTEN {CHANNEL}"
 
@@ -495,6 +505,8 @@ class PostgresBackend(Backend):
 
     def enqueue(self, job: Job, connection: Any = None) -> Job:
         if connection is not None:
+            if not self._ready:  # a fresh database: create the tables first, on our own
+                self.prepare()
             return self._insert(_execute_on(connection), job)
         return self._run(lambda conn: self._insert(self._execute(conn), job))
 
@@ -502,12 +514,14 @@ class PostgresBackend(Backend):
         """Insert ``job``, or return the queued or running job that holds its key."""
         values = {name: getattr(job, name) for name in COLUMNS}
         for _ in range(10):
-            if execute(ENQUEUE, values) or job.key is None:
-                break  # stored now, or (a conflict on the id) by an earlier try of this insert
+            if execute(ENQUEUE, values):
+                break  # stored now
             rows = execute(HOLDER, {"id": job.id, "key": job.key})
+            if rows and rows[0][0] == job.id:
+                if self._job(rows[0]).created_at != job.created_at:
+                    raise id_in_use(job)
+                break  # stored by an earlier try of this insert, whose reply was lost
             if rows:
-                if rows[0][0] == job.id:
-                    break
                 return self._job(rows[0])
             # The holder finished between the two statements: the key is free, insert again.
         else:
@@ -594,13 +608,21 @@ class PostgresBackend(Backend):
 
         def store(conn: Connection) -> list[bool]:
             with conn.transaction():  # one commit for the lot
-                return [conn.execute(FINISH, row).rowcount == 1 for row in rows]
+                return [
+                    conn.execute(FORGET if row["forget"] else FINISH, row).rowcount == 1
+                    for row in rows
+                ]
 
         def confirm(conn: Connection, stored: list[bool]) -> list[bool]:
-            """After a lost reply: the outcomes the first try stored count as stored."""
+            """After a lost reply: the outcomes the first try stored count as stored (and a
+            job to forget that is gone was forgotten by it)."""
             params = {"ids": [r["id"] for r in rows], "claims": [r["claim"] for r in rows]}
             done = {job_id for (job_id,) in conn.execute(FINISHED_BY, params).fetchall()}
-            return [ok or row["id"] in done for ok, row in zip(stored, rows, strict=True)]
+            there = {job_id for (job_id,) in conn.execute(EXISTING, params).fetchall()}
+            return [
+                ok or row["id"] in done or (row["forget"] and row["id"] not in there)
+                for ok, row in zip(stored, rows, strict=True)
+            ]
 
         return self._run(store, confirm=confirm)
 
@@ -644,7 +666,11 @@ class PostgresBackend(Backend):
         return self._run(lambda conn: conn.execute(SET_PROGRESS, values).rowcount == 1)
 
     def purge(self, finished_before: float) -> int:
-        return self._run(lambda conn: conn.execute(PURGE, (finished_before,)).rowcount)
+        def purge(conn: Connection) -> int:
+            expired = conn.execute(PURGE_EXPIRED, (time.time(),)).rowcount
+            return expired + conn.execute(PURGE, (finished_before,)).rowcount
+
+        return self._run(purge)
 
     def queued_task_names(self) -> set[str]:
         rows = self._run(lambda conn: conn.execute(QUEUED_TASK_NAMES).fetchall())

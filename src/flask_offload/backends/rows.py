@@ -11,10 +11,13 @@ from ..job import Job, Outcome, WorkerInfo
 
 
 def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]:
-    """The parameters of each FINISH statement: the outcome, fenced by the claim."""
+    """The parameters of each FINISH statement: the outcome, fenced by the claim, and when a
+    task's ``result_ttl`` deletes it (``forget``: at once, for a ``result_ttl`` of 0)."""
     now = time.time()
     return [
         {
+            "expires_at": None if outcome.ttl is None else now + outcome.ttl,
+            "forget": outcome.ttl is not None and outcome.ttl <= 0,
             "state": outcome.state,
             "result_json": outcome.result_json,
             "error": outcome.error,

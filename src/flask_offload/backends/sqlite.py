@@ -15,6 +15,7 @@ import os
 import random
 import secrets
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -24,12 +25,12 @@ from operator import attrgetter
 from typing import Any, TypeVar
 
 from ..job import QUEUED, Job, Outcome, WorkerInfo
-from .base import Backend, StorageCorrupt, refuse_connection
+from .base import Backend, StorageCorrupt, id_in_use
 from .rows import finish_rows, worker_info, worker_row
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
 _SELECT = ", ".join(COLUMNS)
 
@@ -94,6 +95,11 @@ MIGRATIONS = [
     """,
     # Version 2: every claim gets a token of its own that fences the run's writes.
     "ALTER TABLE offload_jobs ADD COLUMN claim TEXT;",
+    # Version 3: a task's result_ttl sets when its finished job is deleted.
+    """
+    ALTER TABLE offload_jobs ADD COLUMN expires_at REAL;
+    CREATE INDEX offload_jobs_expires ON offload_jobs (expires_at) WHERE expires_at IS NOT NULL;
+    """,
 ]
 
 
@@ -117,6 +123,14 @@ IF_KEY_FREE = (
     " ON CONFLICT (key) WHERE key IS NOT NULL AND state IN ('queued', 'running') DO NOTHING"
 )
 GET = f"SELECT {_SELECT} FROM offload_jobs WHERE id = ?"
+# Through a caller's connection (SQLAlchemy's text() takes named parameters).
+INSERT_NAMED = (
+    f"INSERT INTO offload_jobs ({', '.join(NEW_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + name for name in NEW_COLUMNS)})"
+)
+GET_BY_KEY_NAMED = (
+    f"SELECT {_SELECT} FROM offload_jobs WHERE key = :key AND state IN ('queued', 'running')"
+)
 GET_BY_KEY = f"SELECT {_SELECT} FROM offload_jobs WHERE key = ? AND state IN ('queued', 'running')"
 # A claim picks, then takes, in one BEGIN IMMEDIATE transaction: as one UPDATE with a
 # subquery, SQLite is several times slower.
@@ -147,9 +161,11 @@ FINISH = """
         progress_json = coalesce(:progress_json, progress_json),
         finished_at = CASE WHEN :state = 'queued' THEN NULL ELSE :now END,
         run_at = CASE WHEN :state = 'queued' THEN coalesce(:run_at, :now) ELSE run_at END,
-        worker = NULL, lease_until = NULL
+        worker = NULL, lease_until = NULL, expires_at = :expires_at
     WHERE id = :id AND claim = :claim AND state = 'running'
 """
+# A task with result_ttl=0 keeps nothing of a job that ended: it is deleted instead.
+FORGET = "DELETE FROM offload_jobs WHERE id = :id AND claim = :claim AND state = 'running'"
 RELEASE = """
     UPDATE offload_jobs
     SET state = 'queued', worker = NULL, lease_until = NULL, claim = NULL,
@@ -180,7 +196,8 @@ SET_PROGRESS = """
 RETRY = """
     UPDATE offload_jobs
     SET state = 'queued', run_at = ?, attempts = 0, lost = 0, finished_at = NULL,
-        result_json = NULL, error = NULL, traceback = NULL, cancel_requested = 0
+        result_json = NULL, error = NULL, traceback = NULL, cancel_requested = 0,
+        expires_at = NULL
     WHERE id = ? AND state IN ('failed', 'cancelled')
       AND (key IS NULL OR NOT EXISTS (
           SELECT 1 FROM offload_jobs AS holder
@@ -211,8 +228,9 @@ WORKERS = """
 FORGET_WORKER = "DELETE FROM offload_workers WHERE id = ? OR last_seen < ?"
 PURGE = """
     DELETE FROM offload_jobs
-    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < ? AND expires_at IS NULL
 """
+PURGE_EXPIRED = "DELETE FROM offload_jobs WHERE expires_at < ?"
 QUEUED_TASK_NAMES = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queued'"
 
 
@@ -380,12 +398,81 @@ class SQLiteBackend(Backend):
         return job
 
     def enqueue(self, job: Job, connection: Any = None) -> Job:
-        refuse_connection(connection)
-        if job.key is None:
-            self._run(lambda db: db.execute(*_insert_of(job)))
-            job.backend = self
-            return job
-        return self._run(lambda db: self._transaction(db, lambda: self._insert_unique(db, job)))
+        if connection is not None:
+            return self._enqueue_through(connection, job)
+        try:
+            if job.key is None:
+                self._run(lambda db: db.execute(*_insert_of(job)))
+                job.backend = self
+                return job
+            return self._run(lambda db: self._transaction(db, lambda: self._insert_unique(db, job)))
+        except sqlite3.IntegrityError as error:
+            raise id_in_use(job) from error
+
+    def _enqueue_through(self, connection: Any, job: Job) -> Job:
+        """Insert ``job`` in the caller's open transaction on this very file: it exists
+        only if that transaction commits (the outbox pattern)."""
+        run = self._foreign(connection)
+        values = {name: getattr(job, name) for name in NEW_COLUMNS}
+        try:
+            inserted, _ = run(INSERT_NAMED + (IF_KEY_FREE if job.key else ""), values)
+        except Exception as error:
+            if "unique constraint failed: offload_jobs.id" in str(error).lower():
+                raise id_in_use(job) from error
+            raise
+        if inserted != 1:
+            _, rows = run(GET_BY_KEY_NAMED, {"key": job.key})
+            if rows:
+                return self._job(rows[0])
+        job.backend = self
+        return job
+
+    def _foreign(self, connection: Any) -> Callable[[str, dict[str, Any]], tuple[int, list[Any]]]:
+        """Run statements through a caller's connection to this file: a ``sqlite3``
+        connection, or a SQLAlchemy ``Connection``/``Session`` (Flask-SQLAlchemy's too)."""
+        if isinstance(connection, sqlite3.Connection):
+            sqlite_connection = connection
+            files = [
+                row[2] for row in connection.execute("PRAGMA database_list") if row[1] == "main"
+            ]
+            self._same_file(files[0] if files else "")
+
+            def run_sqlite(sql: str, params: dict[str, Any]) -> tuple[int, list[Any]]:
+                cursor = sqlite_connection.execute(sql, params)
+                return cursor.rowcount, cursor.fetchall()
+
+            return run_sqlite
+        bound = _sqlalchemy_bind(connection)
+        if bound is None:
+            raise TypeError(
+                "enqueue(connection=...) takes a sqlite3 Connection or a SQLAlchemy Connection "
+                "or Session (Flask-SQLAlchemy's db.session too) on the job store's file, not "
+                f"{type(connection).__module__}.{type(connection).__qualname__}"
+            )
+        executor, engine = bound
+        if engine.dialect.name != "sqlite":
+            raise TypeError(
+                f"enqueue(connection=...) got a {engine.dialect.name} connection, but the job "
+                f"store is the SQLite file {self.path} (OFFLOAD_URL)"
+            )
+        self._same_file(engine.url.database or "")
+        from sqlalchemy import text
+
+        def run_sqlalchemy(sql: str, params: dict[str, Any]) -> tuple[int, list[Any]]:
+            result = executor.execute(text(sql), params)
+            rows = [tuple(row) for row in result] if result.returns_rows else []
+            return result.rowcount, rows
+
+        return run_sqlalchemy
+
+    def _same_file(self, theirs: str) -> None:
+        if not theirs or os.path.realpath(theirs) != os.path.realpath(self.path):
+            raise TypeError(
+                "enqueue(connection=...) on SQLite stores the job in your transaction only when "
+                f"your database is the job store's own file: OFFLOAD_URL is {self.path}, your "
+                f"connection uses {theirs or 'no file'}. Point OFFLOAD_URL at your database "
+                "file, or use after_commit= instead"
+            )
 
     def _insert_unique(self, db: sqlite3.Connection, job: Job) -> Job:
         sql, values = _insert_of(job)
@@ -458,10 +545,8 @@ class SQLiteBackend(Backend):
 
         def store(db: sqlite3.Connection) -> list[bool]:
             if len(rows) == 1:
-                return [db.execute(FINISH, rows[0]).rowcount == 1]
-            return self._transaction(
-                db, lambda: [db.execute(FINISH, r).rowcount == 1 for r in rows]
-            )
+                return [_finish(db, rows[0])]
+            return self._transaction(db, lambda: [_finish(db, row) for row in rows])
 
         return self._run(store)
 
@@ -489,7 +574,11 @@ class SQLiteBackend(Backend):
         return self._run(lambda db: db.execute(SET_PROGRESS, values).rowcount == 1)
 
     def purge(self, finished_before: float) -> int:
-        return self._run(lambda db: db.execute(PURGE, (finished_before,)).rowcount)
+        def purge(db: sqlite3.Connection) -> int:
+            expired = db.execute(PURGE_EXPIRED, (time.time(),)).rowcount
+            return int(expired + db.execute(PURGE, (finished_before,)).rowcount)
+
+        return self._run(purge)
 
     def queued_task_names(self) -> set[str]:
         rows = self._run(lambda db: db.execute(QUEUED_TASK_NAMES).fetchall())
@@ -521,6 +610,27 @@ class SQLiteBackend(Backend):
             if self._db is not None and self._pid == os.getpid():
                 self._db.close()
             self._db = None
+
+
+def _sqlalchemy_bind(connection: Any) -> tuple[Any, Any] | None:
+    """(what executes, its engine) for a SQLAlchemy Connection or Session, else None."""
+    if "sqlalchemy" not in sys.modules:  # a SQLAlchemy object exists only once it is imported
+        return None
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.orm import Session, scoped_session
+
+    if isinstance(connection, scoped_session):
+        connection = connection()
+    if isinstance(connection, Session):
+        return connection, connection.get_bind()
+    if isinstance(connection, Connection):
+        return connection, connection.engine
+    return None
+
+
+def _finish(db: sqlite3.Connection, row: dict[str, Any]) -> bool:
+    """Store one outcome (or forget the job); True if the claim still held it."""
+    return bool(db.execute(FORGET if row["forget"] else FINISH, row).rowcount == 1)
 
 
 def _insert_of(job: Job) -> tuple[str, tuple[Any, ...]]:

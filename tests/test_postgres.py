@@ -141,7 +141,7 @@ def test_a_subscriber_wakes_when_another_process_enqueues_only_once_committed(
 ) -> None:
     listening, other = connect(url), connect(url)
     woke = threading.Event()
-    listening.subscribe(woke.set)
+    listening.subscribe(ring := lambda at: woke.set())
     assert woke.wait(10), "subscribers are woken once the LISTEN is in place"
     woke.clear()
     with psycopg.connect(url) as conn:
@@ -152,7 +152,7 @@ def test_a_subscriber_wakes_when_another_process_enqueues_only_once_committed(
     woke.clear()
     other.enqueue(make_job())
     assert woke.wait(10)
-    listening.unsubscribe(woke.set)
+    listening.unsubscribe(ring)
     woke.clear()
     other.enqueue(make_job())
     assert not woke.wait(0.5)
@@ -163,7 +163,7 @@ def test_a_subscriber_wakes_when_another_process_enqueues_only_once_committed(
 def test_without_listen_nothing_listens(url: str, connect: Callable[..., PostgresBackend]) -> None:
     """OFFLOAD_PG_LISTEN = False, for PgBouncer in transaction pooling: workers poll."""
     backend = connect(url, listen=False)
-    backend.subscribe(lambda: None)
+    backend.subscribe(lambda at: None)
     assert backend._listener is None
     backend.enqueue(make_job())
     assert backend.counts() == {("t", "queued"): 1}
@@ -178,7 +178,7 @@ def test_a_forked_child_uses_its_own_connections_and_leaves_the_parents_alone(
     announced."""
     assert pg.counts() == {}
     woke = threading.Event()
-    pg.subscribe(woke.set)
+    pg.subscribe(lambda at: woke.set())
     assert woke.wait(10)
     woke.clear()
     pool, listening = pg._pool_here(), pg._listening
@@ -425,7 +425,7 @@ def test_the_pool_and_the_listener_come_back_with_the_server(
     caplog.set_level(logging.WARNING, "flask_offload")
     backend = connect(proxy.url)
     woke = threading.Event()
-    backend.subscribe(woke.set)
+    backend.subscribe(lambda at: woke.set())
     assert woke.wait(10)
     proxy.go_away()
     began = time.monotonic()

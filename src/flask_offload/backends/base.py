@@ -18,6 +18,8 @@ from typing import Any
 
 from ..job import Job, Outcome, WorkerInfo
 
+Wake = Callable[[float | None], None]  # what subscribe calls: a job is due at this time
+
 
 class Backend(ABC):
     """Durable job storage shared by every process that points at the same URL."""
@@ -137,11 +139,12 @@ class Backend(ABC):
     def prepare(self) -> None:  # noqa: B027 - storage that opens eagerly is ready already
         """Open the storage and create or upgrade its schema now, not on first use."""
 
-    def subscribe(self, wake: Callable[[], None]) -> None:  # noqa: B027 - polling suffices
-        """Call ``wake`` when another process enqueues a job, where the storage can say so
-        (PostgreSQL's LISTEN/NOTIFY); elsewhere workers find such jobs by polling."""
+    def subscribe(self, wake: Wake) -> None:  # noqa: B027 - polling suffices
+        """Call ``wake(at)`` when another process stores a job due at ``at`` (None: now), where
+        the storage can say so (PostgreSQL's LISTEN/NOTIFY, SQLite's doorbell); elsewhere
+        workers find such jobs by polling."""
 
-    def unsubscribe(self, wake: Callable[[], None]) -> None:  # noqa: B027 - see subscribe
+    def unsubscribe(self, wake: Wake) -> None:  # noqa: B027 - see subscribe
         """Stop calling ``wake``."""
 
     def after_fork(self) -> None:  # noqa: B027 - a backend with nothing per-process keeps this

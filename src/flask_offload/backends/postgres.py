@@ -36,7 +36,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..job import Job, Outcome, WorkerInfo
-from .base import Backend, id_in_use
+from .base import Backend, Wake, id_in_use
 from .rows import finish_rows, worker_info, worker_row
 
 T = TypeVar("T")
@@ -379,7 +379,7 @@ class PostgresBackend(Backend):
         self._ready = False
         self._unconfirmed: dict[str, list[str]] = {}  # claim tokens whose reply was lost
         self._inherited: list[object] = []
-        self._subscribers: list[Callable[[], None]] = []
+        self._subscribers: list[Wake] = []
         self._listener: threading.Thread | None = None
         self._listening: Connection | None = None
         self._closed = threading.Event()
@@ -700,7 +700,7 @@ class PostgresBackend(Backend):
 
     # -- wake-ups from other processes -----------------------------------------------------------
 
-    def subscribe(self, wake: Callable[[], None]) -> None:
+    def subscribe(self, wake: Wake) -> None:
         if not self.listen:
             return
         with self._lock:
@@ -712,7 +712,7 @@ class PostgresBackend(Backend):
                 )
                 self._listener.start()
 
-    def unsubscribe(self, wake: Callable[[], None]) -> None:
+    def unsubscribe(self, wake: Wake) -> None:
         with self._lock:
             if wake in self._subscribers:
                 self._subscribers.remove(wake)
@@ -720,7 +720,7 @@ class PostgresBackend(Backend):
     def _wake_all(self) -> None:
         for wake in list(self._subscribers):
             try:
-                wake()
+                wake(None)
             except Exception:
                 logger.exception("a wake-up callback failed")
 

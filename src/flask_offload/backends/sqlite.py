@@ -1,5 +1,8 @@
 """SQLite storage, the default: one file shared by every process on the machine.
 
+Processes find each other's jobs at once through a doorbell of Unix sockets beside the file
+(``doorbell.py``), and by polling as a safety net.
+
 One connection per process, guarded by a lock: SQLite serialises writers anyway, and a single
 connection keeps its prepared statements warm. WAL lets readers run beside the writer; every
 write is one statement or a short ``BEGIN IMMEDIATE`` transaction, so a writer never has to
@@ -25,7 +28,8 @@ from operator import attrgetter
 from typing import Any, TypeVar
 
 from ..job import QUEUED, Job, Outcome, WorkerInfo
-from .base import Backend, StorageCorrupt, id_in_use
+from .base import Backend, StorageCorrupt, Wake, id_in_use
+from .doorbell import Doorbell
 from .rows import finish_rows, worker_info, worker_row
 
 T = TypeVar("T")
@@ -262,6 +266,7 @@ class SQLiteBackend(Backend):
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._disk_was_full = False
+        self._doorbell = Doorbell(path)
         self._run(lambda db: None)  # open now, so a bad path or a newer schema fails early
 
     def _connect(self) -> sqlite3.Connection:
@@ -305,6 +310,7 @@ class SQLiteBackend(Backend):
         # The parent's connection and lock are not ours: leave the connection unclosed (closing
         # it could release the parent's file locks) and start afresh on first use.
         self._db, self._pid, self._lock = None, -1, threading.Lock()
+        self._doorbell.after_fork()
 
     def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``operation`` on this process's connection, waiting out a busy database.
@@ -403,11 +409,17 @@ class SQLiteBackend(Backend):
         try:
             if job.key is None:
                 self._run(lambda db: db.execute(*_insert_of(job)))
+                stored = job
                 job.backend = self
-                return job
-            return self._run(lambda db: self._transaction(db, lambda: self._insert_unique(db, job)))
+            else:
+                stored = self._run(
+                    lambda db: self._transaction(db, lambda: self._insert_unique(db, job))
+                )
         except sqlite3.IntegrityError as error:
             raise id_in_use(job) from error
+        if stored is job and job.state == QUEUED:
+            self._doorbell.ring(job.run_at if job.run_at > time.time() else None)
+        return stored
 
     def _enqueue_through(self, connection: Any, job: Job) -> Job:
         """Insert ``job`` in the caller's open transaction on this very file: it exists
@@ -567,7 +579,16 @@ class SQLiteBackend(Backend):
         return self._run(cancel)
 
     def retry(self, job_id: str) -> bool:
-        return self._run(lambda db: db.execute(RETRY, (time.time(), job_id)).rowcount == 1)
+        done = self._run(lambda db: db.execute(RETRY, (time.time(), job_id)).rowcount == 1)
+        if done:
+            self._doorbell.ring()
+        return done
+
+    def subscribe(self, wake: Wake) -> None:
+        self._doorbell.listen(wake)
+
+    def unsubscribe(self, wake: Wake) -> None:
+        self._doorbell.stop_listening(wake)
 
     def set_progress(self, job: Job, progress_json: str) -> bool:
         values = (progress_json, job.id, job.claim)
@@ -606,6 +627,7 @@ class SQLiteBackend(Backend):
         self._run(lambda db: db.execute(FORGET_WORKER, (worker, time.time() - 86400)))
 
     def close(self) -> None:
+        self._doorbell.close()
         with self._lock:
             if self._db is not None and self._pid == os.getpid():
                 self._db.close()

@@ -1,0 +1,167 @@
+"""Wake-ups between processes on one machine: a doorbell of Unix datagram sockets beside the
+SQLite file.
+
+A process whose pool waits for work binds a socket in ``<database>-wake/``; a process that
+stores a job rings every socket there after the commit (one datagram each, a few
+microseconds, carrying when the job is due), so an idle ``flask offload worker`` starts a job
+another process enqueued within milliseconds instead of a poll interval later. Waiting costs
+nothing: the listener thread blocks in ``recv``. A socket left by a killed process refuses the
+datagram and is removed by whoever rings it. Polling stays the safety net, and is all there
+is where Unix datagram sockets are not (Windows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Callable
+
+logger = logging.getLogger("flask_offload")
+
+MAX_PATH = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
+
+
+class Doorbell:
+    """Ring the other processes that use the same SQLite file, or listen for them."""
+
+    def __init__(self, database: str) -> None:
+        self.folder = f"{database}-wake"
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self._name: str | None = None
+        self._wakes: list[Callable[[float | None], None]] = []
+        self._peers: list[str] = []
+        self._seen: int | None = None  # the folder's mtime when _peers was read
+        self._folder_fd: int | None = None
+        self._pid = os.getpid()
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(socket, "AF_UNIX")
+
+    # -- ringing ---------------------------------------------------------------------------------
+
+    def ring(self, at: float | None = None) -> None:
+        """Tell every listening process that a job is due (now, or at ``at``)."""
+        if not self.available():
+            return
+        try:
+            peers = self._current_peers()
+        except OSError:
+            return  # no folder: nobody listens
+        if not peers:
+            return
+        message = b"now" if at is None else repr(at).encode()
+        sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sender.setblocking(False)
+        try:
+            for name in peers:
+                self._send(sender, name, message)
+        finally:
+            sender.close()
+
+    def _current_peers(self) -> list[str]:
+        """The sockets in the folder, but this process's own; read again when it changed."""
+        stamp = os.stat(self.folder).st_mtime_ns
+        if stamp != self._seen:
+            own = self._name
+            self._peers = [
+                name for name in os.listdir(self.folder) if name.endswith(".sock") and name != own
+            ]
+            self._seen = stamp
+        return self._peers
+
+    def _send(self, sender: socket.socket, name: str, message: bytes) -> None:
+        try:
+            sender.sendto(message, self._address(name))
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(OSError):  # its process is gone
+                os.unlink(os.path.join(self.folder, name))
+        except OSError:
+            pass  # a full buffer: that process has a wake-up waiting already
+
+    def _address(self, name: str) -> str:
+        """A path ``sun_path`` can hold: the real one, or one through /proc/self/fd."""
+        path = os.path.join(self.folder, name)
+        if len(path.encode()) <= MAX_PATH:
+            return path
+        if self._folder_fd is None or self._pid != os.getpid():
+            self._folder_fd, self._pid = os.open(self.folder, os.O_RDONLY), os.getpid()
+        return f"/proc/self/fd/{self._folder_fd}/{name}"
+
+    # -- listening -------------------------------------------------------------------------------
+
+    def listen(self, wake: Callable[[float | None], None]) -> None:
+        """Call ``wake(at)`` whenever another process rings; the first call binds a socket."""
+        if not self.available():
+            return
+        with self._lock:
+            self._wakes.append(wake)
+            if self._socket is not None:
+                return
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                name = f"{os.getpid()}-{secrets.token_hex(4)}.sock"
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                listener.bind(self._address(name))
+            except OSError as error:
+                logger.info("no wake-ups between processes (%s): polling instead", error)
+                return
+            self._socket, self._name = listener, name
+            self._seen = None
+        threading.Thread(
+            target=self._receive, args=(listener,), name="offload-doorbell", daemon=True
+        ).start()
+
+    def _receive(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                message = listener.recv(64)
+            except OSError:
+                return
+            if not message or listener is not self._socket:
+                return  # hung up
+            try:
+                at = None if message == b"now" else float(message)
+            except ValueError:
+                at = None
+            for wake in list(self._wakes):
+                wake(at)
+
+    def stop_listening(self, wake: Callable[[float | None], None]) -> None:
+        """Stop calling ``wake``; with no one left to wake, leave the folder."""
+        with self._lock:
+            if wake in self._wakes:
+                self._wakes.remove(wake)
+            if not self._wakes:
+                self._hang_up()
+
+    def _hang_up(self) -> None:
+        listener, name = self._socket, self._name
+        self._socket = self._name = None
+        if listener is None or name is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.folder, name))
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._wakes.clear()
+            self._hang_up()
+        if self._folder_fd is not None and self._pid == os.getpid():
+            os.close(self._folder_fd)
+            self._folder_fd = None
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's socket and listener are not ours (never unlink
+        the parent's file); start afresh."""
+        self._socket = self._name = self._folder_fd = None
+        self._wakes, self._peers, self._seen = [], [], None
+        self._lock = threading.Lock()

@@ -1,7 +1,9 @@
-"""How soon does an idle worker in another process start a job enqueued on PostgreSQL?
+"""How soon does an idle worker in another process start a job enqueued on PostgreSQL, or on
+a SQLite file (``--sqlite``, where the doorbell of Unix sockets beside the file wakes it)?
 
     python bench/notify_latency.py                  # 200 jobs woken by NOTIFY, 20 by polling
     python bench/notify_latency.py --jobs 500 --poll-jobs 0
+    python bench/notify_latency.py --sqlite         # 200 jobs woken by the doorbell
 
 A ``flask offload worker`` process (2 threads) waits on a throwaway database on the server
 ``OFFLOAD_TEST_POSTGRES_URL`` names (default ``postgresql://postgres@127.0.0.1:5432/postgres``).
@@ -20,6 +22,7 @@ import os
 import random
 import secrets
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -33,7 +36,7 @@ import psycopg
 from flask import Flask
 
 from flask_offload import Offload
-from flask_offload.backends.postgres import PostgresBackend
+from flask_offload.backends import open_backend
 
 SERVER_URL = os.environ.get(
     "OFFLOAD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -63,6 +66,9 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def query(url: str, sql: str) -> list[tuple[Any, ...]]:
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+            return db.execute(sql).fetchall()
     with psycopg.connect(url, autocommit=True) as conn:
         cursor = conn.execute(sql)
         return cursor.fetchall() if cursor.description else []
@@ -78,10 +84,11 @@ def wait_for(what: str, predicate: Any, timeout: float) -> None:
 
 def measure(url: str, jobs: int, gap: tuple[float, float], listen: bool) -> dict[str, float]:
     """Start a worker process, enqueue ``jobs`` spaced by ``gap`` seconds, return figures."""
-    backend = PostgresBackend(url)
+    backend = open_backend(url, tempfile.gettempdir())
     backend.counts()  # creates the tables
     backend.close()
-    query(url, "TRUNCATE offload_jobs, offload_workers")
+    for table in ("offload_jobs", "offload_workers"):
+        query(url, f"DELETE FROM {table}")
     env = dict(os.environ)
     env.update(
         PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")])),
@@ -107,8 +114,8 @@ def measure(url: str, jobs: int, gap: tuple[float, float], listen: bool) -> dict
         rows = query(
             url,
             "SELECT started_at - created_at FROM offload_jobs "
-            "WHERE state = 'succeeded' ORDER BY seq OFFSET 3",
-        )
+            "WHERE state = 'succeeded' ORDER BY seq",
+        )[3:]
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(30)
@@ -127,7 +134,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=200, help="jobs woken by NOTIFY")
     parser.add_argument("--poll-jobs", type=int, default=20, help="jobs found by polling")
+    parser.add_argument("--sqlite", action="store_true", help="a SQLite file and its doorbell")
     options = parser.parse_args()
+    if options.sqlite:
+        with tempfile.TemporaryDirectory() as folder:
+            url = f"sqlite:///{folder}/jobs.db"
+            report([("doorbell (poll every 30 s)", measure(url, options.jobs, (0.02, 0.06), True))])
+        return
     name = f"offload_bench_{secrets.token_hex(4)}"
     query(SERVER_URL, f'CREATE DATABASE "{name}"')
     url = urlsplit(SERVER_URL)._replace(path=f"/{name}").geturl()
@@ -138,6 +151,10 @@ def main() -> None:
             results.append(("polling only (every 1 s)", figures))
     finally:
         query(SERVER_URL, f'DROP DATABASE "{name}" WITH (FORCE)')
+    report(results)
+
+
+def report(results: list[tuple[str, dict[str, float]]]) -> None:
     print("enqueue-to-start latency, idle worker in another process (ms)")
     print(f"{'wake-up':<26} {'jobs':>5} {'median':>8} {'p99':>8} {'max':>8} {'enqueue':>8}")
     for label, f in results:

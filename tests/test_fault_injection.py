@@ -47,6 +47,7 @@ def test_a_storage_error_at_a_worker_verb_loses_no_job_and_no_thread(
     ran: Counter[int] = Counter()
     ended: dict[int, float] = {}  # when each job's first run ended
     lock = threading.Lock()
+    midway = threading.Event()  # a slow job is running, a third of the way in
 
     @offload.task(name="faulty.work")
     def work(n: int) -> int:
@@ -55,6 +56,8 @@ def test_a_storage_error_at_a_worker_verb_loses_no_job_and_no_thread(
         if n % 10 == 0:
             current_job.set_progress(1, total=2, message="half")
         if n % 25 == 0:
+            if n >= JOBS // 3:
+                midway.set()
             time.sleep(0.1)  # some slow ones: batches wait and get given back, leases renewed
         ended.setdefault(n, time.monotonic())
         return n
@@ -78,7 +81,7 @@ def test_a_storage_error_at_a_worker_verb_loses_no_job_and_no_thread(
     first = pool()
     stopped = float("inf")
     if verb == "release":  # releases happen when a pool stops: stop one mid-run, at once
-        wait_until(lambda: succeeded() >= JOBS // 3, timeout=60)
+        assert midway.wait(60)
         stopped = time.monotonic()
         first.stop(0)
         first = pool()

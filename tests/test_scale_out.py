@@ -219,13 +219,18 @@ def test_a_postgresql_restart_and_an_outage_during_a_run_lose_nothing(tmp_path: 
             for n in range(2)
         ]
         wait_until(lambda: live_workers(url) == 2, timeout=30)
-        wait_until(enqueue(stack, tmp_path, env, 500, 0.05), timeout=30)
+        wait_until(enqueue(stack, tmp_path, env, 500, 0.1), timeout=30)
 
         def done() -> int:
             return sum(e == "done" for e, _, _ in runs(tmp_path))
 
+        def relistened() -> int:
+            return logs(tmp_path).count("listening to PostgreSQL at")
+
         wait_until(lambda: done() >= 100)
         pg_ctl("-m", "fast", "restart")
+        # Both listeners back before the next outage, so each is seen on its own.
+        wait_until(lambda: relistened() >= 2, timeout=30)
         wait_until(lambda: done() >= 250)
         pg_ctl("-m", "fast", "stop")
         time.sleep(6)  # longer than the pool waits for a connection (5 s): claims fail
@@ -233,7 +238,7 @@ def test_a_postgresql_restart_and_an_outage_during_a_run_lose_nothing(tmp_path: 
         assert done() < 500, "the outage came mid-run"
         wait_until(lambda: states(url) == Counter(succeeded=500), timeout=50, every=0.2)
         assert all(worker.poll() is None for worker in workers), "workers ride it out"
-        wait_until(lambda: logs(tmp_path).count("listening to PostgreSQL at") >= 4, timeout=30)
+        wait_until(lambda: relistened() >= 4, timeout=30)
     events = runs(tmp_path)
     assert {n for event, n, _ in events if event == "done"} == set(range(500))
     text = logs(tmp_path)

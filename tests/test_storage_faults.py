@@ -122,7 +122,8 @@ def test_a_damaged_file_is_named_and_the_pool_stops_claiming(
     finally:
         runtime.stop(5)
     assert all(count == 1 for count in ran.values()), "no job ran twice"
-    assert caplog.text.count("is damaged") == 1, "said once, not in a retry loop"
+    said = [r for r in caplog.records if "is damaged or not a SQLite database" in r.getMessage()]
+    assert len(said) == 1, "said once, not in a retry loop"
 
 
 @pytest.mark.parametrize("case", ["no folder", "not a database", "read-only"])

@@ -76,14 +76,22 @@ def replay(task_name: str, shot: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def background_view(offload: Offload, view: Callable[..., Any], **options: Any) -> Any:
-    """Wrap ``view`` so a request answers 202 at once and the view runs in a worker."""
-    name = options.pop("name", None) or f"view:{view.__module__}.{view.__qualname__}"
+@functools.cache
+def _replayer(name: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The task body of the background view ``name``: one function per name, so a factory
+    that runs twice in a process (two apps, a test per app) registers the same task again
+    instead of a clashing one."""
 
     def run_view(shot: dict[str, Any]) -> dict[str, Any]:
         return replay(name, shot)
 
-    task = offload.task(name=name, **options)(run_view)
+    return run_view
+
+
+def background_view(offload: Offload, view: Callable[..., Any], **options: Any) -> Any:
+    """Wrap ``view`` so a request answers 202 at once and the view runs in a worker."""
+    name = options.pop("name", None) or f"view:{view.__module__}.{view.__qualname__}"
+    task = offload.task(name=name, **options)(_replayer(name))
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

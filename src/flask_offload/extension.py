@@ -56,7 +56,7 @@ class Offload:
         app.cli.add_command(offload_cli)
         app.register_blueprint(web.blueprint, url_prefix=app.config["OFFLOAD_URL_PREFIX"])
         how = lifecycle.plan(app.testing, explicit_workers, settings.threads, eager)
-        lifecycle.manage(runtime, how, name=app.name)
+        lifecycle.manage(runtime, how, app=app)
 
     def runtime(self, app: Flask | None = None) -> Runtime:
         """The storage and pool of ``app``, or of the current app, or of the only app."""

@@ -14,6 +14,10 @@ process becomes the reloader's watcher and must run no pool. There the pool star
 script's thread enters the server (in the reloader's serving child, never in its watcher), or,
 for a script that serves some other way or just waits, ``SCRIPT_GRACE`` seconds after its
 setup function returned (after ``init_app``, when called at the script's top level).
+
+Code that calls ``init_app`` and then goes on to use the app itself, never returning (a
+``main()`` that serves, a test function), has its pool started by the app's first request, or
+``FALLBACK`` seconds after ``init_app``, said in the log.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ logger = logging.getLogger("flask_offload")
 
 TICK = 0.01
 SCRIPT_GRACE = 1.0
+FALLBACK = 10.0
 # Programs that load the app themselves: their own ``__main__`` is not the app's script.
 LAUNCHERS = ("flask.cli", "gunicorn", "waitress", "_pytest", "pytest", "uwsgi", "hupper")
 
@@ -52,6 +57,7 @@ class Pending:
     script: bool
     watched: list[FrameType]
     since: float = field(default_factory=time.monotonic)
+    added: float = field(default_factory=time.monotonic)
 
     @classmethod
     def from_caller(cls, start: Callable[[Role | None], None], caller: FrameType) -> Pending:
@@ -80,7 +86,14 @@ class Pending:
         if self.watched:
             running = {id(frame) for frame in frames(top)}
             if any(id(frame) in running for frame in self.watched):
-                return "wait", None
+                if now - self.added < FALLBACK:
+                    return "wait", None
+                logger.info(
+                    "starting the worker pool %.0f s after init_app: the code that called it "
+                    "has not returned",
+                    FALLBACK,
+                )
+                return "start", None
             self.watched, self.since = [], now  # the setup code has just returned
         if not self.script or now - self.since >= SCRIPT_GRACE:
             return "start", None
@@ -96,7 +109,9 @@ class Launcher:
         self._pending: list[Pending] = []
         self._thread: threading.Thread | None = None
 
-    def add(self, start: Callable[[Role | None], None], caller: FrameType) -> None:
+    def add(self, start: Callable[[Role | None], None], caller: FrameType) -> Callable[[], None]:
+        """Start ``start`` once ``caller`` has returned; the function returned starts it now
+        (the app serves its first request: its setup is over)."""
         pending = Pending.from_caller(start, caller)
         with self._lock:
             self._pending.append(pending)
@@ -105,6 +120,7 @@ class Launcher:
                     target=self._run, name="offload-launcher", daemon=True
                 )
                 self._thread.start()
+        return lambda: self._launch(pending, "start", None)
 
     def forget(self) -> None:
         """In a forked child: the parent's pending pools and its thread are not ours."""
@@ -124,12 +140,17 @@ class Launcher:
                 top = sys._current_frames().get(item.thread_id)
                 verdict, role = item.verdict(top, time.monotonic())
                 del top
-                if verdict == "wait":
-                    continue
-                with self._lock:
-                    self._pending.remove(item)
-                if verdict == "start":
-                    try:
-                        item.start(role)
-                    except Exception:
-                        logger.exception("could not start the worker pool")
+                if verdict != "wait":
+                    self._launch(item, verdict, role)
+
+    def _launch(self, item: Pending, verdict: Verdict, role: Role | None) -> None:
+        """Take ``item`` off the list (once, whichever thread comes first) and start it."""
+        with self._lock:
+            if item not in self._pending:
+                return
+            self._pending.remove(item)
+        if verdict == "start":
+            try:
+                item.start(role)
+            except Exception:
+                logger.exception("could not start the worker pool")

@@ -19,8 +19,11 @@ import logging
 import os
 import sys
 import weakref
+from collections.abc import Callable
 from types import FrameType
 from typing import Literal
+
+from flask import Flask, request_started
 
 from . import interrupts, servers
 from .launch import Launcher
@@ -37,8 +40,10 @@ Pools = list[tuple[int, tuple[str, ...] | None]]
 
 # Runtimes of this process that want a pool, so fork and exit hooks can find them.
 _managed: weakref.WeakSet[Runtime] = weakref.WeakSet()
-# The runtime running the pool for each (storage, task registry) in this process.
-_by_storage: weakref.WeakValueDictionary[tuple[str, int], Runtime] = weakref.WeakValueDictionary()
+# The runtime running the pool for each (storage, task registry, queues) in this process.
+_by_storage: weakref.WeakValueDictionary[tuple[object, ...], Runtime] = (
+    weakref.WeakValueDictionary()
+)
 _launcher = Launcher()
 _hooks_installed = False
 _uwsgi_hooked = False
@@ -71,11 +76,13 @@ def plan(testing: bool, explicit_workers: bool, threads: int, eager: bool) -> Pl
     return "launch"
 
 
-def manage(runtime: Runtime, how: Plan, pools: Pools | None = None, name: str = "") -> None:
+def manage(
+    runtime: Runtime, how: Plan, pools: Pools | None = None, app: Flask | None = None
+) -> None:
     """Run ``runtime``'s pools as planned and tie them to the process's fork and exit."""
     if how in ("start", "launch", "reloader-child", "watcher"):
         interrupts.install(stop_all, runtime.settings.shutdown_timeout + 5)
-    if how in ("off", "watcher") or not _first_on_storage(runtime, name):
+    if how in ("off", "watcher") or not _first_on_storage(runtime, app):
         return
     _install_hooks()
     _managed.add(runtime)
@@ -88,7 +95,9 @@ def manage(runtime: Runtime, how: Plan, pools: Pools | None = None, name: str = 
         if caller is None:
             runtime.start(pools)
         else:
-            _launcher.add(lambda role: _launched(runtime, pools, role), caller)
+            now = _launcher.add(lambda role: _launched(runtime, pools, role), caller)
+            if app is not None:
+                _on_first_request(app, now)
     elif servers.uwsgi() is not None:
         _hook_uwsgi_fork()
 
@@ -99,20 +108,30 @@ def _launched(runtime: Runtime, pools: Pools | None, role: Role | None) -> None:
     runtime.start(pools)
 
 
+def _on_first_request(app: Flask, start: Callable[[], None]) -> None:
+    """Call ``start`` when ``app`` begins its first request (its setup is over by then)."""
+
+    def started(sender: Flask, **extra: object) -> None:
+        request_started.disconnect(started, sender=app)
+        start()
+
+    request_started.connect(started, sender=app, weak=False)
+
+
 def _serve_under_reloader() -> None:
     global _under_reloader
     _under_reloader = True
     interrupts.watched_by_reloader()
 
 
-def _first_on_storage(runtime: Runtime, name: str) -> bool:
-    """One pool per storage and task registry in a process: a second app built by the same
-    factory (a task module calling ``create_app()`` itself) would only double the threads and
-    the heartbeat rows. Say so, since it is rarely what the developer meant."""
+def _first_on_storage(runtime: Runtime, app: Flask | None) -> bool:
+    """One pool per storage, task registry and queues in a process: a second app built by the
+    same factory (a task module calling ``create_app()`` itself) would only double the threads
+    and the heartbeat rows. Say so, since it is rarely what the developer meant."""
     location = runtime.backend.location
     if location is None:
         return True
-    key = (location, id(runtime.tasks))
+    key = (location, id(runtime.tasks), runtime.settings.queues)
     first = _by_storage.get(key)
     if first is None or first.stopped:
         _by_storage[key] = runtime
@@ -120,7 +139,7 @@ def _first_on_storage(runtime: Runtime, name: str) -> bool:
     logger.warning(
         "app %r uses the same storage (%s) and tasks as another app of this process, which "
         "runs the worker pool for both: no second pool (is create_app() called twice?)",
-        name,
+        app.name if app is not None else "?",
         location,
     )
     return False

@@ -18,7 +18,7 @@ from . import serializer
 from .backends.base import Backend
 from .execution import ContextFactory, Runnable, Settings, execute
 from .job import QUEUED, RUNNING, Job, Running, new_id, valid_id
-from .worker import Worker
+from .worker import MAX_DUES, Worker
 
 
 class Runtime:
@@ -42,6 +42,8 @@ class Runtime:
         self._pid = os.getpid()
         self._lifecycle = threading.Lock()  # start and stop, which may come from two threads
         self._stopped = False
+        self._running = False  # set once the pools have started
+        self._early_dues: list[float] = []  # due times of jobs enqueued before that
 
     def enqueue(
         self,
@@ -155,13 +157,25 @@ class Runtime:
                 self.pools = [self._pool(threads, queues) for threads, queues in plan]
             for pool in self.pools:
                 pool.start()
+                for at in self._early_dues:
+                    pool.wake(at)
+            self._early_dues.clear()
+            self._running = True
 
     def _pool(self, threads: int, queues: tuple[str, ...] | None) -> Worker:
         settings = replace(self.settings, threads=threads, queues=queues)
         return Worker(self.backend, self.tasks, self.context, settings)
 
     def wake(self, at: float | None = None) -> None:
-        """A job is due (now or ``at``) or a task was registered: wake the running pools."""
+        """A job is due (now or ``at``) or a task was registered: wake the running pools.
+        Before they start (the factory has not returned yet) remember the due times of
+        delayed jobs, so they start on time rather than at the next poll."""
+        if not self._running:
+            with self._lifecycle:
+                if not self._running:
+                    if at is not None and len(self._early_dues) < MAX_DUES:
+                        self._early_dues.append(at)
+                    return
         for pool in self.pools:
             if pool.started:
                 pool.wake(at)
@@ -190,7 +204,8 @@ class Runtime:
             return
         self._pid = os.getpid()
         self._lifecycle = threading.Lock()
-        self._stopped = False
+        self._stopped = self._running = False
+        self._early_dues = []
         self.backend.after_fork()
         plan = self._plan or [(self.settings.threads, self.settings.queues)]
         self.pools = [self._pool(threads, queues) for threads, queues in plan]

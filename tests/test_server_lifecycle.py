@@ -348,6 +348,25 @@ def test_children_the_app_forks_run_no_pool(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_a_spawned_child_that_imports_the_script_again_runs_no_pool(tmp_path: Path) -> None:
+    """A `multiprocessing` child started by spawn (or forkserver, Python 3.14's default on
+    Linux) imports the parent's script again, whose top level calls `init_app`: no pool
+    there, every job runs once in the parent."""
+    out = tmp_path / "out.log"
+    with process(
+        [sys.executable, "-m", "spawnapp", "40", "0.1"], jobapp_env(tmp_path), out
+    ) as parent:
+        wait_until(lambda: sum(e == "done" for e, _, _ in runs(tmp_path)) >= 40, timeout=30)
+        wait_until(lambda: any(e == "child" for e, _, _ in runs(tmp_path)), timeout=30)
+        time.sleep(1)  # the child has imported the script and idles
+        parent.send_signal(signal.SIGINT)
+        parent.wait(30)
+    assert {pid for e, _, pid in runs(tmp_path) if e != "child"} == {parent.pid}
+    assert_ran_once_each(tmp_path, 40)
+    assert pools(out.read_text()) == Counter([parent.pid])
+
+
+@pytest.mark.timeout(60)
 def test_two_apps_on_one_storage_in_one_process_run_one_pool(tmp_path: Path) -> None:
     """A factory that ends up called twice in one process (a task module calling
     `create_app()` itself): one pool, a warning in the log that says so, every job once."""

@@ -54,6 +54,8 @@ def plan(testing: bool, explicit_workers: bool, threads: int, eager: bool) -> Pl
     """Decide whether this process runs a pool, in its forked workers, or not at all."""
     if eager or threads == 0 or (testing and not explicit_workers):
         return "off"
+    if servers.reimported_by_multiprocessing():
+        return "off"
     ctx = servers.cli_command()
     if ctx is not None:
         if ctx.command.name != "run":
@@ -200,8 +202,11 @@ def _hook_uwsgi_fork() -> None:
         return
     _uwsgi_hooked = True
     if uwsgi.masterpid() != 0:
-        importlib.import_module("uwsgidecorators").postfork(_uwsgi_post_fork)
-        return
+        try:
+            importlib.import_module("uwsgidecorators").postfork(_uwsgi_post_fork)
+            return
+        except Exception:  # uwsgidecorators missing or broken: chain the hook ourselves
+            logger.debug("uwsgidecorators unavailable; chaining uwsgi.post_fork_hook")
     previous = getattr(uwsgi, "post_fork_hook", None)
 
     def hook() -> None:

@@ -128,6 +128,12 @@ def uwsgi_before_fork(module: ModuleType) -> bool:
     return bool(module.worker_id() == 0 and module.mule_id() == 0)
 
 
+def reimported_by_multiprocessing() -> bool:
+    """True while a ``multiprocessing`` child started by spawn or forkserver re-imports the
+    parent's script (as ``__mp_main__``) to find its target: a child of the app, not a server."""
+    return any(module_of(frame) == "__mp_main__" for frame in frames(sys._getframe()))
+
+
 def setup_caller(frame: FrameType | None) -> FrameType | None:
     """The first frame below ``frame`` outside Flask-Offload: the code that called init_app."""
     for candidate in frames(frame):

@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import weakref
-from collections.abc import Callable
 from types import FrameType
 from typing import Literal
 
@@ -61,9 +60,9 @@ def plan(testing: bool, explicit_workers: bool, threads: int, eager: bool) -> Pl
         if ctx.command.name != "run":
             return "off"
         role = servers.cli_reloader_role(ctx)
-        return (
-            "watcher" if role == "watcher" else "reloader-child" if role != "serving" else "launch"
-        )
+        if role == "serving":
+            return "launch"
+        return "watcher" if role == "watcher" else "reloader-child"
     uwsgi = servers.uwsgi()
     if uwsgi is not None:
         if not servers.uwsgi_threads_enabled(uwsgi):
@@ -91,33 +90,38 @@ def manage(
     if how == "start":
         runtime.start(pools)
     elif how in ("launch", "reloader-child"):
-        caller = servers.setup_caller(sys._getframe(1))
         if how == "reloader-child":
             _serve_under_reloader()
+        caller = servers.setup_caller(sys._getframe(1))
         if caller is None:
             runtime.start(pools)
         else:
-            now = _launcher.add(lambda role: _launched(runtime, pools, role), caller)
-            if app is not None:
-                _on_first_request(app, now)
+            _launch_later(runtime, pools, app, caller)
     elif servers.uwsgi() is not None:
         _hook_uwsgi_fork()
 
 
-def _launched(runtime: Runtime, pools: Pools | None, role: Role | None) -> None:
-    if role == "reloader-child":
-        _serve_under_reloader()
-    runtime.start(pools)
+def _launch_later(
+    runtime: Runtime, pools: Pools | None, app: Flask | None, caller: FrameType
+) -> None:
+    """Start the pools once ``caller`` has returned (see ``launch``), or when ``app`` begins
+    its first request, whichever comes first: by then its setup is over."""
+    app_ref = weakref.ref(app) if app is not None else None
 
+    def on_request(sender: Flask, **extra: object) -> None:
+        now()
 
-def _on_first_request(app: Flask, start: Callable[[], None]) -> None:
-    """Call ``start`` when ``app`` begins its first request (its setup is over by then)."""
+    def launched(role: Role | None) -> None:
+        owner = app_ref() if app_ref is not None else None
+        if owner is not None:
+            request_started.disconnect(on_request, sender=owner)
+        if role == "reloader-child":
+            _serve_under_reloader()
+        runtime.start(pools)
 
-    def started(sender: Flask, **extra: object) -> None:
-        request_started.disconnect(started, sender=app)
-        start()
-
-    request_started.connect(started, sender=app, weak=False)
+    now = _launcher.add(launched, caller)
+    if app is not None:
+        request_started.connect(on_request, sender=app, weak=False)
 
 
 def _serve_under_reloader() -> None:

@@ -372,7 +372,7 @@ def test_testing_apps_run_no_pool_unless_workers_are_set(make_app: AppFactory) -
     app, offload = make_app(TESTING=True)
     assert not offload.runtime(app).started
     other, offload2 = make_app(TESTING=True, OFFLOAD_WORKERS=1)
-    assert offload2.runtime(other).started
+    wait_until(lambda: offload2.runtime(other).started, timeout=10)  # once make_app returned
 
 
 def test_one_offload_serves_several_apps(tmp_path: Path) -> None:

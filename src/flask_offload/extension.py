@@ -46,7 +46,8 @@ class Offload:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        """Open the app's storage and, in a serving process, start its worker pool."""
+        """Open the app's storage and, in a serving process, start its worker pool once the
+        code that called ``init_app`` (the app factory) has returned."""
         if "offload" in app.extensions:
             raise RuntimeError("Flask-Offload is already initialised on this app")
         explicit_workers = "OFFLOAD_WORKERS" in app.config
@@ -60,9 +61,8 @@ class Offload:
         app.cli.add_command(offload_cli)
         app.register_blueprint(web.blueprint, url_prefix=app.config["OFFLOAD_URL_PREFIX"])
         web.install(app)
-        lifecycle.manage(
-            runtime, lifecycle.plan(app.testing, explicit_workers, settings.threads, eager)
-        )
+        how = lifecycle.plan(app.testing, explicit_workers, settings.threads, eager)
+        lifecycle.manage(runtime, how, app=app)
 
     def runtime(self, app: Flask | None = None) -> Runtime:
         """The storage and pool of ``app``, or of the current app, or of the only app."""

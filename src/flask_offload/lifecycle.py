@@ -1,9 +1,14 @@
 """Where a pool may run, and how it starts, forks and stops with the process.
 
 The recipes in the field start their thread at import and so run it twice under the reloader,
-lose it in gunicorn's forked workers, and kill its work on SIGTERM. Here a pool starts once per
-serving process, never in the reloader's watcher or in CLI commands such as ``flask shell``,
-restarts in a forked child, and drains on SIGTERM/SIGINT or at interpreter exit.
+lose it in gunicorn's forked workers, fork it with its locks held under uWSGI, and kill its
+work on SIGTERM. Here one pool runs per serving process: the ``flask run`` or ``app.run()``
+server (never the reloader's watcher), each gunicorn and uWSGI worker (never a master), waitress,
+a plain script and ``flask offload worker``; none in CLI commands such as ``flask shell``, nor
+in children the app's own code forks. It starts once the code that called ``init_app`` has
+returned (see ``launch``), drains on SIGTERM/SIGINT (see ``interrupts``) or at interpreter exit,
+and, under the reloader, a restart puts its running jobs back at once instead of holding the
+edit loop (they run again in the new child: at least once).
 """
 
 from __future__ import annotations
@@ -12,135 +17,208 @@ import atexit
 import importlib
 import logging
 import os
-import signal
 import sys
-import threading
 import weakref
 from types import FrameType
-from typing import Any, Literal
+from typing import Literal
 
-import click
-from flask.cli import ScriptInfo
-from flask.helpers import get_debug_flag
+from flask import Flask, request_started
 
+from . import interrupts, servers
+from .launch import Launcher
 from .runtime import Runtime
+from .servers import Role
 
 logger = logging.getLogger("flask_offload")
 
-Plan = Literal["start", "after-fork", "watcher", "off"]
+# start: now (``flask offload worker``); launch: once the setup code has returned;
+# reloader-child: launch, in the reloader's serving child; after-fork: in each worker a server
+# forks from this process; watcher: none, but forward signals to the serving child.
+Plan = Literal["start", "launch", "reloader-child", "after-fork", "watcher", "off"]
+Pools = list[tuple[int, tuple[str, ...] | None]]
 
 # Runtimes of this process that want a pool, so fork and exit hooks can find them.
 _managed: weakref.WeakSet[Runtime] = weakref.WeakSet()
+# The runtime running the pool for each (storage, task registry, queues) in this process.
+_by_storage: weakref.WeakValueDictionary[tuple[object, ...], Runtime] = (
+    weakref.WeakValueDictionary()
+)
+_launcher = Launcher()
 _hooks_installed = False
-_signals_installed = False
-
-
-def _cli_command() -> click.Context | None:
-    """The click context of the running ``flask`` command, or None outside the Flask CLI."""
-    ctx = click.get_current_context(silent=True)
-    if ctx is None or ctx.find_object(ScriptInfo) is None:
-        return None
-    return ctx
-
-
-def _is_reloader_watcher(ctx: click.Context) -> bool:
-    """True in the process ``flask run --reload`` keeps to watch files and restart the server."""
-    reload = ctx.params.get("reload")
-    if reload is None:
-        reload = get_debug_flag()
-    return bool(reload) and os.environ.get("WERKZEUG_RUN_MAIN") != "true"
-
-
-def _in_gunicorn_master() -> bool:
-    """True while gunicorn's arbiter loads the app itself (``--preload``), before it forks.
-
-    A forked worker still has the arbiter's frames below its own, so the worker's frames are
-    what tell the two apart.
-    """
-    if "gunicorn.arbiter" not in sys.modules:
-        return False
-    frame: FrameType | None = sys._getframe()
-    modules = set()
-    while frame is not None:
-        modules.add(str(frame.f_globals.get("__name__", "")))
-        frame = frame.f_back
-    return "gunicorn.arbiter" in modules and not any(
-        name.startswith("gunicorn.workers") for name in modules
-    )
-
-
-def _uwsgi_without_threads() -> bool:
-    try:
-        uwsgi = importlib.import_module("uwsgi")  # present only inside a uWSGI process
-    except ImportError:
-        return False
-    options: dict[str, Any] = uwsgi.opt
-    return not (options.get("enable-threads") or options.get("threads"))
+_uwsgi_hooked = False
+_under_reloader = False
 
 
 def plan(testing: bool, explicit_workers: bool, threads: int, eager: bool) -> Plan:
-    """Decide whether this process runs a pool now, in its forked children, or not at all."""
+    """Decide whether this process runs a pool, in its forked workers, or not at all."""
     if eager or threads == 0 or (testing and not explicit_workers):
         return "off"
-    ctx = _cli_command()
+    if servers.reimported_by_multiprocessing():
+        return "off"
+    ctx = servers.cli_command()
     if ctx is not None:
         if ctx.command.name != "run":
             return "off"
-        return "watcher" if _is_reloader_watcher(ctx) else "start"
-    if _uwsgi_without_threads():
-        logger.error(
-            "uWSGI runs no Python threads without 'enable-threads = true': "
-            "Flask-Offload's pool is off (with a forking master also set 'lazy-apps' "
-            "or 'py-call-osafterfork')"
-        )
-        return "off"
-    if _in_gunicorn_master():
+        role = servers.cli_reloader_role(ctx)
+        if role == "serving":
+            return "launch"
+        return "watcher" if role == "watcher" else "reloader-child"
+    uwsgi = servers.uwsgi()
+    if uwsgi is not None:
+        if not servers.uwsgi_threads_enabled(uwsgi):
+            logger.error(
+                "uWSGI runs no Python threads without 'enable-threads = true' (or 'threads'): "
+                "Flask-Offload's pool is off in this process"
+            )
+            return "off"
+        return "after-fork" if servers.uwsgi_before_fork(uwsgi) else "launch"
+    if servers.in_gunicorn_master():
         return "after-fork"
-    return "start"
+    return "launch"
 
 
 def manage(
-    runtime: Runtime, how: Plan, pools: list[tuple[int, tuple[str, ...] | None]] | None = None
+    runtime: Runtime, how: Plan, pools: Pools | None = None, app: Flask | None = None
 ) -> None:
-    """Start ``runtime``'s pools as planned and tie them to the process's fork and exit."""
-    if how == "watcher":
-        hold_interrupt(runtime.settings.shutdown_timeout + 5)
-    if how in ("off", "watcher"):
+    """Run ``runtime``'s pools as planned and tie them to the process's fork and exit."""
+    if how in ("start", "launch", "reloader-child", "watcher"):
+        interrupts.install(stop_all, runtime.settings.shutdown_timeout + 5)
+    if how in ("off", "watcher") or not _first_on_storage(runtime, app):
         return
     _install_hooks()
     _managed.add(runtime)
     if how == "start":
         runtime.start(pools)
-        if _cli_command() is not None:
-            install_signal_handlers()
+    elif how in ("launch", "reloader-child"):
+        if how == "reloader-child":
+            _serve_under_reloader()
+        caller = servers.setup_caller(sys._getframe(1))
+        if caller is None:
+            runtime.start(pools)
+        else:
+            _launch_later(runtime, pools, app, caller)
+    elif servers.uwsgi() is not None:
+        _hook_uwsgi_fork()
 
 
-def stop_all() -> None:
-    """Drain every pool of this process (each within its ``SHUTDOWN_TIMEOUT``)."""
+def _launch_later(
+    runtime: Runtime, pools: Pools | None, app: Flask | None, caller: FrameType
+) -> None:
+    """Start the pools once ``caller`` has returned (see ``launch``), or when ``app`` begins
+    its first request, whichever comes first: by then its setup is over."""
+    app_ref = weakref.ref(app) if app is not None else None
+
+    def on_request(sender: Flask, **extra: object) -> None:
+        now()
+
+    def launched(role: Role | None) -> None:
+        owner = app_ref() if app_ref is not None else None
+        if owner is not None:
+            request_started.disconnect(on_request, sender=owner)
+        if role == "reloader-child":
+            _serve_under_reloader()
+        runtime.start(pools)
+
+    now = _launcher.add(launched, caller)
+    if app is not None:
+        request_started.connect(on_request, sender=app, weak=False)
+
+
+def _serve_under_reloader() -> None:
+    global _under_reloader
+    _under_reloader = True
+    interrupts.watched_by_reloader()
+
+
+def _first_on_storage(runtime: Runtime, app: Flask | None) -> bool:
+    """One pool per storage, task registry and queues in a process: a second app built by the
+    same factory (a task module calling ``create_app()`` itself) would only double the threads
+    and the heartbeat rows. Say so, since it is rarely what the developer meant."""
+    location = runtime.backend.location
+    if location is None:
+        return True
+    key = (location, id(runtime.tasks), runtime.settings.queues)
+    first = _by_storage.get(key)
+    if first is None or first.stopped:
+        _by_storage[key] = runtime
+        return True
+    logger.warning(
+        "app %r uses the same storage (%s) and tasks as another app of this process, which "
+        "runs the worker pool for both: no second pool (is create_app() called twice?)",
+        app.name if app is not None else "?",
+        location,
+    )
+    return False
+
+
+def stop_all(timeout: float | None = None) -> None:
+    """Drain every pool of this process (each within its ``SHUTDOWN_TIMEOUT``, or ``timeout``)."""
     for runtime in list(_managed):
-        runtime.stop()
+        runtime.stop(timeout)
+
+
+def _at_exit() -> None:
+    """Drain at interpreter exit. Under the reloader an exit that no signal asked for is a
+    restart after an edit: put running jobs back at once rather than hold the edit loop."""
+    stop_all(0.0 if _under_reloader and not interrupts.interrupted() else None)
 
 
 def _after_fork_in_child() -> None:
-    global _signals_installed
-    if _about_to_exec():
+    """In every forked child: the parent's pools, connections and claimed jobs are not the
+    child's. Only a gunicorn worker starts its pools here (uWSGI's start in its own post-fork
+    hook); a child the app forks (``multiprocessing``, ``os.fork``) runs none."""
+    global _under_reloader
+    if servers.about_to_exec():
         return
-    _signals_installed = False
+    try:
+        caller: FrameType | None = sys._getframe(1)
+    except ValueError:  # called from C with no Python frame (uWSGI's py-call-osafterfork)
+        caller = None
+    serving = servers.forked_by_gunicorn(caller)
+    _launcher.forget()
+    interrupts.after_fork()
+    _under_reloader = False
     for runtime in list(_managed):
         runtime.after_fork()
+        if serving:
+            runtime.start()
 
 
-def _about_to_exec() -> bool:
-    """True in the child of ``subprocess.Popen(preexec_fn=...)``, which runs Python between
-    fork and exec: a pool started there would claim jobs and vanish with them."""
-    frame: FrameType | None = sys._getframe()
-    while frame is not None:
-        if frame.f_code.co_name == "_execute_child" and frame.f_globals.get("__name__") == (
-            "subprocess"
-        ):
-            return True
-        frame = frame.f_back
-    return False
+def _uwsgi_post_fork() -> None:
+    """uWSGI's post-fork hook: start the pools in each worker (not in mules or spoolers)."""
+    uwsgi = servers.uwsgi()
+    if uwsgi is None or uwsgi.worker_id() == 0:
+        return
+    _launcher.forget()
+    for runtime in list(_managed):
+        runtime.after_fork()
+        runtime.start()
+
+
+def _hook_uwsgi_fork() -> None:
+    """Run ``_uwsgi_post_fork`` after uWSGI forks each worker. With a master, through
+    ``uwsgidecorators.postfork``, so the app's own ``@postfork`` functions keep running (and
+    importing uwsgidecorators later does not drop ours); without one, by chaining
+    ``uwsgi.post_fork_hook``."""
+    global _uwsgi_hooked
+    uwsgi = servers.uwsgi()
+    if _uwsgi_hooked or uwsgi is None:
+        return
+    _uwsgi_hooked = True
+    if uwsgi.masterpid() != 0:
+        try:
+            importlib.import_module("uwsgidecorators").postfork(_uwsgi_post_fork)
+            return
+        except Exception:  # uwsgidecorators missing or broken: chain the hook ourselves
+            logger.debug("uwsgidecorators unavailable; chaining uwsgi.post_fork_hook")
+    previous = getattr(uwsgi, "post_fork_hook", None)
+
+    def hook() -> None:
+        if callable(previous):
+            previous()
+        _uwsgi_post_fork()
+
+    setattr(uwsgi, "post_fork_hook", hook)  # noqa: B010 - a module only uWSGI provides
 
 
 def _install_hooks() -> None:
@@ -148,52 +226,5 @@ def _install_hooks() -> None:
     if _hooks_installed:
         return
     _hooks_installed = True
-    atexit.register(stop_all)
+    atexit.register(_at_exit)
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def install_signal_handlers() -> None:
-    """On SIGTERM/SIGINT drain the pools, then hand the signal to the handler that was there.
-
-    Only from the main thread, and only in processes that are ours (``flask run``, ``flask
-    offload worker``); where a server owns the signals, the pools drain at exit instead.
-    """
-    global _signals_installed
-    if _signals_installed or threading.current_thread() is not threading.main_thread():
-        return
-    _signals_installed = True
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        previous = signal.getsignal(signum)
-
-        def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
-            stop_all()
-            _chain(previous, signum, frame)
-
-        signal.signal(signum, handler)
-
-
-def hold_interrupt(grace: float) -> None:
-    """In ``flask run``'s reloader watcher: Ctrl-C reaches the serving child too, which drains
-    its pool, but Werkzeug's watcher would kill that child 0.25 s later. Hold the interrupt
-    until the child has exited (the watcher then exits with it) or ``grace`` seconds have
-    passed; a second Ctrl-C goes through at once. (SIGTERM to the watcher is Werkzeug's own:
-    it stops the child at once, and its jobs come back when their lease expires.)"""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def held(signum: int, frame: FrameType | None) -> None:
-        signal.signal(signal.SIGINT, previous)
-        signal.signal(signal.SIGALRM, lambda _, frame: _chain(previous, signal.SIGINT, frame))
-        signal.setitimer(signal.ITIMER_REAL, grace)
-
-    signal.signal(signal.SIGINT, held)
-
-
-def _chain(previous: Any, signum: int, frame: FrameType | None) -> None:
-    """Hand a signal to the handler that was installed before ours."""
-    if callable(previous):
-        previous(signum, frame)
-    elif previous != signal.SIG_IGN:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)

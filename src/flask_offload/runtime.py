@@ -7,6 +7,8 @@ context each job runs in.
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -17,7 +19,7 @@ from . import commits, serializer
 from .backends.base import Backend
 from .execution import ContextFactory, Runnable, Settings, execute
 from .job import QUEUED, RUNNING, Job, Running, new_id, valid_id
-from .worker import Worker
+from .worker import MAX_DUES, Worker
 
 
 class Runtime:
@@ -38,6 +40,11 @@ class Runtime:
         self.eager = eager
         self.pools = [Worker(backend, tasks, context, settings)]
         self._plan: list[tuple[int, tuple[str, ...] | None]] | None = None
+        self._pid = os.getpid()
+        self._lifecycle = threading.Lock()  # start and stop, which may come from two threads
+        self._stopped = False
+        self._running = False  # set once the pools have started
+        self._early_dues: list[float] = []  # due times of jobs enqueued before that
 
     def enqueue(
         self,
@@ -166,20 +173,41 @@ class Runtime:
     def started(self) -> bool:
         return any(pool.started for pool in self.pools)
 
+    @property
+    def stopped(self) -> bool:
+        """True once ``stop`` was called: the pools do not start (again) in this process."""
+        return self._stopped
+
     def start(self, plan: list[tuple[int, tuple[str, ...] | None]] | None = None) -> None:
-        """Start the pool, or one pool per ``(threads, queues)`` in ``plan``."""
-        if plan is not None:
-            self._plan = plan
-            self.pools = [self._pool(threads, queues) for threads, queues in plan]
-        for pool in self.pools:
-            pool.start()
+        """Start the pool, or one pool per ``(threads, queues)`` in ``plan``; nothing once
+        stopped (a pool waiting for its app's factory to return may be stopped first)."""
+        with self._lifecycle:
+            if self._stopped:
+                return
+            if plan is not None:
+                self._plan = plan
+                self.pools = [self._pool(threads, queues) for threads, queues in plan]
+            for pool in self.pools:
+                pool.start()
+                for at in self._early_dues:
+                    pool.wake(at)
+            self._early_dues.clear()
+            self._running = True
 
     def _pool(self, threads: int, queues: tuple[str, ...] | None) -> Worker:
         settings = replace(self.settings, threads=threads, queues=queues)
         return Worker(self.backend, self.tasks, self.context, settings)
 
     def wake(self, at: float | None = None) -> None:
-        """A job is due (now or ``at``): wake the running pools."""
+        """A job is due (now or ``at``): wake the running pools. Before they start (the
+        factory has not returned yet) remember the due times of delayed jobs, so they start
+        on time rather than at the next poll."""
+        if not self._running:
+            with self._lifecycle:
+                if not self._running:
+                    if at is not None and len(self._early_dues) < MAX_DUES:
+                        self._early_dues.append(at)
+                    return
         for pool in self.pools:
             if pool.started:
                 pool.wake(at)
@@ -192,6 +220,8 @@ class Runtime:
 
     def stop(self, timeout: float | None = None) -> None:
         """Drain every pool at once, within ``timeout`` (default ``SHUTDOWN_TIMEOUT``)."""
+        with self._lifecycle:
+            self._stopped = True
         for pool in self.pools:
             pool.begin_stop()
         deadline = time.monotonic() + (
@@ -205,11 +235,18 @@ class Runtime:
         return self.pools[0].drain()
 
     def after_fork(self) -> None:
-        """In a forked child: new connections, new worker ids, new threads."""
+        """In a forked child (once, however many fork hooks call it): new connections and new,
+        unstarted pools with new worker ids. The parent's threads, claimed jobs and heartbeat
+        row stay the parent's; ``start`` runs the child's own pools where it serves."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._lifecycle = threading.Lock()
+        self._stopped = self._running = False
+        self._early_dues = []
         self.backend.after_fork()
         plan = self._plan or [(self.settings.threads, self.settings.queues)]
         self.pools = [self._pool(threads, queues) for threads, queues in plan]
-        self.start()
 
     def get(self, job_id: str) -> Job | None:
         """The stored job, or None for an unknown or malformed id."""

@@ -1,21 +1,27 @@
 """An app for the tests that run real processes: each task run appends a line to a log file.
 
 Configuration comes from the environment: ``JOBAPP_LOG`` (the run log), ``JOBAPP_INSTANCE``
-(the instance folder), ``JOBAPP_SLEEP_SCALE`` (multiplies each task's sleep; 0 to skip it) and
-``OFFLOADTEST_*`` for the app config (``OFFLOADTEST_OFFLOAD_LEASE=2``).
+(the instance folder), ``JOBAPP_SLEEP_SCALE`` (multiplies each task's sleep; 0 to skip it),
+``JOBAPP_SETUP_DELAY`` (seconds the factory spends after ``init_app`` before it sets up the
+"mailer" the ``setup`` task needs), ``JOBAPP_SECOND_APP`` (the factory builds a second app on
+the same storage, as a task module calling ``create_app()`` itself would) and ``OFFLOADTEST_*``
+for the app config (``OFFLOADTEST_OFFLOAD_LEASE=2``).
 
 Run as a script: ``python -m jobapp enqueue N SLEEP`` enqueues N jobs and then idles while its
-pool works; ``python -m jobapp idle`` only idles. Both print ``ready`` when set up.
+pool works; ``python -m jobapp idle`` only idles; ``python -m jobapp fork N SLEEP`` enqueues N
+jobs, then forks a ``multiprocessing`` child and an ``os.fork`` child that live for a while
+(each logs ``child 0 PID``) and idles. Each prints ``ready`` when set up.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import sys
 import time
 
-from flask import Flask, Response, request
+from flask import Flask, Response, current_app, request
 
 from flask_offload import Offload, current_job
 
@@ -39,11 +45,24 @@ def record(n: int, sleep: float = 0.0) -> int:
     return n
 
 
-def create_app() -> Flask:
+@offload.task(name="setup")
+def needs_setup(n: int) -> str:
+    """A job that needs what the factory sets up after ``init_app``."""
+    log(f"start {n} {os.getpid()}")
+    mailer: str = current_app.extensions["mailer"]
+    log(f"done {n} {os.getpid()}")
+    return mailer
+
+
+def create_app(nested: bool = False) -> Flask:
     logging.basicConfig(level=logging.INFO, format="%(process)d %(name)s %(levelname)s %(message)s")
     app = Flask(__name__, instance_path=os.environ["JOBAPP_INSTANCE"])
     app.config.from_prefixed_env("OFFLOADTEST")
     offload.init_app(app)
+    time.sleep(float(os.environ.get("JOBAPP_SETUP_DELAY", "0")))
+    app.extensions["mailer"] = "mailer"
+    if os.environ.get("JOBAPP_SECOND_APP") and not nested:
+        create_app(nested=True)
 
     @app.post("/enqueue/<int:n>")
     def enqueue(n: int) -> dict[str, str]:
@@ -69,14 +88,25 @@ def create_app() -> Flask:
     return app
 
 
+def live_a_while() -> None:
+    """A child the app forks: it runs no pool of its own, whatever it inherited."""
+    log(f"child 0 {os.getpid()}")
+    time.sleep(3)
+
+
 if __name__ == "__main__":
     command = sys.argv[1]
     application = create_app()
-    if command == "enqueue":
+    if command in ("enqueue", "fork"):
         count, sleep = int(sys.argv[2]), float(sys.argv[3])
         with application.app_context():
             for n in range(count):
                 record.delay(n, sleep)
+    if command == "fork":
+        if os.fork() == 0:
+            live_a_while()
+            sys.exit(0)  # through the interpreter's exit, atexit hooks included
+        multiprocessing.get_context("fork").Process(target=live_a_while).start()
     print("ready", flush=True)
     try:
         while True:

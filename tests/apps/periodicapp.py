@@ -43,6 +43,8 @@ def _exit(signum: int, frame: FrameType | None) -> None:
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _exit)
     application = create_app()
+    while not offload.runtime(application).started:  # it starts once create_app has returned
+        time.sleep(0.01)
     print("ready", os.getpid(), flush=True)
     while True:
         time.sleep(1)

@@ -24,6 +24,10 @@ Wake = Callable[[float | None], None]  # what subscribe calls: a job is due at t
 class Backend(ABC):
     """Durable job storage shared by every process that points at the same URL."""
 
+    # Where the jobs live, the same for two handles on one storage (no password in it), so a
+    # process can tell that two apps share it; None for storage private to this handle.
+    location: str | None = None
+
     @abstractmethod
     def enqueue(self, job: Job, connection: Any = None) -> Job:
         """Store ``job`` durably and return it, committed. If ``job.key`` is held by a queued

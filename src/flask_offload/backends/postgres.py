@@ -369,6 +369,7 @@ class PostgresBackend(Backend):
         params = conninfo_to_dict(url)
         where = f"{params.get('host') or 'local socket'}:{params.get('port') or 5432}"
         self.where = f"{where}/{params.get('dbname') or params.get('user') or ''}"
+        self.location = f"postgresql:{self.where}"
         # libpq's own defaults wait forever for an unreachable host: say so within seconds.
         self._connect_args: dict[str, Any] = {"autocommit": True}
         defaults = {"connect_timeout": max(2, round(timeout)), "application_name": "flask-offload"}

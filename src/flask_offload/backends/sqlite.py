@@ -260,6 +260,7 @@ class SQLiteBackend(Backend):
                 f"not {synchronous!r}"
             )
         self.path = path
+        self.location = f"sqlite:{os.path.realpath(path)}"
         self.synchronous = synchronous.upper()
         self.busy_timeout = busy_timeout
         self._pid = -1

@@ -54,7 +54,7 @@ def create_app() -> Flask:
         return {"pid": os.getpid()}
 
     @app.post("/background/<int:n>")
-    @offload.background
+    @offload.background(name="jobapp.background")
     def background(n: int) -> tuple[dict[str, object], int, dict[str, str]]:
         current_job.set_progress(1, total=2, message="halfway")
         time.sleep(float(request.args.get("sleep", 0)))

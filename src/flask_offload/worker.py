@@ -502,8 +502,9 @@ class Worker:
                     self._report_unknown_tasks()
             except StorageCorrupt as error:
                 self._halt(error)
-            except Exception as error:
-                logger.warning("worker maintenance failed (%s); trying again", error)
+            except Exception as error:  # quiet while the loops have said storage is down
+                log = logger.debug if self._down else logger.warning
+                log("worker maintenance failed (%s); trying again", error)
             self._maintenance.wait(max(0.01, self._next_maintenance(next_beat) - time.monotonic()))
             self._maintenance.clear()
 

@@ -46,7 +46,8 @@ class Offload:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        """Open the app's storage and, in a serving process, start its worker pool."""
+        """Check the app's settings and storage (opened on first use, so importing the app
+        creates nothing) and, in a serving process, start its worker pool."""
         if "offload" in app.extensions:
             raise RuntimeError("Flask-Offload is already initialised on this app")
         logs.show_by_default(app.debug)

@@ -135,4 +135,7 @@ def test_the_two_commands_make_a_virtual_environment_and_ci_runs_the_second() ->
         )
         assert command.count("\n") == 1, "one command each"
     assert "flask --app examples/visits.py run" in demo
-    assert tests.strip() in (ROOT / ".ci" / "run").read_text(), ".ci/run runs the README's"
+    ci = ROOT / ".ci" / "run"
+    if not ci.exists():
+        pytest.skip("no .ci/run outside a checkout (an unpacked sdist)")
+    assert tests.strip() in ci.read_text(), ".ci/run runs the README's test command"

@@ -54,7 +54,7 @@ def test_flask_offload_variables_configure_an_app_that_never_reads_them(
     assert isinstance(runtime.backend, SQLiteBackend)
     assert runtime.backend.path == str(tmp_path / "from-env.db")
     assert app.config["OFFLOAD_WORKERS"] == 0 and app.config["OFFLOAD_EAGER"] is False
-    assert not runtime.started, "FLASK_OFFLOAD_WORKERS=0 counts as set explicitly"
+    assert not runtime.started, "FLASK_OFFLOAD_WORKERS=0: no pool"
 
 
 def test_the_apps_own_config_wins_and_the_variable_it_overrides_is_logged(

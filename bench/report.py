@@ -320,7 +320,7 @@ def markdown(run: Run, chart: tuple[Path | None, str]) -> str:
         "## Reproduce",
         "",
         "```sh",
-        "python3 -m pip install -e '.[bench]'   # the peers, psycopg and matplotlib",
+        "python3 -m pip install -e . -r bench/requirements.txt   # the peers, psycopg and matplotlib",
         f"{run['command']}",
         "```",
         "",
@@ -447,7 +447,7 @@ def chart(run: Run, path: Path) -> tuple[Path | None, str]:
     try:
         import matplotlib
     except ImportError:
-        return None, "No chart: matplotlib is not installed (`pip install -e '.[bench]'`)."
+        return None, "No chart: matplotlib is not installed (`pip install -r bench/requirements.txt`)."
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

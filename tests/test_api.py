@@ -21,7 +21,10 @@ from flask_offload.backends import SQLiteBackend
 
 
 def rows(tmp_path: Path) -> int:
+    """Jobs stored in tmp_path/jobs.db (none while the store has never been used)."""
     with sqlite3.connect(tmp_path / "jobs.db") as db:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'offload_jobs'").fetchone():
+            return 0
         return int(db.execute("SELECT count(*) FROM offload_jobs").fetchone()[0])
 
 

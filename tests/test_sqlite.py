@@ -71,7 +71,11 @@ def test_wal_and_synchronous_are_set(tmp_path: Path) -> None:
 def test_urls_follow_flask_sqlalchemy(tmp_path: Path) -> None:
     instance = tmp_path / "instance"
     assert sqlite_path("sqlite:///jobs.db", str(instance)) == str(instance / "jobs.db")
-    assert instance.is_dir(), "the instance folder is created for a relative path"
+    backend = open_backend("sqlite:///jobs.db", str(instance))
+    assert not instance.exists(), "nothing is created before first use"
+    backend.prepare()
+    assert (instance / "jobs.db").exists(), "the instance folder is created on first use"
+    backend.close()
     assert sqlite_path(f"sqlite:///{tmp_path}/abs.db", "/nowhere") == f"{tmp_path}/abs.db"
     assert type(open_backend("memory://", str(instance))).__name__ == "MemoryBackend"
 

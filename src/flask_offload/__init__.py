@@ -5,4 +5,5 @@ from .extension import Offload
 from .job import Job, current_job
 from .task import Task
 
+__version__ = "0.1.0"
 __all__ = ["Cancelled", "Job", "Offload", "Retry", "Task", "current_job"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from typing import Any
 
@@ -11,11 +10,24 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from . import lifecycle
+from . import lifecycle, logs
+from .backends import describe
 from .job import FINAL_STATES, Job
 from .runtime import Runtime
+from .worker import live_window
 
-offload_cli = AppGroup("offload", help="Run workers and inspect Flask-Offload jobs.")
+
+class OffloadGroup(AppGroup):
+    """``flask offload``: storage that cannot be reached or used is one line, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (OSError, RuntimeError) as error:  # unreachable, unusable or damaged storage
+            raise click.ClickException(str(error)) from error
+
+
+offload_cli = OffloadGroup("offload", help="Run workers and inspect Flask-Offload jobs.")
 
 
 def _runtime() -> Runtime:
@@ -62,10 +74,10 @@ def parse_pools(
 def worker_command(threads: int, queues: str | None, per_queue: str | None) -> None:
     """Run a standalone worker until SIGTERM or Ctrl-C (which drain it gracefully)."""
     pools = parse_pools(threads, queues, per_queue)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("flask_offload").setLevel(logging.INFO)
+    logs.show_each_job()
     runtime = _runtime()
+    runtime.backend.prepare()  # storage that cannot be used is one error now, not a retry loop
+    click.echo(f"storage: {describe(runtime.backend)}")
     lifecycle.manage(runtime, "start", pools)
     try:
         while True:
@@ -80,9 +92,15 @@ def worker_command(threads: int, queues: str | None, per_queue: str | None) -> N
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 def jobs_command(state: str | None, task: str | None, limit: int) -> None:
     """List the newest jobs."""
-    for job in _runtime().backend.list_jobs(state=state, task=task, limit=limit):
+    jobs = _runtime().backend.list_jobs(state=state, task=task, limit=limit)
+    if not jobs:
+        wanted = " ".join(f"{k} {v!r}" for k, v in (("state", state), ("task", task)) if v)
+        click.echo(f"no jobs{' with ' + wanted if wanted else ''}")
+        return
+    click.echo(f"{'id':<32}  {'state':<9}  {'created':<19}  {'attempts':>8}  task")
+    for job in jobs:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
-        click.echo(f"{job.id}  {job.state:<9}  {created}  {job.attempts}  {job.task}")
+        click.echo(f"{job.id}  {job.state:<9}  {created}  {job.attempts:>8}  {job.task}")
 
 
 @offload_cli.command("show")
@@ -153,12 +171,17 @@ def purge_command(older_than: float) -> None:
 def stats_command() -> None:
     """Jobs per task and state, live workers, and jobs no live worker can run."""
     runtime = _runtime()
+    click.echo(f"storage: {describe(runtime.backend)}\n")
     counts = runtime.backend.counts()
     states = ["queued", "running", "succeeded", "failed", "cancelled"]
-    click.echo(f"{'task':<40} " + " ".join(f"{s:>9}" for s in states))
-    for task in sorted({task for task, _ in counts}):
-        click.echo(f"{task:<40} " + " ".join(f"{counts.get((task, s), 0):>9}" for s in states))
-    live = runtime.backend.workers(time.time() - 2 * runtime.settings.lease)
+    tasks = sorted({task for task, _ in counts})
+    width = max([len("task"), *map(len, tasks)])
+    click.echo(f"{'task':<{width}} " + " ".join(f"{s:>9}" for s in states))
+    for task in tasks:
+        click.echo(f"{task:<{width}} " + " ".join(f"{counts.get((task, s), 0):>9}" for s in states))
+    if not tasks:
+        click.echo("(no jobs)")
+    live = runtime.backend.workers(time.time() - live_window(runtime.settings.lease))
     click.echo(f"\n{len(live)} live worker(s)")
     for info in live:
         queues = ",".join(info.queues) if info.queues else "all queues"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import weakref
 from collections.abc import Callable
@@ -12,7 +14,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 from flask import Flask, current_app, has_app_context
 from flask.ctx import AppContext
 
-from . import lifecycle, web
+from . import lifecycle, logs, web
 from .backends import open_backend
 from .cli import offload_cli
 from .execution import Cancelled, ContextFactory, Retry, Settings
@@ -22,6 +24,7 @@ from .schedule import Schedule
 from .task import ENQUEUE_OPTIONS, TASK_OPTIONS, Task, check_options
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+ENV_PREFIX = "FLASK_OFFLOAD_"
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -46,12 +49,24 @@ class Offload:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        """Open the app's storage and, in a serving process, start its worker pool once the
-        code that called ``init_app`` (the app factory) has returned."""
+        """Check the app's settings and storage (opened on first use, so importing the app
+        creates nothing) and, in a serving process, start its worker pool once the code that
+        called ``init_app`` (the app factory) has returned."""
         if "offload" in app.extensions:
             raise RuntimeError("Flask-Offload is already initialised on this app")
+        logs.show_by_default(app.debug)
+        config_from_environment(app.config)
         explicit_workers = "OFFLOAD_WORKERS" in app.config
+        explicit_url = "OFFLOAD_URL" in app.config
         url, settings, eager, synchronous = read_config(app)
+        if app.testing and not (explicit_url or eager):
+            logs.logger.warning(
+                "app %r is testing but sets no OFFLOAD_URL: its jobs go to the development job "
+                "store in %s; a test configuration sets OFFLOAD_URL = 'memory://' (or "
+                "OFFLOAD_EAGER = True)",
+                app.name,
+                app.instance_path,
+            )
         backend = open_backend(
             url, app.instance_path, synchronous, _flag(app.config, "OFFLOAD_PG_LISTEN")
         )
@@ -238,6 +253,34 @@ def _context_of(app: Flask) -> ContextFactory:
         return live.app_context()
 
     return context
+
+
+def config_from_environment(config: dict[str, Any]) -> None:
+    """Fill in ``OFFLOAD_*`` keys from ``FLASK_OFFLOAD_*`` environment variables.
+
+    The variables are the ones ``app.config.from_prefixed_env()`` reads, and their values are
+    read the same way (JSON where they parse, such as ``4`` or ``false``, else strings), so a
+    deployment configures an app that never calls it. A key the app's configuration sets
+    wins: code and config files are explicit, the environment is ambient (a test config's
+    ``memory://`` must never be replaced by a URL exported in the shell). A variable that is
+    overridden so is logged, so it is never ignored silently.
+    """
+    for name, raw in sorted(os.environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len("FLASK_") :]
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        if key not in config:
+            config[key] = value
+        elif config[key] != value:
+            logs.logger.warning(
+                "%s is set in the environment but the app's config sets %s, which wins",
+                name,
+                key,
+            )
 
 
 def read_config(app: Flask) -> tuple[str, Settings, bool, str]:

@@ -48,6 +48,7 @@ from .job import FAILED, PROGRESS_EVERY, QUEUED, Job, Outcome, Running, WorkerIn
 from .schedule import Scheduler
 
 logger = logging.getLogger("flask_offload")
+jobs_logger = logging.getLogger("flask_offload.jobs")  # one line per job: see logs.py
 
 PREFETCH_SECONDS = 0.01
 MAX_BATCH = 64
@@ -56,6 +57,13 @@ STORE_TRIES = 10  # failed stores of one outcome before it is given up to recove
 MAX_DUES = 1024  # due times of in-process delayed jobs kept to wake up on time
 
 Stage = Literal["batched", "running", "storing", "gone"]
+
+
+def live_window(lease: float) -> float:
+    """How long a worker process counts as live after its last heartbeat row: two of its
+    beats (every third of the lease), so one late beat is tolerated and one killed with
+    ``kill -9`` drops out of ``flask offload stats`` within that time."""
+    return 2 * lease / 3
 
 
 def new_worker_id() -> str:
@@ -110,6 +118,7 @@ class Worker:
         self._wakeups = 0
         self._dues: list[float] = []  # due times of in-process delayed jobs, a heap
         self._started = self._stopping = self._stopped = self._halted = False
+        self._down = False  # storage unreachable: said once per outage, not once per thread
         self._finisher_done = self._maintenance_done = False
         self._maintenance = threading.Event()
         self._reported: set[str] = set()
@@ -196,8 +205,8 @@ class Worker:
         self._maintenance.set()
         try:
             self.backend.forget_worker(self.id)
-        except Exception:
-            logger.exception("could not remove this worker's heartbeat row")
+        except Exception as error:  # it ages out of `flask offload stats` by itself
+            logger.warning("could not remove this worker's heartbeat row (%s)", error)
         logger.info("worker %s stopped", self.id)
 
     def _leave(self, claimed: list[Claimed]) -> list[Claimed]:
@@ -249,12 +258,15 @@ class Worker:
                 continue
             except Exception as error:
                 failures += 1
-                self._storage_down(error, failures)
+                self._storage_down(error)
                 self._pause(min(self.settings.poll_interval * 2**failures, 10.0))
                 continue
             if failures:
-                logger.warning("storage answers again: worker %s resumes", self.id)
                 failures = 0
+                with self._lock:
+                    was_down, self._down = self._down, False
+                if was_down:
+                    logger.warning("storage answers again: worker %s resumes", self.id)
             if claimed is None:
                 self._idle(seen)
             elif not self._run(claimed, me):
@@ -339,9 +351,12 @@ class Worker:
             if not self._stopping:
                 self._wake.wait(seconds)
 
-    def _storage_down(self, error: Exception, failures: int) -> None:
-        """Say once that storage is unreachable; the loop retries with backoff meanwhile."""
-        if failures == 1:
+    def _storage_down(self, error: Exception) -> None:
+        """Say once per outage, whichever thread finds it first, that storage is unreachable;
+        each loop retries with backoff meanwhile."""
+        with self._lock:
+            first, self._down = not self._down, True
+        if first:
             logger.error(
                 "cannot claim jobs, storage unreachable (%s): retrying with backoff", error
             )
@@ -441,7 +456,7 @@ class Worker:
         if stored:
             if outcome.state == QUEUED:
                 wait = (outcome.run_at or time.time()) - time.time()
-                logger.info(
+                jobs_logger.info(
                     "job %s %s failed in %.3f s, retrying in %.3f s",
                     job.id,
                     job.task,
@@ -450,7 +465,7 @@ class Worker:
                 )
                 self.wake(outcome.run_at)
             else:
-                logger.info(
+                jobs_logger.info(
                     "job %s %s %s in %.3f s", job.id, job.task, outcome.state, claimed.seconds
                 )
         else:
@@ -487,8 +502,9 @@ class Worker:
                     self._report_unknown_tasks()
             except StorageCorrupt as error:
                 self._halt(error)
-            except Exception as error:
-                logger.warning("worker maintenance failed (%s); trying again", error)
+            except Exception as error:  # quiet while the loops have said storage is down
+                log = logger.debug if self._down else logger.warning
+                log("worker maintenance failed (%s); trying again", error)
             self._maintenance.wait(max(0.01, self._next_maintenance(next_beat) - time.monotonic()))
             self._maintenance.clear()
 

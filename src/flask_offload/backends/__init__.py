@@ -3,37 +3,49 @@
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .base import Backend
 from .memory import MemoryBackend
 from .sqlite import SQLiteBackend
 
-__all__ = ["Backend", "MemoryBackend", "SQLiteBackend", "open_backend", "sqlite_path"]
+__all__ = [
+    "Backend",
+    "MemoryBackend",
+    "SQLiteBackend",
+    "describe",
+    "mask_password",
+    "open_backend",
+    "sqlite_path",
+]
 
 
 def sqlite_path(url: str, instance_path: str) -> str:
     """The file a ``sqlite:`` URL names, in SQLAlchemy's form as Flask-SQLAlchemy reads it:
-    ``sqlite:////abs/path.db`` is absolute, ``sqlite:///name.db`` is in the instance folder."""
+    ``sqlite:////abs/path.db`` is absolute, ``sqlite:///name.db`` is in the instance folder
+    (created when the file is first opened, not here)."""
     if not url.startswith("sqlite:///") or url == "sqlite:///":
         raise ValueError(
             f"OFFLOAD_URL {url!r} names no file: use sqlite:///name.db (in the instance folder) "
             "or sqlite:////absolute/path.db"
         )
     path = url[len("sqlite:///") :]
-    if os.path.isabs(path):
-        return path
-    os.makedirs(instance_path, exist_ok=True)
-    return os.path.join(instance_path, path)
+    return path if os.path.isabs(path) else os.path.join(instance_path, path)
 
 
 def open_backend(
     url: str, instance_path: str, sqlite_synchronous: str = "NORMAL", pg_listen: bool = True
 ) -> Backend:
-    """Open the storage ``url`` points at (``sqlite:…``, ``postgresql://…``, ``memory://``)."""
+    """The storage ``url`` points at (``sqlite:…``, ``postgresql://…``, ``memory://``).
+
+    Nothing is opened, created or connected here (every backend opens on first use); a URL or
+    setting that cannot work raises at once.
+    """
     scheme = urlsplit(url).scheme if isinstance(url, str) else ""
     if scheme == "sqlite":
-        return SQLiteBackend(sqlite_path(url, instance_path), synchronous=sqlite_synchronous)
+        path = sqlite_path(url, instance_path)
+        in_instance = not os.path.isabs(url[len("sqlite:///") :])
+        return SQLiteBackend(path, synchronous=sqlite_synchronous, make_folder=in_instance)
     if scheme == "memory":
         return MemoryBackend()
     if scheme in ("postgresql", "postgres"):
@@ -41,11 +53,39 @@ def open_backend(
             from .postgres import PostgresBackend
         except ImportError as error:
             raise ImportError(
-                f"OFFLOAD_URL {url!r} needs psycopg: pip install 'Flask-Offload[postgres]' "
-                f"({error})"
+                f"OFFLOAD_URL {mask_password(url)!r} needs psycopg: "
+                f"pip install 'Flask-Offload[postgres]' ({error})"
             ) from None
         return PostgresBackend(url, listen=pg_listen)
     raise ValueError(
-        f"OFFLOAD_URL {url!r} is not a storage Flask-Offload knows: use sqlite:///name.db, "
-        "sqlite:////absolute/path.db, postgresql://user@host/db or memory://"
+        f"OFFLOAD_URL {mask_password(str(url))!r} is not a storage Flask-Offload knows: use "
+        "sqlite:///name.db, sqlite:////absolute/path.db, postgresql://user@host/db or memory://"
     )
+
+
+def mask_password(url: str) -> str:
+    """``url`` with its password, in the user part or in a ``password=`` parameter, as ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(name == "password" for name, _ in pairs):
+            masked = [(n, "***" if n == "password" else v) for n, v in pairs]
+            query = urlencode(masked, safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def describe(backend: Backend) -> str:
+    """The storage in use, for people: which file, or which server (password masked)."""
+    if isinstance(backend, SQLiteBackend):
+        return f"SQLite file {backend.path}"
+    if isinstance(backend, MemoryBackend):
+        return "memory:// (this process only)"
+    url = getattr(backend, "url", None)
+    if isinstance(url, str):
+        return f"PostgreSQL {mask_password(url)}"
+    return type(backend).__name__

@@ -140,7 +140,7 @@ class Backend(ABC):
     def forget_worker(self, worker: str) -> None:
         """Remove a stopped worker's row, and rows of workers silent for a day."""
 
-    def prepare(self) -> None:  # noqa: B027 - storage that opens eagerly is ready already
+    def prepare(self) -> None:  # noqa: B027 - storage in memory is always ready
         """Open the storage and create or upgrade its schema now, not on first use."""
 
     def subscribe(self, wake: Wake) -> None:  # noqa: B027 - polling suffices

@@ -434,13 +434,13 @@ class PostgresBackend(Backend):
         what is stored and corrects the repeat's answer. An unreachable server raises
         ``ConnectionError`` within about ``timeout`` seconds.
         """
+        if not self._ready:
+            self._first_use()
         lost: psycopg.OperationalError | None = None
         for _ in range(2 if retry else 1):
             try:
                 with self._pool_here().connection() as conn:
                     try:
-                        if not self._ready:
-                            self._migrate(conn)
                         value = operation(conn)
                         if lost is not None and confirm is not None:
                             value = confirm(conn, value)
@@ -458,6 +458,21 @@ class PostgresBackend(Backend):
 
     def prepare(self) -> None:
         self._run(lambda conn: None)
+
+    def _first_use(self) -> None:
+        """Connect once directly and create or upgrade the schema, before any pool exists.
+
+        A server that cannot be reached is one clear error at once (connection refused) or
+        after ``connect_timeout`` (no answer), instead of a pool retrying in the background
+        and logging each attempt until the caller's wait runs out.
+        """
+        try:
+            with psycopg.connect(self.url, **self._connect_args) as conn:
+                self._migrate(conn)
+        except psycopg.OperationalError as error:
+            raise ConnectionError(
+                f"cannot reach PostgreSQL at {self.where} (OFFLOAD_URL): {_one_line(error)}"
+            ) from None
 
     def _no_connection(self) -> OSError:
         """Why the pool gave no connection in time: the server's own answer, or a busy pool."""

@@ -253,7 +253,22 @@ def _busy(error: sqlite3.OperationalError) -> bool:
 
 
 class SQLiteBackend(Backend):
-    def __init__(self, path: str, synchronous: str = "NORMAL", busy_timeout: float = 30.0) -> None:
+    """Jobs in one SQLite file, opened on first use.
+
+    Nothing is created before a job is stored or read (importing an app, ``flask --help`` or
+    ``flask routes`` leave no file behind), yet a file that could not be used fails at once:
+    a missing folder, a read-only file or folder, a file that is not a database or holds a
+    newer schema are found without opening it. ``make_folder`` creates the file's folder on
+    first use (the instance folder, as Flask-SQLAlchemy does).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        synchronous: str = "NORMAL",
+        busy_timeout: float = 30.0,
+        make_folder: bool = False,
+    ) -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(
                 "OFFLOAD_SQLITE_SYNCHRONOUS must be OFF, NORMAL, FULL or EXTRA, "
@@ -263,14 +278,51 @@ class SQLiteBackend(Backend):
         self.location = f"sqlite:{os.path.realpath(path)}"
         self.synchronous = synchronous.upper()
         self.busy_timeout = busy_timeout
+        self.make_folder = make_folder
         self._pid = -1
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._disk_was_full = False
         self._doorbell = Doorbell(path)
-        self._run(lambda db: None)  # open now, so a bad path or a newer schema fails early
+        self._inspect()
+
+    def _inspect(self) -> None:
+        """Raise now what opening the file would raise later, creating nothing."""
+        folder = os.path.dirname(self.path) or "."
+        problem: sqlite3.Error | None = None
+        if not os.path.exists(self.path):
+            if not os.path.isdir(folder):
+                if not self.make_folder:
+                    problem = sqlite3.OperationalError("unable to open database file")
+            elif not os.access(folder, os.W_OK | os.X_OK):
+                problem = sqlite3.OperationalError("attempt to write a readonly database")
+        else:
+            try:
+                with open(self.path, "rb") as file:
+                    header = file.read(100)
+            except OSError:
+                header = None
+            if header is None:
+                problem = sqlite3.OperationalError("unable to open database file")
+            elif header and not header.startswith(b"SQLite format 3\x00"):
+                problem = sqlite3.DatabaseError("file is not a database")
+            elif not (os.access(self.path, os.W_OK) and os.access(folder, os.W_OK | os.X_OK)):
+                problem = sqlite3.OperationalError("attempt to write a readonly database")
+            elif len(header) >= 64:  # the header's user_version numbers the schema
+                self._refuse_newer(int.from_bytes(header[60:64], "big"))
+        if problem is not None:
+            raise self._explain(problem) or problem
+
+    def _refuse_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} holds Flask-Offload schema version {version}, newer than this "
+                f"release understands ({SCHEMA_VERSION}); upgrade Flask-Offload"
+            )
 
     def _connect(self) -> sqlite3.Connection:
+        if self.make_folder:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
         db = sqlite3.connect(
             self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
         )
@@ -288,11 +340,7 @@ class SQLiteBackend(Backend):
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.path} holds Flask-Offload schema version {version}, newer than this "
-                f"release understands ({SCHEMA_VERSION}); upgrade Flask-Offload"
-            )
+        self._refuse_newer(version)
         if version == SCHEMA_VERSION:
             return
         db.execute("BEGIN IMMEDIATE")
@@ -306,6 +354,9 @@ class SQLiteBackend(Backend):
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    def prepare(self) -> None:
+        self._run(lambda db: None)
 
     def after_fork(self) -> None:
         # The parent's connection and lock are not ours: leave the connection unclosed (closing

@@ -1,0 +1,26 @@
+"""The test-configuration block: an app built from it runs its jobs in the test and writes
+nothing in the instance folder."""
+
+import os
+
+from flask import Flask
+
+from flask_offload import Offload
+
+# README BLOCK
+
+offload = Offload()
+
+
+@offload.task
+def double(n: int) -> int:
+    return n * 2
+
+
+app = Flask(__name__)
+app.config.from_object(TestingConfig)
+offload.init_app(app)
+with app.app_context():
+    job = double.delay(21)
+    assert offload.drain() == 1 and job.refresh().result == 42
+assert not os.path.exists(app.instance_path), "the development job store is left alone"

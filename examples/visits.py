@@ -34,8 +34,8 @@ PAGES = ("home", "about", "blog")
 
 
 def visits_db() -> sqlite3.Connection:
-    path = os.path.join(current_app.instance_path, "visits.db")
-    db = sqlite3.connect(path, timeout=30)
+    os.makedirs(current_app.instance_path, exist_ok=True)
+    db = sqlite3.connect(os.path.join(current_app.instance_path, "visits.db"), timeout=30)
     db.execute("CREATE TABLE IF NOT EXISTS visits (page TEXT PRIMARY KEY, count INTEGER)")
     return db
 

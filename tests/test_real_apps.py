@@ -144,6 +144,7 @@ def test_sqlite_enqueue_in_a_sqlite3_transaction_exists_only_once_committed(
     @offload.task
     def noop() -> None: ...
 
+    offload.runtime(app).backend.prepare()  # as the pool or `flask offload init-db` would
     mine = sqlite3.connect(tmp_path / "jobs.db", isolation_level="DEFERRED")
     try:
         with app.app_context():

@@ -345,11 +345,8 @@ class SQLiteBackend(Backend):
             return
         db.execute("BEGIN IMMEDIATE")
         try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            for script in MIGRATIONS[version:]:
-                for statement in _statements(script):
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            for statement in _upgrade(db.execute("PRAGMA user_version").fetchone()[0]):
+                db.execute(statement)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -477,6 +474,11 @@ class SQLiteBackend(Backend):
         """Insert ``job`` in the caller's open transaction on this very file: it exists
         only if that transaction commits (the outbox pattern)."""
         run = self._foreign(connection)
+        _, [(version,)] = run("PRAGMA user_version", {})
+        self._refuse_newer(version)
+        if version < SCHEMA_VERSION:  # created in the caller's transaction, which may hold
+            for statement in _upgrade(version):  # the write lock our own connection would need
+                run(statement, {})
         values = {name: getattr(job, name) for name in NEW_COLUMNS}
         try:
             inserted, _ = run(INSERT_NAMED + (IF_KEY_FREE if job.key else ""), values)
@@ -712,6 +714,12 @@ def _insert_of(job: Job) -> tuple[str, tuple[Any, ...]]:
     if job.state == QUEUED:
         return INSERT_NEW, _new_values(job)
     return INSERT_WHOLE, _whole_values(job)
+
+
+def _upgrade(version: int) -> list[str]:
+    """The statements that take a database from schema ``version`` to the current one."""
+    statements = [each for script in MIGRATIONS[version:] for each in _statements(script)]
+    return [*statements, f"PRAGMA user_version = {SCHEMA_VERSION}"]
 
 
 def _statements(script: str) -> list[str]:

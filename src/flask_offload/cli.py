@@ -111,6 +111,7 @@ def show_command(job_id: str) -> None:
         )
     }
     fields.update(args=job.args, kwargs=job.kwargs, result=job.result, progress=job.progress)
+    fields.update(history=job.history)
     click.echo(json.dumps(fields, indent=2))
 
 
@@ -158,6 +159,9 @@ def stats_command() -> None:
     click.echo(f"{'task':<40} " + " ".join(f"{s:>9}" for s in states))
     for task in sorted({task for task, _ in counts}):
         click.echo(f"{task:<40} " + " ".join(f"{counts.get((task, s), 0):>9}" for s in states))
+    paused = runtime.backend.paused_queues()
+    if paused:
+        click.echo(f"\npaused queues: {', '.join(sorted(paused))}")
     live = runtime.backend.workers(time.time() - 2 * runtime.settings.lease)
     click.echo(f"\n{len(live)} live worker(s)")
     for info in live:
@@ -173,3 +177,19 @@ def init_db_command() -> None:
     """Create or upgrade the storage schema (done on first use too)."""
     _runtime().backend.prepare()
     click.echo("storage schema is ready")
+
+
+@offload_cli.command("pause")
+@click.argument("queue")
+def pause_command(queue: str) -> None:
+    """Stop every process claiming jobs from QUEUE, across restarts, until resumed."""
+    paused = _runtime().pause_queue(queue)
+    click.echo(f"queue {queue!r} {'paused' if paused else 'was paused already'}")
+
+
+@offload_cli.command("resume")
+@click.argument("queue")
+def resume_command(queue: str) -> None:
+    """Let every process claim jobs from QUEUE again."""
+    resumed = _runtime().resume_queue(queue)
+    click.echo(f"queue {queue!r} {'resumed' if resumed else 'was not paused'}")

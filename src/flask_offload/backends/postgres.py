@@ -35,9 +35,9 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..job import Job, Outcome, WorkerInfo
-from .base import Backend
-from .rows import finish_rows, worker_info, worker_row
+from ..job import HISTORY_LIMIT, Job, Outcome, WorkerInfo
+from .base import Backend, JobFilter, QueueInfo
+from .rows import finish_rows, page_cursor, queue_infos, worker_info, worker_row
 
 T = TypeVar("T")
 Connection = psycopg.Connection[TupleRow]
@@ -46,7 +46,7 @@ Execute = Callable[[str, Mapping[str, Any]], list[tuple[Any, ...]]]
 
 logger = logging.getLogger("flask_offload")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CHANNEL = "offload_jobs"
 MIGRATION_LOCK = 0x0FF10AD  # pg_advisory_xact_lock key: one migrating process at a time
 COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
@@ -132,6 +132,11 @@ MIGRATIONS = [
     """,
     # Version 2: every claim gets a token of its own that fences the run's writes.
     "ALTER TABLE offload_jobs ADD COLUMN claim text",
+    # Version 3: each job's attempt history, and the queues an operator paused.
+    """
+    ALTER TABLE offload_jobs ADD COLUMN history_json text;
+    CREATE TABLE offload_queues (name text PRIMARY KEY, paused_at double precision NOT NULL);
+    """,
 ]
 
 # No conflict target: a conflict on the id means this very insert was stored by an earlier try
@@ -159,6 +164,7 @@ CLAIM = f"""
         WHERE state = 'queued' AND run_at <= %(now)s
           AND task = ANY(%(tasks)s::text[])
           AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+          AND queue NOT IN (SELECT name FROM offload_queues)
         ORDER BY priority DESC, run_at, seq
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED)
@@ -191,7 +197,12 @@ FINISH = """
         finished_at = CASE WHEN %(state)s::text = 'queued' THEN NULL ELSE %(now)s END,
         run_at = CASE WHEN %(state)s::text = 'queued'
                       THEN coalesce(%(run_at)s, %(now)s) ELSE run_at END,
-        worker = NULL, lease_until = NULL
+        worker = NULL, lease_until = NULL,
+        history_json = ((CASE WHEN jsonb_array_length(coalesce(history_json, '[]')::jsonb)
+                                   >= %(keep)s
+                              THEN history_json::jsonb - 0
+                              ELSE coalesce(history_json, '[]')::jsonb END)
+                        || jsonb_build_array(%(entry)s::jsonb))::text
     WHERE id = %(id)s AND claim = %(claim)s AND state = 'running'
 """
 # A finish keeps the claim token, so a finish repeated after a lost reply recognises its work.
@@ -207,9 +218,21 @@ RELEASE = """
 """
 # A job whose worker died goes back in the queue; it is cancelled if someone asked for that
 # meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
+# The lost attempt joins the history, built from the row as it was (SET reads old values).
 RECOVER = """
     UPDATE offload_jobs
     SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = NULL,
+        history_json = ((CASE WHEN jsonb_array_length(coalesce(history_json, '[]')::jsonb)
+                                   >= %(keep)s
+                              THEN history_json::jsonb - 0
+                              ELSE coalesce(history_json, '[]')::jsonb END)
+                        || jsonb_build_array(jsonb_build_object(
+                            'attempt', attempts, 'worker', worker, 'claim', claim,
+                            'started_at', started_at, 'finished_at', %(now)s::float8,
+                            'outcome', CASE WHEN cancel_requested THEN 'cancelled'
+                                            ELSE 'lost' END,
+                            'error', 'WorkerLost: the worker stopped renewing its lease',
+                            'traceback', NULL)))::text,
         state = CASE WHEN cancel_requested THEN 'cancelled'
                      WHEN lost + 1 >= %(max_lost)s THEN 'failed' ELSE 'queued' END,
         finished_at = CASE WHEN cancel_requested OR lost + 1 >= %(max_lost)s THEN %(now)s END,
@@ -217,6 +240,7 @@ RECOVER = """
                      WHEN lost + 1 >= %(max_lost)s
                      THEN 'WorkerLost: worker lost ' || (lost + 1) || ' times' END
     WHERE state = 'running' AND lease_until < %(now)s
+    RETURNING id
 """
 CANCEL_QUEUED = """
     UPDATE offload_jobs SET state = 'cancelled', finished_at = %s
@@ -269,6 +293,35 @@ PURGE = """
     WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < %s
 """
 QUEUED_TASK_NAMES = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queued'"
+DELETE = "DELETE FROM offload_jobs WHERE id = %s AND state <> 'running'"
+PAUSE = "INSERT INTO offload_queues (name, paused_at) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+RESUME = "DELETE FROM offload_queues WHERE name = %s"
+PAUSED = "SELECT name FROM offload_queues"
+# Newest first, after the cursor: keyset pagination stays as fast on page 1,000 as on page 1.
+SEARCH = f"""
+    SELECT {_SELECT}, seq FROM offload_jobs
+    WHERE (%(state)s::text IS NULL OR state = %(state)s)
+      AND (%(task)s::text IS NULL OR task = %(task)s)
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+      AND (%(key)s::text IS NULL OR key = %(key)s)
+      AND (%(text)s::text IS NULL OR args_json ILIKE %(text)s
+           OR kwargs_json ILIKE %(text)s OR error ILIKE %(text)s)
+      AND (%(before)s::bigint IS NULL OR seq < %(before)s)
+    ORDER BY seq DESC LIMIT %(limit)s
+"""
+# Queued rows through the claim index, running ones through the lease index.
+QUEUE_STATS = """
+    SELECT queue, count(*), count(*) FILTER (WHERE run_at <= %(now)s),
+        min(run_at) FILTER (WHERE run_at <= %(now)s), 0
+    FROM offload_jobs WHERE state = 'queued' GROUP BY queue
+    UNION ALL
+    SELECT queue, 0, 0, NULL, count(*) FROM offload_jobs WHERE state = 'running' GROUP BY queue
+"""
+RECENT = """
+    SELECT task, state, finished_at, finished_at - started_at FROM offload_jobs
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= %s
+"""
+TICKS = "SELECT name, last_tick FROM offload_schedules"
 LISTEN = f"LISTEN {CHANNEL}"
 
 
@@ -608,9 +661,10 @@ class PostgresBackend(Backend):
         values = (job.id, job.claim)
         return self._run(lambda conn: conn.execute(RELEASE, values).rowcount == 1)
 
-    def recover(self, max_lost: int) -> int:
-        params = {"max_lost": max_lost, "now": time.time()}
-        return self._run(lambda conn: conn.execute(RECOVER, params).rowcount)
+    def recover(self, max_lost: int) -> list[str]:
+        params = {"max_lost": max_lost, "now": time.time(), "keep": HISTORY_LIMIT}
+        rows = self._run(lambda conn: conn.execute(RECOVER, params).fetchall())
+        return [job_id for (job_id,) in rows]
 
     def cancel(self, job_id: str) -> bool:
         def cancel(conn: Connection) -> bool:
@@ -660,6 +714,37 @@ class PostgresBackend(Backend):
     def counts(self) -> dict[tuple[str, str], int]:
         rows = self._run(lambda conn: conn.execute(COUNTS).fetchall())
         return {(task, state): count for task, state, count in rows}
+
+    def delete(self, job_id: str) -> bool:
+        return self._run(lambda conn: conn.execute(DELETE, (job_id,)).rowcount == 1)
+
+    def pause_queue(self, name: str) -> bool:
+        return self._run(lambda conn: conn.execute(PAUSE, (name, time.time())).rowcount == 1)
+
+    def resume_queue(self, name: str) -> bool:
+        return self._run(lambda conn: conn.execute(RESUME, (name,)).rowcount == 1)
+
+    def paused_queues(self) -> set[str]:
+        return {name for (name,) in self._run(lambda conn: conn.execute(PAUSED).fetchall())}
+
+    def search_jobs(
+        self, filters: JobFilter, before: int | None = None, limit: int = 50
+    ) -> tuple[list[Job], int | None]:
+        params = {**filters.params(), "before": before, "limit": limit}
+        rows = self._run(lambda conn: conn.execute(SEARCH, params).fetchall())
+        return [self._job(row) for row in rows], page_cursor(rows, limit)
+
+    def queue_stats(self) -> list[QueueInfo]:
+        params = {"now": time.time()}
+        rows = self._run(lambda conn: conn.execute(QUEUE_STATS, params).fetchall())
+        return queue_infos(rows, self.paused_queues())
+
+    def recent(self, since: float) -> list[tuple[str, str, float, float | None]]:
+        rows = self._run(lambda conn: conn.execute(RECENT, (since,)).fetchall())
+        return [(task, state, at, seconds) for task, state, at, seconds in rows]
+
+    def ticks(self) -> dict[str, float]:
+        return dict(self._run(lambda conn: conn.execute(TICKS).fetchall()))
 
     def beat(self, info: WorkerInfo) -> None:
         values = worker_row(info)

@@ -7,7 +7,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..job import Job, Outcome, WorkerInfo
+from ..job import HISTORY_LIMIT, Job, Outcome, WorkerInfo, attempt_entry
+from ..serializer import safe_text
+from .base import QueueInfo
 
 
 def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]:
@@ -24,9 +26,21 @@ def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]
             "now": now,
             "id": job.id,
             "claim": job.claim,
+            "entry": history_entry(job, outcome, now),
+            "keep": HISTORY_LIMIT,
         }
         for job, outcome in finished
     ]
+
+
+def history_entry(job: Job, outcome: Outcome, now: float) -> str:
+    """The attempt's history entry as JSON text both databases accept: no NUL and no lone
+    surrogate (PostgreSQL's jsonb refuses either), whatever the error's text held."""
+    entry = attempt_entry(job, outcome, now)
+    for name, value in entry.items():
+        if isinstance(value, str):
+            entry[name] = safe_text(value)
+    return json.dumps(entry)
 
 
 def worker_row(info: WorkerInfo) -> tuple[Any, ...]:
@@ -49,3 +63,22 @@ def worker_info(row: Sequence[Any]) -> WorkerInfo:
     return WorkerInfo(
         id, host, pid, queues and json.loads(queues), json.loads(tasks), started_at, last_seen
     )
+
+
+def page_cursor(rows: Sequence[Sequence[Any]], limit: int) -> int | None:
+    """The cursor of the next page of a SEARCH (its rows end with ``seq``): None at the end."""
+    return int(rows[-1][-1]) if len(rows) == limit else None
+
+
+def queue_infos(rows: Sequence[Sequence[Any]], paused: set[str]) -> list[QueueInfo]:
+    """QueueInfo per queue from QUEUE_STATS rows (queue, queued, due, oldest due, running),
+    with the paused queues that hold no job too."""
+    queues: dict[str, QueueInfo] = {name: QueueInfo(name, paused=True) for name in paused}
+    for name, queued, due, oldest, running in rows:
+        info = queues.setdefault(name, QueueInfo(name, paused=name in paused))
+        info.queued += queued
+        info.due += due or 0
+        info.running += running
+        if oldest is not None:
+            info.oldest_due = oldest if info.oldest_due is None else min(info.oldest_due, oldest)
+    return sorted(queues.values(), key=lambda info: info.name)

@@ -23,13 +23,13 @@ from dataclasses import fields
 from operator import attrgetter
 from typing import Any, TypeVar
 
-from ..job import QUEUED, Job, Outcome, WorkerInfo
-from .base import Backend, StorageCorrupt, refuse_connection
-from .rows import finish_rows, worker_info, worker_row
+from ..job import HISTORY_LIMIT, QUEUED, Job, Outcome, WorkerInfo
+from .base import Backend, JobFilter, QueueInfo, StorageCorrupt, refuse_connection
+from .rows import finish_rows, page_cursor, queue_infos, worker_info, worker_row
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
 _SELECT = ", ".join(COLUMNS)
 
@@ -94,6 +94,11 @@ MIGRATIONS = [
     """,
     # Version 2: every claim gets a token of its own that fences the run's writes.
     "ALTER TABLE offload_jobs ADD COLUMN claim TEXT;",
+    # Version 3: each job's attempt history, and the queues an operator paused.
+    """
+    ALTER TABLE offload_jobs ADD COLUMN history_json TEXT;
+    CREATE TABLE offload_queues (name TEXT PRIMARY KEY, paused_at REAL NOT NULL);
+    """,
 ]
 
 
@@ -125,6 +130,7 @@ CLAIM_PICK = """
     WHERE state = 'queued' AND run_at <= :now
       AND task IN (SELECT value FROM json_each(:tasks))
       AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+      AND queue NOT IN (SELECT name FROM offload_queues)
     ORDER BY priority DESC, run_at, seq
     LIMIT :limit
 """
@@ -147,7 +153,11 @@ FINISH = """
         progress_json = coalesce(:progress_json, progress_json),
         finished_at = CASE WHEN :state = 'queued' THEN NULL ELSE :now END,
         run_at = CASE WHEN :state = 'queued' THEN coalesce(:run_at, :now) ELSE run_at END,
-        worker = NULL, lease_until = NULL
+        worker = NULL, lease_until = NULL,
+        history_json = json_insert(
+            CASE WHEN json_array_length(history_json) >= :keep
+                 THEN json_remove(history_json, '$[0]') ELSE coalesce(history_json, '[]') END,
+            '$[#]', json(:entry))
     WHERE id = :id AND claim = :claim AND state = 'running'
 """
 RELEASE = """
@@ -158,9 +168,19 @@ RELEASE = """
 """
 # A job whose worker died goes back in the queue; it is cancelled if someone asked for that
 # meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
+# The lost attempt joins the history, built from the row as it was (SET reads old values).
 RECOVER = """
     UPDATE offload_jobs
     SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = NULL,
+        history_json = json_insert(
+            CASE WHEN json_array_length(history_json) >= :keep
+                 THEN json_remove(history_json, '$[0]') ELSE coalesce(history_json, '[]') END,
+            '$[#]', json_object(
+                'attempt', attempts, 'worker', worker, 'claim', claim,
+                'started_at', started_at, 'finished_at', :now,
+                'outcome', CASE WHEN cancel_requested THEN 'cancelled' ELSE 'lost' END,
+                'error', 'WorkerLost: the worker stopped renewing its lease',
+                'traceback', NULL)),
         state = CASE WHEN cancel_requested THEN 'cancelled'
                      WHEN lost + 1 >= :max_lost THEN 'failed' ELSE 'queued' END,
         finished_at = CASE WHEN cancel_requested OR lost + 1 >= :max_lost THEN :now END,
@@ -168,6 +188,7 @@ RECOVER = """
                      WHEN lost + 1 >= :max_lost
                      THEN 'WorkerLost: worker lost ' || (lost + 1) || ' times' END
     WHERE state = 'running' AND lease_until < :now
+    RETURNING id
 """
 CANCEL_QUEUED = """
     UPDATE offload_jobs SET state = 'cancelled', finished_at = ?
@@ -214,6 +235,32 @@ PURGE = """
     WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < ?
 """
 QUEUED_TASK_NAMES = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queued'"
+DELETE = "DELETE FROM offload_jobs WHERE id = ? AND state <> 'running'"
+PAUSE = "INSERT INTO offload_queues (name, paused_at) VALUES (?, ?) ON CONFLICT DO NOTHING"
+RESUME = "DELETE FROM offload_queues WHERE name = ?"
+PAUSED = "SELECT name FROM offload_queues"
+# Newest first, after the cursor: keyset pagination stays as fast on page 1,000 as on page 1.
+SEARCH = f"""
+    SELECT {_SELECT}, seq FROM offload_jobs
+    WHERE (:state IS NULL OR state = :state) AND (:task IS NULL OR task = :task)
+      AND (:queue IS NULL OR queue = :queue) AND (:key IS NULL OR key = :key)
+      AND (:text IS NULL OR args_json LIKE :text ESCAPE '\\'
+           OR kwargs_json LIKE :text ESCAPE '\\' OR error LIKE :text ESCAPE '\\')
+      AND (:before IS NULL OR seq < :before)
+    ORDER BY seq DESC LIMIT :limit
+"""
+# Queued rows through the claim index, running ones through the lease index.
+QUEUE_STATS = """
+    SELECT queue, count(*), sum(run_at <= :now), min(CASE WHEN run_at <= :now THEN run_at END), 0
+    FROM offload_jobs WHERE state = 'queued' GROUP BY queue
+    UNION ALL
+    SELECT queue, 0, 0, NULL, count(*) FROM offload_jobs WHERE state = 'running' GROUP BY queue
+"""
+RECENT = """
+    SELECT task, state, finished_at, finished_at - started_at FROM offload_jobs
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= ?
+"""
+TICKS = "SELECT name, last_tick FROM offload_schedules"
 
 
 def _truncate_wal(db: sqlite3.Connection) -> bool:
@@ -469,9 +516,10 @@ class SQLiteBackend(Backend):
         values = (job.id, job.claim)
         return self._run(lambda db: db.execute(RELEASE, values).rowcount == 1)
 
-    def recover(self, max_lost: int) -> int:
-        params = {"max_lost": max_lost, "now": time.time()}
-        return self._run(lambda db: db.execute(RECOVER, params).rowcount)
+    def recover(self, max_lost: int) -> list[str]:
+        params = {"max_lost": max_lost, "now": time.time(), "keep": HISTORY_LIMIT}
+        rows = self._run(lambda db: db.execute(RECOVER, params).fetchall())
+        return [job_id for (job_id,) in rows]
 
     def cancel(self, job_id: str) -> bool:
         def cancel(db: sqlite3.Connection) -> bool:
@@ -504,6 +552,36 @@ class SQLiteBackend(Backend):
     def counts(self) -> dict[tuple[str, str], int]:
         rows = self._run(lambda db: db.execute(COUNTS).fetchall())
         return {(task, state): count for task, state, count in rows}
+
+    def delete(self, job_id: str) -> bool:
+        return self._run(lambda db: db.execute(DELETE, (job_id,)).rowcount == 1)
+
+    def pause_queue(self, name: str) -> bool:
+        return self._run(lambda db: db.execute(PAUSE, (name, time.time())).rowcount == 1)
+
+    def resume_queue(self, name: str) -> bool:
+        return self._run(lambda db: db.execute(RESUME, (name,)).rowcount == 1)
+
+    def paused_queues(self) -> set[str]:
+        return {name for (name,) in self._run(lambda db: db.execute(PAUSED).fetchall())}
+
+    def search_jobs(
+        self, filters: JobFilter, before: int | None = None, limit: int = 50
+    ) -> tuple[list[Job], int | None]:
+        params = {**filters.params(), "before": before, "limit": limit}
+        rows = self._run(lambda db: db.execute(SEARCH, params).fetchall())
+        return [self._job(row[:-1]) for row in rows], page_cursor(rows, limit)
+
+    def queue_stats(self) -> list[QueueInfo]:
+        now = time.time()
+        rows = self._run(lambda db: db.execute(QUEUE_STATS, {"now": now}).fetchall())
+        return queue_infos(rows, self.paused_queues())
+
+    def recent(self, since: float) -> list[tuple[str, str, float, float | None]]:
+        return self._run(lambda db: db.execute(RECENT, (since,)).fetchall())
+
+    def ticks(self) -> dict[str, float]:
+        return dict(self._run(lambda db: db.execute(TICKS).fetchall()))
 
     def beat(self, info: WorkerInfo) -> None:
         values = worker_row(info)

@@ -24,6 +24,8 @@ finish_params = {
     "now": 1.0,
     "id": "x",
     "claim": "c",
+    "entry": "{}",
+    "keep": 20,
 }
 
 
@@ -40,7 +42,10 @@ finish_params = {
             {"until": 1.0, "ids": '["x"]', "claims": '["c"]'},
             "sqlite_autoindex_offload_jobs_1",
         ),
-        (queries.RECOVER, {"max_lost": 3, "now": 1.0}, "offload_jobs_lease"),
+        (queries.RECOVER, {"max_lost": 3, "now": 1.0, "keep": 20}, "offload_jobs_lease"),
+        (queries.QUEUE_STATS, {"now": 1.0}, "offload_jobs_claim"),
+        (queries.QUEUE_STATS, {"now": 1.0}, "offload_jobs_lease"),
+        (queries.RECENT, (1.0,), "offload_jobs_finished"),
         (queries.PURGE, (1.0,), "offload_jobs_finished"),
         (queries.GET, ("x",), "sqlite_autoindex_offload_jobs_1"),
         (queries.FINISH, finish_params, "sqlite_autoindex_offload_jobs_1"),

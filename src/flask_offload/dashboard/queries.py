@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from ..backends.base import JobFilter
+from ..backends.base import JobFilter, QueueInfo
 from ..job import FINAL_STATES, Job
 from ..runtime import Runtime
 
@@ -28,10 +28,19 @@ def overview(runtime: Runtime) -> dict[str, Any]:
     return {
         "per_state": per_state,
         "tasks": sorted(tasks.items()),
-        "queues": runtime.backend.queue_stats(),
+        "queues": queues(runtime),
         "chart": throughput(runtime),
         "workers": live_workers(runtime),
     }
+
+
+def queues(runtime: Runtime) -> list[QueueInfo]:
+    """Every queue in storage, paused, or used by one of this app's tasks (empty ones too,
+    so an idle queue can be paused before jobs arrive)."""
+    found = {info.name: info for info in runtime.backend.queue_stats()}
+    for task in runtime.tasks.values():
+        found.setdefault(task.queue, QueueInfo(task.queue))
+    return sorted(found.values(), key=lambda info: info.name)
 
 
 def throughput(runtime: Runtime) -> dict[str, Any]:

@@ -100,8 +100,7 @@ def periodic() -> Any:
 
 @blueprint.get("/queues")
 def queues() -> Any:
-    runtime = _runtime()
-    return _page("offload_dashboard/queues.html", "Queues", queues=runtime.backend.queue_stats())
+    return _page("offload_dashboard/queues.html", "Queues", queues=queries.queues(_runtime()))
 
 
 # -- actions: POST only, each checked by access.check_action before anything changes ------

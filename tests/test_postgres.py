@@ -282,8 +282,9 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
         (queries.GET, ("x",), ("offload_jobs_id_key",)),
         (queries.RECENT, (1.0,), ("offload_jobs_finished",)),
         (queries.QUEUE_STATS, {"now": 1.0}, ("offload_jobs_claim",)),
+        (queries.COUNTS, (), ("offload_jobs_claim",)),  # finished rows: offload_jobs_done
     ],
-    ids=["claim", "heartbeat", "recover", "purge", "get", "recent", "queue-stats"],
+    ids=["claim", "heartbeat", "recover", "purge", "get", "recent", "queue-stats", "counts"],
 )
 def test_hot_queries_can_read_partial_indexes_not_the_finished_rows(
     pg: PostgresBackend, sql: str, params: Any, indexes: tuple[str, ...]

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..job import HISTORY_LIMIT, Job, Outcome, WorkerInfo, attempt_entry
 from ..serializer import safe_text
-from .base import QueueInfo
+from .base import JobFilter, QueueInfo
 
 
 def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]:
@@ -62,6 +62,34 @@ def worker_info(row: Sequence[Any]) -> WorkerInfo:
     id, host, pid, queues, tasks, started_at, last_seen = row
     return WorkerInfo(
         id, host, pid, queues and json.loads(queues), json.loads(tasks), started_at, last_seen
+    )
+
+
+def search_sql(
+    select: str, filters: JobFilter, before: int | None, param: str, like: str
+) -> tuple[str, dict[str, Any]]:
+    """A SEARCH for the jobs list with only the conditions it needs, so each can use an
+    index (``x IS NULL OR x = …`` would not): ``param`` is the placeholder form (``:{}`` or
+    ``%({})s``), ``like`` the case-insensitive operator. Values are always bound."""
+    params = {**filters.params(), "before": before}
+    where = [
+        f"{name} = {param.format(name)}"
+        for name in ("state", "task", "queue", "key")
+        if params[name] is not None
+    ]
+    if params["text"] is not None:
+        text = param.format("text")
+        where.append(
+            f"(args_json {like} {text} ESCAPE '\\' OR kwargs_json {like} {text} ESCAPE '\\'"
+            f" OR error {like} {text} ESCAPE '\\')"
+        )
+    if before is not None:
+        where.append(f"seq < {param.format('before')}")
+    condition = f"WHERE {' AND '.join(where)}" if where else ""
+    limit = param.format("limit")
+    return (
+        f"SELECT {select}, seq FROM offload_jobs {condition} ORDER BY seq DESC LIMIT {limit}",
+        params,
     )
 
 

@@ -490,6 +490,10 @@ def test_search_filters_and_pages_by_keyset(backend: Backend) -> None:
     backend.finish(claimed, Outcome("failed", error="SMTPError: refused"))
     failed, _ = backend.search_jobs(JobFilter(state="failed", text="smtp"))
     assert [j.id for j in failed] == [claimed.id]
+    [running] = backend.claim("w", ["send"], None, 1, 30)
+    assert [j.id for j in backend.search_jobs(JobFilter(state="running"))[0]] == [running.id]
+    queued, _ = backend.search_jobs(JobFilter(state="queued", task="t"))
+    assert [j.id for j in queued] == [jobs[6].id, jobs[4].id, jobs[2].id, jobs[0].id]
 
 
 def test_recent_finishes_and_ticks(backend: Backend) -> None:

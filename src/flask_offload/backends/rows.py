@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..job import HISTORY_LIMIT, Job, Outcome, WorkerInfo, attempt_entry
@@ -65,18 +65,33 @@ def worker_info(row: Sequence[Any]) -> WorkerInfo:
     )
 
 
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
 def search_sql(
-    select: str, filters: JobFilter, before: int | None, param: str, like: str
+    select: str,
+    filters: JobFilter,
+    before: int | None,
+    param: str,
+    like: str,
+    hints: Mapping[str, str] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """A SEARCH for the jobs list with only the conditions it needs, so each can use an
     index (``x IS NULL OR x = …`` would not): ``param`` is the placeholder form (``:{}`` or
-    ``%({})s``), ``like`` the case-insensitive operator. Values are always bound."""
+    ``%({})s``), ``like`` the case-insensitive operator. Values are bound, except a state
+    from the fixed list of states, written as a literal so that the partial index of queued
+    or running rows serves it (a bound value cannot prove the index's condition); ``hints``
+    adds per state what follows the table's name (SQLite's ``INDEXED BY``)."""
     params = {**filters.params(), "before": before}
     where = [
         f"{name} = {param.format(name)}"
-        for name in ("state", "task", "queue", "key")
+        for name in ("task", "queue", "key")
         if params[name] is not None
     ]
+    if params["state"] in STATES:
+        where.insert(0, f"state = '{params['state']}'")
+    elif params["state"] is not None:
+        where.insert(0, f"state = {param.format('state')}")
     if params["text"] is not None:
         text = param.format("text")
         where.append(
@@ -86,11 +101,9 @@ def search_sql(
     if before is not None:
         where.append(f"seq < {param.format('before')}")
     condition = f"WHERE {' AND '.join(where)}" if where else ""
-    limit = param.format("limit")
-    return (
-        f"SELECT {select}, seq FROM offload_jobs {condition} ORDER BY seq DESC LIMIT {limit}",
-        params,
-    )
+    hint = (hints or {}).get(params["state"] or "", "")
+    order = f"ORDER BY seq DESC LIMIT {param.format('limit')}"
+    return f"SELECT {select}, seq FROM offload_jobs {hint} {condition} {order}", params
 
 
 def page_cursor(rows: Sequence[Sequence[Any]], limit: int) -> int | None:

@@ -131,7 +131,9 @@ def retry_command(job_id: str) -> None:
 def cancel_command(job_id: str) -> None:
     """Cancel a queued job, or ask a running one to stop."""
     job = _job(job_id)
-    if not job.cancel():
+    done = _runtime().cancel(job.id)  # through the runtime: job_cancelled is sent
+    job.refresh()
+    if not done:
         raise click.ClickException(f"job {job.id} has already {job.state}")
     click.echo(f"{job.id} {'cancelled' if job.state == 'cancelled' else 'asked to stop'}")
 

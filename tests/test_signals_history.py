@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from flask import Flask, current_app
+from flask import Flask, current_app, g
 
 from conftest import AppFactory, start_pool, wait_until
 from flask_offload import Cancelled, Offload, signals
@@ -219,3 +219,29 @@ def test_a_raising_handler_is_logged_and_breaks_nothing(
     assert sorted(later) == sorted(job.id for job in jobs), "the next handler still ran"
     failures = [r for r in caplog.records if "signal handler failed" in r.getMessage()]
     assert len(failures) == 15 and all(r.exc_info for r in failures)
+
+
+def test_job_enqueued_in_a_request_sees_that_requests_g(make_app: AppFactory) -> None:
+    offload = Offload()
+    seen: list[Any] = []
+
+    @offload.task(name="sig.in_request")
+    def work() -> None:
+        return None
+
+    app, _ = make_app(offload, OFFLOAD_WORKERS=0)
+
+    @app.post("/work")
+    def enqueue() -> str:
+        g.user = "alice"
+        return work.delay().id
+
+    def who(sender: Flask, job: Any) -> None:
+        seen.append((job.id, g.get("user")))
+
+    signals.job_enqueued.connect(who)
+    try:
+        job_id = app.test_client().post("/work").get_data(as_text=True)
+    finally:
+        signals.job_enqueued.disconnect(who)
+    assert seen == [(job_id, "alice")]

@@ -3,8 +3,8 @@
 Every signal is sent with the app as sender and the job as ``job=`` (a :class:`~flask_offload.Job`
 as it stands after the event: a failed job carries its ``error`` and ``traceback``). Handlers
 run in an app context, in the thread where the event happened (a worker thread, the finisher,
-or the request that enqueued). A handler that raises is logged and skipped: it never fails a
-job nor stops a worker.
+or the request that enqueued, whose own context and ``g`` they then see). A handler that
+raises is logged and skipped: it never fails a job nor stops a worker.
 
 ``job_enqueued``
     stored (not sent when ``key=`` returned the job holding the key; with ``connection=``,
@@ -23,9 +23,11 @@ job nor stops a worker.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 from blinker import Namespace
+from flask import current_app, has_app_context
 
 from .execution import settled
 
@@ -63,7 +65,8 @@ def send(app: Flask, event: str, job: Job, outcome: Outcome | None) -> None:
     if not signal.receivers:
         return
     view = settled(job, outcome)
-    with app.app_context():
+    inside = has_app_context() and current_app._get_current_object() is app  # type: ignore[attr-defined]
+    with nullcontext() if inside else app.app_context():
         for receiver in list(signal.receivers_for(app)):
             try:
                 receiver(app, job=view)

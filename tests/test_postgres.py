@@ -282,7 +282,7 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
         (queries.GET, ("x",), ("offload_jobs_id_key",)),
         (queries.RECENT, (1.0,), ("offload_jobs_finished",)),
         (queries.QUEUE_STATS, {"now": 1.0}, ("offload_jobs_claim",)),
-        (queries.COUNTS, (), ("offload_jobs_claim",)),  # finished rows: offload_jobs_done
+        (queries.COUNTS, (), ("offload_jobs_claim",)),
     ],
     ids=["claim", "heartbeat", "recover", "purge", "get", "recent", "queue-stats", "counts"],
 )

@@ -24,7 +24,6 @@ finish_params = {
     "now": 1.0,
     "id": "x",
     "claim": "c",
-    "entry": "{}",
     "keep": 20,
 }
 
@@ -46,7 +45,7 @@ finish_params = {
         (queries.QUEUE_STATS, {"now": 1.0}, "offload_jobs_claim"),
         (queries.QUEUE_STATS, {"now": 1.0}, "offload_jobs_lease"),
         (queries.RECENT, (1.0,), "offload_jobs_finished"),
-        (queries.COUNTS, (), "offload_jobs_claim"),  # and COVERING INDEX offload_jobs_done
+        (queries.COUNTS, (), "offload_jobs_claim"),
         (queries.PURGE, (1.0,), "offload_jobs_finished"),
         (queries.GET, ("x",), "sqlite_autoindex_offload_jobs_1"),
         (queries.FINISH, finish_params, "sqlite_autoindex_offload_jobs_1"),

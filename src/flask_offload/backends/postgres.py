@@ -145,7 +145,8 @@ MIGRATIONS = [
     CREATE TABLE offload_queues (name text PRIMARY KEY, paused_at double precision NOT NULL);
     -- Counts of finished jobs per task and state read this small index, not a million wide
     -- rows (bench/dashboard.py). Task first and finished rows only, so no hot query (claim,
-    -- heartbeat, recover, purge) is tempted by it and claims never write it.
+    -- heartbeat, recover, purge) is tempted by it and claims never write it; each finish
+    -- writes one entry (the cost of a fast overview: see docs/benchmarks.md).
     CREATE INDEX offload_jobs_done ON offload_jobs (task, state)
         WHERE state IN ('succeeded', 'failed', 'cancelled');
     """,
@@ -201,6 +202,8 @@ HEARTBEAT = """
     WHERE id = ANY(%(ids)s::text[]) AND claim = ANY(%(claims)s::text[]) AND state = 'running'
     RETURNING id, cancel_requested
 """
+# The attempt joins the history in the same statement, built from the row as the claim left
+# it (SET reads old values): no second write, and nothing for Python to encode.
 FINISH = """
     UPDATE offload_jobs
     SET state = %(state)s, result_json = %(result_json)s, error = %(error)s,
@@ -214,7 +217,12 @@ FINISH = """
                                    >= %(keep)s
                               THEN history_json::jsonb - 0
                               ELSE coalesce(history_json, '[]')::jsonb END)
-                        || jsonb_build_array(%(entry)s::jsonb))::text
+                        || jsonb_build_array(jsonb_build_object(
+                            'attempt', attempts, 'worker', worker, 'claim', claim,
+                            'started_at', started_at, 'finished_at', %(now)s::float8,
+                            'outcome', CASE WHEN %(state)s::text = 'queued' THEN 'retrying'
+                                            ELSE %(state)s::text END,
+                            'error', %(error)s::text, 'traceback', %(traceback)s::text)))::text
     WHERE id = %(id)s AND claim = %(claim)s AND state = 'running'
 """
 # A finish keeps the claim token, so a finish repeated after a lost reply recognises its work.

@@ -26,7 +26,6 @@ def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]
             "now": now,
             "id": job.id,
             "claim": job.claim,
-            "entry": history_entry(job, outcome, now),
             "keep": HISTORY_LIMIT,
         }
         for job, outcome in finished
@@ -34,8 +33,9 @@ def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]
 
 
 def history_entry(job: Job, outcome: Outcome, now: float) -> str:
-    """The attempt's history entry as JSON text both databases accept: no NUL and no lone
-    surrogate (PostgreSQL's jsonb refuses either), whatever the error's text held."""
+    """The attempt's history entry as JSON text, for storage that builds it in Python (memory,
+    EAGER mode; the SQL backends build it in their FINISH): no NUL and no lone surrogate, as
+    PostgreSQL's jsonb refuses either, whatever the error's text held."""
     entry = attempt_entry(job, outcome, now)
     for name, value in entry.items():
         if isinstance(value, str):

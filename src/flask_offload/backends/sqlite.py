@@ -107,7 +107,8 @@ MIGRATIONS = [
     CREATE TABLE offload_queues (name TEXT PRIMARY KEY, paused_at REAL NOT NULL);
     -- Counts of finished jobs per task and state read this small index, not a million wide
     -- rows (bench/dashboard.py). Task first and finished rows only, so no hot query (claim,
-    -- heartbeat, recover, purge) is tempted by it and claims never write it.
+    -- heartbeat, recover, purge) is tempted by it and claims never write it; each finish
+    -- writes one entry (the cost of a fast overview: see docs/benchmarks.md).
     CREATE INDEX offload_jobs_done ON offload_jobs (task, state)
         WHERE state IN ('succeeded', 'failed', 'cancelled');
     """,
@@ -159,17 +160,28 @@ HEARTBEAT = """
       AND claim IN (SELECT value FROM json_each(:claims)) AND state = 'running'
     RETURNING id, cancel_requested
 """
-FINISH = """
+# The attempt joins the history in the same statement, built from the row as the claim left
+# it (SET reads old values): no second write, and nothing for Python to encode. The first
+# entry is written as text around the object, the cheapest way for the common first attempt.
+ATTEMPT = """
+    'attempt', attempts, 'worker', worker, 'claim', claim,
+    'started_at', started_at, 'finished_at', :now,
+    'outcome', CASE WHEN :state = 'queued' THEN 'retrying' ELSE :state END,
+    'error', :error, 'traceback', :traceback
+"""
+FINISH = f"""
     UPDATE offload_jobs
     SET state = :state, result_json = :result_json, error = :error, traceback = :traceback,
         progress_json = coalesce(:progress_json, progress_json),
         finished_at = CASE WHEN :state = 'queued' THEN NULL ELSE :now END,
         run_at = CASE WHEN :state = 'queued' THEN coalesce(:run_at, :now) ELSE run_at END,
         worker = NULL, lease_until = NULL,
-        history_json = json_insert(
-            CASE WHEN json_array_length(history_json) >= :keep
-                 THEN json_remove(history_json, '$[0]') ELSE coalesce(history_json, '[]') END,
-            '$[#]', json(:entry))
+        history_json = CASE
+            WHEN history_json IS NULL THEN '[' || json_object({ATTEMPT}) || ']'
+            ELSE json_insert(
+                CASE WHEN json_array_length(history_json) >= :keep
+                     THEN json_remove(history_json, '$[0]') ELSE history_json END,
+                '$[#]', json_object({ATTEMPT})) END
     WHERE id = :id AND claim = :claim AND state = 'running'
 """
 RELEASE = """
@@ -232,7 +244,7 @@ LIST_JOBS = f"""
 """
 # Finished rows through offload_jobs_done, queued and running ones through their own indexes.
 COUNTS = """
-    SELECT task, state, count(*) FROM offload_jobs
+    SELECT task, state, count(*) FROM offload_jobs INDEXED BY offload_jobs_done
     WHERE state IN ('succeeded', 'failed', 'cancelled') GROUP BY task, state
     UNION ALL
     SELECT task, state, count(*) FROM offload_jobs WHERE state = 'queued' GROUP BY task, state

@@ -162,6 +162,7 @@ def start_pool(
         runtime.tasks,
         runtime.context,
         replace(runtime.settings, **settings),
+        runtime.events,
     )
     pool.start()
     pools.append(pool)

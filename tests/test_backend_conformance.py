@@ -8,7 +8,8 @@ from dataclasses import replace
 
 from conftest import make_job
 from flask_offload.backends import Backend
-from flask_offload.job import Outcome, WorkerInfo
+from flask_offload.backends.base import JobFilter
+from flask_offload.job import HISTORY_LIMIT, Outcome, WorkerInfo
 
 
 def test_enqueue_then_get_returns_every_field(backend: Backend) -> None:
@@ -180,7 +181,7 @@ def test_heartbeat_renews_exactly_the_jobs_held(backend: Backend) -> None:
     assert stored is not None and stored.lease_until is not None
     assert stored.lease_until > time.time() + 50
     time.sleep(0.6)
-    assert backend.recover(3) == 2, "the job given up and the other worker's are taken back"
+    assert len(backend.recover(3)) == 2, "the job given up and the other worker's are taken back"
     assert [backend.get(j.id).state for j in (held, given_up, theirs)] == [  # type: ignore[union-attr]
         "running",
         "queued",
@@ -228,7 +229,7 @@ def test_recover_requeues_expired_leases_then_fails_a_job_lost_too_often(
         assert claimed.id == job.id
         if round_ == 1:
             backend.claim("alive", ["t"], None, 1, 60)
-        assert backend.recover(max_lost=3) == 1
+        assert backend.recover(max_lost=3) == [job.id]
         stored = backend.get(job.id)
         assert stored is not None and stored.lost == round_ and stored.attempts == round_
         assert stored.state == ("failed" if round_ == 3 else "queued")
@@ -370,8 +371,139 @@ def test_a_lost_job_whose_cancel_was_asked_for_ends_cancelled(backend: Backend) 
     job = backend.enqueue(make_job(ephemeral=True, args_json="[1]"))
     backend.claim("dead", ["t"], None, 1, -1)
     assert backend.cancel(job.id)
-    assert backend.recover(max_lost=3) == 1
+    assert backend.recover(max_lost=3) == [job.id]
     stored = backend.get(job.id)
     assert stored is not None
     assert (stored.state, stored.error, stored.args_json) == ("cancelled", "Cancelled", "[]")
     assert stored.finished_at is not None
+
+
+def test_history_records_every_attempt_oldest_first(backend: Backend) -> None:
+    """Two failures, a lost run and a success: each attempt with its worker, times, outcome,
+    error and traceback, keyed by the claim that ran it."""
+    job = backend.enqueue(make_job(max_attempts=5))
+    assert backend.get(job.id).history == []  # type: ignore[union-attr]
+    claims = []
+    for n in (1, 2):
+        [claimed] = backend.claim(f"w{n}", ["t"], None, 1, 30)
+        claims.append(claimed.claim)
+        error = f"ValueError: try {n}"
+        tb = f"Traceback (most recent call last):\n  line {n}\nValueError: try {n}\n"
+        assert backend.finish(claimed, Outcome("queued", error=error, traceback=tb, run_at=0))
+    [lost] = backend.claim("dead", ["t"], None, 1, -1)
+    claims.append(lost.claim)
+    assert backend.recover(max_lost=3) == [job.id]
+    [last] = backend.claim("w4", ["t"], None, 1, 30)
+    claims.append(last.claim)
+    assert not backend.finish(lost, Outcome("succeeded", result_json="0")), "fenced"
+    assert backend.finish(last, Outcome("succeeded", result_json="1"))
+    stored = backend.get(job.id)
+    assert stored is not None and stored.state == "succeeded"
+    history = stored.history
+    assert [h["attempt"] for h in history] == [1, 2, 3, 4]
+    assert [h["outcome"] for h in history] == ["retrying", "retrying", "lost", "succeeded"]
+    assert [h["worker"] for h in history] == ["w1", "w2", "dead", "w4"]
+    assert [h["claim"] for h in history] == claims
+    assert history[0]["error"] == "ValueError: try 1"
+    assert "line 2" in history[1]["traceback"]
+    assert history[2]["error"].startswith("WorkerLost")
+    assert (history[3]["error"], history[3]["traceback"]) == (None, None)
+    for h in history:
+        assert h["started_at"] is not None and h["finished_at"] >= h["started_at"]
+
+
+def test_history_is_bounded_kept_across_retry_by_id_and_deleted_with_its_job(
+    backend: Backend,
+) -> None:
+    job = backend.enqueue(make_job())
+    for n in range(HISTORY_LIMIT + 3):
+        [claimed] = backend.claim("w", ["t"], None, 1, 30)
+        assert backend.finish(claimed, Outcome("failed", error=f"E: {n} \\u0000 é"))
+        assert backend.retry(job.id)
+    stored = backend.get(job.id)
+    assert stored is not None and stored.state == "queued"
+    errors = [h["error"] for h in stored.history]
+    assert len(errors) == HISTORY_LIMIT
+    assert errors[0].startswith("E: 3") and errors[-1].startswith(f"E: {HISTORY_LIMIT + 2}")
+    assert backend.cancel(job.id) and backend.delete(job.id)
+    assert backend.get(job.id) is None
+
+
+def test_delete_refuses_a_running_job(backend: Backend) -> None:
+    job = backend.enqueue(make_job())
+    [claimed] = backend.claim("w", ["t"], None, 1, 30)
+    assert not backend.delete(job.id)
+    assert backend.finish(claimed, Outcome("succeeded", result_json="1"))
+    assert backend.delete(job.id) and not backend.delete(job.id)
+
+
+def test_a_paused_queue_is_not_claimed_until_resumed(backend: Backend) -> None:
+    mail = backend.enqueue(make_job(queue="mail", priority=9))
+    other = backend.enqueue(make_job())
+    assert backend.pause_queue("mail") and not backend.pause_queue("mail")
+    assert backend.pause_queue("empty")
+    assert backend.paused_queues() == {"mail", "empty"}
+    assert [j.id for j in backend.claim("w", ["t"], None, 10, 30)] == [other.id]
+    assert backend.claim("w", ["t"], ["mail"], 10, 30) == []
+    assert backend.resume_queue("mail") and not backend.resume_queue("mail")
+    assert backend.paused_queues() == {"empty"}
+    assert [j.id for j in backend.claim("w", ["t"], None, 10, 30)] == [mail.id]
+    stats = {q.name: q for q in backend.queue_stats()}
+    assert stats["empty"].paused and stats["empty"].queued == 0
+    assert (stats["mail"].running, stats["default"].running, stats["mail"].paused) == (1, 1, False)
+
+
+def test_queue_stats_count_queued_due_and_running_with_the_oldest_due(backend: Backend) -> None:
+    now = time.time()
+    backend.enqueue(make_job(queue="a", run_at=now - 30))
+    backend.enqueue(make_job(queue="a", run_at=now - 10))
+    backend.enqueue(make_job(queue="a", run_at=now + 600))
+    backend.enqueue(make_job(queue="b", run_at=now + 600))
+    [a] = [q for q in backend.queue_stats() if q.name == "a"]
+    assert (a.queued, a.due, a.running) == (3, 2, 0)
+    assert a.oldest_due is not None and abs(a.oldest_due - (now - 30)) < 0.01
+    assert a.latency >= 29
+    [b] = [q for q in backend.queue_stats() if q.name == "b"]
+    assert (b.queued, b.due, b.oldest_due, b.latency) == (1, 0, None, 0.0)
+
+
+def test_search_filters_and_pages_by_keyset(backend: Backend) -> None:
+    jobs = [
+        backend.enqueue(
+            make_job("send" if n % 2 else "t", queue="q", key=f"k{n}", args_json=f'["Mail {n}"]')
+        )
+        for n in range(7)
+    ]
+    found, cursor = backend.search_jobs(JobFilter(), limit=3)
+    assert [j.id for j in found] == [j.id for j in jobs[::-1][:3]] and cursor is not None
+    found, cursor = backend.search_jobs(JobFilter(), before=cursor, limit=3)
+    assert [j.id for j in found] == [j.id for j in jobs[::-1][3:6]]
+    found, cursor = backend.search_jobs(JobFilter(), before=cursor, limit=3)
+    assert [j.id for j in found] == [jobs[0].id] and cursor is None
+    sends, _ = backend.search_jobs(JobFilter(task="send"))
+    assert [j.id for j in sends] == [jobs[5].id, jobs[3].id, jobs[1].id]
+    assert [j.id for j in backend.search_jobs(JobFilter(key="k4"))[0]] == [jobs[4].id]
+    assert [j.id for j in backend.search_jobs(JobFilter(text="mail 2"))[0]] == [jobs[2].id]
+    assert backend.search_jobs(JobFilter(text="%"))[0] == [], "a LIKE wildcard is literal"
+    assert backend.search_jobs(JobFilter(queue="default"))[0] == []
+    [claimed] = backend.claim("w", ["send"], None, 1, 30)
+    backend.finish(claimed, Outcome("failed", error="SMTPError: refused"))
+    failed, _ = backend.search_jobs(JobFilter(state="failed", text="smtp"))
+    assert [j.id for j in failed] == [claimed.id]
+    [running] = backend.claim("w", ["send"], None, 1, 30)
+    assert [j.id for j in backend.search_jobs(JobFilter(state="running"))[0]] == [running.id]
+    queued, _ = backend.search_jobs(JobFilter(state="queued", task="t"))
+    assert [j.id for j in queued] == [jobs[6].id, jobs[4].id, jobs[2].id, jobs[0].id]
+
+
+def test_recent_finishes_and_ticks(backend: Backend) -> None:
+    before = time.time()
+    backend.enqueue(make_job())
+    [claimed] = backend.claim("w", ["t"], None, 1, 30)
+    backend.finish(claimed, Outcome("succeeded", result_json="1"))
+    [(task, state, at, seconds)] = backend.recent(before - 1)
+    assert (task, state) == ("t", "succeeded") and at >= before
+    assert seconds is not None and 0 <= seconds < 60
+    assert backend.recent(time.time() + 10) == []
+    backend.record_tick("every-minute", 120.0)
+    assert backend.ticks() == {"every-minute": 120.0}

@@ -277,12 +277,25 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
             {"until": 1.0, "ids": ["x"], "claims": ["c"]},
             ("offload_jobs_id_key", "offload_jobs_lease"),
         ),
-        (queries.RECOVER, {"max_lost": 3, "now": 1.0}, ("offload_jobs_lease",)),
+        (queries.RECOVER, {"max_lost": 3, "now": 1.0, "keep": 20}, ("offload_jobs_lease",)),
         (queries.PURGE, (1.0,), ("offload_jobs_finished",)),
         (queries.PURGE_EXPIRED, (1.0,), ("offload_jobs_expires",)),
         (queries.GET, ("x",), ("offload_jobs_id_key",)),
+        (queries.RECENT, (1.0,), ("offload_jobs_finished",)),
+        (queries.QUEUE_STATS, {"now": 1.0}, ("offload_jobs_claim",)),
+        (queries.COUNTS, (), ("offload_jobs_claim",)),
     ],
-    ids=["claim", "heartbeat", "recover", "purge", "purge-expired", "get"],
+    ids=[
+        "claim",
+        "heartbeat",
+        "recover",
+        "purge",
+        "purge-expired",
+        "get",
+        "recent",
+        "queue-stats",
+        "counts",
+    ],
 )
 def test_hot_queries_can_read_partial_indexes_not_the_finished_rows(
     pg: PostgresBackend, sql: str, params: Any, indexes: tuple[str, ...]

@@ -26,6 +26,7 @@ finish_params = {
     "now": 1.0,
     "id": "x",
     "claim": "c",
+    "keep": 20,
 }
 
 
@@ -42,7 +43,11 @@ finish_params = {
             {"until": 1.0, "ids": '["x"]', "claims": '["c"]'},
             "sqlite_autoindex_offload_jobs_1",
         ),
-        (queries.RECOVER, {"max_lost": 3, "now": 1.0}, "offload_jobs_lease"),
+        (queries.RECOVER, {"max_lost": 3, "now": 1.0, "keep": 20}, "offload_jobs_lease"),
+        (queries.QUEUE_STATS, {"now": 1.0}, "offload_jobs_claim"),
+        (queries.QUEUE_STATS, {"now": 1.0}, "offload_jobs_lease"),
+        (queries.RECENT, (1.0,), "offload_jobs_finished"),
+        (queries.COUNTS, (), "offload_jobs_claim"),
         (queries.PURGE, (1.0,), "offload_jobs_finished"),
         (queries.PURGE_EXPIRED, (1.0,), "offload_jobs_expires"),
         (queries.GET, ("x",), "sqlite_autoindex_offload_jobs_1"),

@@ -129,6 +129,7 @@ def show_command(job_id: str) -> None:
         )
     }
     fields.update(args=job.args, kwargs=job.kwargs, result=job.result, progress=job.progress)
+    fields.update(history=job.history)
     click.echo(json.dumps(fields, indent=2))
 
 
@@ -148,7 +149,9 @@ def retry_command(job_id: str) -> None:
 def cancel_command(job_id: str) -> None:
     """Cancel a queued job, or ask a running one to stop."""
     job = _job(job_id)
-    if not job.cancel():
+    done = _runtime().cancel(job.id)  # through the runtime: job_cancelled is sent
+    job.refresh()
+    if not done:
         raise click.ClickException(f"job {job.id} has already {job.state}")
     click.echo(f"{job.id} {'cancelled' if job.state == 'cancelled' else 'asked to stop'}")
 
@@ -181,6 +184,9 @@ def stats_command() -> None:
         click.echo(f"{task:<{width}} " + " ".join(f"{counts.get((task, s), 0):>9}" for s in states))
     if not tasks:
         click.echo("(no jobs)")
+    paused = runtime.backend.paused_queues()
+    if paused:
+        click.echo(f"\npaused queues: {', '.join(sorted(paused))}")
     live = runtime.backend.workers(time.time() - live_window(runtime.settings.lease))
     click.echo(f"\n{len(live)} live worker(s)")
     for info in live:
@@ -196,3 +202,19 @@ def init_db_command() -> None:
     """Create or upgrade the storage schema (done on first use too)."""
     _runtime().backend.prepare()
     click.echo("storage schema is ready")
+
+
+@offload_cli.command("pause")
+@click.argument("queue")
+def pause_command(queue: str) -> None:
+    """Stop every process claiming jobs from QUEUE, across restarts, until resumed."""
+    paused = _runtime().pause_queue(queue)
+    click.echo(f"queue {queue!r} {'paused' if paused else 'was paused already'}")
+
+
+@offload_cli.command("resume")
+@click.argument("queue")
+def resume_command(queue: str) -> None:
+    """Let every process claim jobs from QUEUE again."""
+    resumed = _runtime().resume_queue(queue)
+    click.echo(f"queue {queue!r} {'resumed' if resumed else 'was not paused'}")

@@ -10,7 +10,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from . import serializer
@@ -20,6 +20,15 @@ from .schedule import Periodic
 logger = logging.getLogger("flask_offload")
 
 ContextFactory = Callable[[], AbstractContextManager[Any]]
+# What happened to a job, told to the Flask layer (which sends flask_offload.signals): the
+# event's name ("job_started", ...), the job, and the outcome stored for it if any.
+Events = Callable[[str, Job, Outcome | None], None]
+OUTCOME_EVENTS = {
+    SUCCEEDED: "job_succeeded",
+    FAILED: "job_failed",
+    CANCELLED: "job_cancelled",
+    QUEUED: "job_retrying",
+}
 MAX_BACKOFF = 3600.0
 
 
@@ -89,6 +98,25 @@ def failure(task: Runnable, job: Job, error: BaseException, trace: str | None) -
         wait = backoff(task.retry_backoff, job.attempts) if delay is None else delay
         return Outcome(QUEUED, error=text, traceback=trace, run_at=time.time() + wait)
     return Outcome(FAILED, error=text, traceback=trace)
+
+
+def settled(job: Job, outcome: Outcome | None) -> Job:
+    """A copy of the claimed ``job`` as its stored ``outcome`` left it (for signal handlers)."""
+    if outcome is None:
+        return replace(job)
+    finished = None if outcome.state == QUEUED else time.time()
+    return replace(
+        job,
+        state=outcome.state,
+        result_json=outcome.result_json,
+        error=outcome.error,
+        traceback=outcome.traceback,
+        progress_json=outcome.progress_json or job.progress_json,
+        run_at=outcome.run_at if outcome.run_at is not None else job.run_at,
+        finished_at=finished,
+        worker=None,
+        lease_until=None,
+    )
 
 
 def execute(

@@ -14,11 +14,11 @@ from typing import Any, ParamSpec, TypeVar, overload
 from flask import Flask, current_app, has_app_context
 from flask.ctx import AppContext
 
-from . import lifecycle, logs, web
+from . import dashboard, lifecycle, logs, signals, web
 from .backends import open_backend
 from .cli import offload_cli
-from .execution import Cancelled, ContextFactory, Retry, Settings
-from .job import Job, new_id
+from .execution import Cancelled, ContextFactory, Events, Retry, Settings
+from .job import Job, Outcome, new_id
 from .runtime import Runtime
 from .schedule import Schedule
 from .task import ENQUEUE_OPTIONS, TASK_OPTIONS, Task, check_options
@@ -44,6 +44,7 @@ class Offload:
         self._owner: Callable[[], Any] | None = None
         self._authorize: Callable[[Job], bool] | None = None
         self._status_format: Callable[[Job, dict[str, Any]], Any] | None = None
+        self._dashboard_access: Callable[[], Any] | None = None
         self._runtimes: weakref.WeakKeyDictionary[Flask, Runtime] = weakref.WeakKeyDictionary()
         if app is not None:
             self.init_app(app)
@@ -70,12 +71,15 @@ class Offload:
         backend = open_backend(
             url, app.instance_path, synchronous, _flag(app.config, "OFFLOAD_PG_LISTEN")
         )
-        runtime = Runtime(backend, self._tasks, _context_of(app), settings, eager=eager)
+        runtime = Runtime(
+            backend, self._tasks, _context_of(app), settings, eager=eager, events=_events_of(app)
+        )
         self._runtimes[app] = runtime
         app.extensions["offload"] = self
         app.cli.add_command(offload_cli)
         app.register_blueprint(web.blueprint, url_prefix=app.config["OFFLOAD_URL_PREFIX"])
         web.install(app)
+        dashboard.install(app)
         how = lifecycle.plan(app.testing, explicit_workers, settings.threads, eager)
         lifecycle.manage(runtime, how, app=app)
 
@@ -166,6 +170,22 @@ class Offload:
         it replaces the ``owner`` rule."""
         self._authorize = fn
         return fn
+
+    def dashboard_access(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """Register who may use the dashboard and the metrics, called in each of their
+        requests: true (or ``"full"``) allows everything, ``"read"`` allows looking but no
+        action, anything false answers 403. Without it only loopback clients are allowed."""
+        self._dashboard_access = fn
+        return fn
+
+    def pause_queue(self, name: str) -> bool:
+        """Stop every process claiming jobs from queue ``name`` (running ones finish), until
+        ``resume_queue``; it lasts across restarts. False if it was paused already."""
+        return self.runtime().pause_queue(name)
+
+    def resume_queue(self, name: str) -> bool:
+        """Let queue ``name`` be claimed again; False if it was not paused."""
+        return self.runtime().resume_queue(name)
 
     def _register(self, task: Task[P, R]) -> Task[P, R]:
         known = self._tasks.get(task.name)
@@ -281,6 +301,19 @@ def config_from_environment(config: dict[str, Any]) -> None:
                 name,
                 key,
             )
+
+
+def _events_of(app: Flask) -> Events:
+    """The hook through which the core's events become ``flask_offload.signals``, holding the
+    app weakly (as ``_context_of`` does)."""
+    ref = weakref.ref(app)
+
+    def events(event: str, job: Job, outcome: Outcome | None) -> None:
+        live = ref()
+        if live is not None:
+            signals.send(live, event, job, outcome)
+
+    return events
 
 
 def read_config(app: Flask) -> tuple[str, Settings, bool, str]:

@@ -25,6 +25,7 @@ SUCCEEDED: State = "succeeded"
 FAILED: State = "failed"
 CANCELLED: State = "cancelled"
 FINAL_STATES: frozenset[str] = frozenset({SUCCEEDED, FAILED, CANCELLED})
+HISTORY_LIMIT = 20  # attempts kept per job: a job retried by id again and again stays small
 PROGRESS_EVERY = 0.1  # seconds between progress writes of one job: a tight loop cannot flood
 
 _ID = re.compile(r"[0-9a-f]{32}")
@@ -47,6 +48,8 @@ class Job:
 
     ``expires_at`` is when a finished job is deleted, where its task's ``result_ttl`` set it
     (otherwise ``OFFLOAD_RESULT_TTL`` after ``finished_at``).
+    ``history_json`` holds the last ``HISTORY_LIMIT`` attempts, written by the storage in the
+    same statement that stores each outcome (see ``job.history``).
 
     ``claim`` is the token of the claim that runs it now: fresh for every claim and never
     reused, it fences every write of a run, so a stale run cannot overwrite a newer one even
@@ -83,6 +86,7 @@ class Job:
     ephemeral: bool = False
     claim: str | None = None
     expires_at: float | None = None
+    history_json: str | None = None
     backend: Backend | None = field(default=None, repr=False)
 
     @property
@@ -108,6 +112,17 @@ class Job:
         if self.progress_json is None:
             return None
         value: dict[str, Any] = serializer.loads(self.progress_json)
+        return value
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every attempt, oldest first (the last ``HISTORY_LIMIT``): ``attempt``, ``worker``,
+        ``claim``, ``started_at``, ``finished_at``, ``outcome`` (``succeeded``, ``failed``,
+        ``cancelled``, ``retrying`` or ``lost``), ``error`` and ``traceback``. A retry by id
+        keeps the history and numbers its attempts from 1 again."""
+        if self.history_json is None:
+            return []
+        value: list[dict[str, Any]] = serializer.loads(self.history_json)
         return value
 
     @property
@@ -148,6 +163,20 @@ class Job:
         done = self._storage().cancel(self.id)
         self.refresh()
         return done
+
+
+def attempt_entry(job: Job, outcome: Outcome, finished_at: float) -> dict[str, Any]:
+    """The history entry of the claimed run ``job`` that ended with ``outcome``."""
+    return {
+        "attempt": job.attempts,
+        "worker": job.worker,
+        "claim": job.claim,
+        "started_at": job.started_at,
+        "finished_at": finished_at,
+        "outcome": "retrying" if outcome.state == QUEUED else outcome.state,
+        "error": outcome.error,
+        "traceback": outcome.traceback,
+    }
 
 
 @dataclass

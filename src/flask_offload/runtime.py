@@ -17,8 +17,9 @@ from typing import Any
 
 from . import commits, serializer
 from .backends.base import Backend
-from .execution import ContextFactory, Runnable, Settings, execute
-from .job import QUEUED, RUNNING, Job, Running, new_id, valid_id
+from .backends.rows import history_entry
+from .execution import ContextFactory, Events, Runnable, Settings, execute
+from .job import CANCELLED, HISTORY_LIMIT, QUEUED, RUNNING, Job, Running, new_id, valid_id
 from .worker import MAX_DUES, Worker
 
 
@@ -32,13 +33,15 @@ class Runtime:
         context: ContextFactory,
         settings: Settings,
         eager: bool = False,
+        events: Events | None = None,
     ) -> None:
         self.backend = backend
         self.tasks = tasks
         self.context = context
         self.settings = settings
         self.eager = eager
-        self.pools = [Worker(backend, tasks, context, settings)]
+        self.events = events
+        self.pools = [Worker(backend, tasks, context, settings, events)]
         self._plan: list[tuple[int, tuple[str, ...] | None]] | None = None
         self._pid = os.getpid()
         self._lifecycle = threading.Lock()  # start and stop, which may come from two threads
@@ -122,7 +125,13 @@ class Runtime:
                 self.wake(job.run_at)
             else:
                 commits.after_commit(connection, lambda: self.wake(job.run_at), strict=False)
+            self.emit("job_enqueued", job)
         return stored
+
+    def emit(self, event: str, job: Job) -> None:
+        """Tell the Flask layer (signals) what happened to ``job`` in this process."""
+        if self.events is not None:
+            self.events(event, job, None)
 
     def _run_now(self, job: Job) -> Job:
         """EAGER mode: run the job in the caller's thread, retries at once, and store it (or
@@ -133,14 +142,17 @@ class Runtime:
                 f"OFFLOAD_EAGER runs jobs at once, but this app registers no task {job.task!r}"
             )
         job.state = QUEUED
+        history: list[str] = []
         while job.state == QUEUED:
             job.state, job.started_at = RUNNING, time.time()
             job.attempts += 1
             outcome = execute(task, job, Running(job, self.backend), self.context, self.settings)
+            history = [*history[1 - HISTORY_LIMIT :], history_entry(job, outcome, time.time())]
             job.state, job.result_json = outcome.state, outcome.result_json
             job.error, job.traceback = outcome.error, outcome.traceback
             job.progress_json = outcome.progress_json or job.progress_json
         job.finished_at = time.time()
+        job.history_json = "[" + ",".join(history) + "]"
         if job.ephemeral:  # stored already final: no storage trigger on finishing forgets it
             job.args_json, job.kwargs_json = "[]", "{}"
         if outcome.ttl is not None:
@@ -169,6 +181,29 @@ class Runtime:
         self.wake()
         return job.refresh()
 
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued job, or ask a running one to stop; False once it has finished."""
+        if not valid_id(job_id) or not self.backend.cancel(job_id):
+            return False
+        job = self.backend.get(job_id)
+        if job is not None and job.state == CANCELLED:
+            self.emit("job_cancelled", job)
+        return True
+
+    def delete(self, job_id: str) -> bool:
+        """Delete a job that is not running, with its history; False otherwise."""
+        return valid_id(job_id) and self.backend.delete(job_id)
+
+    def pause_queue(self, name: str) -> bool:
+        """No process claims from queue ``name`` until it is resumed, across restarts."""
+        return self.backend.pause_queue(name)
+
+    def resume_queue(self, name: str) -> bool:
+        """Let every process claim from queue ``name`` again, and wake this one's pools."""
+        resumed = self.backend.resume_queue(name)
+        self.wake()
+        return resumed
+
     @property
     def started(self) -> bool:
         return any(pool.started for pool in self.pools)
@@ -196,7 +231,7 @@ class Runtime:
 
     def _pool(self, threads: int, queues: tuple[str, ...] | None) -> Worker:
         settings = replace(self.settings, threads=threads, queues=queues)
-        return Worker(self.backend, self.tasks, self.context, settings)
+        return Worker(self.backend, self.tasks, self.context, settings, self.events)
 
     def wake(self, at: float | None = None) -> None:
         """A job is due (now or ``at``): wake the running pools. Before they start (the

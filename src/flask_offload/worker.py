@@ -43,7 +43,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .backends.base import Backend, StorageCorrupt
-from .execution import ContextFactory, Runnable, Settings, describe, execute, failure
+from .execution import (
+    OUTCOME_EVENTS,
+    ContextFactory,
+    Events,
+    Runnable,
+    Settings,
+    describe,
+    execute,
+    failure,
+)
 from .job import FAILED, PROGRESS_EVERY, QUEUED, Job, Outcome, Running, WorkerInfo
 from .schedule import Scheduler
 
@@ -97,11 +106,13 @@ class Worker:
         tasks: Mapping[str, Runnable],
         context: ContextFactory,
         settings: Settings,
+        events: Events | None = None,
     ) -> None:
         self.backend = backend
         self.tasks = tasks
         self.context = context
         self.settings = settings
+        self.events = events
         self.id = new_worker_id()
         self.scheduler = Scheduler(backend, tasks, self.wake)
         self._lock = threading.Lock()  # guards every Claimed and the sets below
@@ -238,9 +249,21 @@ class Worker:
             self.id, list(self.tasks), self.settings.queues, 1, self.settings.lease
         ):
             job = jobs[0]
-            self.backend.finish(job, self._execute(job, Running(job, self.backend)))
+            self._emit("job_started", job, None)
+            outcome = self._execute(job, Running(job, self.backend))
+            if self.backend.finish(job, outcome):
+                self._emit(OUTCOME_EVENTS[outcome.state], job, outcome)
             count += 1
         return count
+
+    def _emit(self, event: str, job: Job, outcome: Outcome | None) -> None:
+        """Tell the Flask layer what happened; nothing it does may stop this pool."""
+        if self.events is None:
+            return
+        try:
+            self.events(event, job, outcome)
+        except Exception:
+            logger.exception("a handler of %s failed for job %s", event, job.id)
 
     # -- claim and run ---------------------------------------------------------------------------
 
@@ -306,6 +329,7 @@ class Worker:
     def _run(self, claimed: Claimed, me: threading.Thread) -> bool:
         """Run one job and hand its outcome to the finisher. False if this thread was stuck
         past the job's timeout and the pool no longer needs it."""
+        self._emit("job_started", claimed.job, None)
         began = time.monotonic()
         outcome = self._execute(claimed.job, claimed.running)
         seconds = time.monotonic() - began
@@ -455,19 +479,26 @@ class Worker:
         assert outcome is not None
         if stored:
             if outcome.state == QUEUED:
-                wait = (outcome.run_at or time.time()) - time.time()
+                due = outcome.run_at or time.time()
                 jobs_logger.info(
-                    "job %s %s failed in %.3f s, retrying in %.3f s",
+                    "job %s (%s) attempt %d of %d failed after running %.3f s (%s); "
+                    "attempt %d starts in %.3f s, at %s",
                     job.id,
                     job.task,
+                    job.attempts,
+                    job.max_attempts,
                     claimed.seconds,
-                    max(0.0, wait),
+                    outcome.error,
+                    job.attempts + 1,
+                    max(0.0, due - time.time()),
+                    time.strftime("%H:%M:%S", time.localtime(due)),
                 )
                 self.wake(outcome.run_at)
             else:
                 jobs_logger.info(
                     "job %s %s %s in %.3f s", job.id, job.task, outcome.state, claimed.seconds
                 )
+            self._emit(OUTCOME_EVENTS[outcome.state], job, outcome)
         else:
             logger.warning(
                 "job %s (%s) was no longer held by this worker (lease expired): "
@@ -536,8 +567,12 @@ class Worker:
             return
         recovered = self.backend.recover(self.settings.max_lost)
         if recovered:
-            logger.warning("took back %d job(s) whose worker stopped answering", recovered)
+            logger.warning("took back %d job(s) whose worker stopped answering", len(recovered))
             self.wake()
+        for job_id in recovered if self.events is not None else ():
+            job = self.backend.get(job_id)
+            if job is not None:
+                self._emit("job_cancelled" if job.state == "cancelled" else "job_lost", job, None)
 
     def _end_overdue(self, now: float) -> None:
         """End runs past their task's timeout. A Python thread cannot be killed: the run is

@@ -12,8 +12,10 @@ the one conformance suite in ``tests/test_backend_conformance.py``.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..job import Job, Outcome, WorkerInfo
@@ -64,9 +66,9 @@ class Backend(ABC):
         """Atomically mark up to ``limit`` due, queued jobs as running for ``worker``.
 
         Only jobs whose task name is in ``tasks`` and, unless ``queues`` is None, whose queue is
-        in ``queues``. Order: higher priority, then earlier due time, then enqueue order. Each
-        claim counts as an attempt, holds the job for ``lease`` seconds and gives it a new
-        ``claim`` token.
+        in ``queues``, and never from a paused queue. Order: higher priority, then earlier due
+        time, then enqueue order. Each claim counts as an attempt, holds the job for ``lease``
+        seconds and gives it a new ``claim`` token.
         """
 
     @abstractmethod
@@ -76,9 +78,10 @@ class Backend(ABC):
 
     @abstractmethod
     def finish(self, job: Job, outcome: Outcome) -> bool:
-        """Store how the claimed run ``job`` ended. False (nothing written) if that claim no
-        longer holds the job. ``outcome.ttl`` sets when the finished job expires; a ttl of 0
-        deletes it now (a task's ``result_ttl=0``)."""
+        """Store how the claimed run ``job`` ended, and append the attempt to its history
+        (at most ``HISTORY_LIMIT`` kept) in the same write. False (nothing written) if that
+        claim no longer holds the job. ``outcome.ttl`` sets when the finished job expires; a
+        ttl of 0 deletes it now (a task's ``result_ttl=0``)."""
 
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
         """``finish`` several claimed runs, in one transaction where the storage allows."""
@@ -90,11 +93,12 @@ class Backend(ABC):
         an unstarted job given back); False if that claim no longer holds it."""
 
     @abstractmethod
-    def recover(self, max_lost: int) -> int:
+    def recover(self, max_lost: int) -> list[str]:
         """Requeue running jobs whose lease expired; fail those lost ``max_lost`` times, and
-        cancel those whose cancellation was asked for.
+        cancel those whose cancellation was asked for. Each lost run joins the job's history
+        (outcome ``lost``, or ``cancelled``) in the same statement.
 
-        Returns how many jobs were taken back.
+        Returns the ids of the jobs taken back.
         """
 
     @abstractmethod
@@ -129,6 +133,42 @@ class Backend(ABC):
         """How many jobs there are per (task, state)."""
 
     @abstractmethod
+    def delete(self, job_id: str) -> bool:
+        """Delete a job that is not running (its history goes with it); False otherwise."""
+
+    @abstractmethod
+    def pause_queue(self, name: str) -> bool:
+        """Stop every process claiming from queue ``name``, until resumed (it lasts across
+        restarts); False if it was paused already."""
+
+    @abstractmethod
+    def resume_queue(self, name: str) -> bool:
+        """Let queue ``name`` be claimed again; False if it was not paused."""
+
+    @abstractmethod
+    def paused_queues(self) -> set[str]:
+        """The names of the paused queues."""
+
+    @abstractmethod
+    def search_jobs(
+        self, filters: JobFilter, before: int | None = None, limit: int = 50
+    ) -> tuple[list[Job], int | None]:
+        """Jobs matching ``filters``, newest first, and the cursor of the next page (pass it
+        as ``before``), or None on the last page: keyset pagination, as fast deep as shallow."""
+
+    @abstractmethod
+    def queue_stats(self) -> list[QueueInfo]:
+        """Per queue: queued, due and running jobs, the oldest due time, paused or not."""
+
+    @abstractmethod
+    def recent(self, since: float) -> list[tuple[str, str, float, float | None]]:
+        """``(task, state, finished_at, run seconds)`` of the jobs finished since ``since``."""
+
+    @abstractmethod
+    def ticks(self) -> dict[str, float]:
+        """The last tick of every periodic schedule."""
+
+    @abstractmethod
     def beat(self, info: WorkerInfo) -> None:
         """Record that a worker process is alive (insert or update its row)."""
 
@@ -156,6 +196,43 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - a backend with nothing to close keeps this
         """Release connections; the backend is not used afterwards."""
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """What the jobs list shows: every field optional; ``text`` is a case-insensitive search
+    in the arguments and the error."""
+
+    state: str | None = None
+    task: str | None = None
+    queue: str | None = None
+    key: str | None = None
+    text: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        """The filter as query parameters; ``text`` as a LIKE pattern (``\\`` escapes)."""
+        values = {name: value or None for name, value in asdict(self).items()}
+        if values["text"] is not None:
+            escaped = values["text"].replace("\\", "\\\\").replace("%", "\\%")
+            values["text"] = "%" + escaped.replace("_", "\\_") + "%"
+        return values
+
+
+@dataclass
+class QueueInfo:
+    """One queue as the dashboard and the metrics show it."""
+
+    name: str
+    queued: int = 0
+    due: int = 0
+    running: int = 0
+    oldest_due: float | None = None
+    paused: bool = False
+
+    @property
+    def latency(self) -> float:
+        """Seconds the oldest due job has waited (0 when none waits)."""
+        return 0.0 if self.oldest_due is None else max(0.0, time.time() - self.oldest_due)
 
 
 class StorageCorrupt(RuntimeError):

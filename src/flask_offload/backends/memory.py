@@ -6,6 +6,7 @@ Nothing survives the process, and other processes cannot see it; use SQLite for 
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections.abc import Collection
@@ -16,6 +17,7 @@ from ..job import (
     CANCELLED,
     FAILED,
     FINAL_STATES,
+    HISTORY_LIMIT,
     QUEUED,
     RUNNING,
     Job,
@@ -23,7 +25,8 @@ from ..job import (
     State,
     WorkerInfo,
 )
-from .base import Backend, id_in_use, refuse_connection
+from .base import Backend, JobFilter, QueueInfo, id_in_use, refuse_connection
+from .rows import history_entry, queue_infos
 
 
 class MemoryBackend(Backend):
@@ -34,6 +37,7 @@ class MemoryBackend(Backend):
         self._claims = itertools.count(1)  # claim tokens: never reused
         self._ticks: dict[str, float] = {}
         self._workers: dict[str, WorkerInfo] = {}
+        self._paused: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def _copy(self, job: Job) -> Job:
@@ -96,6 +100,7 @@ class MemoryBackend(Backend):
                 and job.run_at <= now
                 and job.task in tasks
                 and (queues is None or job.queue in queues)
+                and job.queue not in self._paused
             ]
             due.sort(key=lambda job: (-job.priority, job.run_at, self._order[job.id]))
             claimed = []
@@ -144,6 +149,7 @@ class MemoryBackend(Backend):
             )
             if outcome.progress_json is not None:
                 held.progress_json = outcome.progress_json
+            _remember(held, history_entry(held, outcome, time.time()))
             if outcome.state == QUEUED:
                 held.run_at = outcome.run_at if outcome.run_at is not None else time.time()
             else:
@@ -160,13 +166,20 @@ class MemoryBackend(Backend):
             held.attempts -= 1
             return True
 
-    def recover(self, max_lost: int) -> int:
+    def recover(self, max_lost: int) -> list[str]:
         now = time.time()
-        count = 0
+        taken: list[str] = []
         with self._lock:
             for job in self._jobs.values():
                 if job.state != RUNNING or job.lease_until is None or job.lease_until >= now:
                     continue
+                lost = Outcome(
+                    CANCELLED if job.cancel_requested else FAILED,
+                    error="WorkerLost: the worker stopped renewing its lease",
+                )
+                entry = json.loads(history_entry(job, lost, now))
+                entry["outcome"] = "cancelled" if job.cancel_requested else "lost"
+                _remember(job, json.dumps(entry))
                 job.lost += 1
                 job.worker = job.lease_until = job.claim = None
                 if job.cancel_requested:
@@ -177,8 +190,8 @@ class MemoryBackend(Backend):
                     job.error = f"WorkerLost: worker lost {job.lost} times"
                 else:
                     job.state = QUEUED
-                count += 1
-        return count
+                taken.append(job.id)
+        return taken
 
     def cancel(self, job_id: str) -> bool:
         with self._lock:
@@ -257,6 +270,93 @@ class MemoryBackend(Backend):
                 counts[job.task, job.state] = counts.get((job.task, job.state), 0) + 1
         return counts
 
+    def delete(self, job_id: str) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.state == RUNNING:
+                return False
+            del self._jobs[job_id], self._order[job_id]
+            return True
+
+    def pause_queue(self, name: str) -> bool:
+        with self._lock:
+            if name in self._paused:
+                return False
+            self._paused[name] = time.time()
+            return True
+
+    def resume_queue(self, name: str) -> bool:
+        with self._lock:
+            return self._paused.pop(name, None) is not None
+
+    def paused_queues(self) -> set[str]:
+        with self._lock:
+            return set(self._paused)
+
+    def search_jobs(
+        self, filters: JobFilter, before: int | None = None, limit: int = 50
+    ) -> tuple[list[Job], int | None]:
+        text = (filters.text or "").lower()
+        with self._lock:
+            found = sorted(
+                (
+                    (self._order[job.id], job)
+                    for job in self._jobs.values()
+                    if (before is None or self._order[job.id] < before)
+                    and all(
+                        not wanted or getattr(job, name) == wanted
+                        for name, wanted in (
+                            ("state", filters.state),
+                            ("task", filters.task),
+                            ("queue", filters.queue),
+                            ("key", filters.key),
+                        )
+                    )
+                    and (
+                        not text
+                        or any(
+                            text in (field or "").lower()
+                            for field in (job.args_json, job.kwargs_json, job.error)
+                        )
+                    )
+                ),
+                key=lambda pair: -pair[0],
+            )[:limit]
+            jobs = [self._copy(job) for _, job in found]
+        return jobs, (found[-1][0] if len(found) == limit else None)
+
+    def queue_stats(self) -> list[QueueInfo]:
+        now = time.time()
+        rows: list[tuple[str, int, int, float | None, int]] = []
+        with self._lock:
+            for job in self._jobs.values():
+                if job.state == QUEUED:
+                    due = job.run_at <= now
+                    rows.append((job.queue, 1, int(due), job.run_at if due else None, 0))
+                elif job.state == RUNNING:
+                    rows.append((job.queue, 0, 0, None, 1))
+            paused = set(self._paused)
+        return queue_infos(rows, paused)
+
+    def recent(self, since: float) -> list[tuple[str, str, float, float | None]]:
+        with self._lock:
+            return [
+                (
+                    job.task,
+                    job.state,
+                    job.finished_at,
+                    None if job.started_at is None else job.finished_at - job.started_at,
+                )
+                for job in self._jobs.values()
+                if job.finished_at is not None
+                and job.state in FINAL_STATES
+                and job.finished_at >= since
+            ]
+
+    def ticks(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._ticks)
+
     def beat(self, info: WorkerInfo) -> None:
         with self._lock:
             self._workers[info.id] = replace(info, last_seen=time.time())
@@ -270,3 +370,9 @@ class MemoryBackend(Backend):
         with self._lock:
             for key in [k for k, w in self._workers.items() if k == worker or w.last_seen < stale]:
                 del self._workers[key]
+
+
+def _remember(job: Job, entry: str) -> None:
+    """Append an attempt to ``job``'s history, keeping the last HISTORY_LIMIT."""
+    history = json.loads(job.history_json or "[]")[-(HISTORY_LIMIT - 1) :]
+    job.history_json = json.dumps([*history, json.loads(entry)])

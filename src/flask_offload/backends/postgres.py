@@ -35,9 +35,16 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..job import Job, Outcome, WorkerInfo
-from .base import Backend, Wake, id_in_use
-from .rows import finish_rows, worker_info, worker_row
+from ..job import HISTORY_LIMIT, Job, Outcome, WorkerInfo
+from .base import Backend, JobFilter, QueueInfo, Wake, id_in_use
+from .rows import (
+    finish_rows,
+    page_cursor,
+    queue_infos,
+    search_sql,
+    worker_info,
+    worker_row,
+)
 
 T = TypeVar("T")
 Connection = psycopg.Connection[TupleRow]
@@ -46,7 +53,7 @@ Execute = Callable[[str, Mapping[str, Any]], list[tuple[Any, ...]]]
 
 logger = logging.getLogger("flask_offload")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 CHANNEL = "offload_jobs"
 MIGRATION_LOCK = 0x0FF10AD  # pg_advisory_xact_lock key: one migrating process at a time
 COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
@@ -137,6 +144,17 @@ MIGRATIONS = [
     ALTER TABLE offload_jobs ADD COLUMN expires_at double precision;
     CREATE INDEX offload_jobs_expires ON offload_jobs (expires_at) WHERE expires_at IS NOT NULL;
     """,
+    # Version 4: each job's attempt history, and the queues an operator paused.
+    """
+    ALTER TABLE offload_jobs ADD COLUMN history_json text;
+    CREATE TABLE offload_queues (name text PRIMARY KEY, paused_at double precision NOT NULL);
+    -- Counts of finished jobs per task and state read this small index, not a million wide
+    -- rows (bench/dashboard.py). Task first and finished rows only, so no hot query (claim,
+    -- heartbeat, recover, purge) is tempted by it and claims never write it; each finish
+    -- writes one entry (the cost of a fast overview: see docs/benchmarks.md).
+    CREATE INDEX offload_jobs_done ON offload_jobs (task, state)
+        WHERE state IN ('succeeded', 'failed', 'cancelled');
+    """,
 ]
 
 # No conflict target: a conflict on the id means this very insert was stored by an earlier try
@@ -164,6 +182,7 @@ CLAIM = f"""
         WHERE state = 'queued' AND run_at <= %(now)s
           AND task = ANY(%(tasks)s::text[])
           AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+          AND queue NOT IN (SELECT name FROM offload_queues)
         ORDER BY priority DESC, run_at, seq
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED)
@@ -188,6 +207,8 @@ HEARTBEAT = """
     WHERE id = ANY(%(ids)s::text[]) AND claim = ANY(%(claims)s::text[]) AND state = 'running'
     RETURNING id, cancel_requested
 """
+# The attempt joins the history in the same statement, built from the row as the claim left
+# it (SET reads old values): no second write, and nothing for Python to encode.
 FINISH = """
     UPDATE offload_jobs
     SET state = %(state)s, result_json = %(result_json)s, error = %(error)s,
@@ -196,7 +217,17 @@ FINISH = """
         finished_at = CASE WHEN %(state)s::text = 'queued' THEN NULL ELSE %(now)s END,
         run_at = CASE WHEN %(state)s::text = 'queued'
                       THEN coalesce(%(run_at)s, %(now)s) ELSE run_at END,
-        worker = NULL, lease_until = NULL, expires_at = %(expires_at)s
+        worker = NULL, lease_until = NULL, expires_at = %(expires_at)s,
+        history_json = ((CASE WHEN jsonb_array_length(coalesce(history_json, '[]')::jsonb)
+                                   >= %(keep)s
+                              THEN history_json::jsonb - 0
+                              ELSE coalesce(history_json, '[]')::jsonb END)
+                        || jsonb_build_array(jsonb_build_object(
+                            'attempt', attempts, 'worker', worker, 'claim', claim,
+                            'started_at', started_at, 'finished_at', %(now)s::float8,
+                            'outcome', CASE WHEN %(state)s::text = 'queued' THEN 'retrying'
+                                            ELSE %(state)s::text END,
+                            'error', %(error)s::text, 'traceback', %(traceback)s::text)))::text
     WHERE id = %(id)s AND claim = %(claim)s AND state = 'running'
 """
 # A task with result_ttl=0 keeps nothing of a job that ended: it is deleted instead.
@@ -215,9 +246,21 @@ RELEASE = """
 """
 # A job whose worker died goes back in the queue; it is cancelled if someone asked for that
 # meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
+# The lost attempt joins the history, built from the row as it was (SET reads old values).
 RECOVER = """
     UPDATE offload_jobs
     SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = NULL,
+        history_json = ((CASE WHEN jsonb_array_length(coalesce(history_json, '[]')::jsonb)
+                                   >= %(keep)s
+                              THEN history_json::jsonb - 0
+                              ELSE coalesce(history_json, '[]')::jsonb END)
+                        || jsonb_build_array(jsonb_build_object(
+                            'attempt', attempts, 'worker', worker, 'claim', claim,
+                            'started_at', started_at, 'finished_at', %(now)s::float8,
+                            'outcome', CASE WHEN cancel_requested THEN 'cancelled'
+                                            ELSE 'lost' END,
+                            'error', 'WorkerLost: the worker stopped renewing its lease',
+                            'traceback', NULL)))::text,
         state = CASE WHEN cancel_requested THEN 'cancelled'
                      WHEN lost + 1 >= %(max_lost)s THEN 'failed' ELSE 'queued' END,
         finished_at = CASE WHEN cancel_requested OR lost + 1 >= %(max_lost)s THEN %(now)s END,
@@ -225,6 +268,7 @@ RECOVER = """
                      WHEN lost + 1 >= %(max_lost)s
                      THEN 'WorkerLost: worker lost ' || (lost + 1) || ' times' END
     WHERE state = 'running' AND lease_until < %(now)s
+    RETURNING id
 """
 CANCEL_QUEUED = """
     UPDATE offload_jobs SET state = 'cancelled', finished_at = %s
@@ -261,7 +305,15 @@ LIST_JOBS = f"""
       AND (%(task)s::text IS NULL OR task = %(task)s)
     ORDER BY seq DESC LIMIT %(limit)s
 """
-COUNTS = "SELECT task, state, count(*) FROM offload_jobs GROUP BY task, state"
+# Finished rows through offload_jobs_done, queued and running ones through their own indexes.
+COUNTS = """
+    SELECT task, state, count(*) FROM offload_jobs
+    WHERE state IN ('succeeded', 'failed', 'cancelled') GROUP BY task, state
+    UNION ALL
+    SELECT task, state, count(*) FROM offload_jobs WHERE state = 'queued' GROUP BY task, state
+    UNION ALL
+    SELECT task, state, count(*) FROM offload_jobs WHERE state = 'running' GROUP BY task, state
+"""
 BEAT = """
     INSERT INTO offload_workers (id, host, pid, queues_json, tasks_json, started_at, last_seen)
     VALUES (%s, %s, %s, %s, %s, %s, %s)
@@ -279,6 +331,23 @@ PURGE = """
 """
 PURGE_EXPIRED = "DELETE FROM offload_jobs WHERE expires_at < %s"
 QUEUED_TASK_NAMES = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queued'"
+DELETE = "DELETE FROM offload_jobs WHERE id = %s AND state <> 'running'"
+PAUSE = "INSERT INTO offload_queues (name, paused_at) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+RESUME = "DELETE FROM offload_queues WHERE name = %s"
+PAUSED = "SELECT name FROM offload_queues"
+# Queued rows through the claim index, running ones through the lease index.
+QUEUE_STATS = """
+    SELECT queue, count(*), count(*) FILTER (WHERE run_at <= %(now)s),
+        min(run_at) FILTER (WHERE run_at <= %(now)s), 0
+    FROM offload_jobs WHERE state = 'queued' GROUP BY queue
+    UNION ALL
+    SELECT queue, 0, 0, NULL, count(*) FROM offload_jobs WHERE state = 'running' GROUP BY queue
+"""
+RECENT = """
+    SELECT task, state, finished_at, finished_at - started_at FROM offload_jobs
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= %s
+"""
+TICKS = "SELECT name, last_tick FROM offload_schedules"
 LISTEN = f"LISTEN {CHANNEL}"
 
 
@@ -646,9 +715,10 @@ class PostgresBackend(Backend):
         values = (job.id, job.claim)
         return self._run(lambda conn: conn.execute(RELEASE, values).rowcount == 1)
 
-    def recover(self, max_lost: int) -> int:
-        params = {"max_lost": max_lost, "now": time.time()}
-        return self._run(lambda conn: conn.execute(RECOVER, params).rowcount)
+    def recover(self, max_lost: int) -> list[str]:
+        params = {"max_lost": max_lost, "now": time.time(), "keep": HISTORY_LIMIT}
+        rows = self._run(lambda conn: conn.execute(RECOVER, params).fetchall())
+        return [job_id for (job_id,) in rows]
 
     def cancel(self, job_id: str) -> bool:
         def cancel(conn: Connection) -> bool:
@@ -702,6 +772,38 @@ class PostgresBackend(Backend):
     def counts(self) -> dict[tuple[str, str], int]:
         rows = self._run(lambda conn: conn.execute(COUNTS).fetchall())
         return {(task, state): count for task, state, count in rows}
+
+    def delete(self, job_id: str) -> bool:
+        return self._run(lambda conn: conn.execute(DELETE, (job_id,)).rowcount == 1)
+
+    def pause_queue(self, name: str) -> bool:
+        return self._run(lambda conn: conn.execute(PAUSE, (name, time.time())).rowcount == 1)
+
+    def resume_queue(self, name: str) -> bool:
+        return self._run(lambda conn: conn.execute(RESUME, (name,)).rowcount == 1)
+
+    def paused_queues(self) -> set[str]:
+        return {name for (name,) in self._run(lambda conn: conn.execute(PAUSED).fetchall())}
+
+    def search_jobs(
+        self, filters: JobFilter, before: int | None = None, limit: int = 50
+    ) -> tuple[list[Job], int | None]:
+        sql, params = search_sql(_SELECT, filters, before, "%({})s", "ILIKE")
+        params["limit"] = limit
+        rows = self._run(lambda conn: conn.execute(sql, params).fetchall())
+        return [self._job(row) for row in rows], page_cursor(rows, limit)
+
+    def queue_stats(self) -> list[QueueInfo]:
+        params = {"now": time.time()}
+        rows = self._run(lambda conn: conn.execute(QUEUE_STATS, params).fetchall())
+        return queue_infos(rows, self.paused_queues())
+
+    def recent(self, since: float) -> list[tuple[str, str, float, float | None]]:
+        rows = self._run(lambda conn: conn.execute(RECENT, (since,)).fetchall())
+        return [(task, state, at, seconds) for task, state, at, seconds in rows]
+
+    def ticks(self) -> dict[str, float]:
+        return dict(self._run(lambda conn: conn.execute(TICKS).fetchall()))
 
     def beat(self, info: WorkerInfo) -> None:
         values = worker_row(info)

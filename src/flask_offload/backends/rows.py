@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..job import Job, Outcome, WorkerInfo
+from ..job import HISTORY_LIMIT, Job, Outcome, WorkerInfo, attempt_entry
+from ..serializer import safe_text
+from .base import JobFilter, QueueInfo
 
 
 def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]:
@@ -27,9 +29,21 @@ def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]
             "now": now,
             "id": job.id,
             "claim": job.claim,
+            "keep": HISTORY_LIMIT,
         }
         for job, outcome in finished
     ]
+
+
+def history_entry(job: Job, outcome: Outcome, now: float) -> str:
+    """The attempt's history entry as JSON text, for storage that builds it in Python (memory,
+    EAGER mode; the SQL backends build it in their FINISH): no NUL and no lone surrogate, as
+    PostgreSQL's jsonb refuses either, whatever the error's text held."""
+    entry = attempt_entry(job, outcome, now)
+    for name, value in entry.items():
+        if isinstance(value, str):
+            entry[name] = safe_text(value)
+    return json.dumps(entry)
 
 
 def worker_row(info: WorkerInfo) -> tuple[Any, ...]:
@@ -52,3 +66,63 @@ def worker_info(row: Sequence[Any]) -> WorkerInfo:
     return WorkerInfo(
         id, host, pid, queues and json.loads(queues), json.loads(tasks), started_at, last_seen
     )
+
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+def search_sql(
+    select: str,
+    filters: JobFilter,
+    before: int | None,
+    param: str,
+    like: str,
+    hints: Mapping[str, str] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """A SEARCH for the jobs list with only the conditions it needs, so each can use an
+    index (``x IS NULL OR x = …`` would not): ``param`` is the placeholder form (``:{}`` or
+    ``%({})s``), ``like`` the case-insensitive operator. Values are bound, except a state
+    from the fixed list of states, written as a literal so that the partial index of queued
+    or running rows serves it (a bound value cannot prove the index's condition); ``hints``
+    adds per state what follows the table's name (SQLite's ``INDEXED BY``)."""
+    params = {**filters.params(), "before": before}
+    where = [
+        f"{name} = {param.format(name)}"
+        for name in ("task", "queue", "key")
+        if params[name] is not None
+    ]
+    if params["state"] in STATES:
+        where.insert(0, f"state = '{params['state']}'")
+    elif params["state"] is not None:
+        where.insert(0, f"state = {param.format('state')}")
+    if params["text"] is not None:
+        text = param.format("text")
+        where.append(
+            f"(args_json {like} {text} ESCAPE '\\' OR kwargs_json {like} {text} ESCAPE '\\'"
+            f" OR error {like} {text} ESCAPE '\\')"
+        )
+    if before is not None:
+        where.append(f"seq < {param.format('before')}")
+    condition = f"WHERE {' AND '.join(where)}" if where else ""
+    hint = (hints or {}).get(params["state"] or "", "")
+    order = f"ORDER BY seq DESC LIMIT {param.format('limit')}"
+    return f"SELECT {select}, seq FROM offload_jobs {hint} {condition} {order}", params
+
+
+def page_cursor(rows: Sequence[Sequence[Any]], limit: int) -> int | None:
+    """The cursor of the next page of a SEARCH (its rows end with ``seq``): None at the end."""
+    return int(rows[-1][-1]) if len(rows) == limit else None
+
+
+def queue_infos(rows: Sequence[Sequence[Any]], paused: set[str]) -> list[QueueInfo]:
+    """QueueInfo per queue from QUEUE_STATS rows (queue, queued, due, oldest due, running),
+    with the paused queues that hold no job too."""
+    queues: dict[str, QueueInfo] = {name: QueueInfo(name, paused=True) for name in paused}
+    for name, queued, due, oldest, running in rows:
+        info = queues.setdefault(name, QueueInfo(name, paused=name in paused))
+        info.queued += queued
+        info.due += due or 0
+        info.running += running
+        if oldest is not None:
+            info.oldest_due = oldest if info.oldest_due is None else min(info.oldest_due, oldest)
+    return sorted(queues.values(), key=lambda info: info.name)

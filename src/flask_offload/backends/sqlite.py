@@ -27,14 +27,21 @@ from dataclasses import fields
 from operator import attrgetter
 from typing import Any, TypeVar
 
-from ..job import QUEUED, Job, Outcome, WorkerInfo
-from .base import Backend, StorageCorrupt, Wake, id_in_use
+from ..job import HISTORY_LIMIT, QUEUED, Job, Outcome, WorkerInfo
+from .base import Backend, JobFilter, QueueInfo, StorageCorrupt, Wake, id_in_use
 from .doorbell import Doorbell
-from .rows import finish_rows, worker_info, worker_row
+from .rows import (
+    finish_rows,
+    page_cursor,
+    queue_infos,
+    search_sql,
+    worker_info,
+    worker_row,
+)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
 _SELECT = ", ".join(COLUMNS)
 
@@ -104,6 +111,17 @@ MIGRATIONS = [
     ALTER TABLE offload_jobs ADD COLUMN expires_at REAL;
     CREATE INDEX offload_jobs_expires ON offload_jobs (expires_at) WHERE expires_at IS NOT NULL;
     """,
+    # Version 4: each job's attempt history, and the queues an operator paused.
+    """
+    ALTER TABLE offload_jobs ADD COLUMN history_json TEXT;
+    CREATE TABLE offload_queues (name TEXT PRIMARY KEY, paused_at REAL NOT NULL);
+    -- Counts of finished jobs per task and state read this small index, not a million wide
+    -- rows (bench/dashboard.py). Task first and finished rows only, so no hot query (claim,
+    -- heartbeat, recover, purge) is tempted by it and claims never write it; each finish
+    -- writes one entry (the cost of a fast overview: see docs/benchmarks.md).
+    CREATE INDEX offload_jobs_done ON offload_jobs (task, state)
+        WHERE state IN ('succeeded', 'failed', 'cancelled');
+    """,
 ]
 
 
@@ -143,6 +161,7 @@ CLAIM_PICK = """
     WHERE state = 'queued' AND run_at <= :now
       AND task IN (SELECT value FROM json_each(:tasks))
       AND (:queues IS NULL OR queue IN (SELECT value FROM json_each(:queues)))
+      AND queue NOT IN (SELECT name FROM offload_queues)
     ORDER BY priority DESC, run_at, seq
     LIMIT :limit
 """
@@ -159,13 +178,28 @@ HEARTBEAT = """
       AND claim IN (SELECT value FROM json_each(:claims)) AND state = 'running'
     RETURNING id, cancel_requested
 """
-FINISH = """
+# The attempt joins the history in the same statement, built from the row as the claim left
+# it (SET reads old values): no second write, and nothing for Python to encode. The first
+# entry is written as text around the object, the cheapest way for the common first attempt.
+ATTEMPT = """
+    'attempt', attempts, 'worker', worker, 'claim', claim,
+    'started_at', started_at, 'finished_at', :now,
+    'outcome', CASE WHEN :state = 'queued' THEN 'retrying' ELSE :state END,
+    'error', :error, 'traceback', :traceback
+"""
+FINISH = f"""
     UPDATE offload_jobs
     SET state = :state, result_json = :result_json, error = :error, traceback = :traceback,
         progress_json = coalesce(:progress_json, progress_json),
         finished_at = CASE WHEN :state = 'queued' THEN NULL ELSE :now END,
         run_at = CASE WHEN :state = 'queued' THEN coalesce(:run_at, :now) ELSE run_at END,
-        worker = NULL, lease_until = NULL, expires_at = :expires_at
+        worker = NULL, lease_until = NULL, expires_at = :expires_at,
+        history_json = CASE
+            WHEN history_json IS NULL THEN '[' || json_object({ATTEMPT}) || ']'
+            ELSE json_insert(
+                CASE WHEN json_array_length(history_json) >= :keep
+                     THEN json_remove(history_json, '$[0]') ELSE history_json END,
+                '$[#]', json_object({ATTEMPT})) END
     WHERE id = :id AND claim = :claim AND state = 'running'
 """
 # A task with result_ttl=0 keeps nothing of a job that ended: it is deleted instead.
@@ -178,9 +212,19 @@ RELEASE = """
 """
 # A job whose worker died goes back in the queue; it is cancelled if someone asked for that
 # meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
+# The lost attempt joins the history, built from the row as it was (SET reads old values).
 RECOVER = """
     UPDATE offload_jobs
     SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = NULL,
+        history_json = json_insert(
+            CASE WHEN json_array_length(history_json) >= :keep
+                 THEN json_remove(history_json, '$[0]') ELSE coalesce(history_json, '[]') END,
+            '$[#]', json_object(
+                'attempt', attempts, 'worker', worker, 'claim', claim,
+                'started_at', started_at, 'finished_at', :now,
+                'outcome', CASE WHEN cancel_requested THEN 'cancelled' ELSE 'lost' END,
+                'error', 'WorkerLost: the worker stopped renewing its lease',
+                'traceback', NULL)),
         state = CASE WHEN cancel_requested THEN 'cancelled'
                      WHEN lost + 1 >= :max_lost THEN 'failed' ELSE 'queued' END,
         finished_at = CASE WHEN cancel_requested OR lost + 1 >= :max_lost THEN :now END,
@@ -188,6 +232,7 @@ RECOVER = """
                      WHEN lost + 1 >= :max_lost
                      THEN 'WorkerLost: worker lost ' || (lost + 1) || ' times' END
     WHERE state = 'running' AND lease_until < :now
+    RETURNING id
 """
 CANCEL_QUEUED = """
     UPDATE offload_jobs SET state = 'cancelled', finished_at = ?
@@ -218,7 +263,15 @@ LIST_JOBS = f"""
     WHERE (:state IS NULL OR state = :state) AND (:task IS NULL OR task = :task)
     ORDER BY seq DESC LIMIT :limit
 """
-COUNTS = "SELECT task, state, count(*) FROM offload_jobs GROUP BY task, state"
+# Finished rows through offload_jobs_done, queued and running ones through their own indexes.
+COUNTS = """
+    SELECT task, state, count(*) FROM offload_jobs INDEXED BY offload_jobs_done
+    WHERE state IN ('succeeded', 'failed', 'cancelled') GROUP BY task, state
+    UNION ALL
+    SELECT task, state, count(*) FROM offload_jobs WHERE state = 'queued' GROUP BY task, state
+    UNION ALL
+    SELECT task, state, count(*) FROM offload_jobs WHERE state = 'running' GROUP BY task, state
+"""
 BEAT = """
     INSERT INTO offload_workers (id, host, pid, queues_json, tasks_json, started_at, last_seen)
     VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -236,6 +289,30 @@ PURGE = """
 """
 PURGE_EXPIRED = "DELETE FROM offload_jobs WHERE expires_at < ?"
 QUEUED_TASK_NAMES = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queued'"
+DELETE = "DELETE FROM offload_jobs WHERE id = ? AND state <> 'running'"
+PAUSE = "INSERT INTO offload_queues (name, paused_at) VALUES (?, ?) ON CONFLICT DO NOTHING"
+RESUME = "DELETE FROM offload_queues WHERE name = ?"
+PAUSED = "SELECT name FROM offload_queues"
+# Queued rows through the claim index, running ones through the lease index.
+QUEUE_STATS = """
+    SELECT queue, count(*), sum(run_at <= :now), min(CASE WHEN run_at <= :now THEN run_at END), 0
+    FROM offload_jobs WHERE state = 'queued' GROUP BY queue
+    UNION ALL
+    SELECT queue, 0, 0, NULL, count(*) FROM offload_jobs WHERE state = 'running' GROUP BY queue
+"""
+# INDEXED BY: without statistics SQLite might read every finished row through offload_jobs_done.
+RECENT = """
+    SELECT task, state, finished_at, finished_at - started_at
+    FROM offload_jobs INDEXED BY offload_jobs_finished
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= ?
+"""
+TICKS = "SELECT name, last_tick FROM offload_schedules"
+# The few queued or running rows are listed through their own index: left to itself, SQLite
+# walks a million finished rows newest first to find them.
+SEARCH_HINTS = {
+    "queued": "INDEXED BY offload_jobs_claim",
+    "running": "INDEXED BY offload_jobs_lease",
+}
 
 
 def _truncate_wal(db: sqlite3.Connection) -> bool:
@@ -620,9 +697,10 @@ class SQLiteBackend(Backend):
         values = (job.id, job.claim)
         return self._run(lambda db: db.execute(RELEASE, values).rowcount == 1)
 
-    def recover(self, max_lost: int) -> int:
-        params = {"max_lost": max_lost, "now": time.time()}
-        return self._run(lambda db: db.execute(RECOVER, params).rowcount)
+    def recover(self, max_lost: int) -> list[str]:
+        params = {"max_lost": max_lost, "now": time.time(), "keep": HISTORY_LIMIT}
+        rows = self._run(lambda db: db.execute(RECOVER, params).fetchall())
+        return [job_id for (job_id,) in rows]
 
     def cancel(self, job_id: str) -> bool:
         def cancel(db: sqlite3.Connection) -> bool:
@@ -668,6 +746,37 @@ class SQLiteBackend(Backend):
     def counts(self) -> dict[tuple[str, str], int]:
         rows = self._run(lambda db: db.execute(COUNTS).fetchall())
         return {(task, state): count for task, state, count in rows}
+
+    def delete(self, job_id: str) -> bool:
+        return self._run(lambda db: db.execute(DELETE, (job_id,)).rowcount == 1)
+
+    def pause_queue(self, name: str) -> bool:
+        return self._run(lambda db: db.execute(PAUSE, (name, time.time())).rowcount == 1)
+
+    def resume_queue(self, name: str) -> bool:
+        return self._run(lambda db: db.execute(RESUME, (name,)).rowcount == 1)
+
+    def paused_queues(self) -> set[str]:
+        return {name for (name,) in self._run(lambda db: db.execute(PAUSED).fetchall())}
+
+    def search_jobs(
+        self, filters: JobFilter, before: int | None = None, limit: int = 50
+    ) -> tuple[list[Job], int | None]:
+        sql, params = search_sql(_SELECT, filters, before, ":{}", "LIKE", SEARCH_HINTS)
+        params["limit"] = limit
+        rows = self._run(lambda db: db.execute(sql, params).fetchall())
+        return [self._job(row[:-1]) for row in rows], page_cursor(rows, limit)
+
+    def queue_stats(self) -> list[QueueInfo]:
+        now = time.time()
+        rows = self._run(lambda db: db.execute(QUEUE_STATS, {"now": now}).fetchall())
+        return queue_infos(rows, self.paused_queues())
+
+    def recent(self, since: float) -> list[tuple[str, str, float, float | None]]:
+        return self._run(lambda db: db.execute(RECENT, (since,)).fetchall())
+
+    def ticks(self) -> dict[str, float]:
+        return dict(self._run(lambda db: db.execute(TICKS).fetchall()))
 
     def beat(self, info: WorkerInfo) -> None:
         values = worker_row(info)

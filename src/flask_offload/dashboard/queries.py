@@ -1,0 +1,139 @@
+"""What each dashboard page shows, read from storage (never from one process's memory, so
+every gunicorn worker shows the same thing). Each function returns a template's context."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ..backends.base import JobFilter, QueueInfo
+from ..job import FINAL_STATES, Job
+from ..runtime import Runtime
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+PAGE_SIZE = 50
+CHART_MINUTES = 60
+
+
+def overview(runtime: Runtime) -> dict[str, Any]:
+    """Jobs per state and per task, queues, finished per minute over the last hour, workers."""
+    counts = runtime.backend.counts()
+    per_state = {state: 0 for state in STATES}
+    tasks: dict[str, dict[str, int]] = {}
+    for (task, state), count in counts.items():
+        per_state[state] = per_state.get(state, 0) + count
+        tasks.setdefault(task, dict.fromkeys(STATES, 0))[state] = count
+    return {
+        "per_state": per_state,
+        "tasks": sorted(tasks.items()),
+        "queues": queues(runtime),
+        "chart": throughput(runtime),
+        "workers": live_workers(runtime),
+    }
+
+
+def queues(runtime: Runtime) -> list[QueueInfo]:
+    """Every queue in storage, paused, or used by one of this app's tasks (empty ones too,
+    so an idle queue can be paused before jobs arrive)."""
+    found = {info.name: info for info in runtime.backend.queue_stats()}
+    for task in runtime.tasks.values():
+        found.setdefault(task.queue, QueueInfo(task.queue))
+    return sorted(found.values(), key=lambda info: info.name)
+
+
+def throughput(runtime: Runtime) -> dict[str, Any]:
+    """Succeeded and failed per minute over the last hour, scaled for an SVG bar chart."""
+    now = time.time()
+    first = int(now // 60) - CHART_MINUTES + 1
+    succeeded = [0] * CHART_MINUTES
+    failed = [0] * CHART_MINUTES
+    for _, state, finished_at, _ in runtime.backend.recent(first * 60):
+        minute = int(finished_at // 60) - first
+        if 0 <= minute < CHART_MINUTES:
+            if state == "failed":
+                failed[minute] += 1
+            elif state == "succeeded":
+                succeeded[minute] += 1
+    top = max([s + f for s, f in zip(succeeded, failed, strict=True)] + [1])
+    bars = []
+    for n, (ok, bad) in enumerate(zip(succeeded, failed, strict=True)):
+        ok_h, bad_h = round(100 * ok / top), round(100 * bad / top)
+        label = time.strftime("%H:%M", time.localtime((first + n) * 60))
+        bars.append({"x": n * 10, "ok": ok, "bad": bad, "ok_h": ok_h, "bad_h": bad_h, "at": label})
+    return {"bars": bars, "top": top, "succeeded": sum(succeeded), "failed": sum(failed)}
+
+
+def live_workers(runtime: Runtime) -> list[dict[str, Any]]:
+    """Live worker processes, each with the jobs it runs now."""
+    running, _ = runtime.backend.search_jobs(JobFilter(state="running"), limit=500)
+    by_worker: dict[str, list[Job]] = {}
+    for job in running:
+        by_worker.setdefault(job.worker or "", []).append(job)
+    return [
+        {"info": info, "running": by_worker.get(info.id, [])}
+        for info in runtime.backend.workers(time.time() - 2 * runtime.settings.lease)
+    ]
+
+
+def job_filter(args: Mapping[str, str]) -> JobFilter:
+    """The filters of the jobs list, from its query string (bookmarkable)."""
+
+    def field(name: str) -> str | None:
+        value = (args.get(name) or "").strip()[:200]
+        return value or None
+
+    state = field("state")
+    return JobFilter(
+        state=state if state in STATES else None,
+        task=field("task"),
+        queue=field("queue"),
+        key=field("key"),
+        text=field("q"),
+    )
+
+
+def jobs_page(runtime: Runtime, filters: JobFilter, before: int | None) -> dict[str, Any]:
+    jobs, cursor = runtime.backend.search_jobs(filters, before=before, limit=PAGE_SIZE)
+    return {"jobs": jobs, "cursor": cursor, "filters": filters, "states": STATES}
+
+
+def job_detail(job: Job) -> dict[str, Any]:
+    """A job with its arguments, result and history shown as readable text."""
+    return {
+        "job": job,
+        "args": _pretty(job.args_json),
+        "kwargs": _pretty(job.kwargs_json),
+        "result": None if job.result_json is None else _pretty(job.result_json),
+        "history": job.history[::-1],
+        "final": job.state in FINAL_STATES,
+    }
+
+
+def periodic(runtime: Runtime) -> list[dict[str, Any]]:
+    """Every periodic task with its schedule, last tick and next tick."""
+    ticks = runtime.backend.ticks()
+    now = time.time()
+    rows = []
+    for name, task in sorted(runtime.tasks.items()):
+        schedule = task.schedule
+        if schedule is None:
+            continue
+        rows.append(
+            {
+                "name": name,
+                "queue": task.queue,
+                "schedule": f"every {schedule.every:g} s" if schedule.every else schedule.cron,
+                "last": ticks.get(name),
+                "next": schedule.next(now),
+            }
+        )
+    return rows
+
+
+def _pretty(text: str) -> str:
+    try:
+        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    except ValueError:
+        return text

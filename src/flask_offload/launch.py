@@ -120,7 +120,15 @@ class Launcher:
                     target=self._run, name="offload-launcher", daemon=True
                 )
                 self._thread.start()
-        return lambda: self._launch(pending, "start", None)
+        return lambda: self._launch(pending, "start", self._role_now(pending))
+
+    @staticmethod
+    def _role_now(pending: Pending) -> Role | None:
+        """Where the script's thread is when a first request starts the pool before this
+        launcher saw it enter the server: a reloader's serving child must know it is one."""
+        if not pending.script:
+            return None
+        return werkzeug_role(sys._current_frames().get(pending.thread_id))
 
     def forget(self) -> None:
         """In a forked child: the parent's pending pools and its thread are not ours."""

@@ -207,9 +207,23 @@ HEARTBEAT = """
     WHERE id = ANY(%(ids)s::text[]) AND claim = ANY(%(claims)s::text[]) AND state = 'running'
     RETURNING id, cancel_requested
 """
+
+
 # The attempt joins the history in the same statement, built from the row as the claim left
 # it (SET reads old values): no second write, and nothing for Python to encode.
-FINISH = """
+def _append_attempt(outcome: str, error: str, traceback: str) -> str:
+    """SQL for ``history_json`` with the attempt the row holds now appended (the SET reads the
+    row's old values), keeping at most ``%(keep)s`` entries; the arguments are SQL."""
+    return f"""((CASE WHEN jsonb_array_length(coalesce(history_json, '[]')::jsonb) >= %(keep)s
+                  THEN history_json::jsonb - 0
+                  ELSE coalesce(history_json, '[]')::jsonb END)
+            || jsonb_build_array(jsonb_build_object(
+                'attempt', attempts, 'worker', worker, 'claim', claim,
+                'started_at', started_at, 'finished_at', %(now)s::float8,
+                'outcome', {outcome}, 'error', {error}, 'traceback', {traceback})))::text"""
+
+
+FINISH = f"""
     UPDATE offload_jobs
     SET state = %(state)s, result_json = %(result_json)s, error = %(error)s,
         traceback = %(traceback)s,
@@ -218,16 +232,13 @@ FINISH = """
         run_at = CASE WHEN %(state)s::text = 'queued'
                       THEN coalesce(%(run_at)s, %(now)s) ELSE run_at END,
         worker = NULL, lease_until = NULL, expires_at = %(expires_at)s,
-        history_json = ((CASE WHEN jsonb_array_length(coalesce(history_json, '[]')::jsonb)
-                                   >= %(keep)s
-                              THEN history_json::jsonb - 0
-                              ELSE coalesce(history_json, '[]')::jsonb END)
-                        || jsonb_build_array(jsonb_build_object(
-                            'attempt', attempts, 'worker', worker, 'claim', claim,
-                            'started_at', started_at, 'finished_at', %(now)s::float8,
-                            'outcome', CASE WHEN %(state)s::text = 'queued' THEN 'retrying'
-                                            ELSE %(state)s::text END,
-                            'error', %(error)s::text, 'traceback', %(traceback)s::text)))::text
+        history_json = {
+    _append_attempt(
+        outcome="CASE WHEN %(state)s::text = 'queued' THEN 'retrying' ELSE %(state)s::text END",
+        error="%(error)s::text",
+        traceback="%(traceback)s::text",
+    )
+}
     WHERE id = %(id)s AND claim = %(claim)s AND state = 'running'
 """
 # A task with result_ttl=0 keeps nothing of a job that ended: it is deleted instead.
@@ -247,20 +258,16 @@ RELEASE = """
 # A job whose worker died goes back in the queue; it is cancelled if someone asked for that
 # meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
 # The lost attempt joins the history, built from the row as it was (SET reads old values).
-RECOVER = """
+RECOVER = f"""
     UPDATE offload_jobs
     SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = NULL,
-        history_json = ((CASE WHEN jsonb_array_length(coalesce(history_json, '[]')::jsonb)
-                                   >= %(keep)s
-                              THEN history_json::jsonb - 0
-                              ELSE coalesce(history_json, '[]')::jsonb END)
-                        || jsonb_build_array(jsonb_build_object(
-                            'attempt', attempts, 'worker', worker, 'claim', claim,
-                            'started_at', started_at, 'finished_at', %(now)s::float8,
-                            'outcome', CASE WHEN cancel_requested THEN 'cancelled'
-                                            ELSE 'lost' END,
-                            'error', 'WorkerLost: the worker stopped renewing its lease',
-                            'traceback', NULL)))::text,
+        history_json = {
+    _append_attempt(
+        outcome="CASE WHEN cancel_requested THEN 'cancelled' ELSE 'lost' END",
+        error="'WorkerLost: the worker stopped renewing its lease'",
+        traceback="NULL",
+    )
+},
         state = CASE WHEN cancel_requested THEN 'cancelled'
                      WHEN lost + 1 >= %(max_lost)s THEN 'failed' ELSE 'queued' END,
         finished_at = CASE WHEN cancel_requested OR lost + 1 >= %(max_lost)s THEN %(now)s END,

@@ -18,11 +18,13 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 logger = logging.getLogger("flask_offload")
 
 MAX_PATH = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
+RECHECK = 0.5  # seconds between looks at the folder for processes that listen
 
 
 class Doorbell:
@@ -36,6 +38,7 @@ class Doorbell:
         self._wakes: list[Callable[[float | None], None]] = []
         self._peers: list[str] = []
         self._seen: int | None = None  # the folder's mtime when _peers was read
+        self._fresh_until = 0.0  # _peers is used as it is until then
         self._folder_fd: int | None = None
         self._pid = os.getpid()
 
@@ -49,10 +52,7 @@ class Doorbell:
         """Tell every listening process that a job is due (now, or at ``at``)."""
         if not self.available():
             return
-        try:
-            peers = self._current_peers()
-        except OSError:
-            return  # no folder: nobody listens
+        peers = self._current_peers()
         if not peers:
             return
         message = b"now" if at is None else repr(at).encode()
@@ -65,8 +65,18 @@ class Doorbell:
             sender.close()
 
     def _current_peers(self) -> list[str]:
-        """The sockets in the folder, but this process's own; read again when it changed."""
-        stamp = os.stat(self.folder).st_mtime_ns
+        """The sockets in the folder, but this process's own. The folder is looked at no more
+        than every ``RECHECK`` seconds (a stat costs more than the rest of a ring): a process
+        that starts listening meanwhile is found by its own first claim or by polling."""
+        now = time.monotonic()
+        if now < self._fresh_until:
+            return self._peers
+        self._fresh_until = now + RECHECK
+        try:
+            stamp = os.stat(self.folder).st_mtime_ns
+        except OSError:  # no folder: nobody listens
+            self._peers, self._seen = [], None
+            return self._peers
         if stamp != self._seen:
             own = self._name
             self._peers = [
@@ -79,6 +89,7 @@ class Doorbell:
         try:
             sender.sendto(message, self._address(name))
         except (ConnectionRefusedError, FileNotFoundError):
+            self._peers = [peer for peer in self._peers if peer != name]
             with contextlib.suppress(OSError):  # its process is gone
                 os.unlink(os.path.join(self.folder, name))
         except OSError:
@@ -112,7 +123,7 @@ class Doorbell:
                 logger.info("no wake-ups between processes (%s): polling instead", error)
                 return
             self._socket, self._name = listener, name
-            self._seen = None
+            self._seen, self._fresh_until = None, 0.0
         threading.Thread(
             target=self._receive, args=(listener,), name="offload-doorbell", daemon=True
         ).start()
@@ -163,5 +174,5 @@ class Doorbell:
         """In a forked child: the parent's socket and listener are not ours (never unlink
         the parent's file); start afresh."""
         self._socket = self._name = self._folder_fd = None
-        self._wakes, self._peers, self._seen = [], [], None
+        self._wakes, self._peers, self._seen, self._fresh_until = [], [], None, 0.0
         self._lock = threading.Lock()

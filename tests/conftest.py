@@ -115,7 +115,9 @@ def runs(tmp_path: Path) -> list[tuple[str, int, int]]:
     path = tmp_path / "runs.log"
     if not path.exists():
         return []
-    lines = [line.split() for line in path.read_text().splitlines()]
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]  # a line being appended right now is not read
+    lines = [line.split() for line in complete.splitlines()]
     return [(event, int(n), int(pid)) for event, n, pid in lines]
 
 

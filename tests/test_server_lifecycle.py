@@ -389,3 +389,42 @@ def test_two_apps_on_one_storage_in_one_process_run_one_pool(tmp_path: Path) -> 
     assert pools(text) == Counter([proc.pid]), "one pool"
     warnings = re.findall(r"^\d+ flask_offload WARNING (.*)$", text, re.M)
     assert len(warnings) == 1 and "same storage" in warnings[0], warnings
+
+
+@pytest.mark.timeout(60)
+def test_a_main_that_builds_the_app_through_its_package_factory_gets_its_pool_at_once(
+    tmp_path: Path,
+) -> None:
+    """A program's `main()` calls the factory of its own package and then uses the app, never
+    returning (a CLI, a batch script). The factory is the code that holds the app while
+    `init_app` runs: once it has returned, the pool starts, instead of waiting for a request
+    or the 10 s fallback."""
+    package = tmp_path / "batch"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from flask import Flask\n"
+        "from flask_offload import Offload\n"
+        "offload = Offload()\n"
+        "@offload.task(name='batch.double')\n"
+        "def double(n):\n"
+        "    return 2 * n\n"
+        "def create_app(url):\n"
+        "    app = Flask('batch')\n"
+        "    app.config.update(OFFLOAD_URL=url, OFFLOAD_WORKERS=1)\n"
+        "    offload.init_app(app)\n"
+        "    return app\n"
+    )
+    (package / "run.py").write_text(
+        "import sys\n"
+        "from batch import create_app, double\n"
+        "def main():\n"
+        "    app = create_app(sys.argv[1])\n"
+        "    with app.app_context():\n"
+        "        print('result', double.delay(21).wait(timeout=9).result, flush=True)\n"
+    )
+    (tmp_path / "main.py").write_text("from batch.run import main\nmain()\n")
+    out = tmp_path / "main.log"
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    with process([sys.executable, "main.py", url], jobapp_env(tmp_path), out, cwd=tmp_path) as run:
+        assert run.wait(30) == 0, out.read_text()
+    assert "result 42" in out.read_text()

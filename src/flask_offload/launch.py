@@ -6,7 +6,9 @@ from before a restart against a half-built app (a ``KeyError`` for an extension 
 after ``init_app``). So ``init_app`` only records who called it, and a launcher thread starts
 the pool once every frame of the caller's package that was on the calling thread's stack has
 returned: the factory and the helpers in its package it called ``init_app`` through, or the
-module that calls ``init_app`` at import time.
+module that calls ``init_app`` at import time. Where some of those frames hold the app in a
+variable, only they are waited for: they are the factory and its helpers, while the code that
+called the factory (a ``main()`` that goes on to use the app) gets the app only on return.
 
 A script (the app set up from the program's own ``__main__``) is different: its top-level code
 never returns while it serves, and it may be about to call ``app.run(debug=True)``, whose first
@@ -48,6 +50,10 @@ def _package(frame: FrameType) -> str:
     return module_of(frame).partition(".")[0]
 
 
+def _holds(frame: FrameType, app: object) -> bool:
+    return app is not None and any(value is app for value in frame.f_locals.values())
+
+
 @dataclass
 class Pending:
     """A pool waiting for the setup code to return: ``start(role)`` starts it."""
@@ -60,7 +66,9 @@ class Pending:
     added: float = field(default_factory=time.monotonic)
 
     @classmethod
-    def from_caller(cls, start: Callable[[Role | None], None], caller: FrameType) -> Pending:
+    def from_caller(
+        cls, start: Callable[[Role | None], None], caller: FrameType, app: object = None
+    ) -> Pending:
         stack = list(frames(caller))
         package = _package(caller)
         script = any(module_of(frame) == "__main__" for frame in stack) and not any(
@@ -72,7 +80,9 @@ class Pending:
             if _package(frame) == package
             and not (module_of(frame) == "__main__" and frame.f_code.co_name == "<module>")
         ]
-        return cls(start, threading.get_ident(), script, watched)
+        # The factory holds the app while init_app runs; its caller gets it only on return.
+        holders = [frame for frame in watched if _holds(frame, app)]
+        return cls(start, threading.get_ident(), script, holders or watched)
 
     def verdict(self, top: FrameType | None, now: float) -> tuple[Verdict, Role | None]:
         """Whether to start now, given the calling thread's current innermost frame."""
@@ -109,10 +119,13 @@ class Launcher:
         self._pending: list[Pending] = []
         self._thread: threading.Thread | None = None
 
-    def add(self, start: Callable[[Role | None], None], caller: FrameType) -> Callable[[], None]:
-        """Start ``start`` once ``caller`` has returned; the function returned starts it now
-        (the app serves its first request: its setup is over)."""
-        pending = Pending.from_caller(start, caller)
+    def add(
+        self, start: Callable[[Role | None], None], caller: FrameType, app: object = None
+    ) -> Callable[[], None]:
+        """Start ``start`` once ``caller`` (or, within it, the factory holding ``app``) has
+        returned; the function returned starts it now (the app serves its first request: its
+        setup is over)."""
+        pending = Pending.from_caller(start, caller, app)
         with self._lock:
             self._pending.append(pending)
             if self._thread is None:

@@ -119,7 +119,7 @@ def _launch_later(
             _serve_under_reloader()
         runtime.start(pools)
 
-    now = _launcher.add(launched, caller)
+    now = _launcher.add(launched, caller, app)
     if app is not None:
         request_started.connect(on_request, sender=app, weak=False)
 

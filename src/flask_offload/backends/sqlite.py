@@ -41,7 +41,7 @@ from .rows import (
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
 _SELECT = ", ".join(COLUMNS)
 
@@ -120,6 +120,15 @@ MIGRATIONS = [
     -- heartbeat, recover, purge) is tempted by it and claims never write it; each finish
     -- writes one entry (the cost of a fast overview: see docs/benchmarks.md).
     CREATE INDEX offload_jobs_done ON offload_jobs (task, state)
+        WHERE state IN ('succeeded', 'failed', 'cancelled');
+    """,
+    # Version 5: the finished index, widened, covers those counts too. One index entry per
+    # finish instead of two: the second cost a fifth of the no-op throughput (bench: noop),
+    # while a count of a million finished jobs takes about 0.4 s instead of 0.07 s.
+    """
+    DROP INDEX offload_jobs_done;
+    DROP INDEX offload_jobs_finished;
+    CREATE INDEX offload_jobs_finished ON offload_jobs (finished_at, task, state)
         WHERE state IN ('succeeded', 'failed', 'cancelled');
     """,
 ]
@@ -263,9 +272,10 @@ LIST_JOBS = f"""
     WHERE (:state IS NULL OR state = :state) AND (:task IS NULL OR task = :task)
     ORDER BY seq DESC LIMIT :limit
 """
-# Finished rows through offload_jobs_done, queued and running ones through their own indexes.
+# Finished rows through the finished index (it covers them), queued and running ones through
+# their own indexes.
 COUNTS = """
-    SELECT task, state, count(*) FROM offload_jobs INDEXED BY offload_jobs_done
+    SELECT task, state, count(*) FROM offload_jobs INDEXED BY offload_jobs_finished
     WHERE state IN ('succeeded', 'failed', 'cancelled') GROUP BY task, state
     UNION ALL
     SELECT task, state, count(*) FROM offload_jobs WHERE state = 'queued' GROUP BY task, state
@@ -300,7 +310,7 @@ QUEUE_STATS = """
     UNION ALL
     SELECT queue, 0, 0, NULL, count(*) FROM offload_jobs WHERE state = 'running' GROUP BY queue
 """
-# INDEXED BY: without statistics SQLite might read every finished row through offload_jobs_done.
+# INDEXED BY: without statistics SQLite might not pick the finished index for a time range.
 RECENT = """
     SELECT task, state, finished_at, finished_at - started_at
     FROM offload_jobs INDEXED BY offload_jobs_finished

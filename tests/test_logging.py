@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import free_port, process, subprocess_env, wait_until
+from conftest import AppFactory, free_port, process, subprocess_env, wait_until
 from flask_offload import logs
 
 
@@ -48,6 +48,35 @@ def test_flask_run_shows_starts_failures_and_stops(tmp_path: Path, debug: bool) 
     assert "stopped" in text.split("started 2 threads")[1], "the drain says it is done"
     if not debug:
         assert "succeeded in" not in text, "no line per job in a web process outside debug"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quiet", [False, True], ids=["default", "quiet"])
+def test_the_worker_shows_each_job_unless_quiet(
+    make_app: AppFactory, tmp_path: Path, quiet: bool
+) -> None:
+    """`flask offload worker` writes a line per job; `--quiet` leaves those out (a busy worker
+    runs thousands a second) but still shows its start, its stop and a failing job."""
+    out = tmp_path / "worker.log"
+    args = [sys.executable, "-m", "flask", "--app", "plainapp", "offload", "worker"]
+    env = subprocess_env(
+        PLAINAPP_INSTANCE=str(tmp_path / "instance"),
+        FLASK_OFFLOAD_URL=f"sqlite:///{tmp_path / 'jobs.db'}",
+    )
+    with process([*args, "--threads", "1", *(["--quiet"] if quiet else [])], env, out) as worker:
+        app, offload = make_app(OFFLOAD_WORKERS=0)
+        with app.app_context():
+            greeting = offload.enqueue("plain.greet", args=("world",))
+            failure = offload.enqueue("plain.fail")
+            assert greeting.wait(timeout=60).state == "succeeded"
+            assert failure.wait(timeout=60).state == "failed"
+        wait_until(lambda: "ValueError: this task always" in out.read_text(), timeout=60)
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
+    text = out.read_text()
+    assert "started 1 threads" in text and "stopped" in text, text
+    assert "ERROR in flask_offload: job" in text, "a failure shows either way"
+    assert (f"{greeting.id} plain.greet succeeded in" in text) is not quiet, text
 
 
 def test_an_app_that_configures_logging_keeps_control() -> None:

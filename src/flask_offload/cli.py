@@ -71,10 +71,16 @@ def parse_pools(
 @click.option("--threads", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--queues", help="Comma-separated queues to consume (default: all).")
 @click.option("--concurrency-per-queue", "per_queue", help="Threads per queue: emails=2,default=4")
-def worker_command(threads: int, queues: str | None, per_queue: str | None) -> None:
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="No line per job; starts, stops, warnings and failures still show.",
+)
+def worker_command(threads: int, queues: str | None, per_queue: str | None, quiet: bool) -> None:
     """Run a standalone worker until SIGTERM or Ctrl-C (which drain it gracefully)."""
     pools = parse_pools(threads, queues, per_queue)
-    logs.show_each_job()
+    logs.show_worker(each_job=not quiet)
     runtime = _runtime()
     runtime.backend.prepare()  # storage that cannot be used is one error now, not a retry loop
     click.echo(f"storage: {describe(runtime.backend)}")

@@ -38,7 +38,8 @@ def show_by_default(debug: bool) -> None:
         jobs_logger.setLevel(logging.INFO if debug else logging.WARNING)
 
 
-def show_each_job() -> None:
-    """``flask offload worker``: one line per job, whatever the web processes show."""
+def show_worker(each_job: bool = True) -> None:
+    """``flask offload worker``: starts and stops, and one line per job unless ``each_job`` is
+    false (``--quiet``: a line costs about 10 µs, a busy worker runs thousands a second)."""
     logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
-    jobs_logger.setLevel(logging.INFO)
+    jobs_logger.setLevel(logging.INFO if each_job else logging.WARNING)

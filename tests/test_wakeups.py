@@ -4,6 +4,7 @@ idle worker of another at once, not a poll interval later; a delayed one starts 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import AppFactory, jobapp_env, make_job, process, runs, wait_until
+from flask_offload import Offload
 from flask_offload.backends import SQLiteBackend
 
 
@@ -33,8 +35,11 @@ def test_a_job_stored_by_one_backend_rings_the_others(tmp_path: Path) -> None:
     rings = Rings()
     try:
         listening.subscribe(rings)
+        [look] = rings.seen  # a look at the queue once every ringer has seen the new socket
+        assert look is not None and 0 < look - time.time() <= 1.0
+        rings.event.clear()
         storing.enqueue(make_job())
-        assert rings.event.wait(10) and rings.seen == [None]
+        assert rings.event.wait(10) and rings.seen == [look, None]
         rings.event.clear()
         due = time.time() + 60
         storing.enqueue(make_job(run_at=due))
@@ -43,7 +48,7 @@ def test_a_job_stored_by_one_backend_rings_the_others(tmp_path: Path) -> None:
         assert os.listdir(f"{tmp_path / 'jobs.db'}-wake") == [], "the socket is gone with it"
         storing.enqueue(make_job())
         time.sleep(0.2)
-        assert len(rings.seen) == 2
+        assert len(rings.seen) == 3
     finally:
         storing.close()
         listening.close()
@@ -98,3 +103,89 @@ def test_an_idle_standalone_worker_starts_a_job_from_a_web_process_at_once(
             assert later.wait(timeout=10).state == "succeeded"
         assert later.started_at is not None and later.started_at - later.run_at < 5
     assert {n for event, n, _ in runs(tmp_path) if event == "done"} == {1, 2}
+
+
+def worker_args(threads: int = 1) -> list[str]:
+    return [
+        sys.executable, "-m", "flask", "--app", "jobapp:create_app", "offload", "worker",
+        "--threads", str(threads),
+    ]  # fmt: skip
+
+
+def sockets(tmp_path: Path) -> list[str]:
+    folder = f"{tmp_path / 'jobs.db'}-wake"
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+@pytest.mark.slow
+def test_wake_ups_survive_the_workers_crash_and_restart(
+    make_app: AppFactory, tmp_path: Path
+) -> None:
+    """A web process that stays up while its worker is killed (kill -9, its socket left
+    behind) and started again: the restarted worker is woken as the first was, at once, not
+    a poll interval (30 s here) later, and the dead one's socket is cleared away."""
+    env = jobapp_env(tmp_path, OFFLOADTEST_OFFLOAD_POLL_INTERVAL="30")
+    app, offload = make_app(OFFLOAD_WORKERS=0)
+    with app.app_context():
+        with process(worker_args(), env, tmp_path / "first.log") as first:
+            wait_until(lambda: len(sockets(tmp_path)) == 1, timeout=30)
+            dead_socket = sockets(tmp_path)
+            time.sleep(1.0)  # past the worker's first looks at the queue
+            assert offload.enqueue("record", args=(1, 0)).wait(timeout=10).state == "succeeded"
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(10)
+        assert sockets(tmp_path) == dead_socket, "kill -9 leaves the socket behind"
+        waiting = offload.enqueue("record", args=(2, 0))  # rings a dead socket: removes it
+        assert sockets(tmp_path) == []
+        with process(worker_args(), env, tmp_path / "second.log"):
+            assert waiting.wait(timeout=20).state == "succeeded", "found by its first claim"
+            wait_until(lambda: len(sockets(tmp_path)) == 1, timeout=30)
+            time.sleep(1.0)
+            for n in (3, 4):  # right away, and after the web process saw the new socket
+                assert offload.enqueue("record", args=(n, 0)).wait(timeout=10).state == (
+                    "succeeded"
+                )
+            later = offload.enqueue("record", args=(5, 0), delay=1.0)
+            assert later.wait(timeout=10).state == "succeeded"
+    assert later.started_at is not None and later.started_at - later.run_at < 5
+    assert {n for event, n, _ in runs(tmp_path) if event == "done"} == {1, 2, 3, 4, 5}
+
+
+def test_a_job_stored_just_after_a_pool_starts_listening_is_not_missed(
+    make_app: AppFactory,
+) -> None:
+    """A process that rang a moment ago uses the sockets it saw then (it looks at the folder
+    every half second), so it does not ring a pool that has just bound its socket. That pool
+    looks at the queue once more when they all have seen it: the job starts at once, not a
+    poll interval (30 s here) later."""
+    worker = Offload()
+
+    @worker.task(name="wake.ping")
+    def ping() -> None:
+        pass
+
+    web_app, web = make_app(OFFLOAD_WORKERS=0)
+    with web_app.app_context():
+        first = web.enqueue("wake.ping")  # the web process looks at the folder: nobody yet
+        make_app(worker, OFFLOAD_WORKERS=1, OFFLOAD_POLL_INTERVAL=30)
+        assert first.wait(timeout=10).state == "succeeded", "the pool's first claim"
+        second = web.enqueue("wake.ping")  # rings the sockets it saw: none
+        assert second.wait(timeout=10).state == "succeeded"
+
+
+@pytest.mark.slow
+def test_polling_finds_jobs_when_wake_ups_are_lost(make_app: AppFactory, tmp_path: Path) -> None:
+    """With its socket gone (a cleaner emptied the folder), a worker hears no ring; polling
+    every OFFLOAD_POLL_INTERVAL still finds every job."""
+    env = jobapp_env(tmp_path, OFFLOADTEST_OFFLOAD_POLL_INTERVAL="0.5")
+    app, offload = make_app(OFFLOAD_WORKERS=0)
+    with process(worker_args(), env, tmp_path / "worker.log"):
+        wait_until(lambda: len(sockets(tmp_path)) == 1, timeout=30)
+        for name in sockets(tmp_path):
+            os.unlink(f"{tmp_path / 'jobs.db'}-wake/{name}")
+        with app.app_context():
+            jobs = [offload.enqueue("record", args=(n, 0)) for n in range(5)]
+            later = offload.enqueue("record", args=(5, 0), delay=1.0)
+            for job in [*jobs, later]:
+                assert job.wait(timeout=20).state == "succeeded"
+    assert {n for event, n, _ in runs(tmp_path) if event == "done"} == set(range(6))

@@ -127,6 +127,9 @@ class Doorbell:
         threading.Thread(
             target=self._receive, args=(listener,), name="offload-doorbell", daemon=True
         ).start()
+        # A process that rang just now may not have seen this socket yet (it looks at the
+        # folder every RECHECK seconds): one more look at the queue once they all have.
+        wake(time.time() + RECHECK + 0.05)
 
     def _receive(self, listener: socket.socket) -> None:
         while True:

@@ -52,9 +52,6 @@ def create_app(url: str | None = None, workers: int | None = None) -> Flask:
     if workers is not None:
         app.config["OFFLOAD_WORKERS"] = workers
     offload.init_app(app)
-    if os.environ.get("BENCH_QUIET"):
-        import logging
-        logging.getLogger("flask_offload.jobs").setLevel(logging.WARNING)
     return app
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -158,6 +159,33 @@ def test_a_subscriber_wakes_when_another_process_enqueues_only_once_committed(
     assert not woke.wait(0.5)
     listening.close()
     assert not any(t.name == "offload-pg-listen" for t in threading.enumerate())
+
+
+def test_a_notification_says_when_the_job_is_due_and_a_bare_queue_name_still_wakes(
+    url: str, connect: Callable[..., PostgresBackend]
+) -> None:
+    """Subscribers hear the due time of a job another process stored, or retried by id, so
+    an idle worker sleeps until then instead of a poll interval; a notification of an older
+    release (only the queue name) still wakes them."""
+    listening, other = connect(url), connect(url)
+    heard: queue.Queue[float | None] = queue.Queue()
+    listening.subscribe(heard.put)
+    assert heard.get(timeout=10) is None, "woken once the LISTEN is in place"
+    later = make_job(run_at=time.time() + 3600)
+    other.enqueue(later)
+    assert heard.get(timeout=10) == later.run_at
+    with pgtest.connect(url) as conn:
+        conn.execute("NOTIFY offload_jobs, 'default'")
+    assert heard.get(timeout=10) is None
+    failed = other.enqueue(make_job())
+    assert heard.get(timeout=10) == failed.run_at
+    (claimed,) = other.claim("w", ["t"], None, 1, 30.0)
+    assert other.finish(claimed, Outcome("failed", error="E: e"))
+    before = time.time()
+    assert other.retry(failed.id)
+    due = heard.get(timeout=10)
+    assert due is not None and before <= due <= time.time()
+    assert heard.empty()
 
 
 def test_without_listen_nothing_listens(url: str, connect: Callable[..., PostgresBackend]) -> None:

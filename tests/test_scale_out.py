@@ -20,7 +20,15 @@ from pathlib import Path
 import pytest
 
 import pgtest
-from conftest import free_port, jobapp_env, process, runs, sigterm_with_two_running, wait_until
+from conftest import (
+    AppFactory,
+    free_port,
+    jobapp_env,
+    process,
+    runs,
+    sigterm_with_two_running,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 psycopg = pgtest.require_psycopg()
@@ -76,6 +84,16 @@ def enqueue(
     return done
 
 
+def listening(url: str) -> int:
+    """How many sessions on this database wait on LISTEN offload_jobs."""
+    rows = query(
+        url,
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND query = 'LISTEN offload_jobs'",
+    )
+    return int(str(rows[0][0])) if rows else 0
+
+
 def logs(tmp_path: Path) -> str:
     return "".join(path.read_text() for path in sorted(tmp_path.glob("*.log")))
 
@@ -112,6 +130,28 @@ def test_three_workers_and_two_enqueuers_run_5000_jobs_each_exactly_once(
     )
     assert {pid for _, _, pid in events} == pids, "every worker took a share"
     assert "Traceback" not in logs(tmp_path)
+
+
+def test_delayed_jobs_another_process_enqueues_start_on_time_not_at_the_next_poll(
+    tmp_path: Path, url: str, make_app: AppFactory
+) -> None:
+    """The notification carries the due time: a `flask offload worker` that polls only every
+    30 s starts a job another process delayed by 1 s when it is due, not a poll later."""
+    env = pg_env(tmp_path, url, OFFLOADTEST_OFFLOAD_POLL_INTERVAL="30")
+    with process(worker_command(2), env, tmp_path / "worker.log"):
+        wait_until(lambda: "started 2 threads" in (tmp_path / "worker.log").read_text())
+        wait_until(lambda: listening(url) == 1)
+        time.sleep(0.5)  # past the worker's first look at the queue
+        app, offload = make_app(OFFLOAD_URL=url, OFFLOAD_WORKERS=0)
+        with app.app_context():
+            soon = offload.enqueue("record", args=(1, 0), delay=1.0)
+            later = offload.enqueue("record", args=(2, 0), delay=2.0)
+            # Well within one poll interval (30 s): the notification said when to look.
+            assert soon.wait(timeout=15).state == "succeeded"
+            assert later.wait(timeout=15).state == "succeeded"
+    for job in (soon, later):
+        assert job.started_at is not None and job.started_at - job.run_at < 5
+    assert {n for event, n, _ in runs(tmp_path) if event == "done"} == {1, 2}
 
 
 def test_a_worker_killed_with_sigkill_loses_nothing(tmp_path: Path, url: str) -> None:

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -272,7 +272,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-def summary(values: list[float], scale: float = 1.0) -> dict[str, float]:
+def summary(values: Sequence[float], scale: float = 1.0) -> dict[str, float]:
     """mean, p50, p99 and max of ``values`` times ``scale``, with the sample count."""
     ordered = sorted(v * scale for v in values)
     return {
@@ -335,7 +335,7 @@ def time_enqueue_busy(
         if i >= counts.warmup:
             samples.append(elapsed)
     backlogs.append(queued + calls - side.done())
-    result = {
+    result: dict[str, Any] = {
         "enqueue_us": summary(samples, 1e-3),
         "queued_before": queued,
         "backlog": summary(backlogs),

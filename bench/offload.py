@@ -297,7 +297,8 @@ class InProcess(_Base):
 class Standalone(InProcess):
     """SQLite, enqueued with ``OFFLOAD_WORKERS = 0``, run by ``flask offload worker``."""
 
-    enqueue = _Base.enqueue
+    enqueue = _Base.enqueue  # type: ignore[assignment]
+    enqueue_busy = None  # type: ignore[assignment]  # no pool in the enqueuing process
 
     def noop(self) -> dict[str, Any]:
         return self._throughput_standalone(noop)

@@ -56,12 +56,13 @@ class HueyPeer(Peer):
         due tasks to the queue once a second (``-s 1``, its default), workers poll as above."""
         if self.spec == "redis":
             raise Skip("workload 'due' is measured on SqliteHuey only")
+        mark: Any = self.tasks["mark"]  # a huey TaskWrapper
         workers = self.start()
         try:
             return common.run_due(
                 self.ctx.side,
                 self.tasks["noop"],
-                lambda delay, due: self.tasks["mark"].schedule(args=(due,), delay=delay),
+                lambda delay, due: mark.schedule(args=(due,), delay=delay),
                 self.ctx.counts,
                 timeout=15,
             )

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import math
 import mmap
 import os
 import random
@@ -24,7 +25,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class Counts:
     warmup: int  # calls made before timing the enqueue
     settle: float  # seconds a started worker is left alone before its idle CPU is measured
     grace: float  # seconds a worker gets to stop after SIGTERM, before SIGKILL
+    due: int  # delayed jobs whose lateness is measured (the due workload)
 
 
 MODES = {
@@ -75,6 +77,7 @@ MODES = {
         warmup=200,
         settle=2.0,
         grace=10.0,
+        due=200,
     ),
     "quick": Counts(
         enqueue=200,
@@ -89,6 +92,7 @@ MODES = {
         warmup=20,
         settle=0.2,
         grace=1.0,
+        due=20,
     ),
 }
 
@@ -239,13 +243,13 @@ class Side:
             pairs.append((float(t0), float(t1)))
         return pairs
 
-    def wait_started(self, count: int, timeout: float) -> bool:
-        """Wait until the "started" file holds ``count`` lines."""
+    def wait_started(self, count: int, timeout: float, every: float = 0.0005) -> bool:
+        """Wait until the "started" file holds ``count`` lines (read every ``every`` s)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._lines("started") >= count:
                 return True
-            time.sleep(0.0005)
+            time.sleep(every)
         return False
 
     def _lines(self, name: str) -> int:
@@ -260,20 +264,22 @@ class Side:
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
-    """The ``q`` quantile (0..1) by nearest rank."""
+    """The ``q`` quantile (0..1) by nearest rank: the smallest value with at least ``q`` of
+    the values at or below it (p99 of 100 values is the 99th, not the largest)."""
     if not sorted_values:
         return float("nan")
-    index = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values) + 0.5) - 1))
+    index = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values) - 1e-9) - 1))
     return sorted_values[index]
 
 
-def summary(values: list[float], scale: float = 1.0) -> dict[str, float]:
-    """mean, p50 and p99 of ``values`` times ``scale``, with the sample count."""
+def summary(values: Sequence[float], scale: float = 1.0) -> dict[str, float]:
+    """mean, p50, p99 and max of ``values`` times ``scale``, with the sample count."""
     ordered = sorted(v * scale for v in values)
     return {
         "mean": statistics.fmean(ordered) if ordered else float("nan"),
         "p50": percentile(ordered, 0.50),
         "p99": percentile(ordered, 0.99),
+        "max": ordered[-1] if ordered else float("nan"),
         "n": len(ordered),
     }
 
@@ -292,6 +298,106 @@ def time_enqueue(enqueue: Callable[[], Any], counts: Counts) -> dict[str, Any]:
         enqueue()
         samples.append(clock() - t)
     return {"enqueue_us": summary(samples, 1e-3)}
+
+
+BUSY_BACKLOG = 10  # enqueue_busy: jobs queued beforehand, per timed call
+BUSY_EVERY = 50  # enqueue_busy: the backlog is read every this many calls
+
+
+def time_enqueue_busy(
+    side: Side, enqueue: Callable[[], Any], counts: Counts, queued: int, first_timeout: float = 60
+) -> dict[str, Any]:
+    """Enqueue latency while the enqueuing process's own workers are busy running the no-op
+    jobs it enqueued: ``counts.enqueue`` calls one by one, back to back, in µs.
+
+    The caller has queued ``queued`` no-op jobs before starting the workers (a backlog, since
+    two worker threads run no-op jobs faster than one thread enqueues them: fed by the timed
+    calls alone they would wait idle between them). Timing starts once the workers have run a
+    job; every ``BUSY_EVERY`` calls the backlog (jobs enqueued minus jobs run, from the side
+    channel; read rarely, as the read hands the workers time) is recorded, and a backlog that
+    ran empty is reported in a note.
+    """
+    began = time.monotonic()
+    while side.done() == 0:
+        if time.monotonic() - began > first_timeout:
+            raise RuntimeError(f"the workers ran no job within {first_timeout} s")
+        time.sleep(0.002)
+    first_job_s = time.monotonic() - began
+    clock = time.perf_counter_ns
+    calls = counts.warmup + counts.enqueue
+    samples, backlogs = [], []
+    for i in range(calls):
+        if i % BUSY_EVERY == 0:
+            backlogs.append(queued + i - side.done())
+        t = clock()
+        enqueue()
+        elapsed = clock() - t
+        if i >= counts.warmup:
+            samples.append(elapsed)
+    backlogs.append(queued + calls - side.done())
+    result: dict[str, Any] = {
+        "enqueue_us": summary(samples, 1e-3),
+        "queued_before": queued,
+        "backlog": summary(backlogs),
+        "backlog_min": min(backlogs),
+        "every": BUSY_EVERY,
+        "first_job_s": first_job_s,
+        "run_during": side.done(),
+    }
+    if result["backlog_min"] <= 0:
+        empty = next(i for i, b in enumerate(backlogs) if b <= 0) * BUSY_EVERY
+        result["note"] = f"the backlog ran empty after about {empty:,} calls"
+    return result
+
+
+def wait_ran(side: Side, enqueue_noop: Callable[[], Any], timeout: float = 60) -> None:
+    """Enqueue one no-op job and wait until it has run: the workers are up."""
+    before = side.done()
+    enqueue_noop()
+    deadline = time.monotonic() + timeout
+    while side.done() <= before:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the worker did not run a job within {timeout} s")
+        time.sleep(0.01)
+
+
+DUE_WINDOW = (0.2, 1.5)  # the due workload: each job due this many seconds ahead, at random
+
+
+def run_due(
+    side: Side,
+    enqueue_noop: Callable[[], Any],
+    schedule_mark: Callable[[float, float], Any],
+    counts: Counts,
+    timeout: float,
+) -> dict[str, Any]:
+    """Lateness of delayed jobs (a peer's: from the job's own start record): with idle
+    workers, ``counts.due`` jobs enqueued at once, each due ``DUE_WINDOW`` seconds ahead at
+    random; ``schedule_mark(delay, due)`` enqueues one that records ``due`` and its start."""
+    wait_ran(side, enqueue_noop)
+    time.sleep(counts.settle)
+    rng = random.Random(14)
+    for _ in range(counts.due):
+        delay = rng.uniform(*DUE_WINDOW)
+        schedule_mark(delay, time.time() + delay)
+    side.wait_started(counts.due, DUE_WINDOW[1] + timeout, every=0.05)
+    late = [t1 - t0 for t0, t1 in side.starts()]
+    return lateness(late, counts.due, "job start - due time")
+
+
+def lateness(seconds: list[float], jobs: int, measure: str) -> dict[str, Any]:
+    """The due workload's result from the lateness of each job that started, in seconds."""
+    result: dict[str, Any] = {
+        "lateness_ms": summary(seconds, 1e3),
+        "worst_ms": [round(s * 1e3, 1) for s in sorted(seconds)[-5:][::-1]],
+        "jobs": jobs,
+        "early": sum(s < 0 for s in seconds),
+        "measure": measure,
+        "window_s": list(DUE_WINDOW),
+    }
+    if len(seconds) < jobs:
+        result["note"] = f"only {len(seconds)}/{jobs} delayed jobs started"
+    return result
 
 
 def run_throughput(
@@ -614,7 +720,7 @@ class Context:
         return os.path.join(self.tmp, f"{name}.log")
 
 
-WORKLOADS = ("enqueue", "noop", "sleep", "latency", "idle", "rss", "claim")
+WORKLOADS = ("enqueue", "enqueue_busy", "noop", "sleep", "latency", "idle", "rss", "claim", "due")
 
 
 def main(module_name: str) -> None:

@@ -2,18 +2,23 @@
 configuration and ``flask offload worker``.
 
 - ``sqlite``: the default setup, a SQLite file and 2 worker threads inside the process that
-  enqueues (``OFFLOAD_WORKERS = 2``).
+  enqueues (``OFFLOAD_WORKERS = 2``); its ``enqueue_busy`` workload times ``.delay()`` while
+  that pool is busy running the no-op jobs the same thread enqueued.
 - ``sqlite-worker``: the same file, enqueued by a process with ``OFFLOAD_WORKERS = 0`` and run
   by ``flask offload worker --threads 2``, a process of its own.
 - ``postgres``: ``OFFLOAD_URL = postgresql://…`` and ``flask offload worker --threads 2``
   (skipped while the PostgreSQL backend cannot be imported or run).
 
-The standalone worker loads ``create_app`` below: ``flask --app bench.offload:create_app``.
+The standalone worker loads ``create_app`` below: ``flask --app bench.offload:create_app``. Its
+``due`` workload (delayed jobs stored by the measuring process, ``OFFLOAD_WORKERS = 0``) runs
+the worker with ``FLASK_OFFLOAD_POLL_INTERVAL`` at ``DUE_POLL`` seconds (30 in full mode), so
+only a wake-up can start a job on time; lateness is the stored ``started_at - run_at``.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -28,6 +33,9 @@ from flask_offload import Offload
 offload = Offload()
 THREADS = 2
 CLAIM_ROUNDS = 4  # the claim workload alternates empty and deep tables this many times
+# The due workload: the standalone worker's poll interval, in seconds (quick mode bounds the
+# wait for a job that no wake-up started)
+DUE_POLL = {"full": 30.0, "quick": 5.0}
 
 
 @offload.task(name="bench.noop")
@@ -74,14 +82,14 @@ class _Base:
         with app.app_context():
             yield app
 
-    def _worker(self) -> WorkerProcess:
+    def _worker(self, **env: str) -> WorkerProcess:
         flask = common.executable("flask")
         args = [flask, "--app", "bench.offload:create_app", "offload", "worker"]
         return WorkerProcess(
             [*args, "--threads", str(THREADS)],
             self.ctx.log("worker"),
             self.ctx.tmp,
-            common.child_env(BENCH_OFFLOAD_URL=self.url),
+            common.child_env(BENCH_OFFLOAD_URL=self.url, **env),
         )
 
     def _throughput_standalone(self, task: Any) -> dict[str, Any]:
@@ -176,12 +184,25 @@ class InProcess(_Base):
                 self.ctx.counts,
             )
 
-    def enqueue(self) -> dict[str, Any]:
-        """Enqueue as the default setup does: this process's pool runs the jobs meanwhile."""
+    enqueue = None  # type: ignore[assignment]  # measured busy: enqueue_busy
+
+    def enqueue_busy(self) -> dict[str, Any]:
+        """Enqueue as a view of the default setup does: this process's own pool (2 threads)
+        busy meanwhile, running no-op jobs this process enqueued (see
+        ``common.time_enqueue_busy``): a backlog is queued first (through an app with no
+        pool), then the pool's app is made. A web process's first request starts its pool if
+        the launcher has not yet, so one request is made; timing waits until the pool has
+        run a job."""
+        counts = self.ctx.counts
+        queued = common.BUSY_BACKLOG * (counts.warmup + counts.enqueue)
+        with self._enqueuer():
+            for _ in range(queued):
+                noop.delay()
         app = create_app(self.url, workers=THREADS)
         try:
+            app.test_client().get("/")
             with app.app_context():
-                return common.time_enqueue(noop.delay, self.ctx.counts)
+                return common.time_enqueue_busy(self.ctx.side, noop.delay, counts, queued)
         finally:
             stop_pool(app)
 
@@ -276,7 +297,8 @@ class InProcess(_Base):
 class Standalone(InProcess):
     """SQLite, enqueued with ``OFFLOAD_WORKERS = 0``, run by ``flask offload worker``."""
 
-    enqueue = _Base.enqueue
+    enqueue = _Base.enqueue  # type: ignore[assignment]
+    enqueue_busy = None  # type: ignore[assignment]  # no pool in the enqueuing process
 
     def noop(self) -> dict[str, Any]:
         return self._throughput_standalone(noop)
@@ -299,6 +321,40 @@ class Standalone(InProcess):
                 return common.run_idle(self.ctx.side, noop.delay, [worker.pid], self.ctx.counts)
         finally:
             worker.stop(self.ctx.counts.grace)
+
+    def due(self) -> dict[str, Any]:
+        """Lateness of delayed jobs stored by another process: the worker, started first and
+        left idle with a poll interval of ``DUE_POLL`` seconds, runs ``counts.due`` no-op jobs
+        that this process (``OFFLOAD_WORKERS = 0``) enqueues at once, each due ``DUE_WINDOW``
+        seconds ahead at random. Lateness: the stored ``started_at - run_at`` of each job."""
+        counts, poll = self.ctx.counts, DUE_POLL[self.ctx.mode]
+        worker = self._worker(FLASK_OFFLOAD_POLL_INTERVAL=str(poll))
+        try:
+            with self._enqueuer():
+                common.wait_ran(self.ctx.side, noop.delay)
+                time.sleep(counts.settle)
+                before = self.ctx.side.done()
+                rng = random.Random(14)
+                jobs = [
+                    noop.enqueue(delay=rng.uniform(*common.DUE_WINDOW)) for _ in range(counts.due)
+                ]
+                deadline = time.monotonic() + common.DUE_WINDOW[1] + poll + 5
+                while self.ctx.side.done() < before + counts.due:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.02)
+                stored = [offload.get_job(job.id) for job in jobs]
+        finally:
+            worker.stop(counts.grace)
+        late = [
+            job.started_at - job.run_at
+            for job in stored
+            if job is not None and job.started_at is not None
+        ]
+        return {
+            **common.lateness(late, counts.due, "stored started_at - run_at"),
+            "poll_interval_s": poll,
+        }
 
     rss = None  # type: ignore[assignment]
     claim = None  # type: ignore[assignment]

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench import common
-from bench.common import Context, Peer, Workers
+from bench.common import Context, Peer, Skip, Workers
 
 
 def build(spec: str) -> tuple[Any, dict[str, Callable[..., Any]]]:
@@ -50,6 +50,24 @@ class HueyPeer(Peer):
         consumer = common.executable("huey_consumer")
         args = [consumer, "bench.peer_huey.huey", "-w", "2", "-k", "thread", "-q"]
         return Workers([self.worker(args, BENCH_HUEY=self.spec)])
+
+    def due(self) -> dict[str, Any]:
+        """Lateness of delayed jobs (``task.schedule(delay=...)``): Huey's scheduler moves
+        due tasks to the queue once a second (``-s 1``, its default), workers poll as above."""
+        if self.spec == "redis":
+            raise Skip("workload 'due' is measured on SqliteHuey only")
+        mark: Any = self.tasks["mark"]  # a huey TaskWrapper
+        workers = self.start()
+        try:
+            return common.run_due(
+                self.ctx.side,
+                self.tasks["noop"],
+                lambda delay, due: mark.schedule(args=(due,), delay=delay),
+                self.ctx.counts,
+                timeout=15,
+            )
+        finally:
+            self.stop(workers)
 
     def close(self) -> None:
         if self.spec == "redis":

@@ -33,6 +33,13 @@ def _outcome(run: Run, key: str, workload: str) -> dict[str, Any] | None:
     return found
 
 
+def enqueue_of(run: Run, key: str) -> str:
+    """The workload behind a system's enqueue figures: ``enqueue``, or ``enqueue_busy`` for
+    the in-process pool, whose enqueue is measured with that pool busy."""
+    found = run["results"].get(key, {})
+    return "enqueue_busy" if "enqueue" not in found and "enqueue_busy" in found else "enqueue"
+
+
 # --- formatting ----------------------------------------------------------------------------
 
 
@@ -61,9 +68,11 @@ def brief(workload: str, outcome: dict[str, Any]) -> str:
         where = f" [{outcome['log']}]" if outcome.get("log") and status == "error" else ""
         return f"{status}: {outcome.get('reason', '')}{where}{wall}"
     data = outcome["data"]
-    if workload == "enqueue":
+    if workload in ("enqueue", "enqueue_busy"):
         s = data["enqueue_us"]
         text = f"mean {num(s['mean'])} µs, p50 {num(s['p50'])} µs, p99 {num(s['p99'])} µs"
+        if workload == "enqueue_busy":
+            text += f", backlog ≥ {data['backlog_min']:,} jobs"
     elif workload in ("noop", "sleep"):
         text = f"{num(data.get('jobs_per_s'))} jobs/s (start-up {data['startup_s']:.2f} s)"
     elif workload == "latency":
@@ -75,6 +84,12 @@ def brief(workload: str, outcome: dict[str, Any]) -> str:
         text = (
             f"RSS {num(data['rss_start_mb'])} → {num(data['rss_middle_mb'])} → "
             f"{num(data['rss_end_mb'])} MB over {data['jobs']:,} jobs"
+        )
+    elif workload == "due":
+        s = data["lateness_ms"]
+        text = (
+            f"lateness p50 {num(s['p50'])} ms, p99 {num(s['p99'])} ms, max {num(s['max'])} ms "
+            f"({s['n']}/{data['jobs']} jobs)"
         )
     elif workload == "claim":
         text = (
@@ -110,6 +125,32 @@ def _below(what: str, a: float | None, unit: str, limit: float) -> Target:
     return what, f"{num(a)} {unit}", a < limit
 
 
+def _at_most(what: str, a: float | None, unit: str, limit: float, beside: str = "") -> Target:
+    if a is None:
+        return what, "not measured", None
+    return what, f"{num(a)} {unit}{f' ({beside})' if beside else ''}", a <= limit
+
+
+def _lateness(run: Run, key: str, name: str, limit: float) -> Target:
+    """A due-workload target: the p99 lateness of delayed jobs, every job counted."""
+    outcome = _outcome(run, key, "due")
+    poll = value(run, key, "due", "poll_interval_s")
+    what = (
+        f"{name}: a delayed job enqueued by another process starts ≤ {limit:g} ms late "
+        f"(p99 of stored started_at - run_at, worker polling every {poll or 30:g} s)"
+    )
+    late = value(run, key, "due", "lateness_ms", "p99")
+    if late is None or outcome is None:
+        return what, "not measured", None
+    data = outcome["data"]
+    s = data["lateness_ms"]
+    measured = (
+        f"p99 {num(s['p99'])} ms (p50 {num(s['p50'])}, max {num(s['max'])}; "
+        f"{s['n']}/{data['jobs']} jobs)"
+    )
+    return what, measured, late <= limit and s["n"] == data["jobs"]
+
+
 def targets(run: Run) -> list[Target]:
     """The issue's targets, each computed from figures of this run."""
     v = value
@@ -120,6 +161,21 @@ def targets(run: Run) -> list[Target]:
             v(run, "floor-sqlite", "enqueue", "enqueue_us", "p50"),
             "µs",
             lambda r: r <= 1.5,
+        ),
+        _ratio(
+            f"SQLite enqueue p50 ≤ 3{X} raw SQLite insert+commit p50, while the process's own "
+            "pool (2 threads) runs the no-op jobs it enqueued",
+            v(run, "offload-sqlite", "enqueue_busy", "enqueue_us", "p50"),
+            v(run, "floor-sqlite", "enqueue", "enqueue_us", "p50"),
+            "µs",
+            lambda r: r <= 3,
+        ),
+        _ratio(
+            f"SQLite enqueue p99 ≤ 25{X} raw SQLite insert+commit p50, own pool busy (as above)",
+            v(run, "offload-sqlite", "enqueue_busy", "enqueue_us", "p99"),
+            v(run, "floor-sqlite", "enqueue", "enqueue_us", "p50"),
+            "µs",
+            lambda r: r <= 25,
         ),
         _ratio(
             f"SQLite no-op throughput ≥ 4{X} Huey SqliteHuey (in-process workers)",
@@ -135,11 +191,26 @@ def targets(run: Run) -> list[Target]:
             "jobs/s",
             lambda r: r >= 1,
         ),
+        _ratio(
+            "Standalone SQLite worker no-op throughput ≥ the in-process pool's",
+            v(run, "offload-sqlite-worker", "noop", "jobs_per_s"),
+            v(run, "offload-sqlite", "noop", "jobs_per_s"),
+            "jobs/s",
+            lambda r: r >= 1,
+        ),
         _below(
             "In-process enqueue-to-start p50 < 1 ms",
             v(run, "offload-sqlite", "latency", "start_ms", "p50"),
             "ms",
             1.0,
+        ),
+        _at_most(
+            "SQLite enqueue-to-start p50 ≤ 5 ms, enqueued with OFFLOAD_WORKERS = 0 and run by "
+            "`flask offload worker` on the same file",
+            v(run, "offload-sqlite-worker", "latency", "start_ms", "p50"),
+            "ms",
+            5.0,
+            _beside("SqliteHuey", v(run, "huey-sqlite", "latency", "start_ms", "p50"), "ms"),
         ),
         _below(
             "Idle worker CPU < 0.5 % (in-process pool)",
@@ -159,6 +230,8 @@ def targets(run: Run) -> list[Target]:
             "%",
             0.5,
         ),
+        _lateness(run, "offload-sqlite-worker", "SQLite", 50.0),
+        _lateness(run, "offload-postgres", "PostgreSQL", 10.0),
     ]
     jobs = v(run, "offload-sqlite", "rss", "jobs")
     rows.append(
@@ -211,6 +284,10 @@ def targets(run: Run) -> list[Target]:
         ),
     ]
     return rows
+
+
+def _beside(name: str, x: float | None, unit: str) -> str:
+    return "" if x is None else f"{name}: {num(x)} {unit}"
 
 
 def mark(holds: bool | None) -> str:
@@ -269,8 +346,9 @@ def markdown(run: Run, chart: tuple[Path | None, str]) -> str:
         "",
         "## All systems",
         "",
-        f"Enqueue: {counts['enqueue']:,} jobs one by one from one thread, no worker running "
-        "(except the in-process row, whose own pool runs the jobs meanwhile). Throughput: "
+        f"Enqueue: {counts['enqueue']:,} jobs one by one from one thread, no worker running, "
+        "except the in-process row (`enqueue_busy`): its own pool of 2 threads is kept busy "
+        "meanwhile with a backlog of no-op jobs the same thread enqueued. Throughput: "
         f"{counts['jobs']:,} jobs queued first, then 2 workers started, jobs/s from the first "
         "job's start to the last job's end. Enqueue→start: one job at a time to idle workers. "
         f"Idle CPU: a waiting worker over {counts['idle']:g} s, % of one core.",
@@ -285,10 +363,11 @@ def markdown(run: Run, chart: tuple[Path | None, str]) -> str:
             family = system["family"]
             lines.append(f"| **{FAMILY_TITLES[family]}** | | | | | | | | |")
         key = system["key"]
+        enqueue = enqueue_of(run, key)
         cells = [
-            _cell(run, key, "enqueue", "enqueue_us", "mean"),
-            _cell(run, key, "enqueue", "enqueue_us", "p50"),
-            _cell(run, key, "enqueue", "enqueue_us", "p99"),
+            _cell(run, key, enqueue, "enqueue_us", "mean"),
+            _cell(run, key, enqueue, "enqueue_us", "p50"),
+            _cell(run, key, enqueue, "enqueue_us", "p99"),
             _cell(run, key, "noop", "jobs_per_s"),
             _cell(run, key, "sleep", "jobs_per_s"),
             _cell(run, key, "latency", "start_ms", "p50"),
@@ -320,7 +399,8 @@ def markdown(run: Run, chart: tuple[Path | None, str]) -> str:
         "## Reproduce",
         "",
         "```sh",
-        "python3 -m pip install -e . -r bench/requirements.txt   # the peers, psycopg and matplotlib",
+        "python3 -m pip install -e . -r bench/requirements.txt"
+        "   # the peers, psycopg and matplotlib",
         f"{run['command']}",
         "```",
         "",
@@ -356,6 +436,8 @@ def _offload_only(run: Run) -> list[str]:
         ]
     else:
         lines += [f"**Memory.** {_why(rss)}", ""]
+    lines += _busy(run)
+    lines += _due(run)
     for key, name in (("offload-sqlite", "SQLite"), ("offload-postgres", "PostgreSQL")):
         claim = _outcome(run, key, "claim")
         if claim and claim.get("status") == "ok":
@@ -379,6 +461,85 @@ def _offload_only(run: Run) -> list[str]:
         elif claim is not None:
             lines += [f"**Claim, {name}.** {_why(claim)}", ""]
     return lines
+
+
+def _busy(run: Run) -> list[str]:
+    """The enqueue_busy workload beside the idle enqueue and the raw insert it is held to."""
+    busy = _outcome(run, "offload-sqlite", "enqueue_busy")
+    if busy is None:
+        return []
+    if busy.get("status") != "ok":
+        return [f"**Enqueue under load, SQLite.** {_why(busy)}", ""]
+    d = busy["data"]
+    raw = value(run, "floor-sqlite", "enqueue", "enqueue_us", "p50")
+    lines = [
+        "**Enqueue under load, SQLite** (`enqueue_busy`). `.delay()` timed "
+        f"{d['enqueue_us']['n']:,} times back to back in a process whose own pool (2 threads) "
+        f"runs no-op jobs this process enqueued: {d['queued_before']:,} queued first (two "
+        "threads run no-op jobs faster than one thread enqueues them), then the pool started "
+        f"and timing begun once it had run a job (after {d['first_job_s']:.2f} s). The "
+        f"backlog (enqueued - run), read every {d['every']} calls, was at least "
+        f"{d['backlog_min']:,} jobs (median {num(d['backlog']['p50'])}); the pool ran "
+        f"{d['run_during']:,} jobs in all. Beside it, the same `.delay()` with no worker "
+        "running and the raw insert+commit; the ratios divide by the raw insert's p50.",
+        "",
+        f"| Enqueue | mean µs | p50 µs | p99 µs | p50 {X} raw p50 | p99 {X} raw p50 |",
+        "| --- | --: | --: | --: | --: | --: |",
+    ]
+    for label, key, workload in (
+        ("in-process pool busy", "offload-sqlite", "enqueue_busy"),
+        ("no worker running", "offload-sqlite-worker", "enqueue"),
+        ("raw insert+commit", "floor-sqlite", "enqueue"),
+    ):
+        row = [value(run, key, workload, "enqueue_us", q) for q in ("mean", "p50", "p99")]
+        ratios = [f"{x / raw:.2f}" if x is not None and raw else "—" for x in row[1:]]
+        lines.append(f"| {label} | " + " | ".join([*(num(x) for x in row), *ratios]) + " |")
+    return [*lines, ""]
+
+
+def _due(run: Run) -> list[str]:
+    """The due workload: lateness of delayed jobs stored by another process."""
+    rows = [
+        ("offload-sqlite-worker", "Flask-Offload SQLite, standalone worker"),
+        ("offload-postgres", "Flask-Offload PostgreSQL, standalone worker"),
+        ("huey-sqlite", "Huey SqliteHuey"),
+    ]
+    found = [(key, label, _outcome(run, key, "due")) for key, label in rows]
+    if all(outcome is None for _, _, outcome in found):
+        return []
+    window, poll = (0.2, 1.5), 30.0
+    for _, _, outcome in found:
+        if outcome and outcome.get("status") == "ok":
+            window = tuple(outcome["data"]["window_s"])
+            poll = outcome["data"].get("poll_interval_s", poll)
+            break
+    lines = [
+        "**Delayed jobs stored by another process** (`due`). A worker process is started "
+        f"and left idle (Flask-Offload's with `FLASK_OFFLOAD_POLL_INTERVAL={poll:g}`, so only a "
+        "wake-up can start a job on time); the measuring process (`OFFLOAD_WORKERS = 0`) then "
+        f"enqueues {run['counts'].get('due', 0):,} no-op jobs at once, each due "
+        f"{window[0]:g} to {window[1]:g} s ahead at random. Lateness: Flask-Offload's stored "
+        "`started_at - run_at` (the claim); SqliteHuey's (`task.schedule(delay=…)`, its "
+        "scheduler ticking once a second) is the job body's start minus its due time.",
+        "",
+        "| System | jobs started | lateness p50 ms | p99 ms | max ms | 5 latest, ms "
+        "| started early |",
+        "| --- | --: | --: | --: | --: | --: | --: |",
+    ]
+    for _key, label, outcome in found:
+        if outcome is None:
+            continue
+        if outcome.get("status") != "ok":
+            lines.append(f"| {label} | {outcome.get('status')} | | | | | |")
+            continue
+        d = outcome["data"]
+        s = d["lateness_ms"]
+        lines.append(
+            f"| {label} | {s['n']}/{d['jobs']} | {num(s['p50'])} | {num(s['p99'])} | "
+            f"{num(s['max'])} | {', '.join(num(x) for x in d.get('worst_ms', []))} | "
+            f"{d['early']} |"
+        )
+    return [*lines, ""]
 
 
 def _why(outcome: dict[str, Any] | None) -> str:
@@ -433,6 +594,13 @@ def _method(run: Run) -> list[str]:
         "- Enqueue-to-start samples are taken one at a time, 5-15 ms apart, with a budget of "
         f"{run['counts']['latency']} samples or {run['counts']['latency_budget']:.0f} s; "
         "workers that poll (SQLite across processes, SqliteHuey) show their poll interval.",
+        "- `enqueue_busy` (in-process row): `.delay()` timed while the process's own pool runs "
+        "a backlog of no-op jobs the process queued first (10 per timed call), timing begun once "
+        "the pool has run a job; the backlog is checked to stay non-empty.",
+        "- `due`: delayed jobs (due 0.2 to 1.5 s ahead) stored by the measuring process and run "
+        "by an idle worker process polling every 30 s (5 s in quick mode, to bound its "
+        "time); lateness = stored `started_at - "
+        "run_at`.",
         "- Idle CPU sums user and system time of the worker processes and their children "
         "(`/proc`, 10 ms ticks); for the in-process pool, of the whole process.",
         "",
@@ -447,12 +615,15 @@ def chart(run: Run, path: Path) -> tuple[Path | None, str]:
     try:
         import matplotlib
     except ImportError:
-        return None, "No chart: matplotlib is not installed (`pip install -r bench/requirements.txt`)."
+        return (
+            None,
+            "No chart: matplotlib is not installed (`pip install -r bench/requirements.txt`).",
+        )
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [
-        ("Enqueue p50 (µs, less is better)", "enqueue", ("enqueue_us", "p50"), True),
+        ("Enqueue p50 (µs, less is better)", "", ("enqueue_us", "p50"), True),
         ("No-op throughput (jobs/s, more is better)", "noop", ("jobs_per_s",), True),
         ("1 ms jobs throughput (jobs/s, more is better)", "sleep", ("jobs_per_s",), False),
         ("Enqueue→start p50 (ms, less is better)", "latency", ("start_ms", "p50"), True),
@@ -462,9 +633,11 @@ def chart(run: Run, path: Path) -> tuple[Path | None, str]:
     for ax, (title, workload, keys, log) in zip(axes.flat, panels, strict=True):
         labels, values, colors = [], [], []
         for system in reversed(systems):
-            x = value(run, system["key"], workload, *keys)
+            each = workload or enqueue_of(run, system["key"])
+            x = value(run, system["key"], each, *keys)
             if x is not None and x > 0:
-                labels.append(system["label"])
+                busy = " (own pool busy)" if each == "enqueue_busy" else ""
+                labels.append(system["label"] + busy)
                 values.append(x)
                 colors.append(COLORS[system["family"]])
         ax.set_title(title, fontsize=11)

@@ -39,7 +39,9 @@ class System:
     quick: tuple[str, ...]
 
 
-OFFLOAD = (*CORE, "rss", "claim")
+# The in-process setup's enqueue is measured with its own pool busy (enqueue_busy); the
+# standalone workers also measure the lateness of delayed jobs stored by another process (due).
+OFFLOAD = ("enqueue_busy", *CORE[1:], "rss", "claim")
 PEER = (CORE, CORE[:2])  # peers: the 10k workloads; in quick mode enqueue and no-op only
 
 # fmt: off
@@ -53,10 +55,10 @@ REGISTRY = [System(*row) for row in [
     ("offload-sqlite", "offload", "sqlite", "Flask-Offload SQLite, in-process workers",
      "offload", OFFLOAD, OFFLOAD),
     ("offload-sqlite-worker", "offload", "sqlite-worker",
-     "Flask-Offload SQLite, standalone worker", "offload", CORE, CORE),
+     "Flask-Offload SQLite, standalone worker", "offload", (*CORE, "due"), (*CORE, "due")),
     ("offload-postgres", "offload", "postgres", "Flask-Offload PostgreSQL, standalone worker",
-     "offload", (*CORE, "claim"), (*CORE[:2], "claim")),
-    ("huey-sqlite", "peer_huey", "sqlite", "Huey SqliteHuey", "peer", *PEER),
+     "offload", (*CORE, "claim", "due"), (*CORE[:2], "claim", "due")),
+    ("huey-sqlite", "peer_huey", "sqlite", "Huey SqliteHuey", "peer", (*CORE, "due"), CORE[:2]),
     ("huey-redis", "peer_huey", "redis", "Huey RedisHuey", "peer", *PEER),
     ("rq-fork", "peer_rq", "fork", "RQ Worker (fork per job)", "peer", *PEER),
     ("rq-simple", "peer_rq", "simple", "RQ SimpleWorker", "peer", *PEER),
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 skipped[system.key] = reason
         results.setdefault(system.key, {})[workload] = outcome
         print(
-            f"[{number:2}/{len(plan)}] {system.key:22} {workload:8} "
+            f"[{number:2}/{len(plan)}] {system.key:22} {workload:12} "
             f"{report.brief(workload, outcome)}",
             flush=True,
         )

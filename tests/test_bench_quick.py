@@ -24,6 +24,23 @@ def _row(table: str, label: str) -> list[str]:
     raise AssertionError(f"no row {label!r} in the report:\n{table}")
 
 
+def _section(report: str, opening: str) -> str:
+    """The report from the paragraph that starts with ``opening`` to the next one in bold
+    or the next heading."""
+    start = report.index(opening)
+    ends = [report.find(mark, start + len(opening)) for mark in ("\n**", "\n## ")]
+    return report[start : min(end for end in ends if end != -1)]
+
+
+def _target(report: str, opening: str) -> list[str]:
+    """The cells (measured, holds) of the target whose text begins with ``opening``."""
+    for line in _section(report, "## Targets").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells[0].startswith(opening):
+            return cells[1:]
+    raise AssertionError(f"no target {opening!r} in the report:\n{report}")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_quick_mode_writes_a_report(tmp_path: Path) -> None:
@@ -60,4 +77,30 @@ def test_quick_mode_writes_a_report(tmp_path: Path) -> None:
     in_process = _row(report, "Flask-Offload SQLite, in-process workers")
     assert all(NUMBER.match(cell) for cell in in_process), in_process
     assert "**Memory.** One process" in report and "**Claim, SQLite.**" in report
+
+    # issue 14's rows: each measured in this run (a ✓ or a ✗, whichever the figures say)
+    busy = _section(report, "**Enqueue under load, SQLite** (`enqueue_busy`)")
+    for label in ("in-process pool busy", "no worker running", "raw insert+commit"):
+        cells = _row(busy, label)
+        assert all(NUMBER.match(cell) for cell in cells), f"{label}: {cells}"
+    due = _section(report, "**Delayed jobs stored by another process** (`due`)")
+    sqlite_due = _row(due, "Flask-Offload SQLite, standalone worker")
+    assert sqlite_due[0] == "20/20", sqlite_due
+    assert all(NUMBER.match(cell) for cell in sqlite_due[1:4]), sqlite_due
+    for opening in (
+        "SQLite enqueue p50 ≤ 1.5",
+        "SQLite enqueue p50 ≤ 3",
+        "SQLite enqueue p99 ≤ 25",
+        "Standalone SQLite worker no-op throughput ≥ the in-process pool's",
+        "SQLite enqueue-to-start p50 ≤ 5 ms",
+        "Idle worker CPU < 0.5 % (standalone SQLite worker)",
+        "SQLite claim with",
+        "SQLite: a delayed job enqueued by another process",
+    ):
+        measured, holds = _target(report, opening)
+        assert holds in ("✓", "✗") and measured != "not measured", (opening, measured)
+    measured, holds = _target(report, "PostgreSQL: a delayed job enqueued by another process")
+    assert holds in ("✓", "✗") or "skipped" in _row(
+        report, "raw PostgreSQL: insert+commit, SKIP LOCKED"
+    )
     assert (out / "benchmarks.json").exists()

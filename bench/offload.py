@@ -5,7 +5,8 @@ configuration and ``flask offload worker``.
   enqueues (``OFFLOAD_WORKERS = 2``); its ``enqueue_busy`` workload times ``.delay()`` while
   that pool is busy running the no-op jobs the same thread enqueued.
 - ``sqlite-worker``: the same file, enqueued by a process with ``OFFLOAD_WORKERS = 0`` and run
-  by ``flask offload worker --threads 2``, a process of its own.
+  by ``flask offload worker --threads 2 --quiet``, a process of its own (``--quiet``: no log
+  line per job, as Celery runs with ``-l WARNING`` and the in-process pool logs none).
 - ``postgres``: ``OFFLOAD_URL = postgresql://…`` and ``flask offload worker --threads 2``
   (skipped while the PostgreSQL backend cannot be imported or run).
 
@@ -86,7 +87,7 @@ class _Base:
         flask = common.executable("flask")
         args = [flask, "--app", "bench.offload:create_app", "offload", "worker"]
         return WorkerProcess(
-            [*args, "--threads", str(THREADS)],
+            [*args, "--threads", str(THREADS), "--quiet"],
             self.ctx.log("worker"),
             self.ctx.tmp,
             common.child_env(BENCH_OFFLOAD_URL=self.url, **env),

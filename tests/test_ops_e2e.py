@@ -64,6 +64,8 @@ def gunicorn(tmp_path: Path, workers: int, **config: str) -> Iterator[str]:
     with process([*args, "opsapp:create_app()"], env, log) as server:
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: up(f"{base}/pid"), timeout=60)
+        # every worker has loaded the app, so requests can reach any of them
+        wait_until(lambda: log.read_text().count("started 2 threads") >= workers, timeout=60)
         yield base
         server.send_signal(signal.SIGTERM)
         server.wait(60)

@@ -175,12 +175,11 @@ def test_a_lost_job_sends_job_lost_then_runs_again(
     [dead] = backend.claim("dead-worker", ["sig.again"], None, 1, -1)  # its lease ran out
     start_pool(pools, app, offload, threads=1, lease=0.3, poll_interval=0.02)
     job.wait(30)
-    assert [e for e, _ in events_of(heard, job.id)] == [
-        "job_enqueued",
-        "job_lost",
-        "job_started",
-        "job_succeeded",
-    ]
+    events = [e for e, _ in events_of(heard, job.id)]
+    # job_lost comes from the thread that took the job back, job_started from the one that
+    # runs it again, which may claim it before the first has sent its signal
+    assert events[0] == "job_enqueued" and events[-1] == "job_succeeded"
+    assert sorted(events[1:-1]) == ["job_lost", "job_started"]
     assert [h["outcome"] for h in job.history] == ["lost", "succeeded"]
     assert job.history[0]["worker"] == "dead-worker" and job.history[0]["claim"] == dead.claim
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 import threading
 import time
@@ -25,6 +26,8 @@ from faults import Faulty, once
 from flask_offload import Offload, current_job
 from flask_offload.backends import SQLiteBackend
 from flask_offload.execution import MAX_BACKOFF, backoff
+from flask_offload.foreground import Foreground
+from flask_offload.job import new_id, valid_id
 from flask_offload.worker import Worker
 
 
@@ -457,3 +460,53 @@ def test_a_timeout_whose_outcome_fails_to_store_once_still_ends_as_a_timeout(
         wait_until(lambda: len(loop_threads(pool)) == 1, timeout=10)
     finally:
         release.set()
+
+
+def test_ids_never_repeat_across_threads_or_a_fork() -> None:
+    """Ids come from os.urandom read in blocks per thread: a forked child reads afresh rather
+    than handing out its parent's next ids, and threads never share a block."""
+    parent_first = new_id()
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, through the pipe
+        os.write(writer, " ".join(new_id() for _ in range(50)).encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(pid, 0)
+    with os.fdopen(reader) as pipe:
+        child = set(pipe.read().split())
+    parent = {new_id() for _ in range(50)}
+    found: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: found.extend(new_id() for _ in range(1000)))
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(child) == 50 and len(parent) == 50 and not child & (parent | {parent_first})
+    assert len(set(found)) == 4000 and all(valid_id(job_id) for job_id in found)
+
+
+def test_the_pool_never_stalls_behind_an_enqueue_that_waits_for_storage() -> None:
+    """Pool threads give way to a thread storing a job, but one that has been storing for
+    longer than a moment is waiting for storage, not for the interpreter: they go on."""
+    foreground = Foreground()
+    release = threading.Event()
+
+    def stuck() -> None:
+        with foreground.first():
+            release.wait(30)
+
+    holder = threading.Thread(target=stuck)
+    holder.start()
+    try:
+        began = time.monotonic()
+        for _ in range(500):
+            foreground.give_way()
+        assert time.monotonic() - began < 5, "500 steps, each bounded by a moment"
+    finally:
+        release.set()
+        holder.join()
+    foreground.give_way()  # nobody storing: returns at once

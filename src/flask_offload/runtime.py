@@ -19,6 +19,7 @@ from . import commits, serializer
 from .backends.base import Backend
 from .backends.rows import history_entry
 from .execution import ContextFactory, Events, Runnable, Settings, execute
+from .foreground import Foreground
 from .job import CANCELLED, HISTORY_LIMIT, QUEUED, RUNNING, Job, Running, new_id, valid_id
 from .worker import MAX_DUES, Worker
 
@@ -41,7 +42,8 @@ class Runtime:
         self.settings = settings
         self.eager = eager
         self.events = events
-        self.pools = [Worker(backend, tasks, context, settings, events)]
+        self.foreground = Foreground()  # this process's enqueues, which its pools let go first
+        self.pools = [Worker(backend, tasks, context, settings, events, self.foreground)]
         self._plan: list[tuple[int, tuple[str, ...] | None]] | None = None
         self._pid = os.getpid()
         self._lifecycle = threading.Lock()  # start and stop, which may come from two threads
@@ -119,7 +121,8 @@ class Runtime:
         wake it once that transaction commits, where the connection can say so."""
         if self.eager and connection is None:
             return self._run_now(job)
-        stored = self.backend.enqueue(job, connection)
+        with self.foreground.first():
+            stored = self.backend.enqueue(job, connection)
         if stored is job:
             if connection is None:
                 self.wake(job.run_at)
@@ -231,7 +234,9 @@ class Runtime:
 
     def _pool(self, threads: int, queues: tuple[str, ...] | None) -> Worker:
         settings = replace(self.settings, threads=threads, queues=queues)
-        return Worker(self.backend, self.tasks, self.context, settings, self.events)
+        return Worker(
+            self.backend, self.tasks, self.context, settings, self.events, self.foreground
+        )
 
     def wake(self, at: float | None = None) -> None:
         """A job is due (now or ``at``): wake the running pools. Before they start (the

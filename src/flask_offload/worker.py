@@ -53,6 +53,7 @@ from .execution import (
     execute,
     failure,
 )
+from .foreground import Foreground
 from .job import FAILED, PROGRESS_EVERY, QUEUED, Job, Outcome, Running, WorkerInfo
 from .schedule import Scheduler
 
@@ -107,12 +108,14 @@ class Worker:
         context: ContextFactory,
         settings: Settings,
         events: Events | None = None,
+        foreground: Foreground | None = None,
     ) -> None:
         self.backend = backend
         self.tasks = tasks
         self.context = context
         self.settings = settings
         self.events = events
+        self.foreground = foreground or Foreground()  # enqueues in this process go first
         self.id = new_worker_id()
         self.scheduler = Scheduler(backend, tasks, self.wake)
         self._lock = threading.Lock()  # guards every Claimed and the sets below
@@ -273,6 +276,7 @@ class Worker:
         failures = 0
         while not self._stopping:
             seen = self._wakeups
+            self.foreground.give_way()
             try:
                 claimed = self._next(me)
             except StorageCorrupt as error:
@@ -412,6 +416,7 @@ class Worker:
                     return
             fresh = [c for c in due if not c.store_tries]
             for batch in ([fresh] if fresh else []) + [[c] for c in due if c.store_tries]:
+                self.foreground.give_way()
                 self._store(batch)
 
     def _due_outcomes(self) -> list[Claimed] | None:

@@ -387,6 +387,11 @@ def markdown(run: Run, chart: tuple[Path | None, str]) -> str:
         lines += [*notes, ""]
 
     lines += _offload_only(run)
+    lines += [
+        "The dashboard's pages and `/metrics` with 1,000,000 finished jobs are timed by "
+        "`python -m bench.dashboard`: [dashboard-benchmarks.md](dashboard-benchmarks.md).",
+        "",
+    ]
     lines += _skipped(run)
     path, note = chart
     lines += ["## Chart", ""]

@@ -496,7 +496,7 @@ def test_the_pool_never_stalls_behind_an_enqueue_that_waits_for_storage() -> Non
     release = threading.Event()
 
     def stuck() -> None:
-        with foreground.first():
+        with foreground:
             release.wait(30)
 
     holder = threading.Thread(target=stuck)

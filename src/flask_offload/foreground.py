@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 PAUSE = 0.00005  # seconds a pool thread sleeps at a time while a job is being stored
 LONGEST = 0.002  # a pool thread never waits longer than this at one step
@@ -26,15 +24,13 @@ class Foreground:
     def __init__(self) -> None:
         self._storing: dict[int, float] = {}  # thread ident: since when (monotonic)
 
-    @contextmanager
-    def first(self) -> Iterator[None]:
-        """Mark the calling thread as storing a job for the duration."""
-        me = threading.get_ident()
-        self._storing[me] = time.monotonic()
-        try:
-            yield
-        finally:
-            self._storing.pop(me, None)
+    def __enter__(self) -> None:
+        """``with foreground:`` marks the calling thread as storing a job (a class's enter and
+        exit, not a generator's: this is on every enqueue's path)."""
+        self._storing[threading.get_ident()] = time.monotonic()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._storing.pop(threading.get_ident(), None)
 
     def give_way(self) -> None:
         """Between a pool thread's steps: wait while another thread stores a job, unless it

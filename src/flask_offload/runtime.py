@@ -121,7 +121,7 @@ class Runtime:
         wake it once that transaction commits, where the connection can say so."""
         if self.eager and connection is None:
             return self._run_now(job)
-        with self.foreground.first():
+        with self.foreground:
             stored = self.backend.enqueue(job, connection)
         if stored is job:
             if connection is None:

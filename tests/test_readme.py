@@ -1,10 +1,10 @@
-"""The README is true: every Python block in it runs as written, and its two commands are the
-ones CI runs.
+"""The README and the documentation are true: every Python block in README.md and docs/*.md
+runs as written, and the README's two commands are the ones CI runs.
 
 A ```` ```python ```` block runs alone: it is saved as a module and imported by a fresh
 interpreter in an empty folder, as a user's ``app.py`` would be (so the instance folder is
 there, and tasks get a module's name, not ``__main__``'s). A block that builds on what the
-README showed before it, or needs a database, is preceded by ``<!-- test: harness NAME -->``:
+page showed before it, or needs a database, is preceded by ``<!-- test: harness NAME -->``:
 it is then put at the line ``# README BLOCK`` of ``tests/readme/NAME.py``, which gives it what
 it needs before and checks what it did after (a harness whose first lines say ``# needs:
 postgres`` gets a throwaway database in ``READMETEST_POSTGRES_URL``).
@@ -27,6 +27,9 @@ from conftest import HERE, subprocess_env
 
 ROOT = HERE.parent
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+# The README, then the documentation's pages (docs/_build is the built site, not a source).
+PAGES = [README, *sorted(DOCS.glob("*.md"))]
 HARNESSES = HERE / "readme"
 MARKER = "# README BLOCK"
 DIRECTIVE = re.compile(r"<!--\s*test:\s*(harness|skip)\s+(.+?)\s*-->")
@@ -34,13 +37,13 @@ DIRECTIVE = re.compile(r"<!--\s*test:\s*(harness|skip)\s+(.+?)\s*-->")
 
 @dataclass
 class Block:
-    line: int  # where its code starts in README.md
+    line: int  # where its code starts in its page
     code: str
     harness: str | None = None
     skip: str | None = None
 
 
-def readme_blocks(text: str) -> list[Block]:
+def readme_blocks(text: str, page: str = "README.md") -> list[Block]:
     """The ```python blocks of ``text``, each with the directive on the line above it."""
     blocks: list[Block] = []
     lines = text.splitlines()
@@ -54,7 +57,7 @@ def readme_blocks(text: str) -> list[Block]:
         above = lines[index - 1].strip() if index else ""
         directive = DIRECTIVE.fullmatch(above)
         if above.startswith("<!--") and directive is None:
-            raise ValueError(f"README.md:{index}: unknown directive {above!r}")
+            raise ValueError(f"{page}:{index}: unknown directive {above!r}")
         if directive is not None:
             kind, value = directive.groups()
             if kind == "harness":
@@ -66,26 +69,47 @@ def readme_blocks(text: str) -> list[Block]:
     return blocks
 
 
-BLOCKS = readme_blocks(README.read_text())
+def page_name(path: Path) -> str:
+    return str(path.relative_to(ROOT))
 
 
-def program(block: Block) -> str:
-    """The module that runs ``block``: the block alone, or inside its harness."""
+@dataclass
+class PageBlock:
+    page: str  # README.md or docs/NAME.md
+    block: Block
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.block.line}"
+
+
+BLOCKS = [
+    PageBlock(page_name(path), block)
+    for path in PAGES
+    for block in readme_blocks(path.read_text(), page_name(path))
+]
+
+
+def program(found: PageBlock) -> str:
+    """The module that runs a block: the block alone, or inside its harness."""
+    block = found.block
     if block.harness is None:
         return block.code
     harness = (HARNESSES / f"{block.harness}.py").read_text()
     if harness.count(MARKER) != 1:
         raise ValueError(f"tests/readme/{block.harness}.py needs one line {MARKER!r}")
-    return harness.replace(MARKER, f"# README.md, line {block.line}:\n{block.code}")
+    return harness.replace(MARKER, f"# {found.page}, line {block.line}:\n{block.code}")
 
 
 @pytest.mark.parametrize(
-    "block", BLOCKS, ids=[f"line{b.line}-{b.harness or 'alone'}" for b in BLOCKS]
+    "found",
+    BLOCKS,
+    ids=[f"{f.page}:line{f.block.line}-{f.block.harness or 'alone'}" for f in BLOCKS],
 )
-def test_the_python_block_runs(block: Block, tmp_path: Path) -> None:
-    if block.skip is not None:
-        pytest.skip(f"README.md:{block.line}: {block.skip}")
-    source = program(block)
+def test_the_python_block_runs(found: PageBlock, tmp_path: Path) -> None:
+    if found.block.skip is not None:
+        pytest.skip(f"{found.where}: {found.block.skip}")
+    source = program(found)
     folder = tmp_path / "app"
     folder.mkdir()
     (folder / "readme_block.py").write_text(source)
@@ -102,16 +126,19 @@ def test_the_python_block_runs(block: Block, tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert done.returncode == 0, (
-        f"README.md:{block.line} fails as written:\n{done.stdout}{done.stderr}"
-    )
+    assert done.returncode == 0, f"{found.where} fails as written:\n{done.stdout}{done.stderr}"
 
 
 def test_every_harness_serves_a_block() -> None:
-    used = {block.harness for block in BLOCKS}
+    used = {found.block.harness for found in BLOCKS}
     assert used - {None} <= {path.stem for path in HARNESSES.glob("*.py")}, "a harness is missing"
     assert {path.stem for path in HARNESSES.glob("*.py")} <= used, "a harness serves no block"
-    assert sum(block.skip is not None for block in BLOCKS) <= 2, "keep skipped blocks few"
+    assert sum(found.block.skip is not None for found in BLOCKS) <= 2, "keep skipped blocks few"
+
+
+def test_the_documentation_has_python_blocks_to_run() -> None:
+    pages = {found.page for found in BLOCKS}
+    assert {"README.md", "docs/quickstart.md", "docs/job-control.md"} <= pages, pages
 
 
 def test_the_convention_is_understood() -> None:

@@ -17,7 +17,7 @@ myst_enable_extensions = ["colon_fence"]
 default_role = "code"
 
 autodoc_member_order = "bysource"
-autodoc_typehints = "description"
+autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 
 html_theme = "flask"

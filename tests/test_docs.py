@@ -26,7 +26,7 @@ def keys_in_the_source() -> set[str]:
 
 
 def keys_in_the_reference() -> set[str]:
-    return set(re.findall(r"^```\{py:data\} (OFFLOAD_\w+)$", REFERENCE.read_text(), re.M))
+    return set(re.findall(r"^### `(OFFLOAD_\w+)`$", REFERENCE.read_text(), re.M))
 
 
 class RecordingConfig(Config):

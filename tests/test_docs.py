@@ -95,3 +95,15 @@ def test_every_offload_command_the_docs_show_exists() -> None:
         known = {opt for param in command.params for opt in param.opts}
         unknown = [option.split("=")[0] for option in options if option.split("=")[0] not in known]
         assert not unknown, f"{page.name}: `flask offload {name}` has no option {unknown}"
+
+
+def test_the_wheel_the_install_steps_name_is_this_versions() -> None:
+    """The steps name the wheel ``python -m build`` writes (setuptools' normalised name)."""
+    named = {
+        (page.name, wheel)
+        for page in PAGES
+        for wheel in re.findall(r"flask_offload-\S+?\.whl", page.read_text(), re.I)
+    }
+    assert named, "the install steps show the built wheel"
+    expected = f"flask_offload-{flask_offload.__version__}-py3-none-any.whl"
+    assert {wheel for _, wheel in named} == {expected}, named

@@ -1,6 +1,7 @@
 """The documentation keeps up with the code: every ``OFFLOAD_*`` key the code reads is in the
 configuration reference (and nothing else is), and every ``flask offload`` command and option
-its shell blocks show exists. (Its Python blocks run in tests/test_readme.py.)"""
+its shell blocks show exists, and every public name is in the API reference. (Its Python
+blocks run in tests/test_readme.py.)"""
 
 from __future__ import annotations
 
@@ -107,3 +108,10 @@ def test_the_wheel_the_install_steps_name_is_this_versions() -> None:
     assert named, "the install steps show the built wheel"
     expected = f"flask_offload-{flask_offload.__version__}-py3-none-any.whl"
     assert {wheel for _, wheel in named} == {expected}, named
+
+
+def test_every_public_name_is_in_the_api_reference() -> None:
+    reference = (ROOT / "docs" / "api.md").read_text()
+    documented = set(re.findall(r"^\.\. (?:auto\w+|py:\w+):: (\w+)", reference, re.M))
+    missing = set(flask_offload.__all__) - documented
+    assert not missing, f"docs/api.md lacks {sorted(missing)}"

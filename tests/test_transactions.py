@@ -4,6 +4,10 @@ write transaction on the job store's own file."""
 
 from __future__ import annotations
 
+import sqlite3
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +18,9 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
-from conftest import AppFactory
+from conftest import AppFactory, make_job
 from flask_offload import Offload
+from flask_offload.backends import SQLiteBackend
 
 
 class Shop:
@@ -146,3 +151,89 @@ def test_the_end_of_the_app_context_discards_an_uncommitted_transactions_jobs(
         shop.add("b")
         shop.db.session.commit()
         assert shop.stored(forgotten) == [False]
+
+
+# --- .delay() inside a write transaction on the job store's own file ------------------------
+
+
+@pytest.fixture
+def shared(make_app: AppFactory, tmp_path: Path) -> Iterator[Shop]:
+    """The app's tables and its jobs in one file, jobs.db (OFFLOAD_URL is the app's
+    database), switched to WAL as the pool or `flask offload init-db` does; inside an app
+    context."""
+    made = shop_app(make_app, tmp_path / "jobs.db")
+    made.offload.runtime(made.app).backend.prepare()
+    with made.app.app_context():
+        yield made
+
+
+def test_delay_inside_the_apps_own_write_transaction_fails_at_once(shared: Shop) -> None:
+    shared.add("a")  # db.session now holds the file's write lock
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"connection=db\.session.*after_commit=db\.session"):
+        shared.task.delay()
+    assert time.monotonic() - started < 10, "at once, not after a busy wait of a minute"
+    job = shared.task.enqueue(connection=shared.db.session)  # what the error says to do
+    shared.db.session.commit()
+    assert shared.stored(job.id) == [True]
+    assert shared.db.session.query(shared.Row).count() == 1
+
+
+def test_after_commit_on_the_shared_file_stores_once_the_lock_is_released(shared: Shop) -> None:
+    shared.add("a")
+    job = shared.enqueue()
+    shared.db.session.commit()
+    assert shared.stored(job) == [True]
+
+
+def test_delay_beside_a_transaction_that_has_not_written_goes_through(shared: Shop) -> None:
+    """Reads, or a session whose driver opens a transaction before any write (the SAVEPOINT
+    recipe for pysqlite), hold no write lock: nothing to refuse."""
+    assert shared.db.session.query(shared.Row).count() == 0
+    raw = shared.db.session.connection().connection.dbapi_connection
+    assert raw is not None
+    raw.execute("SAVEPOINT reading")  # a driver-level transaction, no write yet
+    assert raw.in_transaction
+    assert shared.stored(shared.task.delay().id) == [True]
+    shared.db.session.rollback()
+
+
+def test_delay_waits_out_another_threads_short_write(shared: Shop) -> None:
+    """The write lock held by this process, but by another thread's transaction: wait."""
+    holding = threading.Event()
+
+    def write_briefly() -> None:
+        with shared.app.app_context():
+            shared.add("other thread")
+            holding.set()
+            time.sleep(0.5)
+            shared.db.session.commit()
+
+    writer = threading.Thread(target=write_briefly)
+    writer.start()
+    try:
+        assert holding.wait(10)
+        assert shared.stored(shared.task.delay().id) == [True]
+    finally:
+        writer.join(10)
+
+
+def test_a_store_locked_past_the_busy_wait_says_what_to_do(tmp_path: Path) -> None:
+    """Any other holder (a plain sqlite3 connection here): after the wait, an error that says
+    what to do instead of a bare "database is locked"."""
+    backend = SQLiteBackend(str(tmp_path / "jobs.db"), busy_timeout=0.2)
+    backend.prepare()
+    other = sqlite3.connect(tmp_path / "jobs.db")
+    try:
+        other.execute("CREATE TABLE mine (x)")
+        other.execute("INSERT INTO mine VALUES (1)")  # an open write transaction
+        with pytest.raises(sqlite3.OperationalError, match="locked") as caught:
+            backend.enqueue(make_job())
+        assert "connection=" in str(caught.value) and "after_commit=" in str(caught.value)
+        if sys.platform == "linux":  # /proc/locks names the holder
+            assert "a connection of this process" in str(caught.value)
+        other.rollback()
+        assert backend.enqueue(make_job()).state == "queued"
+    finally:
+        other.close()
+        backend.close()

@@ -53,6 +53,28 @@ def _session(candidate: Any) -> Any:
     return candidate if isinstance(candidate, Session) else None
 
 
+def writing(session: Any, engine: Any) -> bool:
+    """True if ``session`` (a Session, or a scoped_session holding one for the current
+    scope) has an open driver-level transaction on ``engine``: with Python's sqlite3, as
+    SQLAlchemy uses it, one opens only once a statement writes, and it holds the file's
+    write lock until it ends."""
+    registry = getattr(session, "registry", None)
+    if registry is not None and not registry.has():
+        return False  # no session in this scope: nothing open
+    real = _session(session)
+    if real is None or not real.in_transaction():
+        return False
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        if real.get_bind() is not engine:
+            return False
+        driver = real.connection().connection.dbapi_connection
+    except SQLAlchemyError:  # no bind, or a transaction that can run nothing more
+        return False
+    return bool(getattr(driver, "in_transaction", False))
+
+
 def _enclosing(transaction: Any) -> Any:
     """The savepoint or root transaction around ``transaction``, skipping the internal
     subtransactions a flush opens."""

@@ -14,8 +14,8 @@ from typing import Any, ParamSpec, TypeVar, overload
 from flask import Flask, current_app, has_app_context
 from flask.ctx import AppContext
 
-from . import dashboard, lifecycle, logs, signals, web
-from .backends import open_backend
+from . import commits, dashboard, lifecycle, logs, signals, web
+from .backends import Backend, SQLiteBackend, open_backend
 from .cli import offload_cli
 from .execution import Cancelled, ContextFactory, Events, Retry, Settings
 from .job import Job, Outcome, new_id
@@ -72,7 +72,13 @@ class Offload:
             url, app.instance_path, synchronous, _flag(app.config, "OFFLOAD_PG_LISTEN")
         )
         runtime = Runtime(
-            backend, self._tasks, _context_of(app), settings, eager=eager, events=_events_of(app)
+            backend,
+            self._tasks,
+            _context_of(app),
+            settings,
+            eager=eager,
+            events=_events_of(app),
+            guard=_own_lock_guard(app, backend),
         )
         self._runtimes[app] = runtime
         app.extensions["offload"] = self
@@ -314,6 +320,46 @@ def _events_of(app: Flask) -> Events:
             signals.send(live, event, job, outcome)
 
     return events
+
+
+def _own_lock_guard(app: Flask, backend: Backend) -> Callable[[], None] | None:
+    """Where the job store is also the app's Flask-SQLAlchemy database file: a check before
+    each enqueue that refuses at once one that would wait for the caller's own write
+    transaction (SQLite has one writer, and that transaction cannot end while it waits),
+    saying what to do instead. Costs nothing where the files differ."""
+    if not isinstance(backend, SQLiteBackend):
+        return None
+    ref = weakref.ref(app)
+    shared: list[Any] | None = None  # the app's engines on the job store's file, found once
+
+    def guard() -> None:
+        nonlocal shared
+        if shared == []:
+            return
+        live = ref()
+        db = live.extensions.get("sqlalchemy") if live is not None else None
+        if db is None or not has_app_context():
+            return
+        if shared is None:
+            store = os.path.realpath(backend.path)
+            shared = [
+                engine
+                for engine in db.engines.values()
+                if engine.dialect.name == "sqlite"
+                and os.path.realpath(engine.url.database or "") == store
+            ]
+        for engine in shared:
+            if commits.writing(db.session, engine) and backend.write_locked_here():
+                raise RuntimeError(
+                    f"db.session holds a write transaction open on {backend.path}, which is "
+                    "also the job store (OFFLOAD_URL), and SQLite has one writer: this "
+                    "enqueue would wait for that transaction, which cannot end meanwhile. "
+                    "Enqueue inside it with enqueue(..., connection=db.session) (the job "
+                    "exists only if it commits), or once it commits with "
+                    "enqueue(..., after_commit=db.session)"
+                )
+
+    return guard
 
 
 def read_config(app: Flask) -> tuple[str, Settings, bool, str]:

@@ -10,7 +10,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,6 +35,7 @@ class Runtime:
         settings: Settings,
         eager: bool = False,
         events: Events | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         self.backend = backend
         self.tasks = tasks
@@ -42,6 +43,7 @@ class Runtime:
         self.settings = settings
         self.eager = eager
         self.events = events
+        self.guard = guard  # raises before an enqueue that would wait for the caller's own lock
         self.foreground = Foreground()  # this process's enqueues, which its pools let go first
         self.pools = [Worker(backend, tasks, context, settings, events, self.foreground)]
         self._plan: list[tuple[int, tuple[str, ...] | None]] | None = None
@@ -119,6 +121,8 @@ class Runtime:
     def _store(self, job: Job, connection: Any) -> Job:
         """Store ``job`` (run it, in EAGER mode) and wake the pool; through ``connection``,
         wake it once that transaction commits, where the connection can say so."""
+        if connection is None and self.guard is not None:
+            self.guard()
         if self.eager and connection is None:
             return self._run_now(job)
         with self.foreground:

@@ -115,6 +115,7 @@ class Offload:
         retries: int = 0,
         retry_backoff: float = 1.0,
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+        retry_unless: type[BaseException] | tuple[type[BaseException], ...] = (),
         timeout: float | None = None,
         public: bool = False,
         result_ttl: float | None = None,

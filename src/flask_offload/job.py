@@ -7,6 +7,8 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -222,9 +224,10 @@ class WorkerInfo:
 
 
 class Running:
-    """What a task sees of the job it is running, through ``current_job``."""
+    """What a task sees of the job it is running, through ``current_job``; with no
+    ``backend``, a detached handle whose progress stays in memory (see ``detached``)."""
 
-    def __init__(self, job: Job, backend: Backend) -> None:
+    def __init__(self, job: Job, backend: Backend | None) -> None:
         self.job = job
         self._backend = backend
         self._written: str | None = job.progress_json
@@ -272,6 +275,9 @@ class Running:
         """Store progress now. A storage error is logged and the value kept for the finish
         (or the next flush): progress is never worth failing the job for."""
         self.written_at = time.monotonic()
+        if self._backend is None:
+            self.pending_progress, self._written = None, text
+            return
         try:
             self._backend.set_progress(self.job, text)
         except Exception as error:
@@ -289,6 +295,19 @@ class Running:
 
 
 _running: ContextVar[Running | None] = ContextVar("flask_offload_job", default=None)
+
+
+@contextmanager
+def detached(task: str) -> Iterator[None]:
+    """``current_job`` for a task called inline (``task(...)``): a handle that no stored job
+    has (a fresh id, attempt 1, progress kept in memory, never cancelled), so a task written
+    for a worker still runs as the plain function it is."""
+    job = Job(id=new_id(), task=task, state=RUNNING, attempts=1, started_at=time.time())
+    token = _running.set(Running(job, None))
+    try:
+        yield
+    finally:
+        _running.reset(token)
 
 
 class _CurrentJob:

@@ -53,6 +53,18 @@ def new_id() -> str:
     return str(state["bytes"][offset : offset + _ID_BYTES].hex())
 
 
+_FINAL_WORDS: dict[str, str] = {
+    SUCCEEDED: "has succeeded",
+    FAILED: "has failed",
+    CANCELLED: "was cancelled",
+}
+
+
+def state_words(state: str) -> str:
+    """``state`` as a sentence says it of a job: "is queued", "has succeeded", "was cancelled"."""
+    return _FINAL_WORDS.get(state, f"is {state}")
+
+
 def valid_id(job_id: object) -> bool:
     """True for a well-formed job id: 32 lowercase hex characters."""
     return isinstance(job_id, str) and _ID.fullmatch(job_id) is not None

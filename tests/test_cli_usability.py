@@ -139,8 +139,8 @@ def test_messages_use_plain_english_for_states(make_app: AppFactory) -> None:
     ]
     text = "".join(outputs)
     assert "is succeeded" not in text and "has already cancelled" not in text
-    assert f"job {done.id} has succeeded already" in outputs[0]
-    assert f"job {stopped.id} was cancelled already" in outputs[1]
+    assert f"job {done.id} has already succeeded" in outputs[0]
+    assert f"job {stopped.id} was already cancelled" in outputs[1]
     assert f"job {done.id} has succeeded: only failed or cancelled jobs retry" in outputs[2]
 
 

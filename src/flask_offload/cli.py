@@ -240,7 +240,7 @@ def cancel_command(job_id: str) -> None:
     done = _runtime().cancel(job.id)  # through the runtime: job_cancelled is sent
     job.refresh()
     if not done:
-        raise click.ClickException(f"job {job.id} {state_words(job.state)} already")
+        raise click.ClickException(f"job {job.id} {state_words(job.state, 'already')}")
     click.echo(f"{job.id} {'cancelled' if job.state == 'cancelled' else 'asked to stop'}")
 
 

@@ -53,16 +53,13 @@ def new_id() -> str:
     return str(state["bytes"][offset : offset + _ID_BYTES].hex())
 
 
-_FINAL_WORDS: dict[str, str] = {
-    SUCCEEDED: "has succeeded",
-    FAILED: "has failed",
-    CANCELLED: "was cancelled",
-}
+_VERBS: dict[str, str] = {SUCCEEDED: "has", FAILED: "has", CANCELLED: "was"}
 
 
-def state_words(state: str) -> str:
-    """``state`` as a sentence says it of a job: "is queued", "has succeeded", "was cancelled"."""
-    return _FINAL_WORDS.get(state, f"is {state}")
+def state_words(state: str, adverb: str = "") -> str:
+    """``state`` as a sentence says it of a job: "is queued", "has succeeded", "was
+    cancelled", with ``adverb`` in its place ("was already cancelled")."""
+    return " ".join(word for word in (_VERBS.get(state, "is"), adverb, state) if word)
 
 
 def valid_id(job_id: object) -> bool:

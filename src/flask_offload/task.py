@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
-from .job import Job, detached
+from .job import Job, run_detached
 from .schedule import Schedule
 
 if TYPE_CHECKING:
@@ -116,11 +116,9 @@ class Task(Generic[P, R]):
             raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
         if not _seconds(retry_backoff, allow_zero=True):
             raise ValueError(f"retry_backoff must be seconds >= 0, not {retry_backoff!r}")
-        retry_on, retry_unless = (
-            _exceptions(retry_on, "retry_on"),
-            _exceptions(retry_unless, "retry_unless"),
-        )
-        if retry_unless and all(issubclass(t, retry_unless) for t in retry_on):
+        retry_on = _exceptions(retry_on, "retry_on")
+        retry_unless = _exceptions(retry_unless, "retry_unless")
+        if retry_on and retry_unless and all(issubclass(t, retry_unless) for t in retry_on):
             raise ValueError(
                 f"retry_unless={retry_unless!r} covers every exception in retry_on={retry_on!r}, "
                 "so nothing would be retried: set retries=0 instead, or narrow retry_unless"
@@ -148,9 +146,8 @@ class Task(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function now, in the caller's thread; ``current_job`` inside it is a
-        detached handle (see ``job.detached``), even inside another job."""
-        with detached(self.name):
-            return self.fn(*args, **kwargs)
+        detached handle (see ``job.Detached``), even inside another job."""
+        return run_detached(self.fn, *args, **kwargs)
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Store a job that runs ``fn(*args, **kwargs)``; returns once it is committed."""

@@ -61,6 +61,7 @@ def test_retry_unless_is_checked_at_registration() -> None:
         offload.task(name="a", retry_unless=("KeyError",))(lambda: None)
     with pytest.raises(ValueError, match=r"retry_unless=.*OSError.*every exception in retry_on"):
         offload.task(name="b", retry_on=(ConnectionError,), retry_unless=OSError)(lambda: None)
+    assert offload.task(name="e", retry_on=(), retry_unless=KeyError)(lambda: None).retry_on == ()
     with pytest.raises(TypeError, match="did you mean retry_unless="):
         offload.task(name="c", retry_unles=KeyError)(lambda: None)
     with pytest.raises(TypeError, match="spells this retry_unless="):

@@ -20,7 +20,17 @@ from .backends.base import Backend
 from .backends.rows import history_entry
 from .execution import ContextFactory, Events, Runnable, Settings, execute
 from .foreground import Foreground
-from .job import CANCELLED, HISTORY_LIMIT, QUEUED, RUNNING, Job, Running, new_id, valid_id
+from .job import (
+    CANCELLED,
+    HISTORY_LIMIT,
+    QUEUED,
+    RUNNING,
+    Job,
+    Running,
+    new_id,
+    state_words,
+    valid_id,
+)
 from .worker import MAX_DUES, Worker
 
 
@@ -184,7 +194,9 @@ class Runtime:
                     f"job {job_id} has key {job.key!r}, which another queued or running job "
                     "holds now: wait for that job, or cancel it first"
                 )
-            raise ValueError(f"job {job_id} is {job.state}: only failed or cancelled jobs retry")
+            raise ValueError(
+                f"job {job_id} {state_words(job.state)}: only failed or cancelled jobs retry"
+            )
         self.wake()
         return job.refresh()
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import commits, serializer
+from . import commits, serializer, tracing
 from .backends.base import Backend
 from .backends.rows import history_entry
 from .execution import ContextFactory, Events, Runnable, Settings, execute
@@ -122,6 +122,7 @@ class Runtime:
             run_at=_due(now, delay, at),
             owner_json=owner_json,
             ephemeral=ephemeral,
+            trace_json=tracing.carrier() if tracing.ENABLED else None,
         )
         if after_commit is not None:
             commits.after_commit(after_commit, lambda: self._store(job, None))

@@ -73,7 +73,13 @@ class Offload:
             url, app.instance_path, synchronous, _flag(app.config, "OFFLOAD_PG_LISTEN")
         )
         runtime = Runtime(
-            backend, self._tasks, _context_of(app), settings, eager=eager, events=_events_of(app)
+            backend,
+            self._tasks,
+            _context_of(app),
+            settings,
+            eager=eager,
+            events=_events_of(app),
+            before_start=_views_of(app),
         )
         self._runtimes[app] = runtime
         app.extensions["offload"] = self
@@ -285,6 +291,19 @@ def _context_of(app: Flask) -> ContextFactory:
         return live.app_context()
 
     return context
+
+
+def _views_of(app: Flask) -> Callable[[], None]:
+    """Register the tasks of the background views ``app`` serves before its pool starts (its
+    routes are all in place by then), holding it weakly as ``_context_of`` does."""
+    ref = weakref.ref(app)
+
+    def register() -> None:
+        live = ref()
+        if live is not None:
+            web.register_views(live)
+
+    return register
 
 
 def config_from_environment(config: dict[str, Any]) -> None:

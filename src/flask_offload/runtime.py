@@ -10,7 +10,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,6 +35,7 @@ class Runtime:
         settings: Settings,
         eager: bool = False,
         events: Events | None = None,
+        before_start: Callable[[], None] | None = None,
     ) -> None:
         self.backend = backend
         self.tasks = tasks
@@ -42,6 +43,7 @@ class Runtime:
         self.settings = settings
         self.eager = eager
         self.events = events
+        self.before_start = before_start  # the Flask layer registers the app's views' tasks
         self.foreground = Foreground()  # this process's enqueues, which its pools let go first
         self.pools = [Worker(backend, tasks, context, settings, events, self.foreground)]
         self._plan: list[tuple[int, tuple[str, ...] | None]] | None = None
@@ -222,6 +224,8 @@ class Runtime:
         with self._lifecycle:
             if self._stopped:
                 return
+            if self.before_start is not None:
+                self.before_start()
             if plan is not None:
                 self._plan = plan
                 self.pools = [self._pool(threads, queues) for threads, queues in plan]

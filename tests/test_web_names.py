@@ -168,3 +168,25 @@ def test_each_example_keeps_its_own_job_store(monkeypatch: pytest.MonkeyPatch) -
         app = module.create_app()
         stores.add(module.offload.runtime(app).backend.location)
     assert len(stores) == 2, stores
+
+
+def test_two_views_whose_endpoint_names_clash_are_told_and_the_pool_still_starts(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    offload = Offload()
+
+    def one() -> str:
+        return "one"
+
+    def two() -> str:
+        return "two"
+
+    first, _ = make_app(offload, OFFLOAD_WORKERS=0)
+    first.add_url_rule("/x", "x", offload.background(queue="a")(one))
+    first.test_client().get("/x")  # the first request registers view:x
+    second, _ = make_app(offload, storage="memory", OFFLOAD_WORKERS=1)
+    second.add_url_rule("/x", "x", offload.background(queue="b")(two))
+    runtime = offload.runtime(second)
+    runtime.start()
+    assert runtime.started
+    assert "two tasks are named 'view:x'" in caplog.text

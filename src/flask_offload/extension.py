@@ -300,8 +300,12 @@ def _views_of(app: Flask) -> Callable[[], None]:
 
     def register() -> None:
         live = ref()
-        if live is not None:
+        if live is None:
+            return
+        try:
             web.register_views(live)
+        except ValueError as error:  # two views' names clash: the pool still runs the others
+            logs.logger.error("%s", error)
 
     return register
 

@@ -48,6 +48,16 @@ if TYPE_CHECKING:
     from .extension import Offload
     from .runtime import Runtime
 
+__all__ = [
+    "MODES",
+    "Harness",
+    "assert_enqueued",
+    "enqueued_jobs",
+    "refute_enqueued",
+    "run_jobs",
+    "using",
+]
+
 Mode = Literal["inline", "manual", "pool"]
 MODES: tuple[Mode, ...] = ("inline", "manual", "pool")
 TaskRef = Any  # a Task, or a task's name

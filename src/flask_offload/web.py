@@ -81,7 +81,7 @@ class BackgroundView:
         self.options = options
         self.legacy = legacy
         self._offload = offload
-        self._tasks: dict[str, Task[..., Any]] = {}  # by endpoint
+        self._tasks: dict[str, Task[..., Any]] = {}  # by name, one per endpoint serving it
 
     def __get__(self, instance: object, owner: type | None = None) -> Any:
         """Bind as the function it wraps would, so a ``MethodView`` method can be one."""

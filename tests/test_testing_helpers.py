@@ -49,6 +49,13 @@ def test_inline_runs_each_job_at_delay(app: Flask, offload_inline: Harness) -> N
         assert order is not None and order.receipt_sent and order.booked
         assert offload_inline.enqueued_jobs() == [], "inline stores only finished jobs"
     assert shopapp.courier_calls == [order_id, order_id], "failed once, retried at once"
+    with app.app_context():
+        order = Order(email="bob@example.com")
+        db.session.add(order)
+        db.session.commit()
+        assert not order.receipt_sent  # loaded into the test's session
+        send_receipt.delay(order.id)
+        assert order.receipt_sent, "run in the test's context: seen without expire_all()"
 
 
 def test_manual_stores_until_run_jobs_runs_them_in_the_tests_context(

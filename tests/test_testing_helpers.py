@@ -135,3 +135,19 @@ def test_manual_mode_refuses_an_app_running_a_pool(tmp_path: Path) -> None:
     harness = Harness(app)
     with testing.using("pool", app), pytest.raises(RuntimeError, match="runs a pool"):
         harness.switch("manual")
+
+
+def test_the_pool_runs_on_through_inline_and_stops_for_manual(
+    app: Flask, offload_pool: Harness
+) -> None:
+    with offload_pool.using("inline"):
+        place_order(app)
+    assert offload_pool.mode == "pool" and offload_pool.runtime.started
+    offload_pool.switch("manual")
+    assert not offload_pool.runtime.started or offload_pool.runtime.stopped
+    order_id = place_order(app)
+    offload_pool.assert_enqueued(send_receipt, args=[order_id])
+    with offload_pool.using("inline"), offload_pool.using("manual"):
+        pass
+    with pytest.raises(RuntimeError, match="does not start again"):
+        offload_pool.switch("pool")

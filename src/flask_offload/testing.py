@@ -80,19 +80,22 @@ class Harness:
         self._our_pool = False
 
     def switch(self, mode: Mode) -> None:
-        """Put the app in ``mode`` (``"inline"``, ``"manual"`` or ``"pool"``) from now on."""
+        """Put the app in ``mode`` (``"inline"``, ``"manual"`` or ``"pool"``) from now on.
+        ``manual`` stops the pool that ``pool`` started, and a stopped pool does not start
+        again in the same app; ``inline`` leaves it running (it gets no new job)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        if mode == "manual" and self.runtime.started and not self._our_pool:
-            raise RuntimeError(
-                f"app {self.app.name!r} runs a pool, whose threads would run the jobs a manual "
-                "test runs itself: set TESTING = True and leave OFFLOAD_WORKERS unset"
-            )
-        if mode != "pool" and self._our_pool:
+        running = self.runtime.started and not self.runtime.stopped
+        if mode == "manual" and running:
+            if not self._our_pool:
+                raise RuntimeError(
+                    f"app {self.app.name!r} runs a pool, whose threads would run the jobs a "
+                    "manual test runs itself: set TESTING = True and leave OFFLOAD_WORKERS unset"
+                )
             self._stop_pool()
         self.app.config["OFFLOAD_EAGER"] = mode == "inline"
         self.runtime.context = _test_context(self.app) if mode == "inline" else self._context
-        if mode == "pool" and not self.runtime.started:
+        if mode == "pool" and not running:
             if self.runtime.stopped:
                 raise RuntimeError(
                     f"the pool of app {self.app.name!r} has stopped, and a pool does not start "

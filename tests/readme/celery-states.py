@@ -3,7 +3,7 @@ the task's progress meta."""
 
 from flask import Flask
 
-from flask_offload import Offload, current_job
+from flask_offload import Offload, current_job, testing
 
 offload = Offload()
 app = Flask(__name__)
@@ -24,7 +24,7 @@ context.push()
 job = resize.delay("a.png")
 client = app.test_client()
 assert client.get(f"/offload/jobs/{job.id}").json == {"state": "PENDING"}
-assert offload.drain() == 1
+assert [ran.id for ran in testing.run_jobs()] == [job.id]
 answer = client.get(f"/offload/jobs/{job.id}").json
 assert answer == {"state": "SUCCESS", "file": "a.png"}, answer
 context.pop()

@@ -3,7 +3,7 @@ order, and the second gets the first's output."""
 
 from flask import Flask
 
-from flask_offload import Offload
+from flask_offload import Offload, testing
 
 offload = Offload()
 app = Flask(__name__)
@@ -25,8 +25,8 @@ context.push()
 # README BLOCK
 
 first = fetch.delay("https://example.com/data.csv")
-assert offload.drain() == 2, "fetch, then the parse it enqueued"
-[second] = offload.runtime().backend.list_jobs(task=parse.name)
-assert second.args == ["/tmp/data.csv"] and second.state == "succeeded", second
-assert first.refresh().state == "succeeded"
+ran = testing.run_jobs()
+assert [job.task for job in ran] == [fetch.name, parse.name], "fetch, then the parse it enqueued"
+assert ran[1].args == ["/tmp/data.csv"] and ran[1].state == "succeeded", ran[1]
+assert ran[1].result == len("/tmp/data.csv") and first.refresh().state == "succeeded"
 context.pop()

@@ -41,7 +41,7 @@ from .rows import (
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
 _SELECT = ", ".join(COLUMNS)
 
@@ -131,6 +131,8 @@ MIGRATIONS = [
     CREATE INDEX offload_jobs_finished ON offload_jobs (finished_at, task, state)
         WHERE state IN ('succeeded', 'failed', 'cancelled');
     """,
+    # Version 6: the trace context a job was enqueued in (OpenTelemetry, where installed).
+    "ALTER TABLE offload_jobs ADD COLUMN trace_json TEXT;",
 ]
 
 
@@ -146,7 +148,7 @@ def _insert(columns: Sequence[str]) -> str:
 # ones) binds every column.
 NEW_COLUMNS = (
     "id", "task", "queue", "priority", "state", "args_json", "kwargs_json", "key",
-    "max_attempts", "created_at", "run_at", "owner_json", "ephemeral",
+    "max_attempts", "created_at", "run_at", "owner_json", "ephemeral", "trace_json",
 )  # fmt: skip
 INSERT_NEW, INSERT_WHOLE = _insert(NEW_COLUMNS), _insert(COLUMNS)
 _new_values, _whole_values = attrgetter(*NEW_COLUMNS), attrgetter(*COLUMNS)

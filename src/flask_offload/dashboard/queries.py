@@ -4,9 +4,12 @@ every gunicorn worker shows the same thing). Each function returns a template's 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
+
+from flask import abort
 
 from ..backends.base import JobFilter, QueueInfo
 from ..job import FINAL_STATES, Job
@@ -15,6 +18,8 @@ from ..runtime import Runtime
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 PAGE_SIZE = 50
 CHART_MINUTES = 60
+MAX_FILTER = 200
+CURSOR = re.compile("[0-9]{1,19}")
 
 
 def overview(runtime: Runtime) -> dict[str, Any]:
@@ -78,20 +83,37 @@ def live_workers(runtime: Runtime) -> list[dict[str, Any]]:
 
 
 def job_filter(args: Mapping[str, str]) -> JobFilter:
-    """The filters of the jobs list, from its query string (bookmarkable)."""
+    """The filters of the jobs list, from its query string (bookmarkable); a malformed one
+    (an unknown state, a value over ``MAX_FILTER`` characters or with a control character)
+    is a 400 that names it. An empty value is no filter."""
 
     def field(name: str) -> str | None:
-        value = (args.get(name) or "").strip()[:200]
+        value = (args.get(name) or "").strip()
+        if len(value) > MAX_FILTER or any(ord(c) < 32 or ord(c) == 127 for c in value):
+            abort(400, f"the filter {name!r} must be at most {MAX_FILTER} printable characters")
         return value or None
 
     state = field("state")
+    if state is not None and state not in STATES:
+        abort(400, f"the state filter must be one of {', '.join(STATES)}, not {state!r}")
     return JobFilter(
-        state=state if state in STATES else None,
+        state=state,
         task=field("task"),
         queue=field("queue"),
         key=field("key"),
         text=field("q"),
     )
+
+
+def cursor(args: Mapping[str, str]) -> int | None:
+    """The ``before`` cursor of a jobs page: a positive 64-bit integer (a job's sequence
+    number), or None when absent or empty; anything else is a 400."""
+    value = args.get("before") or ""
+    if not value:
+        return None
+    if not CURSOR.fullmatch(value) or not 0 < int(value) < 2**63:
+        abort(400, "'before' must be the cursor of a jobs page (a positive whole number)")
+    return int(value)
 
 
 def jobs_page(runtime: Runtime, filters: JobFilter, before: int | None) -> dict[str, Any]:

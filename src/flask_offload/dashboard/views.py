@@ -71,14 +71,14 @@ def jobs() -> Any:
     text = (request.args.get("q") or "").strip()
     if valid_id(text):  # a job id in the search box opens that job
         return redirect(url_for(".job", job_id=text))
-    before = request.args.get("before", type=int)
+    before = queries.cursor(request.args)
     context = queries.jobs_page(_runtime(), queries.job_filter(request.args), before)
     return _page("offload_dashboard/jobs.html", "Jobs", **context)
 
 
 @blueprint.get("/job/<job_id>")
 def job(job_id: str) -> Any:
-    found = _runtime().get(job_id)
+    found = _runtime().get(job_id) if valid_id(job_id) else None
     if found is None:
         abort(404)
     return _page("offload_dashboard/job.html", f"Job {job_id}", **queries.job_detail(found))
@@ -109,7 +109,7 @@ def queues() -> Any:
 @blueprint.post("/job/<job_id>/<verb>")
 def job_action(job_id: str, verb: str) -> WerkzeugResponse:
     access.check_action()
-    if verb not in VERBS:
+    if verb not in VERBS or not valid_id(job_id):
         abort(404)
     done = _apply(_runtime(), verb, job_id)
     notice = f"{verb}: {'done' if done else 'not possible in its state'}"

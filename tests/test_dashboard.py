@@ -476,6 +476,10 @@ def test_a_background_views_request_secrets_are_never_shown_nor_searched(
         assert secret not in text, secret
         assert not found(viewer, secret, job_id), secret
     assert found(viewer, "visible-note", job_id), "what is shown is searched"
+    if verdict is True:  # a bulk action finds what the search finds
+        form = {"csrf": token(viewer), "verb": "delete", "q": SESSION}
+        ask = viewer.post("/offload/bulk", data=form, headers=ORIGIN)
+        assert "Delete 0 job(s)" in ask.get_data(as_text=True)
 
 
 def test_the_app_masks_task_arguments_by_name(make_app: AppFactory) -> None:
@@ -511,6 +515,17 @@ def test_the_app_masks_task_arguments_by_name(make_app: AppFactory) -> None:
         assert not found(client, secret, job.id), secret
     assert found(client, "dana@example", job.id)
     assert found(client, "theme", job.id)
+    with app.app_context():
+        shown_once = signup.delay("needle@example.com", "x", {}).id
+        hidden = [signup.delay("y", "needle@example.com", {}).id for _ in range(120)]
+    html = client.get("/offload/list?q=needle@example").get_data(as_text=True)
+    assert shown_once[:12] in html, "found past more than two pages of masked matches"
+    assert not any(job_id[:12] in html for job_id in hidden)
+
+
+def test_the_mask_setting_is_checked_at_init_app(make_app: AppFactory) -> None:
+    with pytest.raises(TypeError, match="OFFLOAD_DASHBOARD_MASK must be a list"):
+        make_app(OFFLOAD_DASHBOARD=True, OFFLOAD_DASHBOARD_MASK=5)
 
 
 # -- mounted under a prefix, malformed queries --------------------------------------------

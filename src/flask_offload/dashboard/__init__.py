@@ -13,6 +13,9 @@ import hmac
 from flask import Blueprint, Flask, Response, abort, current_app, request
 
 from . import access
+from .masks import DEFAULT, Mask
+
+MASK_KEY = "offload_dashboard_mask"  # the app's Mask, in app.extensions
 
 
 def install(app: Flask) -> None:
@@ -22,6 +25,8 @@ def install(app: Flask) -> None:
     app.config.setdefault("OFFLOAD_DASHBOARD", False)
     app.config.setdefault("OFFLOAD_METRICS_TOKEN", None)
     app.config.setdefault("OFFLOAD_DASHBOARD_BULK_LIMIT", 1000)
+    app.config.setdefault("OFFLOAD_DASHBOARD_MASK", list(DEFAULT))
+    app.extensions[MASK_KEY] = Mask.from_setting(app.config["OFFLOAD_DASHBOARD_MASK"])
     prefix = app.config["OFFLOAD_URL_PREFIX"]
     enabled = _flag(app.config, "OFFLOAD_DASHBOARD")
     if enabled:

@@ -71,7 +71,7 @@ def development() -> bool:
         current_app.debug
         and _loopback_client()
         and _loopback_host()
-        and not any(_is_proxy_header(name) for name in request.headers.keys())
+        and not any(_is_proxy_header(name) for name, _ in request.headers.items())
     )
 
 

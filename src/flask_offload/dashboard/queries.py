@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask import abort
@@ -14,11 +14,13 @@ from flask import abort
 from ..backends.base import JobFilter, QueueInfo
 from ..job import FINAL_STATES, Job
 from ..runtime import Runtime
+from .masks import Mask
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 PAGE_SIZE = 50
 CHART_MINUTES = 60
 MAX_FILTER = 200
+SCAN_PAGES = 20
 CURSOR = re.compile("[0-9]{1,19}")
 
 
@@ -116,18 +118,48 @@ def cursor(args: Mapping[str, str]) -> int | None:
     return int(value)
 
 
-def jobs_page(runtime: Runtime, filters: JobFilter, before: int | None) -> dict[str, Any]:
-    jobs, cursor = runtime.backend.search_jobs(filters, before=before, limit=PAGE_SIZE)
+def jobs_page(
+    runtime: Runtime, filters: JobFilter, before: int | None, mask: Mask
+) -> dict[str, Any]:
+    jobs, cursor = search(runtime, filters, before, PAGE_SIZE, mask)
     return {"jobs": jobs, "cursor": cursor, "filters": filters, "states": STATES}
 
 
-def job_detail(job: Job) -> dict[str, Any]:
-    """A job with its arguments, result and history shown as readable text."""
+def search(
+    runtime: Runtime, filters: JobFilter, before: int | None, limit: int, mask: Mask
+) -> tuple[list[Job], int | None]:
+    """Up to ``limit`` jobs matching ``filters``, newest first, and the next page's cursor.
+
+    Storage finds the text in the stored arguments; a job where it occurs only in what the
+    mask hides is left out and storage asked for more, at most ``SCAN_PAGES`` times (a
+    shorter page then, whose cursor goes on from the last job read)."""
+    text = filters.text
+    if text is None:
+        return runtime.backend.search_jobs(filters, before=before, limit=limit)
+    found: list[Job] = []
+    cursor = before
+    for _ in range(SCAN_PAGES):
+        jobs, cursor = runtime.backend.search_jobs(filters, cursor, limit - len(found))
+        found += [job for job in jobs if mask.matches(job, _task_fn(runtime, job), text)]
+        if cursor is None or len(found) == limit:
+            break
+    return found, cursor
+
+
+def job_detail(runtime: Runtime, job: Job, mask: Mask) -> dict[str, Any]:
+    """A job with its arguments (masked) and result shown as readable text, and history."""
+    args, kwargs = mask.arguments(job, _task_fn(runtime, job))
+    result = None
+    if job.result_json is not None:
+        try:
+            result = _pretty(mask.value(json.loads(job.result_json)))
+        except ValueError:
+            result = job.result_json
     return {
         "job": job,
-        "args": _pretty(job.args_json),
-        "kwargs": _pretty(job.kwargs_json),
-        "result": None if job.result_json is None else _pretty(job.result_json),
+        "args": _pretty(args),
+        "kwargs": _pretty(kwargs),
+        "result": result,
         "history": job.history[::-1],
         "final": job.state in FINAL_STATES,
     }
@@ -154,8 +186,12 @@ def periodic(runtime: Runtime) -> list[dict[str, Any]]:
     return rows
 
 
-def _pretty(text: str) -> str:
-    try:
-        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
-    except ValueError:
-        return text
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def _task_fn(runtime: Runtime, job: Job) -> Callable[..., Any] | None:
+    """The function of the job's task, when this app registered it (its signature names the
+    positional arguments)."""
+    task = runtime.tasks.get(job.task)
+    return None if task is None else task.fn

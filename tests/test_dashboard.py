@@ -627,8 +627,8 @@ def test_an_enqueue_completes_while_a_dashboard_read_is_held_open(
 
     connect = SQLiteBackend._connect
 
-    def instrumented(self: SQLiteBackend) -> sqlite3.Connection:
-        db = connect(self)
+    def instrumented(self: SQLiteBackend, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        db = connect(self, *args, **kwargs)
         hold_reads(db)
         return db
 

@@ -50,9 +50,11 @@ def metrics() -> Response:
     if not scraper and (not _flag_on() or access.level() is None):
         abort(access.forbidden())
     from .metrics import exposition
+    from .queries import shared
 
     try:
-        body, content_type = exposition(current_app.extensions["offload"].runtime())
+        runtime = current_app.extensions["offload"].runtime()
+        body, content_type = shared("metrics", runtime, lambda: exposition(runtime))
     except ImportError:
         message = "metrics need prometheus_client: pip install 'Flask-Offload[metrics]'\n"
         abort(Response(message, 501, {"Content-Type": "text/plain"}))

@@ -22,6 +22,7 @@ from flask.testing import FlaskClient
 from conftest import AppFactory
 from flask_offload import Offload
 from flask_offload.backends.sqlite import SQLiteBackend
+from flask_offload.dashboard import queries
 from flask_offload.job import Outcome
 
 ORIGIN = {"Origin": "http://localhost"}
@@ -660,3 +661,37 @@ def test_an_enqueue_completes_while_a_dashboard_read_is_held_open(
         reader.join(10)
     assert pages == [200]
     assert offload.runtime(app).backend.counts()[("visit", "queued")] == 2
+
+
+def test_open_tabs_share_one_count(site: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twenty tabs polling the overview at once, and a scrape, cost one count of the jobs;
+    the next poll, a second later, counts again."""
+    app, offload, _ = site
+    backend = offload.runtime(app).backend
+    calls: list[float] = []
+    count = backend.counts
+
+    def counted() -> Any:
+        calls.append(time.monotonic())
+        return count()
+
+    monkeypatch.setattr(backend, "counts", counted)
+    answers: list[int] = []
+
+    def tab() -> None:
+        answers.append(
+            app.test_client().get("/offload/", headers={"X-Offload-Live": "1"}).status_code
+        )
+
+    tabs = [threading.Thread(target=tab) for _ in range(20)]
+    for each in tabs:
+        each.start()
+    for each in tabs:
+        each.join(30)
+    assert answers == [200] * 20 and len(calls) == 1
+    client = app.test_client()
+    assert client.get("/offload/metrics").status_code == 200 and len(calls) == 2
+    assert client.get("/offload/metrics").status_code == 200 and len(calls) == 2
+    time.sleep(queries.FRESH)
+    assert "1 succeeded, 1 failed" in client.get("/offload/").get_data(as_text=True)
+    assert len(calls) == 3

@@ -47,7 +47,10 @@ def metrics() -> Response:
     token = current_app.config["OFFLOAD_METRICS_TOKEN"]
     sent = request.headers.get("Authorization", "")
     scraper = bool(token) and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode())
-    if not scraper and (not _flag_on() or access.level() is None):
+    if not scraper and not _flag_on():
+        message = "Forbidden: send Authorization: Bearer <OFFLOAD_METRICS_TOKEN>\n"
+        abort(Response(message, 403, access.NO_STORE))
+    if not scraper and access.level() is None:
         abort(access.forbidden())
     from .metrics import exposition
     from .queries import shared

@@ -10,6 +10,7 @@ the enqueues.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -45,7 +46,17 @@ class _Shared:
         )
 
 
-_shared: dict[str, _Shared] = {"overview": _Shared(), "metrics": _Shared()}
+_shared: dict[str, _Shared] = {}
+
+
+def _share_afresh() -> None:
+    """New locks and no answers, at import and in a forked child (a lock held by a thread of
+    the parent would stay held in the child for ever)."""
+    _shared.update(overview=_Shared(), metrics=_Shared())
+
+
+_share_afresh()
+os.register_at_fork(after_in_child=_share_afresh)
 
 
 def shared(name: str, runtime: Runtime, read: Callable[[], T]) -> T:

@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from . import serializer
+from . import serializer, tracing
 from .job import CANCELLED, FAILED, QUEUED, SUCCEEDED, Job, Outcome, Running, _running
 from .schedule import Periodic
 
@@ -53,6 +53,7 @@ class Runnable(Periodic, Protocol):
     fn: Callable[..., Any]
     retry_backoff: float
     retry_on: tuple[type[BaseException], ...]
+    retry_unless: tuple[type[BaseException], ...]
     timeout: float | None
     result_ttl: float | None
 
@@ -89,10 +90,13 @@ def describe(error: BaseException) -> str:
 
 
 def failure(task: Runnable, job: Job, error: BaseException, trace: str | None) -> Outcome:
-    """A failed run: back in the queue after a backoff while attempts remain, else failed."""
+    """A failed run: back in the queue after a backoff while attempts remain, else failed.
+    Retried: ``Retry``, and an exception in the task's ``retry_on`` but not in ``retry_unless``."""
     text = describe(error)
     trace = None if trace is None else serializer.safe_text(trace)
-    retryable = isinstance(error, (Retry, *task.retry_on))
+    retryable = isinstance(error, Retry) or (
+        isinstance(error, task.retry_on) and not isinstance(error, task.retry_unless)
+    )
     if retryable and job.attempts < job.max_attempts:
         delay = error.delay if isinstance(error, Retry) and error.delay is not None else None
         wait = backoff(task.retry_backoff, job.attempts) if delay is None else delay
@@ -122,7 +126,18 @@ def settled(job: Job, outcome: Outcome | None) -> Job:
 def execute(
     task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
 ) -> Outcome:
-    """Run one job inside ``context()`` and say how it ended; never raises."""
+    """Run one job inside ``context()`` and say how it ended; never raises. Where
+    OpenTelemetry is installed, the run is a span in the trace the job was enqueued in."""
+    if not tracing.ENABLED:
+        return _execute(task, job, running, context, settings)
+    with tracing.run_span(job) as outcomes:
+        outcomes.append(_execute(task, job, running, context, settings))
+    return outcomes[0]
+
+
+def _execute(
+    task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
+) -> Outcome:
     try:
         size = len(job.args_json) + len(job.kwargs_json)
         if size > settings.max_payload_bytes:

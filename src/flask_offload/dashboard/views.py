@@ -83,7 +83,8 @@ def jobs() -> Any:
     return _page("offload_dashboard/jobs.html", "Jobs", **context)
 
 
-@blueprint.get("/job/<job_id>")
+@blueprint.get("/job/<job_id>")  # its first URL, one letter from the status URL: kept
+@blueprint.get("/dashboard/jobs/<job_id>")  # registered first, so url_for builds this one
 def job(job_id: str) -> Any:
     runtime = _runtime()
     found = runtime.get(job_id) if valid_id(job_id) else None
@@ -116,6 +117,7 @@ def queues() -> Any:
 
 
 @blueprint.post("/job/<job_id>/<verb>")
+@blueprint.post("/dashboard/jobs/<job_id>/<verb>")
 def job_action(job_id: str, verb: str) -> WerkzeugResponse:
     access.check_action()
     if verb not in VERBS or not valid_id(job_id):

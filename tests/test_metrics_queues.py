@@ -18,7 +18,7 @@ def test_every_known_queue_is_listed_with_zero_when_empty(make_app: AppFactory) 
     def build() -> None:
         return None
 
-    app, _ = make_app(offload, OFFLOAD_DASHBOARD=True, OFFLOAD_WORKERS=0)
+    app, _ = make_app(offload, DEBUG=True, OFFLOAD_DASHBOARD=True, OFFLOAD_WORKERS=0)
     with app.app_context():
         send.delay("a@example.com")
         offload.pause_queue("idle")

@@ -146,7 +146,7 @@ def test_the_dashboards_job_page_is_not_one_letter_from_the_status_url(
     def send() -> None:
         return None
 
-    app, _ = make_app(offload, OFFLOAD_DASHBOARD=True, OFFLOAD_WORKERS=0)
+    app, _ = make_app(offload, DEBUG=True, OFFLOAD_DASHBOARD=True, OFFLOAD_WORKERS=0)
     with app.app_context():
         job_id = send.delay().id
     client = app.test_client()

@@ -202,7 +202,8 @@ class Offload:
     def dashboard_access(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """Register who may use the dashboard and the metrics, called in each of their
         requests: true (or ``"full"``) allows everything, ``"read"`` allows looking but no
-        action, anything false answers 403. Without it only loopback clients are allowed."""
+        action, anything false answers 403. Without it the dashboard answers only in
+        development: debug mode, a loopback client and Host, no proxy header."""
         self._dashboard_access = fn
         return fn
 

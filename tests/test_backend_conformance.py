@@ -507,3 +507,20 @@ def test_recent_finishes_and_ticks(backend: Backend) -> None:
     assert backend.recent(time.time() + 10) == []
     backend.record_tick("every-minute", 120.0)
     assert backend.ticks() == {"every-minute": 120.0}
+
+
+def test_a_run_cancelled_while_it_runs_ends_cancelled_not_retried(backend: Backend) -> None:
+    """Cancelled while running, then failing with an error its task retries on: the retry
+    would run it again (three more times, then failed); it ends cancelled, as a lost run
+    whose cancel was asked for does, with the attempt's own error in its history."""
+    job = backend.enqueue(make_job(max_attempts=4, ephemeral=True, args_json="[1]"))
+    [claimed] = backend.claim("w", ["t"], None, 1, 30)
+    assert backend.cancel(job.id)
+    retry = Outcome("queued", error="OSError: flaky", traceback="tb", run_at=0)
+    assert backend.finish(claimed, retry)
+    stored = backend.get(job.id)
+    assert stored is not None
+    assert (stored.state, stored.error, stored.args_json) == ("cancelled", "Cancelled", "[]")
+    assert stored.finished_at is not None and stored.worker is None
+    assert [(h["outcome"], h["error"]) for h in stored.history] == [("cancelled", "OSError: flaky")]
+    assert backend.claim("w", ["t"], None, 1, 30) == [], "not run again"

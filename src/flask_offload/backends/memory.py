@@ -140,6 +140,8 @@ class MemoryBackend(Backend):
                 del self._jobs[held.id]
                 del self._order[held.id]
                 return True
+            if outcome.state == QUEUED and held.cancel_requested:  # cancelled, not retried
+                outcome = replace(outcome, state=CANCELLED)
             held.state = outcome.state  # a retry; _settle below for final states
             held.expires_at = None if outcome.ttl is None else time.time() + outcome.ttl
             held.result_json, held.error, held.traceback = (
@@ -154,6 +156,8 @@ class MemoryBackend(Backend):
                 held.run_at = outcome.run_at if outcome.run_at is not None else time.time()
             else:
                 self._settle(held, outcome.state)
+                if outcome.state == CANCELLED:
+                    held.error = "Cancelled"
             held.worker = held.lease_until = None
             return True
 

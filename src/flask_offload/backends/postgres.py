@@ -247,18 +247,24 @@ def _append_attempt(outcome: str, error: str, traceback: str) -> str:
                 'outcome', {outcome}, 'error', {error}, 'traceback', {traceback})))::text"""
 
 
+# A retry of a run whose cancellation was asked for meanwhile ends it cancelled instead, as
+# recovery does for a lost run: running it again would ignore the cancel.
+_RETRIED = "%(state)s::text = 'queued' AND NOT cancel_requested"
+_CANCELLED = "%(state)s::text = 'queued' AND cancel_requested"
 FINISH = f"""
     UPDATE offload_jobs
-    SET state = %(state)s, result_json = %(result_json)s, error = %(error)s,
-        traceback = %(traceback)s,
+    SET state = CASE WHEN {_CANCELLED} THEN 'cancelled' ELSE %(state)s END,
+        result_json = %(result_json)s,
+        error = CASE WHEN {_CANCELLED} THEN 'Cancelled' ELSE %(error)s END,
+        traceback = CASE WHEN {_CANCELLED} THEN NULL ELSE %(traceback)s END,
         progress_json = coalesce(%(progress_json)s, progress_json),
-        finished_at = CASE WHEN %(state)s::text = 'queued' THEN NULL ELSE %(now)s END,
-        run_at = CASE WHEN %(state)s::text = 'queued'
-                      THEN coalesce(%(run_at)s, %(now)s) ELSE run_at END,
+        finished_at = CASE WHEN {_RETRIED} THEN NULL ELSE %(now)s END,
+        run_at = CASE WHEN {_RETRIED} THEN coalesce(%(run_at)s, %(now)s) ELSE run_at END,
         worker = NULL, lease_until = NULL, expires_at = %(expires_at)s,
         history_json = {
     _append_attempt(
-        outcome="CASE WHEN %(state)s::text = 'queued' THEN 'retrying' ELSE %(state)s::text END",
+        outcome="CASE WHEN %(state)s::text <> 'queued' THEN %(state)s::text"
+        " WHEN cancel_requested THEN 'cancelled' ELSE 'retrying' END",
         error="%(error)s::text",
         traceback="%(traceback)s::text",
     )

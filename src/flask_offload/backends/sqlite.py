@@ -193,15 +193,23 @@ HEARTBEAT = """
 ATTEMPT = """
     'attempt', attempts, 'worker', worker, 'claim', claim,
     'started_at', started_at, 'finished_at', :now,
-    'outcome', CASE WHEN :state = 'queued' THEN 'retrying' ELSE :state END,
+    'outcome', CASE WHEN :state <> 'queued' THEN :state
+                    WHEN cancel_requested THEN 'cancelled' ELSE 'retrying' END,
     'error', :error, 'traceback', :traceback
 """
+# A retry of a run whose cancellation was asked for meanwhile ends it cancelled instead, as
+# recovery does for a lost run: running it again would ignore the cancel.
+_RETRIED = ":state = 'queued' AND NOT cancel_requested"
+_CANCELLED = ":state = 'queued' AND cancel_requested"
 FINISH = f"""
     UPDATE offload_jobs
-    SET state = :state, result_json = :result_json, error = :error, traceback = :traceback,
+    SET state = CASE WHEN {_CANCELLED} THEN 'cancelled' ELSE :state END,
+        result_json = :result_json,
+        error = CASE WHEN {_CANCELLED} THEN 'Cancelled' ELSE :error END,
+        traceback = CASE WHEN {_CANCELLED} THEN NULL ELSE :traceback END,
         progress_json = coalesce(:progress_json, progress_json),
-        finished_at = CASE WHEN :state = 'queued' THEN NULL ELSE :now END,
-        run_at = CASE WHEN :state = 'queued' THEN coalesce(:run_at, :now) ELSE run_at END,
+        finished_at = CASE WHEN {_RETRIED} THEN NULL ELSE :now END,
+        run_at = CASE WHEN {_RETRIED} THEN coalesce(:run_at, :now) ELSE run_at END,
         worker = NULL, lease_until = NULL, expires_at = :expires_at,
         history_json = CASE
             WHEN history_json IS NULL THEN '[' || json_object({ATTEMPT}) || ']'

@@ -108,6 +108,7 @@ class Runtime:
             max_attempts=max_attempts,
             created_at=now,
             run_at=_due(now, delay, at),
+            relative=at is None,
             owner_json=owner_json,
             ephemeral=ephemeral,
         )

@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from contextlib import suppress
-from dataclasses import fields
 from operator import attrgetter
 from typing import Any, TypeVar
 
@@ -31,6 +30,7 @@ from ..job import HISTORY_LIMIT, QUEUED, Job, Outcome, WorkerInfo
 from .base import Backend, JobFilter, QueueInfo, StorageCorrupt, Wake, id_in_use
 from .doorbell import Doorbell
 from .rows import (
+    COLUMNS,
     finish_rows,
     page_cursor,
     queue_infos,
@@ -42,7 +42,6 @@ from .rows import (
 T = TypeVar("T")
 
 SCHEMA_VERSION = 5
-COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
 _SELECT = ", ".join(COLUMNS)
 
 # Each entry upgrades the schema from the version before it; index 0 creates version 1.
@@ -221,6 +220,11 @@ FINISH = f"""
 """
 # A task with result_ttl=0 keeps nothing of a job that ended: it is deleted instead.
 FORGET = "DELETE FROM offload_jobs WHERE id = :id AND claim = :claim AND state = 'running'"
+# The claims that hold their jobs, read in a batch's transaction before its outcomes are stored.
+HELD = """
+    SELECT id, claim FROM offload_jobs
+    WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'running'
+"""
 RELEASE = """
     UPDATE offload_jobs
     SET state = 'queued', worker = NULL, lease_until = NULL, claim = NULL,
@@ -707,9 +711,9 @@ class SQLiteBackend(Backend):
         def store(db: sqlite3.Connection) -> list[bool]:
             if len(rows) == 1:
                 return [_finish(db, rows[0])]
-            return self._transaction(db, lambda: [_finish(db, row) for row in rows])
+            return self._transaction(db, lambda: _finish_batch(db, rows))
 
-        return self._run(store)
+        return self._run(store) if rows else []
 
     def release(self, job: Job) -> bool:
         values = (job.id, job.claim)
@@ -834,6 +838,16 @@ def _sqlalchemy_bind(connection: Any) -> tuple[Any, Any] | None:
 def _finish(db: sqlite3.Connection, row: dict[str, Any]) -> bool:
     """Store one outcome (or forget the job); True if the claim still held it."""
     return bool(db.execute(FORGET if row["forget"] else FINISH, row).rowcount == 1)
+
+
+def _finish_batch(db: sqlite3.Connection, rows: list[dict[str, Any]]) -> list[bool]:
+    """Store a batch of outcomes, in the caller's transaction: which claims hold their jobs
+    is read first (nothing else writes meanwhile), then one executemany per statement."""
+    ids = json.dumps([row["id"] for row in rows])
+    held = {(job_id, claim) for job_id, claim in db.execute(HELD, {"ids": ids})}
+    db.executemany(FINISH, [row for row in rows if not row["forget"]])
+    db.executemany(FORGET, [row for row in rows if row["forget"]])
+    return [(row["id"], row["claim"]) in held for row in rows]
 
 
 def _insert_of(job: Job) -> tuple[str, tuple[Any, ...]]:

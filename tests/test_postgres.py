@@ -304,7 +304,7 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
             {"lease": 1.0, "ids": ["x"], "claims": ["c"]},
             ("offload_jobs_id_key", "offload_jobs_lease"),
         ),
-        (queries.RECOVER, {"max_lost": 3, "keep": 20}, ("offload_jobs_lease",)),
+        (queries.RECOVER, {"max_lost": 3, "keep": 20, "token": "r"}, ("offload_jobs_lease",)),
         (queries.PURGE, (1.0,), ("offload_jobs_finished",)),
         (queries.PURGE_EXPIRED, (), ("offload_jobs_expires",)),
         (queries.GET, ("x",), ("offload_jobs_id_key",)),
@@ -521,6 +521,42 @@ def test_verbs_repeated_after_a_lost_reply_report_the_work_they_did(
     assert backend.cancel(again.id), "asked to stop by the first try"
     assert proxy.lose_reply_to is None
     assert backend.get(again.id).cancel_requested
+
+
+def test_deletes_pauses_ticks_and_recoveries_repeated_after_a_lost_reply_report_their_work(
+    proxy: Proxy, connect: Callable[..., PostgresBackend]
+) -> None:
+    """As above, for the verbs whose repeat would otherwise answer that there was nothing to
+    do: a delete, a pause or resume of a queue, a periodic tick, the ids a recovery took."""
+    backend = connect(proxy.url)
+    job = backend.enqueue(make_job())
+    proxy.lose_reply_to = b"DELETE FROM offload_jobs WHERE id"
+    assert backend.delete(job.id), "deleted by the first try"
+    assert proxy.lose_reply_to is None
+    assert backend.get(job.id) is None
+
+    proxy.lose_reply_to = b"INSERT INTO offload_queues"
+    assert backend.pause_queue("mail"), "paused by the first try"
+    assert proxy.lose_reply_to is None
+    assert not backend.pause_queue("mail"), "paused already"
+    proxy.lose_reply_to = b"DELETE FROM offload_queues"
+    assert backend.resume_queue("mail"), "resumed by the first try"
+    assert proxy.lose_reply_to is None
+    assert backend.paused_queues() == set()
+
+    tick = make_job("nightly")
+    proxy.lose_reply_to = b"COMMIT"
+    assert backend.enqueue_tick("nightly", 100.0, tick), "enqueued by the first try"
+    assert proxy.lose_reply_to is None
+    assert backend.ticks() == {"nightly": 100.0} and backend.get(tick.id) is not None
+    assert not backend.enqueue_tick("nightly", 100.0, make_job("nightly"))
+
+    lost = backend.enqueue(make_job())
+    backend.claim("dead", ["t"], None, 1, -1)
+    proxy.lose_reply_to = b"stopped renewing"
+    assert backend.recover(3) == [lost.id], "taken back by the first try"
+    assert proxy.lose_reply_to is None
+    assert backend.get(lost.id).state == "queued"  # type: ignore[union-attr]
 
 
 # Runs a command line as `python -c SKEWED SECONDS ARGS...` would run `python ARGS...`, with

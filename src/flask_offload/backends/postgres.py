@@ -320,10 +320,12 @@ RELEASE = """
 """
 # A job whose worker died goes back in the queue; it is cancelled if someone asked for that
 # meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
-# The lost attempt joins the history, built from the row as it was (SET reads old values).
+# The lost attempt joins the history, built from the row as it was (SET reads old values). The
+# claim becomes this recovery's token (which fences nothing: a run's writes need its state
+# running), so a recovery repeated after a lost reply finds the jobs its first try took back.
 RECOVER = f"""
     UPDATE offload_jobs
-    SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = NULL,
+    SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = %(token)s,
         history_json = {
     _append_attempt(
         outcome="CASE WHEN cancel_requested THEN 'cancelled' ELSE 'lost' END",
@@ -407,6 +409,8 @@ QUEUED_TASK_NAMES = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queue
 DELETE = "DELETE FROM offload_jobs WHERE id = %s AND state <> 'running'"
 PAUSE = "INSERT INTO offload_queues (name, paused_at) VALUES (%s, %s) ON CONFLICT DO NOTHING"
 RESUME = "DELETE FROM offload_queues WHERE name = %s"
+PAUSED_AT = "SELECT paused_at FROM offload_queues WHERE name = %s"
+RECOVERED_BY = "SELECT id FROM offload_jobs WHERE claim = %(token)s"
 PAUSED = "SELECT name FROM offload_queues"
 # Queued rows through the claim index, running ones through the lease index.
 QUEUE_STATS = f"""
@@ -753,7 +757,11 @@ class PostgresBackend(Backend):
                 self._insert(self._execute(conn), job)
                 return True
 
-        return self._run(enqueue_tick)
+        def confirm(conn: Pooled, done: bool) -> bool:
+            """After a lost reply: the job is there, so the first try enqueued it."""
+            return done or bool(conn.execute(STATE, (job.id,)).fetchall())
+
+        return self._run(enqueue_tick, confirm=confirm)
 
     def record_tick(self, schedule: str, tick: float) -> None:
         self._run(lambda conn: conn.execute(RECORD_TICK, (schedule, tick)))
@@ -856,8 +864,14 @@ class PostgresBackend(Backend):
         return self._run(lambda conn: conn.execute(RELEASE, values).rowcount == 1)
 
     def recover(self, max_lost: int) -> list[str]:
-        params = {"max_lost": max_lost, "keep": HISTORY_LIMIT}
-        rows = self._run(lambda conn: conn.execute(RECOVER, params).fetchall())
+        params = {"max_lost": max_lost, "keep": HISTORY_LIMIT, "token": secrets.token_hex(8)}
+
+        def confirm(conn: Pooled, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+            """After a lost reply: the jobs that carry this recovery's token, which the first
+            try took back (one claimed again since carries a claim of its own by then)."""
+            return rows or conn.execute(RECOVERED_BY, params).fetchall()
+
+        rows = self._run(lambda conn: conn.execute(RECOVER, params).fetchall(), confirm=confirm)
         return [job_id for (job_id,) in rows]
 
     def cancel(self, job_id: str) -> bool:
@@ -916,13 +930,37 @@ class PostgresBackend(Backend):
         return {(task, state): count for task, state, count in rows}
 
     def delete(self, job_id: str) -> bool:
-        return self._run(lambda conn: conn.execute(DELETE, (job_id,)).rowcount == 1)
+        def confirm(conn: Pooled, done: bool) -> bool:
+            """After a lost reply: the job is gone, so the first try deleted it."""
+            return done or not conn.execute(STATE, (job_id,)).fetchall()
+
+        def delete(conn: Pooled) -> bool:
+            return conn.execute(DELETE, (job_id,)).rowcount == 1
+
+        return self._run(delete, confirm=confirm)
 
     def pause_queue(self, name: str) -> bool:
-        return self._run(lambda conn: conn.execute(PAUSE, (name, time.time())).rowcount == 1)
+        paused_at = time.time()  # also tells this pause from an earlier one
+
+        def confirm(conn: Pooled, done: bool) -> bool:
+            """After a lost reply: paused at our time, so by the first try."""
+            rows = conn.execute(PAUSED_AT, (name,)).fetchall()
+            return done or rows == [(paused_at,)]
+
+        def pause(conn: Pooled) -> bool:
+            return conn.execute(PAUSE, (name, paused_at)).rowcount == 1
+
+        return self._run(pause, confirm=confirm)
 
     def resume_queue(self, name: str) -> bool:
-        return self._run(lambda conn: conn.execute(RESUME, (name,)).rowcount == 1)
+        def confirm(conn: Pooled, done: bool) -> bool:
+            """After a lost reply: no longer paused, so resumed by the first try."""
+            return done or not conn.execute(PAUSED_AT, (name,)).fetchall()
+
+        def resume(conn: Pooled) -> bool:
+            return conn.execute(RESUME, (name,)).rowcount == 1
+
+        return self._run(resume, confirm=confirm)
 
     def paused_queues(self) -> set[str]:
         return {name for (name,) in self._run(lambda conn: conn.execute(PAUSED).fetchall())}

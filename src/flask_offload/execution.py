@@ -53,6 +53,7 @@ class Runnable(Periodic, Protocol):
     fn: Callable[..., Any]
     retry_backoff: float
     retry_on: tuple[type[BaseException], ...]
+    retry_unless: tuple[type[BaseException], ...]
     timeout: float | None
     result_ttl: float | None
 
@@ -89,10 +90,13 @@ def describe(error: BaseException) -> str:
 
 
 def failure(task: Runnable, job: Job, error: BaseException, trace: str | None) -> Outcome:
-    """A failed run: back in the queue after a backoff while attempts remain, else failed."""
+    """A failed run: back in the queue after a backoff while attempts remain, else failed.
+    Retried: ``Retry``, and an exception in the task's ``retry_on`` but not in ``retry_unless``."""
     text = describe(error)
     trace = None if trace is None else serializer.safe_text(trace)
-    retryable = isinstance(error, (Retry, *task.retry_on))
+    retryable = isinstance(error, Retry) or (
+        isinstance(error, task.retry_on) and not isinstance(error, task.retry_unless)
+    )
     if retryable and job.attempts < job.max_attempts:
         delay = error.delay if isinstance(error, Retry) and error.delay is not None else None
         wait = backoff(task.retry_backoff, job.attempts) if delay is None else delay

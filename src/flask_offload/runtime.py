@@ -10,7 +10,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,7 +20,17 @@ from .backends.base import Backend
 from .backends.rows import history_entry
 from .execution import ContextFactory, Events, Runnable, Settings, execute
 from .foreground import Foreground
-from .job import CANCELLED, HISTORY_LIMIT, QUEUED, RUNNING, Job, Running, new_id, valid_id
+from .job import (
+    CANCELLED,
+    HISTORY_LIMIT,
+    QUEUED,
+    RUNNING,
+    Job,
+    Running,
+    new_id,
+    state_words,
+    valid_id,
+)
 from .worker import MAX_DUES, Worker
 
 
@@ -35,6 +45,7 @@ class Runtime:
         settings: Settings,
         eager: bool = False,
         events: Events | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         self.backend = backend
         self.tasks = tasks
@@ -42,6 +53,7 @@ class Runtime:
         self.settings = settings
         self.eager = eager
         self.events = events
+        self.guard = guard  # raises before an enqueue that would wait for the caller's own lock
         self.foreground = Foreground()  # this process's enqueues, which its pools let go first
         self.pools = [Worker(backend, tasks, context, settings, events, self.foreground)]
         self._plan: list[tuple[int, tuple[str, ...] | None]] | None = None
@@ -120,6 +132,8 @@ class Runtime:
     def _store(self, job: Job, connection: Any) -> Job:
         """Store ``job`` (run it, in EAGER mode) and wake the pool; through ``connection``,
         wake it once that transaction commits, where the connection can say so."""
+        if connection is None and self.guard is not None:
+            self.guard()
         if self.eager and connection is None:
             return self._run_now(job)
         with self.foreground:
@@ -181,7 +195,9 @@ class Runtime:
                     f"job {job_id} has key {job.key!r}, which another queued or running job "
                     "holds now: wait for that job, or cancel it first"
                 )
-            raise ValueError(f"job {job_id} is {job.state}: only failed or cancelled jobs retry")
+            raise ValueError(
+                f"job {job_id} {state_words(job.state)}: only failed or cancelled jobs retry"
+            )
         self.wake()
         return job.refresh()
 

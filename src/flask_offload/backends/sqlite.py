@@ -346,6 +346,9 @@ def _truncate_wal(db: sqlite3.Connection) -> bool:
     return bool(busy == 0)
 
 
+RESERVED_BYTE = 0x40000001  # the byte a writer locks in a rollback-journal database
+
+
 def _busy(error: sqlite3.OperationalError) -> bool:
     message = str(error).lower()
     return "locked" in message or "busy" in message
@@ -565,9 +568,50 @@ class SQLiteBackend(Backend):
                 )
         except sqlite3.IntegrityError as error:
             raise id_in_use(job) from error
+        except sqlite3.OperationalError as error:
+            if not _busy(error):
+                raise
+            raise self._still_locked() from error
         if stored is job and job.state == QUEUED:
             self._doorbell.ring(job.run_at if job.run_at > time.time() else None)
         return stored
+
+    def _still_locked(self) -> sqlite3.OperationalError:
+        """An enqueue's busy wait that ran out, in the caller's terms: most often the
+        caller's own write transaction on this very file, which the wait cannot outlast."""
+        holder = "a connection of this process" if self.write_locked_here() else "a connection"
+        return sqlite3.OperationalError(
+            f"database is locked: {holder} kept a write transaction open on the job store "
+            f"{self.path} (OFFLOAD_URL) for over {2 * self.busy_timeout:g} s. If it is your "
+            "own (your database is the job store's file), enqueue inside it with "
+            "enqueue(..., connection=db.session), or once it commits with "
+            "enqueue(..., after_commit=db.session); otherwise keep write transactions on "
+            "this file short"
+        )
+
+    def write_locked_here(self) -> bool:
+        """True if a connection of this process holds the file's write lock, as Linux's
+        /proc/locks shows (SQLite locks byte 120 of the -shm file to write in WAL mode, the
+        RESERVED byte of the file otherwise); False where that cannot be known. It opens
+        neither file: closing any descriptor of a file drops the process's locks on it."""
+        if sys.platform != "linux":
+            return False
+        wanted = set()
+        for suffix, offset in (("-shm", 120), ("", RESERVED_BYTE)):
+            with suppress(OSError):
+                info = os.stat(self.path + suffix)
+                device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}"
+                wanted.add((f"{device}:{info.st_ino}", str(offset)))
+        try:
+            with open("/proc/locks") as locks:
+                lines = locks.read().splitlines()
+        except OSError:
+            return False
+        ours = ["POSIX", "ADVISORY", "WRITE", str(os.getpid())]
+        return any(  # "1: POSIX  ADVISORY  WRITE <pid> <maj:min:inode> <start> <end>"
+            len(fields) == 8 and fields[1:5] == ours and (fields[5], fields[6]) in wanted
+            for fields in map(str.split, lines)
+        )
 
     def _enqueue_through(self, connection: Any, job: Job) -> Job:
         """Insert ``job`` in the caller's open transaction on this very file: it exists

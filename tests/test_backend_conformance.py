@@ -567,3 +567,37 @@ def test_a_mixed_batch_of_outcomes_is_stored_as_each_alone_would_be(backend: Bac
     assert [len(job.history) for job in rows.values() if job is not None] == [1, 1, 1, 1, 1]
     assert backend.finish(fresh, Outcome("succeeded", result_json='"fresh"'))
     assert backend.finish_many([]) == []
+
+
+def test_a_cancelled_queued_job_expires_after_its_tasks_result_ttl(backend: Backend) -> None:
+    backend.result_ttls = lambda: {"t": 60.0, "other": 0.0}
+    kept, gone, plain = (backend.enqueue(make_job(task)) for task in ("t", "other", "plain"))
+    for job in (kept, gone, plain):
+        assert backend.cancel(job.id)
+    stored = {job.id: backend.get(job.id) for job in (kept, gone, plain)}
+    expiry = {
+        job_id: None if job.expires_at is None else round(job.expires_at - job.finished_at)
+        for job_id, job in stored.items()
+        if job is not None and job.finished_at is not None
+    }
+    assert expiry == {kept.id: 60, gone.id: 0, plain.id: None}
+    assert backend.purge(time.time() - 3600) == 1, "the one kept for no time"
+
+
+def test_every_way_of_ending_cancelled_expires_after_the_tasks_result_ttl(
+    backend: Backend,
+) -> None:
+    """A run cancelled and then retried by its error, and a lost run whose cancel was asked
+    for, end cancelled as a cancelled queued job does: kept for their task's result_ttl."""
+    backend.result_ttls = lambda: {"t": 60.0}
+    retried, lost = (backend.enqueue(make_job(max_attempts=3)) for _ in range(2))
+    claimed = {job.id: job for job in backend.claim("w", ["t"], None, 1, 30)}
+    claimed |= {job.id: job for job in backend.claim("dead", ["t"], None, 1, -1)}
+    assert backend.cancel(retried.id) and backend.cancel(lost.id)
+    assert backend.finish(claimed[retried.id], Outcome("queued", error="E: x", run_at=0))
+    assert backend.recover(max_lost=3) == [lost.id]
+    for job in (retried, lost):
+        stored = backend.get(job.id)
+        assert stored is not None and stored.state == "cancelled"
+        assert stored.finished_at is not None and stored.expires_at is not None
+        assert round(stored.expires_at - stored.finished_at) == 60

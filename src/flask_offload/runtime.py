@@ -49,6 +49,7 @@ class Runtime:
     ) -> None:
         self.backend = backend
         self.tasks = tasks
+        backend.result_ttls = self.result_ttls
         self.context = context
         self.settings = settings
         self.eager = eager
@@ -200,6 +201,10 @@ class Runtime:
             )
         self.wake()
         return job.refresh()
+
+    def result_ttls(self) -> dict[str, float]:
+        """The ``result_ttl`` of each registered task that sets one, by name."""
+        return {name: t.result_ttl for name, t in self.tasks.items() if t.result_ttl is not None}
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued job, or ask a running one to stop; False once it has finished."""

@@ -17,6 +17,7 @@ finish, retry or cancel repeated after a lost reply reports the work its first t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -263,6 +264,9 @@ def _append_attempt(outcome: str, error: str, traceback: str) -> str:
                 'outcome', {outcome}, 'error', {error}, 'traceback', {traceback})))::text"""
 
 
+# When a job that ends cancelled expires: its task's result_ttl after now (%(ttls)s maps task
+# names to it), as a run that ends cancelled is kept; NULL (OFFLOAD_RESULT_TTL) without one.
+_TASK_TTL = f"{_NOW} + CAST(CAST(%(ttls)s AS jsonb) ->> task AS float8)"
 # A batch of outcomes is stored by one statement: the arrays hold one entry per outcome, in
 # the same order (the columns are named b_... so that the row's own columns read unqualified).
 # A task with result_ttl=0 (ttl 0) keeps nothing of a job that ended: it is deleted instead.
@@ -277,7 +281,7 @@ FINISH_MANY = f"""
         SELECT * FROM unnest(
             %(ids)s::text[], %(claims)s::text[], %(states)s::text[], %(results)s::text[],
             %(errors)s::text[], %(tracebacks)s::text[], %(progress)s::text[],
-            %(waits)s::float8[], %(ttls)s::float8[])
+            %(waits)s::float8[], %(outcome_ttls)s::float8[])
         AS b(b_id, b_claim, b_state, b_result, b_error, b_traceback, b_progress, b_wait, b_ttl)),
     forgotten AS (
         DELETE FROM offload_jobs USING batch
@@ -292,7 +296,8 @@ FINISH_MANY = f"""
             progress_json = coalesce(b_progress, progress_json),
             finished_at = CASE WHEN {_RETRIED} THEN NULL ELSE {_NOW} END,
             run_at = CASE WHEN {_RETRIED} THEN {_NOW} + coalesce(b_wait, 0) ELSE run_at END,
-            worker = NULL, lease_until = NULL, expires_at = {_NOW} + b_ttl,
+            worker = NULL, lease_until = NULL,
+            expires_at = CASE WHEN {_CANCELLED} THEN {_TASK_TTL} ELSE {_NOW} + b_ttl END,
             history_json = {
     _append_attempt(
         outcome="CASE WHEN b_state <> 'queued' THEN b_state"
@@ -326,6 +331,7 @@ RELEASE = """
 RECOVER = f"""
     UPDATE offload_jobs
     SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = %(token)s,
+        expires_at = CASE WHEN cancel_requested THEN {_TASK_TTL} END,
         history_json = {
     _append_attempt(
         outcome="CASE WHEN cancel_requested THEN 'cancelled' ELSE 'lost' END",
@@ -343,8 +349,9 @@ RECOVER = f"""
     RETURNING id
 """
 CANCEL_QUEUED = f"""
-    UPDATE offload_jobs SET state = 'cancelled', finished_at = {_NOW}
-    WHERE id = %s AND state = 'queued'
+    UPDATE offload_jobs
+    SET state = 'cancelled', finished_at = {_NOW}, expires_at = {_TASK_TTL}
+    WHERE id = %(id)s AND state = 'queued'
 """
 CANCEL_RUNNING = """
     UPDATE offload_jobs SET cancel_requested = true WHERE id = %s AND state = 'running'
@@ -839,8 +846,9 @@ class PostgresBackend(Backend):
             "tracebacks": [r["traceback"] for r in rows],
             "progress": [r["progress_json"] for r in rows],
             "waits": [r["wait"] for r in rows],
-            "ttls": [r["ttl"] for r in rows],
+            "outcome_ttls": [r["ttl"] for r in rows],
             "keep": HISTORY_LIMIT,
+            "ttls": json.dumps(self.result_ttls()),
         }
 
         def store(conn: Connection) -> list[bool]:
@@ -864,7 +872,12 @@ class PostgresBackend(Backend):
         return self._run(lambda conn: conn.execute(RELEASE, values).rowcount == 1)
 
     def recover(self, max_lost: int) -> list[str]:
-        params = {"max_lost": max_lost, "keep": HISTORY_LIMIT, "token": secrets.token_hex(8)}
+        params = {
+            "max_lost": max_lost,
+            "keep": HISTORY_LIMIT,
+            "token": secrets.token_hex(8),
+            "ttls": json.dumps(self.result_ttls()),
+        }
 
         def confirm(conn: Pooled, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
             """After a lost reply: the jobs that carry this recovery's token, which the first
@@ -875,8 +888,10 @@ class PostgresBackend(Backend):
         return [job_id for (job_id,) in rows]
 
     def cancel(self, job_id: str) -> bool:
+        params = {"id": job_id, "ttls": json.dumps(self.result_ttls())}
+
         def cancel(conn: Connection) -> bool:
-            if conn.execute(CANCEL_QUEUED, (job_id,)).rowcount == 1:
+            if conn.execute(CANCEL_QUEUED, params).rowcount == 1:
                 return True
             return conn.execute(CANCEL_RUNNING, (job_id,)).rowcount == 1
 

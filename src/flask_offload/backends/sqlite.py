@@ -196,6 +196,9 @@ ATTEMPT = """
                     WHEN cancel_requested THEN 'cancelled' ELSE 'retrying' END,
     'error', :error, 'traceback', :traceback
 """
+# When a job that ends cancelled expires: its task's result_ttl after now (:ttls maps task
+# names to it), as a run that ends cancelled is kept; NULL (OFFLOAD_RESULT_TTL) without one.
+_TASK_TTL = ":now + (SELECT value FROM json_each(:ttls) WHERE key = task)"
 # A retry of a run whose cancellation was asked for meanwhile ends it cancelled instead, as
 # recovery does for a lost run: running it again would ignore the cancel.
 _RETRIED = ":state = 'queued' AND NOT cancel_requested"
@@ -209,7 +212,8 @@ FINISH = f"""
         progress_json = coalesce(:progress_json, progress_json),
         finished_at = CASE WHEN {_RETRIED} THEN NULL ELSE :now END,
         run_at = CASE WHEN {_RETRIED} THEN coalesce(:run_at, :now) ELSE run_at END,
-        worker = NULL, lease_until = NULL, expires_at = :expires_at,
+        worker = NULL, lease_until = NULL,
+        expires_at = CASE WHEN {_CANCELLED} THEN {_TASK_TTL} ELSE :expires_at END,
         history_json = CASE
             WHEN history_json IS NULL THEN '[' || json_object({ATTEMPT}) || ']'
             ELSE json_insert(
@@ -234,9 +238,10 @@ RELEASE = """
 # A job whose worker died goes back in the queue; it is cancelled if someone asked for that
 # meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
 # The lost attempt joins the history, built from the row as it was (SET reads old values).
-RECOVER = """
+RECOVER = f"""
     UPDATE offload_jobs
     SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = NULL,
+        expires_at = CASE WHEN cancel_requested THEN {_TASK_TTL} END,
         history_json = json_insert(
             CASE WHEN json_array_length(history_json) >= :keep
                  THEN json_remove(history_json, '$[0]') ELSE coalesce(history_json, '[]') END,
@@ -255,9 +260,10 @@ RECOVER = """
     WHERE state = 'running' AND lease_until < :now
     RETURNING id
 """
-CANCEL_QUEUED = """
-    UPDATE offload_jobs SET state = 'cancelled', finished_at = ?
-    WHERE id = ? AND state = 'queued'
+CANCEL_QUEUED = f"""
+    UPDATE offload_jobs
+    SET state = 'cancelled', finished_at = :now, expires_at = {_TASK_TTL}
+    WHERE id = :id AND state = 'queued'
 """
 CANCEL_RUNNING = "UPDATE offload_jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'"
 SET_PROGRESS = """
@@ -750,7 +756,8 @@ class SQLiteBackend(Backend):
         return self.finish_many([(job, outcome)])[0]
 
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
-        rows = finish_rows(finished)
+        ttls = json.dumps(self.result_ttls())
+        rows = [{**row, "ttls": ttls} for row in finish_rows(finished)]
 
         def store(db: sqlite3.Connection) -> list[bool]:
             if len(rows) == 1:
@@ -764,13 +771,20 @@ class SQLiteBackend(Backend):
         return self._run(lambda db: db.execute(RELEASE, values).rowcount == 1)
 
     def recover(self, max_lost: int) -> list[str]:
-        params = {"max_lost": max_lost, "now": time.time(), "keep": HISTORY_LIMIT}
+        params = {
+            "max_lost": max_lost,
+            "now": time.time(),
+            "keep": HISTORY_LIMIT,
+            "ttls": json.dumps(self.result_ttls()),
+        }
         rows = self._run(lambda db: db.execute(RECOVER, params).fetchall())
         return [job_id for (job_id,) in rows]
 
     def cancel(self, job_id: str) -> bool:
+        params = {"id": job_id, "now": time.time(), "ttls": json.dumps(self.result_ttls())}
+
         def cancel(db: sqlite3.Connection) -> bool:
-            if db.execute(CANCEL_QUEUED, (time.time(), job_id)).rowcount == 1:
+            if db.execute(CANCEL_QUEUED, params).rowcount == 1:
                 return True
             return db.execute(CANCEL_RUNNING, (job_id,)).rowcount == 1
 

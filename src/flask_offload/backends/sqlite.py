@@ -199,6 +199,9 @@ ATTEMPT = """
 # When a job that ends cancelled expires: its task's result_ttl after now (:ttls maps task
 # names to it), as a run that ends cancelled is kept; NULL (OFFLOAD_RESULT_TTL) without one.
 _TASK_TTL = ":now + (SELECT value FROM json_each(:ttls) WHERE key = task)"
+# A history that is not JSON (a hand edit, a bad restore) starts afresh: read, it would fail
+# the statement ("malformed JSON"), and with it every other job's finish or recovery.
+_NO_HISTORY = "history_json IS NULL OR NOT json_valid(history_json)"
 # A retry of a run whose cancellation was asked for meanwhile ends it cancelled instead, as
 # recovery does for a lost run: running it again would ignore the cancel.
 _RETRIED = ":state = 'queued' AND NOT cancel_requested"
@@ -215,7 +218,7 @@ FINISH = f"""
         worker = NULL, lease_until = NULL,
         expires_at = CASE WHEN {_CANCELLED} THEN {_TASK_TTL} ELSE :expires_at END,
         history_json = CASE
-            WHEN history_json IS NULL THEN '[' || json_object({ATTEMPT}) || ']'
+            WHEN {_NO_HISTORY} THEN '[' || json_object({ATTEMPT}) || ']'
             ELSE json_insert(
                 CASE WHEN json_array_length(history_json) >= :keep
                      THEN json_remove(history_json, '$[0]') ELSE history_json END,
@@ -243,8 +246,9 @@ RECOVER = f"""
     SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = NULL,
         expires_at = CASE WHEN cancel_requested THEN {_TASK_TTL} END,
         history_json = json_insert(
-            CASE WHEN json_array_length(history_json) >= :keep
-                 THEN json_remove(history_json, '$[0]') ELSE coalesce(history_json, '[]') END,
+            CASE WHEN {_NO_HISTORY} THEN '[]'
+                 WHEN json_array_length(history_json) >= :keep
+                 THEN json_remove(history_json, '$[0]') ELSE history_json END,
             '$[#]', json_object(
                 'attempt', attempts, 'worker', worker, 'claim', claim,
                 'started_at', started_at, 'finished_at', :now,
@@ -525,7 +529,8 @@ class SQLiteBackend(Backend):
         """``error`` in the caller's terms: which setting, which file, what to do."""
         message = str(error).lower()
         where = f"the job store {self.path} (OFFLOAD_URL)"
-        if "malformed" in message or "not a database" in message:
+        damaged = "malformed" in message and "malformed json" not in message  # a row's JSON
+        if damaged or "not a database" in message:
             return StorageCorrupt(
                 f"{where} is damaged or not a SQLite database ({error}): stop the processes "
                 "that use it, then restore it from a backup or move it away and start afresh "

@@ -87,7 +87,8 @@ class Backend(ABC):
         ttl of 0 deletes it now (a task's ``result_ttl=0``)."""
 
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
-        """``finish`` several claimed runs, in one transaction where the storage allows."""
+        """``finish`` several claimed runs, in as few statements as the storage allows (one
+        on PostgreSQL); True for each outcome stored."""
         return [self.finish(job, outcome) for job, outcome in finished]
 
     @abstractmethod

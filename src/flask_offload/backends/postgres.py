@@ -12,7 +12,11 @@ transaction: the job and its notification exist only if that transaction commits
 A lost connection is not a lost job: an insert repeated on a fresh connection after a reply
 was lost finds its own id and stores nothing twice, and a claim whose reply was lost is
 adopted by that worker's next claim instead of being held, unseen, by its heartbeat. A
-finish, retry or cancel repeated after a lost reply reports the work its first try did.
+finish, retry, cancel, delete, pause, resume, periodic tick or recovery repeated after a lost
+reply reports the work its first try did (a release's answer only chooses a log line).
+
+Time is the server's: leases, due times and cut-offs are read from ``now()`` in the
+statements, never from a worker's clock, which may be off.
 """
 
 from __future__ import annotations

@@ -38,6 +38,17 @@ def test_enqueue_then_get_returns_every_field(backend: Backend) -> None:
     assert backend.get("0" * 32) is None
 
 
+def test_the_trace_context_a_job_was_enqueued_in_comes_back_with_its_claim(
+    backend: Backend,
+) -> None:
+    headers = '{"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}'
+    traced = backend.enqueue(make_job(trace_json=headers))
+    plain = backend.enqueue(make_job())
+    claimed = {job.id: job for job in backend.claim("w", ["t"], None, 10, 30)}
+    assert claimed[traced.id].trace_json == headers
+    assert claimed[plain.id].trace_json is None
+
+
 def test_claim_order_is_priority_then_due_time_then_enqueue_order(backend: Backend) -> None:
     now = time.time()
     low_first = make_job(run_at=now - 10)

@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from . import serializer
+from . import serializer, tracing
 from .job import CANCELLED, FAILED, QUEUED, SUCCEEDED, Job, Outcome, Running, _running
 from .schedule import Periodic
 
@@ -126,7 +126,18 @@ def settled(job: Job, outcome: Outcome | None) -> Job:
 def execute(
     task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
 ) -> Outcome:
-    """Run one job inside ``context()`` and say how it ended; never raises."""
+    """Run one job inside ``context()`` and say how it ended; never raises. Where
+    OpenTelemetry is installed, the run is a span in the trace the job was enqueued in."""
+    if not tracing.ENABLED:
+        return _execute(task, job, running, context, settings)
+    with tracing.run_span(job) as outcomes:
+        outcomes.append(_execute(task, job, running, context, settings))
+    return outcomes[0]
+
+
+def _execute(
+    task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
+) -> Outcome:
     try:
         size = len(job.args_json) + len(job.kwargs_json)
         if size > settings.max_payload_bytes:

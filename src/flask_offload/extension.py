@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -86,6 +87,7 @@ class Offload:
             eager=eager,
             events=_events_of(app),
             guard=_own_lock_guard(app, backend),
+            before_start=_views_of(app),
         )
         self._runtimes[app] = runtime
         app.extensions["offload"] = self
@@ -99,23 +101,27 @@ class Offload:
         lifecycle.manage(runtime, how, app=app)
 
     def runtime(self, app: Flask | None = None) -> Runtime:
-        """The storage and pool of ``app``, or of the current app, or of the only app."""
+        """The storage and pool of ``app``, or of the current app, or of the only app.
+
+        ``OFFLOAD_EAGER`` is read here, on every enqueue, so a test that sets it after
+        ``init_app`` (or ``flask_offload.testing`` switching modes) is obeyed."""
         if app is None and has_app_context():
             app = current_app._get_current_object()  # type: ignore[attr-defined]
-        if app is not None:
-            try:
-                return self._runtimes[app]
-            except KeyError:
-                raise RuntimeError(
-                    f"Flask-Offload is not initialised on app {app.name!r}: "
-                    "call offload.init_app(app)"
-                ) from None
-        if len(self._runtimes) == 1:
-            return next(iter(self._runtimes.values()))
-        raise RuntimeError(
-            "no app to enqueue in: call offload.init_app(app) first, or, with several apps, "
-            "work inside 'with app.app_context():'"
-        )
+        if app is None and len(self._runtimes) == 1:
+            app = next(iter(self._runtimes.keys()))
+        if app is None:
+            raise RuntimeError(
+                "no app to enqueue in: call offload.init_app(app) first, or, with several "
+                "apps, work inside 'with app.app_context():'"
+            )
+        try:
+            runtime = self._runtimes[app]
+        except KeyError:
+            raise RuntimeError(
+                f"Flask-Offload is not initialised on app {app.name!r}: call offload.init_app(app)"
+            ) from None
+        runtime.eager = _flag(app.config, "OFFLOAD_EAGER")
+        return runtime
 
     def configuration(self, app: Flask) -> dict[str, dict[str, Any]]:
         """Every ``OFFLOAD_*`` setting of ``app`` as ``init_app`` read it: ``{"value": ...,
@@ -196,7 +202,8 @@ class Offload:
     def dashboard_access(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """Register who may use the dashboard and the metrics, called in each of their
         requests: true (or ``"full"``) allows everything, ``"read"`` allows looking but no
-        action, anything false answers 403. Without it only loopback clients are allowed."""
+        action, anything false answers 403. Without it the dashboard answers only in
+        development: debug mode, a loopback client and Host, no proxy header."""
         self._dashboard_access = fn
         return fn
 
@@ -279,7 +286,14 @@ class Offload:
         return self.runtime().retry(job_id)
 
     def drain(self) -> int:
-        """Run every due job now, in the calling thread, and return how many ran (for tests)."""
+        """Deprecated: ``flask_offload.testing.run_jobs()`` ("drain" names a graceful stop).
+        Runs every due job now, in the calling thread, and returns how many ran."""
+        warnings.warn(
+            "offload.drain() is deprecated: use flask_offload.testing.run_jobs(), which runs "
+            "the due jobs in the test's app context and returns them",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.runtime().drain()
 
 
@@ -295,6 +309,23 @@ def _context_of(app: Flask) -> ContextFactory:
         return live.app_context()
 
     return context
+
+
+def _views_of(app: Flask) -> Callable[[], None]:
+    """Register the tasks of the background views ``app`` serves before its pool starts (its
+    routes are all in place by then), holding it weakly as ``_context_of`` does."""
+    ref = weakref.ref(app)
+
+    def register() -> None:
+        live = ref()
+        if live is None:
+            return
+        try:
+            web.register_views(live)
+        except ValueError as error:  # two views' names clash: the pool still runs the others
+            logs.logger.error("%s", error)
+
+    return register
 
 
 def config_from_environment(config: dict[str, Any]) -> dict[str, str]:

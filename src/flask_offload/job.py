@@ -82,7 +82,8 @@ class Job:
 
     An ``ephemeral`` job's arguments (a background view's request snapshot, with its cookies)
     are deleted by the storage as soon as the job reaches a final state. ``owner_json`` is who
-    may read it, as ``@offload.owner`` said when it was enqueued.
+    may read it, as ``@offload.owner`` said when it was enqueued. ``trace_json`` is the trace
+    context it was enqueued in, where OpenTelemetry is installed (see ``tracing``).
     """
 
     id: str
@@ -112,6 +113,7 @@ class Job:
     claim: str | None = None
     expires_at: float | None = None
     history_json: str | None = None
+    trace_json: str | None = None
     backend: Backend | None = field(default=None, repr=False)
     # Not stored: True when ``run_at`` is the enqueuing process's now plus a delay (none, or
     # ``delay=``) rather than a fixed moment (``at=``, a periodic tick). Storage that keeps

@@ -15,7 +15,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import commits, serializer
+from . import commits, serializer, tracing
 from .backends.base import Backend
 from .backends.rows import history_entry
 from .execution import ContextFactory, Events, Runnable, Settings, execute
@@ -46,6 +46,7 @@ class Runtime:
         eager: bool = False,
         events: Events | None = None,
         guard: Callable[[], None] | None = None,
+        before_start: Callable[[], None] | None = None,
     ) -> None:
         self.backend = backend
         self.tasks = tasks
@@ -55,6 +56,7 @@ class Runtime:
         self.eager = eager
         self.events = events
         self.guard = guard  # raises before an enqueue that would wait for the caller's own lock
+        self.before_start = before_start  # the Flask layer registers the app's views' tasks
         self.foreground = Foreground()  # this process's enqueues, which its pools let go first
         self.pools = [Worker(backend, tasks, context, settings, events, self.foreground)]
         self._plan: list[tuple[int, tuple[str, ...] | None]] | None = None
@@ -124,6 +126,7 @@ class Runtime:
             relative=at is None,
             owner_json=owner_json,
             ephemeral=ephemeral,
+            trace_json=tracing.carrier() if tracing.ENABLED else None,
         )
         if after_commit is not None:
             commits.after_commit(after_commit, lambda: self._store(job, None))
@@ -244,6 +247,8 @@ class Runtime:
         with self._lifecycle:
             if self._stopped:
                 return
+            if self.before_start is not None:
+                self.before_start()
             if plan is not None:
                 self._plan = plan
                 self.pools = [self._pool(threads, queues) for threads, queues in plan]

@@ -62,7 +62,7 @@ Execute = Callable[[str, Mapping[str, Any]], list[tuple[Any, ...]]]
 
 logger = logging.getLogger("flask_offload")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 CHANNEL = "offload_jobs"
 MIGRATION_LOCK = 0x0FF10AD  # pg_advisory_xact_lock key: one migrating process at a time
 _SELECT = ", ".join(COLUMNS)
@@ -162,6 +162,8 @@ MIGRATIONS = [
     CREATE INDEX offload_jobs_done ON offload_jobs (task, state)
         WHERE state IN ('succeeded', 'failed', 'cancelled');
     """,
+    # Version 5: the trace context a job was enqueued in (OpenTelemetry, where installed).
+    "ALTER TABLE offload_jobs ADD COLUMN trace_json text;",
 ]
 
 # Time is the server's, in epoch seconds: every statement that sets or compares a lease, a due
@@ -183,7 +185,7 @@ _NOTIFY = f"pg_notify('{CHANNEL}', run_at::text || ' ' || queue)"
 # defaults): fewer parameters to adapt and send on the hot path.
 _NEW = (
     "id", "task", "queue", "priority", "args_json", "kwargs_json", "max_attempts",
-    "created_at", "run_at", "owner_json", "ephemeral",
+    "created_at", "run_at", "owner_json", "ephemeral", "trace_json",
 )  # fmt: skip
 _REST = [f for f in fields(Job) if f.name in COLUMNS and f.name not in _NEW]
 _new_values, _rest_values = attrgetter(*_NEW), attrgetter(*(f.name for f in _REST))

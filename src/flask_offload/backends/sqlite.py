@@ -3,12 +3,14 @@
 Processes find each other's jobs at once through a doorbell of Unix sockets beside the file
 (``doorbell.py``), and by polling as a safety net.
 
-One connection per process, guarded by a lock: SQLite serialises writers anyway, and a single
-connection keeps its prepared statements warm. WAL lets readers run beside the writer; every
-write is one statement or a short ``BEGIN IMMEDIATE`` transaction, so a writer never has to
-upgrade a read lock (the source of "database is locked" in the field); a busy database is waited
-out by the busy timeout and, past it, by a retry with backoff. A forked child opens its own
-connection, as SQLite requires.
+One writing connection per process, guarded by a lock: SQLite serialises writers anyway, and a
+single connection keeps its prepared statements warm. The dashboard's and the metrics' reads
+(counts, searches, lists: long scans of finished rows) go through a second, read-only
+connection with a lock of its own: WAL lets them read beside the writer, so they neither wait
+for an enqueue nor hold one up. Every write is one statement or a short ``BEGIN IMMEDIATE``
+transaction, so a writer never has to upgrade a read lock (the source of "database is locked"
+in the field); a busy database is waited out by the busy timeout and, past it, by a retry with
+backoff. A forked child opens its own connections, as SQLite requires.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from .rows import (
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _SELECT = ", ".join(COLUMNS)
 
 # Each entry upgrades the schema from the version before it; index 0 creates version 1.
@@ -130,6 +132,8 @@ MIGRATIONS = [
     CREATE INDEX offload_jobs_finished ON offload_jobs (finished_at, task, state)
         WHERE state IN ('succeeded', 'failed', 'cancelled');
     """,
+    # Version 6: the trace context a job was enqueued in (OpenTelemetry, where installed).
+    "ALTER TABLE offload_jobs ADD COLUMN trace_json TEXT;",
 ]
 
 
@@ -145,7 +149,7 @@ def _insert(columns: Sequence[str]) -> str:
 # ones) binds every column.
 NEW_COLUMNS = (
     "id", "task", "queue", "priority", "state", "args_json", "kwargs_json", "key",
-    "max_attempts", "created_at", "run_at", "owner_json", "ephemeral",
+    "max_attempts", "created_at", "run_at", "owner_json", "ephemeral", "trace_json",
 )  # fmt: skip
 INSERT_NEW, INSERT_WHOLE = _insert(NEW_COLUMNS), _insert(COLUMNS)
 _new_values, _whole_values = attrgetter(*NEW_COLUMNS), attrgetter(*COLUMNS)
@@ -359,6 +363,34 @@ def _truncate_wal(db: sqlite3.Connection) -> bool:
 RESERVED_BYTE = 0x40000001  # the byte a writer locks in a rollback-journal database
 
 
+class _Connection:
+    """One of this process's connections and the lock that serialises its use: opened on
+    first use, and again in a forked child."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self.lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._pid = -1
+
+    def db(self) -> sqlite3.Connection:
+        """The open connection (call with ``lock`` held)."""
+        if self._pid != os.getpid() or self._db is None:
+            self._db, self._pid = self._connect(), os.getpid()
+        return self._db
+
+    def after_fork(self) -> None:
+        # The parent's connection and lock are not ours: leave the connection unclosed
+        # (closing it could release the parent's file locks) and start afresh on first use.
+        self._db, self._pid, self.lock = None, -1, threading.Lock()
+
+    def close(self) -> None:
+        with self.lock:
+            if self._db is not None and self._pid == os.getpid():
+                self._db.close()
+            self._db = None
+
+
 def _busy(error: sqlite3.OperationalError) -> bool:
     message = str(error).lower()
     return "locked" in message or "busy" in message
@@ -391,9 +423,8 @@ class SQLiteBackend(Backend):
         self.synchronous = synchronous.upper()
         self.busy_timeout = busy_timeout
         self.make_folder = make_folder
-        self._pid = -1
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
+        self._writer = _Connection(self._connect)
+        self._reader = _Connection(lambda: self._connect(read_only=True))
         self._disk_was_full = False
         self._doorbell = Doorbell(path)
         self._inspect()
@@ -432,7 +463,7 @@ class SQLiteBackend(Backend):
                 f"release understands ({SCHEMA_VERSION}); upgrade Flask-Offload"
             )
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, read_only: bool = False) -> sqlite3.Connection:
         if self.make_folder:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
         db = sqlite3.connect(
@@ -448,6 +479,8 @@ class SQLiteBackend(Backend):
         db.execute("PRAGMA journal_size_limit = 4194304")
         self._fit_wal(db)
         self._migrate(db)
+        if read_only:
+            db.execute("PRAGMA query_only = ON")
         return db
 
     def _migrate(self, db: sqlite3.Connection) -> None:
@@ -468,13 +501,19 @@ class SQLiteBackend(Backend):
         self._run(lambda db: None)
 
     def after_fork(self) -> None:
-        # The parent's connection and lock are not ours: leave the connection unclosed (closing
-        # it could release the parent's file locks) and start afresh on first use.
-        self._db, self._pid, self._lock = None, -1, threading.Lock()
+        self._writer.after_fork()
+        self._reader.after_fork()
         self._doorbell.after_fork()
 
-    def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``operation`` on this process's connection, waiting out a busy database.
+    def _read(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only ``operation`` on the reading connection, beside the writer."""
+        return self._run(operation, self._reader)
+
+    def _run(
+        self, operation: Callable[[sqlite3.Connection], T], connection: _Connection | None = None
+    ) -> T:
+        """Run ``operation`` on one of this process's connections (the writing one unless
+        told), waiting out a busy database.
 
         A full disk gets the WAL checkpointed and truncated, so space freed elsewhere is
         not eaten again by the log; a damaged or unusable file raises an error that names it.
@@ -483,10 +522,9 @@ class SQLiteBackend(Backend):
         deadline = time.monotonic() + 2 * self.busy_timeout
         while True:
             try:
-                with self._lock:
-                    if self._pid != os.getpid() or self._db is None:
-                        self._db, self._pid = self._connect(), os.getpid()
-                    return self._attempt(self._db, operation)
+                used = connection or self._writer
+                with used.lock:
+                    return self._attempt(used.db(), operation)
             except sqlite3.DatabaseError as error:
                 retry = isinstance(error, sqlite3.OperationalError) and _busy(error)
                 if not retry or time.monotonic() > deadline:
@@ -826,10 +864,11 @@ class SQLiteBackend(Backend):
         self, state: str | None = None, task: str | None = None, limit: int = 50
     ) -> list[Job]:
         params = {"state": state, "task": task, "limit": limit}
-        return [self._job(row) for row in self._run(lambda db: db.execute(LIST_JOBS, params))]
+        rows = self._read(lambda db: db.execute(LIST_JOBS, params).fetchall())
+        return [self._job(row) for row in rows]
 
     def counts(self) -> dict[tuple[str, str], int]:
-        rows = self._run(lambda db: db.execute(COUNTS).fetchall())
+        rows = self._read(lambda db: db.execute(COUNTS).fetchall())
         return {(task, state): count for task, state, count in rows}
 
     def delete(self, job_id: str) -> bool:
@@ -849,26 +888,27 @@ class SQLiteBackend(Backend):
     ) -> tuple[list[Job], int | None]:
         sql, params = search_sql(_SELECT, filters, before, ":{}", "LIKE", SEARCH_HINTS)
         params["limit"] = limit
-        rows = self._run(lambda db: db.execute(sql, params).fetchall())
+        rows = self._read(lambda db: db.execute(sql, params).fetchall())
         return [self._job(row[:-1]) for row in rows], page_cursor(rows, limit)
 
     def queue_stats(self) -> list[QueueInfo]:
         now = time.time()
-        rows = self._run(lambda db: db.execute(QUEUE_STATS, {"now": now}).fetchall())
-        return queue_infos(rows, self.paused_queues())
+        rows = self._read(lambda db: db.execute(QUEUE_STATS, {"now": now}).fetchall())
+        paused = {name for (name,) in self._read(lambda db: db.execute(PAUSED).fetchall())}
+        return queue_infos(rows, paused)
 
     def recent(self, since: float) -> list[tuple[str, str, float, float | None]]:
-        return self._run(lambda db: db.execute(RECENT, (since,)).fetchall())
+        return self._read(lambda db: db.execute(RECENT, (since,)).fetchall())
 
     def ticks(self) -> dict[str, float]:
-        return dict(self._run(lambda db: db.execute(TICKS).fetchall()))
+        return dict(self._read(lambda db: db.execute(TICKS).fetchall()))
 
     def beat(self, info: WorkerInfo) -> None:
         values = worker_row(info)
         self._run(lambda db: db.execute(BEAT, values))
 
     def workers(self, seen_since: float) -> list[WorkerInfo]:
-        rows = self._run(lambda db: db.execute(WORKERS, (seen_since,)).fetchall())
+        rows = self._read(lambda db: db.execute(WORKERS, (seen_since,)).fetchall())
         return [worker_info(row) for row in rows]
 
     def forget_worker(self, worker: str) -> None:
@@ -876,10 +916,8 @@ class SQLiteBackend(Backend):
 
     def close(self) -> None:
         self._doorbell.close()
-        with self._lock:
-            if self._db is not None and self._pid == os.getpid():
-                self._db.close()
-            self._db = None
+        self._writer.close()
+        self._reader.close()
 
 
 def _sqlalchemy_bind(connection: Any) -> tuple[Any, Any] | None:

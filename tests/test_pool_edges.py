@@ -8,18 +8,22 @@ where said), with real pools and real worker processes.
 from __future__ import annotations
 
 import math
+import signal
 import sqlite3
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import AppFactory, start_pool, wait_until
+import pgtest
+from conftest import AppFactory, make_job, process, start_pool, subprocess_env, wait_until
 from faults import Faulty
 from flask_offload import Offload, Retry, signals
-from flask_offload.backends import SQLiteBackend
-from flask_offload.worker import Worker
+from flask_offload.backends import Backend, SQLiteBackend
+from flask_offload.worker import MAX_BATCH, MAX_UNSTORED, Worker
 
 # --- 1. A retry delay no clock can hold fails its job, and the pool goes on --------------------
 
@@ -140,6 +144,59 @@ def test_a_stop_at_once_leaves_no_claimed_job_running(
         stranded.append(count(tmp_path, "state = 'running'"))
         assert count(tmp_path, "state = 'queued' AND attempts > 0") == 0, "put back uncounted"
     assert stranded == [0] * 8
+
+
+# --- 10. A worker never runs far ahead of what it has stored ------------------------------------
+
+
+def storage(kind: str, tmp_path: Path) -> tuple[str, Callable[[], Backend]]:
+    """The URL a worker process uses, and how the test opens the same storage."""
+    if kind == "sqlite":
+        path = tmp_path / "jobs.db"
+        return f"sqlite:///{path}", lambda: SQLiteBackend(str(path))
+    from flask_offload.backends.postgres import PostgresBackend
+
+    pgtest.connect().close()  # skip (or fail under CI) without a server
+    url = pgtest.new_database()
+    return url, lambda: PostgresBackend(url)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_worker_on_a_backlog_runs_only_a_bounded_few_jobs_ahead_of_what_it_stored(
+    tmp_path: Path, kind: str
+) -> None:
+    """A standalone worker on 20,000 no-op jobs: the jobs it has run (or claimed) but whose
+    outcome is not stored stay within its bound while it runs half of them, and after a
+    SIGTERM with a one-second drain: not thousands, that would all run again."""
+    url, open_storage = storage(kind, tmp_path)
+    backend = open_storage()
+    try:
+        backend.prepare()
+        for n in range(20_000):
+            backend.enqueue(make_job("plain.greet", args_json=f'["{n}"]'))
+        env = subprocess_env(
+            PLAINAPP_INSTANCE=str(tmp_path / "instance"),
+            FLASK_OFFLOAD_URL=url,
+            FLASK_OFFLOAD_SHUTDOWN_TIMEOUT="1",
+        )
+        args = [sys.executable, "-m", "flask", "--app", "plainapp", "offload", "worker"]
+        out = tmp_path / "worker.log"
+        ahead = []
+        with process([*args, "--threads", "2", "--quiet"], env, out) as worker:
+            end = time.monotonic() + 120
+            while (counts := backend.counts()).get(("plain.greet", "succeeded"), 0) < 10_000:
+                ahead.append(counts.get(("plain.greet", "running"), 0))
+                assert time.monotonic() < end, counts
+                time.sleep(0.05)
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(60)
+        counts = backend.counts()
+        assert counts.get(("plain.greet", "succeeded"), 0) < 20_000, "stopped mid-backlog"
+        assert max(ahead) <= MAX_UNSTORED + MAX_BATCH + 2, ahead
+        assert counts.get(("plain.greet", "running"), 0) <= MAX_UNSTORED, counts
+    finally:
+        backend.close()
 
 
 # --- 4. A failed heartbeat is tried again soon --------------------------------------------------

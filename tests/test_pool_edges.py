@@ -233,3 +233,34 @@ def test_three_failed_heartbeats_in_a_row_do_not_let_the_lease_lapse(
         assert (job.state, job.result, job.attempts, job.lost) == ("succeeded", "done", 1, 0)
     finally:
         other.close()
+
+
+# --- One attempt's error and traceback have a bounded size ------------------------------------
+
+
+@pytest.mark.parametrize("storage_kind", ["sqlite", "memory"])
+def test_a_huge_error_and_traceback_are_stored_cut_to_their_bound(
+    make_app: AppFactory, storage_kind: str
+) -> None:
+    app, offload = make_app(OFFLOAD_WORKERS=1, storage=storage_kind)
+
+    def deep(n: int) -> None:
+        if n:
+            deep(n - 1)
+        raise ValueError("é" * 1_000_000 + " the end")
+
+    @offload.task(retries=1, retry_backoff=0)
+    def noisy() -> None:
+        deep(200)
+
+    with app.app_context():
+        job = noisy.delay()
+    job.wait(timeout=20)
+    assert (job.state, job.attempts) == ("failed", 2)
+    for error, trace in [(job.error, job.traceback)] + [
+        (h["error"], h["traceback"]) for h in job.history
+    ]:
+        assert len(error.encode()) <= 2048 and len(trace.encode()) <= 16384
+        assert error.startswith("ValueError: éé") and error.endswith("é the end"), error
+        assert "bytes cut" in error and "bytes cut" in trace
+        assert trace.startswith("Traceback") and trace.endswith("é the end\n")

@@ -31,6 +31,8 @@ OUTCOME_EVENTS = {
     QUEUED: "job_retrying",
 }
 MAX_BACKOFF = 3600.0
+MAX_ERROR_BYTES = 2048  # of one attempt's error text, in the job and its history
+MAX_TRACEBACK_BYTES = 16384  # of one attempt's traceback
 LATEST_DUE = 253402214400.0  # 9999-12-31 UTC: the last day every clock and date type can show
 
 
@@ -106,19 +108,20 @@ def backoff(base: float, attempt: int) -> float:
 
 
 def describe(error: BaseException) -> str:
-    """``"Type: message"`` for storage, even for an exception whose ``__str__`` fails."""
+    """``"Type: message"`` for storage, even for an exception whose ``__str__`` fails, cut to
+    ``MAX_ERROR_BYTES``."""
     try:
         message = str(error)
     except Exception:
         message = "<the exception's message could not be read>"
-    return serializer.safe_text(f"{type(error).__name__}: {message}")
+    return serializer.clipped(f"{type(error).__name__}: {message}", MAX_ERROR_BYTES)
 
 
 def failure(task: Runnable, job: Job, error: BaseException, trace: str | None) -> Outcome:
     """A failed run: back in the queue after a backoff while attempts remain, else failed.
     Retried: ``Retry``, and an exception in the task's ``retry_on`` but not in ``retry_unless``."""
     text = describe(error)
-    trace = None if trace is None else serializer.safe_text(trace)
+    trace = None if trace is None else serializer.clipped(trace, MAX_TRACEBACK_BYTES)
     retryable = isinstance(error, Retry) or (
         isinstance(error, task.retry_on)
         and not isinstance(error, (RetryDelayError, *task.retry_unless))

@@ -574,8 +574,9 @@ class Worker:
             if now >= next_beat:
                 beat_failures = 0 if self._step("heartbeat", self._beat) else beat_failures + 1
                 pause = self.settings.lease / 3
-                if beat_failures:
-                    pause = min(self.settings.lease / 10, BEAT_RETRY * 2 ** (beat_failures - 1))
+                if beat_failures:  # the exponent's cap keeps a long outage's float finite
+                    retry = BEAT_RETRY * 2 ** min(beat_failures - 1, 16)
+                    pause = min(self.settings.lease / 10, retry)
                 next_beat = now + pause
             if now >= next_purge and not self._halted:
                 next_purge = now + min(60.0, self.settings.result_ttl)

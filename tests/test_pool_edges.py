@@ -8,12 +8,14 @@ where said), with real pools and real worker processes.
 from __future__ import annotations
 
 import math
+import re
 import signal
 import sqlite3
 import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,14 @@ def test_a_retry_delay_that_is_not_sane_fails_its_job_and_the_pool_goes_on(
     assert (bad.state, bad.attempts) == ("failed", 1)
     assert bad.error.startswith("RetryDelayError: Retry delay must be"), bad.error
     assert repr(delay) in bad.error
+
+
+def test_retry_takes_seconds_or_a_timedelta_and_names_a_delay_it_refuses() -> None:
+    assert Retry(delay=timedelta(minutes=2)).delay == 120.0
+    assert Retry(delay=0).delay == 0.0 and Retry().delay is None
+    for bad in [True, "10", math.inf, -0.5]:
+        with pytest.raises(ValueError, match=f"Retry delay must be .*not {re.escape(repr(bad))}"):
+            Retry(delay=bad)  # type: ignore[arg-type]
 
 
 def test_a_task_backoff_made_negative_after_registration_fails_its_job(

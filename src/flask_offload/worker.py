@@ -449,8 +449,8 @@ class Worker:
             fresh = [c for c in due if not c.store_tries]
             batches = [fresh[i : i + STORE_BATCH] for i in range(0, len(fresh), STORE_BATCH)]
             for batch in batches + [[c] for c in due if c.store_tries]:
-                self.foreground.give_way()
                 try:
+                    self.foreground.give_way()
                     self._store(batch)
                 except BaseException:
                     self._store_broke(batch)

@@ -172,6 +172,7 @@ def storage(kind: str, tmp_path: Path) -> tuple[str, Callable[[], Backend]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # 20,000 enqueues and 10,000 runs on a loaded machine
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_a_worker_on_a_backlog_runs_only_a_bounded_few_jobs_ahead_of_what_it_stored(
     tmp_path: Path, kind: str

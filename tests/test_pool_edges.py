@@ -25,6 +25,7 @@ from conftest import AppFactory, make_job, process, start_pool, subprocess_env, 
 from faults import Faulty
 from flask_offload import Offload, Retry, signals
 from flask_offload.backends import Backend, SQLiteBackend
+from flask_offload.execution import LATEST_DUE
 from flask_offload.worker import MAX_BATCH, MAX_UNSTORED, Worker
 
 # --- 1. A retry delay no clock can hold fails its job, and the pool goes on --------------------
@@ -63,7 +64,8 @@ def test_a_retry_delay_that_is_not_sane_fails_its_job_and_the_pool_goes_on(
 def test_retry_takes_seconds_or_a_timedelta_and_names_a_delay_it_refuses() -> None:
     assert Retry(delay=timedelta(minutes=2)).delay == 120.0
     assert Retry(delay=0).delay == 0.0 and Retry().delay is None
-    for bad in [True, "10", math.inf, -0.5]:
+    assert Retry(delay=LATEST_DUE - time.time() - 60).delay  # the last day a clock can show
+    for bad in [True, "10", math.inf, -0.5, LATEST_DUE - time.time() + 60]:
         with pytest.raises(ValueError, match=f"Retry delay must be .*not {re.escape(repr(bad))}"):
             Retry(delay=bad)  # type: ignore[arg-type]
 

@@ -60,16 +60,15 @@ class RetryDelayError(ValueError):
 
 
 def retry_delay(delay: object, what: str = "Retry delay") -> float:
-    """``delay`` as seconds before a retry, or ``ValueError`` unless it is a finite number
-    >= 0 that puts the retry before the year 10000 (later, no date type could show it)."""
+    """``delay`` as seconds before a retry; ``RetryDelayError`` unless it is a finite number
+    >= 0 that puts the retry before ``LATEST_DUE`` (later, no clock or date type shows it)."""
     if (
         isinstance(delay, bool)
         or not isinstance(delay, (int, float))
         or not 0 <= delay < LATEST_DUE - time.time()
     ):
         raise RetryDelayError(
-            f"{what} must be a number of seconds >= 0 that falls before the year 10000, "
-            f"not {delay!r}"
+            f"{what} must be a number of seconds >= 0 that falls before 9999-12-31, not {delay!r}"
         )
     return float(delay)
 

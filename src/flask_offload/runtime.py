@@ -6,7 +6,6 @@ context each job runs in.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -18,7 +17,7 @@ from typing import Any
 from . import commits, serializer, tracing
 from .backends.base import Backend
 from .backends.rows import history_entry
-from .execution import ContextFactory, Events, Runnable, Settings, execute
+from .execution import LATEST_DUE, ContextFactory, Events, Runnable, Settings, execute
 from .foreground import Foreground
 from .job import (
     CANCELLED,
@@ -330,9 +329,12 @@ def _due(now: float, delay: float | timedelta | None, at: datetime | None) -> fl
         if (
             isinstance(delay, bool)
             or not isinstance(delay, (int, float))
-            or not 0 <= delay < math.inf
+            or not 0 <= delay < LATEST_DUE - now
         ):
-            raise ValueError(f"delay must be a number of seconds >= 0, not {delay!r}")
+            raise ValueError(
+                f"delay must be a number of seconds >= 0 that falls before 9999-12-31, "
+                f"not {delay!r}"
+            )
         return now + delay
     if at is not None:
         if not isinstance(at, datetime):

@@ -59,7 +59,7 @@ from .execution import (
     failure,
 )
 from .foreground import Foreground
-from .job import FAILED, PROGRESS_EVERY, QUEUED, Job, Outcome, Running, WorkerInfo
+from .job import CANCELLED, FAILED, PROGRESS_EVERY, QUEUED, Job, Outcome, Running, WorkerInfo
 from .schedule import Scheduler
 
 logger = logging.getLogger("flask_offload")
@@ -83,6 +83,11 @@ def live_window(lease: float) -> float:
     beats (every third of the lease), so one late beat is tolerated and one killed with
     ``kill -9`` drops out of ``flask offload stats`` within that time."""
     return 2 * lease / 3
+
+
+def cancelled_instead(outcome: Outcome) -> Outcome:
+    """A retry as storage stores it when the job's cancellation was asked for."""
+    return Outcome(CANCELLED, error="Cancelled", progress_json=outcome.progress_json)
 
 
 def new_worker_id() -> str:
@@ -274,7 +279,10 @@ class Worker:
             job = jobs[0]
             self._emit("job_started", job, None)
             outcome = self._execute(job, Running(job, self.backend))
+            asked = self._cancel_asked([(job, outcome)])
             if self.backend.finish(job, outcome):
+                if asked:
+                    outcome = cancelled_instead(outcome)
                 self._emit(OUTCOME_EVENTS[outcome.state], job, outcome)
             count += 1
         return count
@@ -484,6 +492,7 @@ class Worker:
     def _store(self, batch: list[Claimed]) -> None:
         pairs = [(c.job, c.outcome) for c in batch if c.outcome is not None]
         try:
+            asked = self._cancel_asked(pairs)
             stored = self.backend.finish_many(pairs)
         except Exception as error:
             self._store_failed(batch, error)
@@ -491,6 +500,8 @@ class Worker:
         with self._lock:
             self._leave(batch)
         for c, ok in zip(batch, stored, strict=True):
+            if c.job.id in asked and c.outcome is not None:
+                c.outcome = cancelled_instead(c.outcome)
             try:
                 self._report(c, ok)
             except BaseException:
@@ -525,6 +536,19 @@ class Worker:
                 error,
             )
 
+    def _cancel_asked(self, finished: list[tuple[Job, Outcome]]) -> set[str]:
+        """The ids of the retries storage will store as cancelled, their cancellation having
+        been asked for (see ``Backend.finish``): read before the store, so the signal then sent
+        says what was stored. A cancel that lands between the read and the store is stored
+        but reported as a retry. Retries are rare: one read each."""
+        asked = set()
+        for job, outcome in finished:
+            if outcome.state == QUEUED:
+                stored = self.backend.get(job.id)
+                if stored is not None and stored.cancel_requested:
+                    asked.add(job.id)
+        return asked
+
     def _report(self, claimed: Claimed, stored: bool) -> None:
         job, outcome = claimed.job, claimed.outcome
         assert outcome is not None
@@ -544,12 +568,13 @@ class Worker:
                     max(0.0, due - time.time()),
                     time.strftime("%H:%M:%S", time.localtime(due)),
                 )
-                self.wake(outcome.run_at)
             else:
                 jobs_logger.info(
                     "job %s %s %s in %.3f s", job.id, job.task, outcome.state, claimed.seconds
                 )
             self._emit(OUTCOME_EVENTS[outcome.state], job, outcome)
+            if outcome.state == QUEUED:  # after the signal, so it comes before the next start
+                self.wake(outcome.run_at)
         else:
             logger.warning(
                 "job %s (%s) was no longer held by this worker (lease expired): "

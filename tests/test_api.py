@@ -123,6 +123,9 @@ def test_enqueue_rejects_bad_options_before_storing(make_app: AppFactory, tmp_pa
             take.enqueue(kwargs=[1])  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="delay"):
             take.enqueue(delay=-1)
+        for far in (1e18, 8e12, float("nan")):  # past 9999-12-31: no clock or date shows it
+            with pytest.raises(ValueError, match="before 9999-12-31"):
+                take.enqueue(delay=far)
         with pytest.raises(ValueError, match="aware"):
             from datetime import datetime
 

@@ -244,3 +244,31 @@ def test_job_enqueued_in_a_request_sees_that_requests_g(make_app: AppFactory) ->
     finally:
         signals.job_enqueued.disconnect(who)
     assert seen == [(job_id, "alice")]
+
+
+def test_a_run_cancelled_then_failing_with_a_retried_error_signals_cancelled_not_retrying(
+    make_app: AppFactory, pools: list[Worker], heard: list[Any]
+) -> None:
+    offload = Offload()
+    started, cancelled = threading.Event(), threading.Event()
+
+    @offload.task(name="upload", retries=3, retry_backoff=0.01)
+    def upload() -> None:
+        started.set()
+        cancelled.wait(30)
+        raise ConnectionError("the upload broke off")
+
+    app, _ = make_app(offload, OFFLOAD_WORKERS=0)
+    with app.app_context():
+        job = upload.delay()
+    start_pool(pools, app, offload, threads=1, poll_interval=0.02)
+    assert started.wait(30)
+    assert job.cancel()  # the run is not told before it fails: the heartbeat is 10 s away
+    cancelled.set()
+    wait_until(lambda: ("job_cancelled", "cancelled") in events_of(heard, job.id), timeout=30)
+    assert job.refresh().state == "cancelled" and job.attempts == 1
+    assert [event for event, _ in events_of(heard, job.id)] == [
+        "job_enqueued",
+        "job_started",
+        "job_cancelled",
+    ]

@@ -115,6 +115,10 @@ class Job:
     history_json: str | None = None
     trace_json: str | None = None
     backend: Backend | None = field(default=None, repr=False)
+    # Not stored: True when ``run_at`` is the enqueuing process's now plus a delay (none, or
+    # ``delay=``) rather than a fixed moment (``at=``, a periodic tick). Storage that keeps
+    # time by a clock of its own (PostgreSQL's) counts what is left of the delay on it.
+    relative: bool = field(default=False, repr=False)
 
     @property
     def args(self) -> list[Any]:

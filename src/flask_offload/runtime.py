@@ -6,7 +6,6 @@ context each job runs in.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -18,7 +17,7 @@ from typing import Any
 from . import commits, serializer, tracing
 from .backends.base import Backend
 from .backends.rows import history_entry
-from .execution import ContextFactory, Events, Runnable, Settings, execute
+from .execution import LATEST_DUE, ContextFactory, Events, Runnable, Settings, execute
 from .foreground import Foreground
 from .job import (
     CANCELLED,
@@ -50,6 +49,7 @@ class Runtime:
     ) -> None:
         self.backend = backend
         self.tasks = tasks
+        backend.result_ttls = self.result_ttls
         self.context = context
         self.settings = settings
         self.eager = eager
@@ -122,6 +122,7 @@ class Runtime:
             max_attempts=max_attempts,
             created_at=now,
             run_at=_due(now, delay, at),
+            relative=at is None,
             owner_json=owner_json,
             ephemeral=ephemeral,
             trace_json=tracing.carrier() if tracing.ENABLED else None,
@@ -202,6 +203,10 @@ class Runtime:
             )
         self.wake()
         return job.refresh()
+
+    def result_ttls(self) -> dict[str, float]:
+        """The ``result_ttl`` of each registered task that sets one, by name."""
+        return {name: t.result_ttl for name, t in self.tasks.items() if t.result_ttl is not None}
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued job, or ask a running one to stop; False once it has finished."""
@@ -324,9 +329,12 @@ def _due(now: float, delay: float | timedelta | None, at: datetime | None) -> fl
         if (
             isinstance(delay, bool)
             or not isinstance(delay, (int, float))
-            or not 0 <= delay < math.inf
+            or not 0 <= delay < LATEST_DUE - now
         ):
-            raise ValueError(f"delay must be a number of seconds >= 0, not {delay!r}")
+            raise ValueError(
+                f"delay must be a number of seconds >= 0 that falls before 9999-12-31, "
+                f"not {delay!r}"
+            )
         return now + delay
     if at is not None:
         if not isinstance(at, datetime):

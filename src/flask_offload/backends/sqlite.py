@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from contextlib import suppress
-from dataclasses import fields
 from operator import attrgetter
 from typing import Any, TypeVar
 
@@ -33,6 +32,7 @@ from ..job import HISTORY_LIMIT, QUEUED, Job, Outcome, WorkerInfo
 from .base import Backend, JobFilter, QueueInfo, StorageCorrupt, Wake, id_in_use
 from .doorbell import Doorbell
 from .rows import (
+    COLUMNS,
     finish_rows,
     page_cursor,
     queue_infos,
@@ -44,7 +44,6 @@ from .rows import (
 T = TypeVar("T")
 
 SCHEMA_VERSION = 6
-COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
 _SELECT = ", ".join(COLUMNS)
 
 # Each entry upgrades the schema from the version before it; index 0 creates version 1.
@@ -197,18 +196,33 @@ HEARTBEAT = """
 ATTEMPT = """
     'attempt', attempts, 'worker', worker, 'claim', claim,
     'started_at', started_at, 'finished_at', :now,
-    'outcome', CASE WHEN :state = 'queued' THEN 'retrying' ELSE :state END,
+    'outcome', CASE WHEN :state <> 'queued' THEN :state
+                    WHEN cancel_requested THEN 'cancelled' ELSE 'retrying' END,
     'error', :error, 'traceback', :traceback
 """
+# When a job that ends cancelled expires: its task's result_ttl after now (:ttls maps task
+# names to it), as a run that ends cancelled is kept; NULL (OFFLOAD_RESULT_TTL) without one.
+_TASK_TTL = ":now + (SELECT value FROM json_each(:ttls) WHERE key = task)"
+# A history that is not JSON (a hand edit, a bad restore) starts afresh: read, it would fail
+# the statement ("malformed JSON"), and with it every other job's finish or recovery.
+_NO_HISTORY = "history_json IS NULL OR NOT json_valid(history_json)"
+# A retry of a run whose cancellation was asked for meanwhile ends it cancelled instead, as
+# recovery does for a lost run: running it again would ignore the cancel.
+_RETRIED = ":state = 'queued' AND NOT cancel_requested"
+_CANCELLED = ":state = 'queued' AND cancel_requested"
 FINISH = f"""
     UPDATE offload_jobs
-    SET state = :state, result_json = :result_json, error = :error, traceback = :traceback,
+    SET state = CASE WHEN {_CANCELLED} THEN 'cancelled' ELSE :state END,
+        result_json = :result_json,
+        error = CASE WHEN {_CANCELLED} THEN 'Cancelled' ELSE :error END,
+        traceback = CASE WHEN {_CANCELLED} THEN NULL ELSE :traceback END,
         progress_json = coalesce(:progress_json, progress_json),
-        finished_at = CASE WHEN :state = 'queued' THEN NULL ELSE :now END,
-        run_at = CASE WHEN :state = 'queued' THEN coalesce(:run_at, :now) ELSE run_at END,
-        worker = NULL, lease_until = NULL, expires_at = :expires_at,
+        finished_at = CASE WHEN {_RETRIED} THEN NULL ELSE :now END,
+        run_at = CASE WHEN {_RETRIED} THEN coalesce(:run_at, :now) ELSE run_at END,
+        worker = NULL, lease_until = NULL,
+        expires_at = CASE WHEN {_CANCELLED} THEN {_TASK_TTL} ELSE :expires_at END,
         history_json = CASE
-            WHEN history_json IS NULL THEN '[' || json_object({ATTEMPT}) || ']'
+            WHEN {_NO_HISTORY} THEN '[' || json_object({ATTEMPT}) || ']'
             ELSE json_insert(
                 CASE WHEN json_array_length(history_json) >= :keep
                      THEN json_remove(history_json, '$[0]') ELSE history_json END,
@@ -217,6 +231,11 @@ FINISH = f"""
 """
 # A task with result_ttl=0 keeps nothing of a job that ended: it is deleted instead.
 FORGET = "DELETE FROM offload_jobs WHERE id = :id AND claim = :claim AND state = 'running'"
+# The claims that hold their jobs, read in a batch's transaction before its outcomes are stored.
+HELD = """
+    SELECT id, claim FROM offload_jobs
+    WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'running'
+"""
 RELEASE = """
     UPDATE offload_jobs
     SET state = 'queued', worker = NULL, lease_until = NULL, claim = NULL,
@@ -226,12 +245,14 @@ RELEASE = """
 # A job whose worker died goes back in the queue; it is cancelled if someone asked for that
 # meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
 # The lost attempt joins the history, built from the row as it was (SET reads old values).
-RECOVER = """
+RECOVER = f"""
     UPDATE offload_jobs
     SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = NULL,
+        expires_at = CASE WHEN cancel_requested THEN {_TASK_TTL} END,
         history_json = json_insert(
-            CASE WHEN json_array_length(history_json) >= :keep
-                 THEN json_remove(history_json, '$[0]') ELSE coalesce(history_json, '[]') END,
+            CASE WHEN {_NO_HISTORY} THEN '[]'
+                 WHEN json_array_length(history_json) >= :keep
+                 THEN json_remove(history_json, '$[0]') ELSE history_json END,
             '$[#]', json_object(
                 'attempt', attempts, 'worker', worker, 'claim', claim,
                 'started_at', started_at, 'finished_at', :now,
@@ -247,9 +268,10 @@ RECOVER = """
     WHERE state = 'running' AND lease_until < :now
     RETURNING id
 """
-CANCEL_QUEUED = """
-    UPDATE offload_jobs SET state = 'cancelled', finished_at = ?
-    WHERE id = ? AND state = 'queued'
+CANCEL_QUEUED = f"""
+    UPDATE offload_jobs
+    SET state = 'cancelled', finished_at = :now, expires_at = {_TASK_TTL}
+    WHERE id = :id AND state = 'queued'
 """
 CANCEL_RUNNING = "UPDATE offload_jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'"
 SET_PROGRESS = """
@@ -545,7 +567,8 @@ class SQLiteBackend(Backend):
         """``error`` in the caller's terms: which setting, which file, what to do."""
         message = str(error).lower()
         where = f"the job store {self.path} (OFFLOAD_URL)"
-        if "malformed" in message or "not a database" in message:
+        damaged = "malformed" in message and "malformed json" not in message  # a row's JSON
+        if damaged or "not a database" in message:
             return StorageCorrupt(
                 f"{where} is damaged or not a SQLite database ({error}): stop the processes "
                 "that use it, then restore it from a backup or move it away and start afresh "
@@ -776,27 +799,35 @@ class SQLiteBackend(Backend):
         return self.finish_many([(job, outcome)])[0]
 
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
-        rows = finish_rows(finished)
+        ttls = json.dumps(self.result_ttls())
+        rows = [{**row, "ttls": ttls} for row in finish_rows(finished)]
 
         def store(db: sqlite3.Connection) -> list[bool]:
             if len(rows) == 1:
                 return [_finish(db, rows[0])]
-            return self._transaction(db, lambda: [_finish(db, row) for row in rows])
+            return self._transaction(db, lambda: _finish_batch(db, rows))
 
-        return self._run(store)
+        return self._run(store) if rows else []
 
     def release(self, job: Job) -> bool:
         values = (job.id, job.claim)
         return self._run(lambda db: db.execute(RELEASE, values).rowcount == 1)
 
     def recover(self, max_lost: int) -> list[str]:
-        params = {"max_lost": max_lost, "now": time.time(), "keep": HISTORY_LIMIT}
+        params = {
+            "max_lost": max_lost,
+            "now": time.time(),
+            "keep": HISTORY_LIMIT,
+            "ttls": json.dumps(self.result_ttls()),
+        }
         rows = self._run(lambda db: db.execute(RECOVER, params).fetchall())
         return [job_id for (job_id,) in rows]
 
     def cancel(self, job_id: str) -> bool:
+        params = {"id": job_id, "now": time.time(), "ttls": json.dumps(self.result_ttls())}
+
         def cancel(db: sqlite3.Connection) -> bool:
-            if db.execute(CANCEL_QUEUED, (time.time(), job_id)).rowcount == 1:
+            if db.execute(CANCEL_QUEUED, params).rowcount == 1:
                 return True
             return db.execute(CANCEL_RUNNING, (job_id,)).rowcount == 1
 
@@ -908,6 +939,16 @@ def _sqlalchemy_bind(connection: Any) -> tuple[Any, Any] | None:
 def _finish(db: sqlite3.Connection, row: dict[str, Any]) -> bool:
     """Store one outcome (or forget the job); True if the claim still held it."""
     return bool(db.execute(FORGET if row["forget"] else FINISH, row).rowcount == 1)
+
+
+def _finish_batch(db: sqlite3.Connection, rows: list[dict[str, Any]]) -> list[bool]:
+    """Store a batch of outcomes, in the caller's transaction: which claims hold their jobs
+    is read first (nothing else writes meanwhile), then one executemany per statement."""
+    ids = json.dumps([row["id"] for row in rows])
+    held = {(job_id, claim) for job_id, claim in db.execute(HELD, {"ids": ids})}
+    db.executemany(FINISH, [row for row in rows if not row["forget"]])
+    db.executemany(FORGET, [row for row in rows if row["forget"]])
+    return [(row["id"], row["claim"]) in held for row in rows]
 
 
 def _insert_of(job: Job) -> tuple[str, tuple[Any, ...]]:

@@ -49,7 +49,9 @@ STOP_NOW = "stopping now: running jobs are left to their lease"
 
 def states(db: Path) -> Counter[str]:
     with sqlite3.connect(db) as conn:
-        return Counter(dict(conn.execute("SELECT state, count(*) FROM offload_jobs GROUP BY state")))
+        return Counter(
+            dict(conn.execute("SELECT state, count(*) FROM offload_jobs GROUP BY state"))
+        )
 
 
 @pytest.mark.timeout(300)

@@ -336,8 +336,8 @@ def test_flask_run_debug_drains_when_its_watcher_alone_gets_sigint(tmp_path: Pat
 def test_flask_run_debug_drains_on_sigterm_as_on_ctrl_c(tmp_path: Path, target: str) -> None:
     """SIGTERM (what `docker stop`, systemd and process managers send) to `flask run --debug`,
     to its whole process group or to the reloader's watcher alone, drains the serving child
-    exactly as Ctrl-C does: the short job finishes, the long one is put back, nothing is left
-    running, and no heartbeat row is left."""
+    exactly as Ctrl-C does, saying what it waits for: the short job finishes, the long one is
+    put back, nothing is left running, and no heartbeat row is left."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     out = tmp_path / "server.log"
@@ -352,6 +352,7 @@ def test_flask_run_debug_drains_on_sigterm_as_on_ctrl_c(tmp_path: Path, target: 
         wait_until(lambda: gone(serving), timeout=30)
     text = out.read_text()
     assert pools(text) == Counter([serving]) and stopped(text) == Counter([serving]), text
+    assert f"{serving} flask_offload INFO waiting up to 3 s for " in text
     assert_drained(tmp_path, 0)
 
 

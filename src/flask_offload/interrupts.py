@@ -205,7 +205,7 @@ def _announce(signum: int, running: int, timeout: float) -> None:
         jobs, leave = "1 running job", "it to its"
     else:
         jobs, leave = f"{running} running jobs", "them to their"
-    logger.warning(
+    logger.info(
         "waiting up to %g s for %s; %s again to stop now and leave %s lease",
         timeout,
         jobs,

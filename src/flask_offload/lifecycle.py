@@ -27,7 +27,7 @@ from typing import Literal
 from flask import Flask, request_started
 
 from . import interrupts, servers
-from .launch import Launcher
+from .launch import Launcher, from_script
 from .runtime import Runtime
 from .servers import Role
 
@@ -89,10 +89,13 @@ def manage(
     runtime: Runtime, how: Plan, pools: Pools | None = None, app: Flask | None = None
 ) -> None:
     """Run ``runtime``'s pools as planned and tie them to the process's fork and exit."""
+    caller = servers.setup_caller(sys._getframe(1))
     if how in ("start", "launch", "reloader-child", "watcher"):
         interrupts.install(stop_all, in_flight, runtime.settings.shutdown_timeout + 5)
-        if how != "start" and (how != "launch" or servers.cli_command() is None):
-            _watch_for_reloader()
+    if how in ("reloader-child", "watcher") or (
+        how == "launch" and caller is not None and from_script(caller)
+    ):
+        _watch_for_reloader()
     if how in ("off", "watcher") or not _first_on_storage(runtime, app):
         return
     _install_hooks()
@@ -102,7 +105,6 @@ def manage(
     elif how in ("launch", "reloader-child"):
         if how == "reloader-child":
             _serve_under_reloader()
-        caller = servers.setup_caller(sys._getframe(1))
         if caller is None:
             runtime.start(pools)
         else:

@@ -62,7 +62,7 @@ def test_a_signal_inside_delay_on_sqlite_never_hangs_a_script(tmp_path: Path, si
     ends by the signal (or KeyboardInterrupt) within a generous bound, every trial."""
     script = tmp_path / "loop.py"
     script.write_text(ENQUEUE_LOOP)
-    for trial in range(5):
+    for trial in range(8):
         out = tmp_path / f"loop{trial}.log"
         db = tmp_path / f"jobs{trial}.db"
         args = [sys.executable, str(script), str(tmp_path / "instance"), str(db)]

@@ -162,6 +162,8 @@ def _handler(
         if _state == "calm":
             _state = "draining"
             _drained.acquire()  # free until now: this never waits
+            # A bare thread: threading.Thread.start takes a lock of threading's own, which
+            # the interrupted frame may hold.
             _thread.start_new_thread(_drain_then_hand_on, (signum, drain, in_flight))
             return
         if _state == "drained" and _handing_on:  # sent by the drain thread, once it is done
@@ -243,6 +245,7 @@ def _hand_over(child: Any, signum: int, previous: Any, frame: FrameType | None) 
 
 
 def _stop_child(child: Any) -> None:
+    """The grace period is over and the serving child still runs: end it now."""
     if child.poll() is None:
         logger.warning("the serving child did not stop within %g s: %s", _grace, STOP_NOW)
         with contextlib.suppress(OSError):

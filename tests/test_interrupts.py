@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import jobapp_env, process, runs, subprocess_env, wait_until
+from conftest import answers, free_port, jobapp_env, process, runs, subprocess_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -153,3 +153,27 @@ def test_two_sigterms_back_to_back_never_hang_the_worker(tmp_path: Path) -> None
                 worker.wait(60)
             except Exception:
                 pytest.fail(f"trial {trial}: still running 60 s after two SIGTERMs (a hang)")
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_twice_stops_flask_run_debug_now(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the whole process group) under `flask run --debug` with a job
+    running: the serving child says what it waits for; a second Ctrl-C reaches the reloader's
+    watcher, which says it stops now and ends the child at once, leaving the job to its lease."""
+    port = free_port()
+    out = tmp_path / "server.log"
+    enqueue_long_job(tmp_path)
+    env = jobapp_env(tmp_path, OFFLOADTEST_OFFLOAD_SHUTDOWN_TIMEOUT="60")
+    args = [sys.executable, "-m", "flask", "--app", "jobapp:create_app", "run", "--debug"]
+    with process([*args, "--port", str(port)], env, out) as watcher:
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/pid"), timeout=60)
+        wait_until(lambda: ("start", 0) in {(e, n) for e, n, _ in runs(tmp_path)}, timeout=60)
+        os.killpg(watcher.pid, signal.SIGINT)
+        waiting = "waiting up to 60 s for 1 running job; Ctrl-C again to stop now"
+        wait_until(lambda: waiting in out.read_text(), timeout=30)
+        sent = time.monotonic()
+        os.killpg(watcher.pid, signal.SIGINT)
+        watcher.wait(30)
+        assert time.monotonic() - sent < 30, "the second Ctrl-C stopped the server at once"
+    assert STOP_NOW in out.read_text()
+    assert states(tmp_path / "jobs.db") == Counter(running=1), "left to its lease"

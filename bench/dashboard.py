@@ -24,6 +24,7 @@ from flask import Flask
 
 from bench.common import Skip, pg_database
 from flask_offload import Offload
+from flask_offload.dashboard import queries
 from flask_offload.job import WorkerInfo
 
 ROWS = 1_000_000
@@ -74,6 +75,7 @@ def build_app(url: str) -> tuple[Flask, Offload]:
     app = Flask("dashboard_bench", instance_path=tempfile.mkdtemp())
     app.config.update(OFFLOAD_URL=url, OFFLOAD_DASHBOARD=True, OFFLOAD_WORKERS=0)
     offload.init_app(app)
+    offload.dashboard_access(lambda: True)  # the bench's own client may see and do everything
     return app, offload
 
 
@@ -139,6 +141,7 @@ def time_page(get: Callable[[], Any]) -> tuple[float, float, float]:
 
 
 def measure(url: str, rows: int) -> tuple[float, dict[str, tuple[float, float, float]]]:
+    queries.FRESH = 0.0  # time every read of the overview and metrics, never a shared answer
     app, offload = build_app(url)
     try:
         seeded = seed(app, offload, rows)

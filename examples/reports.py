@@ -66,6 +66,7 @@ document.getElementById("start").addEventListener("click", async () => {
 
 def create_app() -> Flask:
     app = Flask(__name__)
+    app.config["OFFLOAD_URL"] = "sqlite:///reports-jobs.db"  # in the instance folder, its own
     app.config.from_prefixed_env()
     offload.init_app(app)
 

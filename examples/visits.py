@@ -65,6 +65,7 @@ def notify(message: str) -> None:
 def create_app() -> Flask:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     app = Flask(__name__)
+    app.config["OFFLOAD_URL"] = "sqlite:///visits-jobs.db"  # in the instance folder, its own
     app.config.from_prefixed_env()  # e.g. FLASK_OFFLOAD_WORKERS=4
     offload.init_app(app)
 

@@ -24,6 +24,7 @@ from flask_offload.job import Job, new_id
 from flask_offload.worker import Worker
 
 HERE = Path(__file__).parent
+pytest_plugins = ["flask_offload.testing"]  # its fixtures, as a user's root conftest loads them
 
 
 def make_job(task: str = "t", **fields: Any) -> Job:

@@ -38,6 +38,17 @@ def test_enqueue_then_get_returns_every_field(backend: Backend) -> None:
     assert backend.get("0" * 32) is None
 
 
+def test_the_trace_context_a_job_was_enqueued_in_comes_back_with_its_claim(
+    backend: Backend,
+) -> None:
+    headers = '{"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}'
+    traced = backend.enqueue(make_job(trace_json=headers))
+    plain = backend.enqueue(make_job())
+    claimed = {job.id: job for job in backend.claim("w", ["t"], None, 10, 30)}
+    assert claimed[traced.id].trace_json == headers
+    assert claimed[plain.id].trace_json is None
+
+
 def test_claim_order_is_priority_then_due_time_then_enqueue_order(backend: Backend) -> None:
     now = time.time()
     low_first = make_job(run_at=now - 10)
@@ -136,7 +147,8 @@ def test_a_retry_outcome_queues_the_job_again_at_its_time(backend: Backend) -> N
     stored = backend.get(job.id)
     assert stored is not None
     assert (stored.state, stored.attempts, stored.error) == ("queued", 1, "OSError: flaky")
-    assert stored.run_at == later and stored.finished_at is None and stored.worker is None
+    assert abs(stored.run_at - later) < 1, "its wait, counted on the storage's clock"
+    assert stored.finished_at is None and stored.worker is None
     assert backend.claim("w", ["t"], None, 1, 30) == [], "not due before its time"
 
 
@@ -507,3 +519,96 @@ def test_recent_finishes_and_ticks(backend: Backend) -> None:
     assert backend.recent(time.time() + 10) == []
     backend.record_tick("every-minute", 120.0)
     assert backend.ticks() == {"every-minute": 120.0}
+
+
+def test_a_run_cancelled_while_it_runs_ends_cancelled_not_retried(backend: Backend) -> None:
+    """Cancelled while running, then failing with an error its task retries on: the retry
+    would run it again (three more times, then failed); it ends cancelled, as a lost run
+    whose cancel was asked for does, with the attempt's own error in its history."""
+    job = backend.enqueue(make_job(max_attempts=4, ephemeral=True, args_json="[1]"))
+    [claimed] = backend.claim("w", ["t"], None, 1, 30)
+    assert backend.cancel(job.id)
+    retry = Outcome("queued", error="OSError: flaky", traceback="tb", run_at=0)
+    assert backend.finish(claimed, retry)
+    stored = backend.get(job.id)
+    assert stored is not None
+    assert (stored.state, stored.error, stored.args_json) == ("cancelled", "Cancelled", "[]")
+    assert stored.finished_at is not None and stored.worker is None
+    assert [(h["outcome"], h["error"]) for h in stored.history] == [("cancelled", "OSError: flaky")]
+    assert backend.claim("w", ["t"], None, 1, 30) == [], "not run again"
+
+
+def test_a_mixed_batch_of_outcomes_is_stored_as_each_alone_would_be(backend: Backend) -> None:
+    """One finish_many: a run fenced out (its job retried and claimed again since), a retry,
+    a failure, a success kept for no time (result_ttl=0), a success kept an hour, and a
+    retry of a run whose cancel was asked for."""
+    jobs = [backend.enqueue(make_job(max_attempts=3)) for _ in range(6)]
+    fenced, retried, failed, forgotten, kept, cancelled = jobs
+    held = {job.id: job for job in backend.claim("w", ["t"], None, 6, 30)}
+    stale = held[fenced.id]
+    assert backend.finish(stale, Outcome("queued", error="E: first", run_at=0))
+    [fresh] = backend.claim("w", ["t"], None, 1, 30)
+    assert backend.cancel(cancelled.id)
+    before = time.time()
+    stored = backend.finish_many(
+        [
+            (stale, Outcome("succeeded", result_json='"stale"')),
+            (held[retried.id], Outcome("queued", error="E: again", run_at=before + 600)),
+            (held[failed.id], Outcome("failed", error="E: bad", traceback="tb")),
+            (held[forgotten.id], Outcome("succeeded", result_json="1", ttl=0)),
+            (held[kept.id], Outcome("succeeded", result_json="2", ttl=3600)),
+            (held[cancelled.id], Outcome("queued", error="E: flaky", run_at=0)),
+        ]
+    )
+    assert stored == [False, True, True, True, True, True]
+    assert backend.get(forgotten.id) is None
+    rows = {job.id: backend.get(job.id) for job in jobs if job is not forgotten}
+    states = {job_id: (job.state, job.error) for job_id, job in rows.items() if job is not None}
+    assert states == {
+        fenced.id: ("running", "E: first"),
+        retried.id: ("queued", "E: again"),
+        failed.id: ("failed", "E: bad"),
+        kept.id: ("succeeded", None),
+        cancelled.id: ("cancelled", "Cancelled"),
+    }
+    again, done = rows[retried.id], rows[kept.id]
+    assert again is not None and abs(again.run_at - (before + 600)) < 5
+    assert done is not None and done.result == 2 and done.expires_at is not None
+    assert abs(done.expires_at - (before + 3600)) < 5
+    assert [len(job.history) for job in rows.values() if job is not None] == [1, 1, 1, 1, 1]
+    assert backend.finish(fresh, Outcome("succeeded", result_json='"fresh"'))
+    assert backend.finish_many([]) == []
+
+
+def test_a_cancelled_queued_job_expires_after_its_tasks_result_ttl(backend: Backend) -> None:
+    backend.result_ttls = lambda: {"t": 60.0, "other": 0.0}
+    kept, gone, plain = (backend.enqueue(make_job(task)) for task in ("t", "other", "plain"))
+    for job in (kept, gone, plain):
+        assert backend.cancel(job.id)
+    stored = {job.id: backend.get(job.id) for job in (kept, gone, plain)}
+    expiry = {
+        job_id: None if job.expires_at is None else round(job.expires_at - job.finished_at)
+        for job_id, job in stored.items()
+        if job is not None and job.finished_at is not None
+    }
+    assert expiry == {kept.id: 60, gone.id: 0, plain.id: None}
+    assert backend.purge(time.time() - 3600) == 1, "the one kept for no time"
+
+
+def test_every_way_of_ending_cancelled_expires_after_the_tasks_result_ttl(
+    backend: Backend,
+) -> None:
+    """A run cancelled and then retried by its error, and a lost run whose cancel was asked
+    for, end cancelled as a cancelled queued job does: kept for their task's result_ttl."""
+    backend.result_ttls = lambda: {"t": 60.0}
+    retried, lost = (backend.enqueue(make_job(max_attempts=3)) for _ in range(2))
+    claimed = {job.id: job for job in backend.claim("w", ["t"], None, 1, 30)}
+    claimed |= {job.id: job for job in backend.claim("dead", ["t"], None, 1, -1)}
+    assert backend.cancel(retried.id) and backend.cancel(lost.id)
+    assert backend.finish(claimed[retried.id], Outcome("queued", error="E: x", run_at=0))
+    assert backend.recover(max_lost=3) == [lost.id]
+    for job in (retried, lost):
+        stored = backend.get(job.id)
+        assert stored is not None and stored.state == "cancelled"
+        assert stored.finished_at is not None and stored.expires_at is not None
+        assert round(stored.expires_at - stored.finished_at) == 60

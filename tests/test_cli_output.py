@@ -12,6 +12,7 @@ from flask import Flask
 
 from conftest import AppFactory
 from flask_offload import Offload
+from flask_offload.cli import zone_name
 from flask_offload.job import WorkerInfo
 from flask_offload.worker import live_window
 
@@ -37,7 +38,7 @@ def test_jobs_prints_a_header_and_says_when_nothing_matches(make_app: AppFactory
     with app.app_context():
         job = build.delay()
     header, row = run(made, "jobs").splitlines()
-    assert header.split() == ["id", "state", "created", "attempts", "task"]
+    assert header.split() == ["id", "state", "created", f"({zone_name()})", "attempts", "task"]
     assert row.startswith(job.id) and row.endswith(LONG) and "queued" in row
     assert run(made, "jobs", "--task", "other") == "no jobs with task 'other'\n"
 

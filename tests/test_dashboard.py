@@ -1,11 +1,16 @@
 """The dashboard and the metrics through Flask's test client, on a real SQLite file: who gets
-in, what a refusal shows, that actions need a POST from this origin with the CSRF token, and
-that the pages show and do what they say."""
+in, what a refusal shows, that actions need a POST from this origin with the CSRF token, that
+the pages show and do what they say, and never show or search a request's secrets."""
 
 from __future__ import annotations
 
+import base64
+import logging
 import re
+import sqlite3
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +21,8 @@ from flask.testing import FlaskClient
 
 from conftest import AppFactory
 from flask_offload import Offload
+from flask_offload.backends.sqlite import SQLiteBackend
+from flask_offload.dashboard import queries
 from flask_offload.job import Outcome
 
 ORIGIN = {"Origin": "http://localhost"}
@@ -25,7 +32,8 @@ PAGES = ["/offload/", "/offload/list", "/offload/workers", "/offload/periodic", 
 
 @pytest.fixture
 def site(make_app: AppFactory) -> Iterator[tuple[Flask, Offload, dict[str, str]]]:
-    """An app with the dashboard on and no pool (jobs are moved by hand): one failed, one
+    """An app in debug mode (the development case: no hook needed from a loopback client on
+    ``localhost``) with the dashboard on and no pool (jobs are moved by hand): one failed, one
     succeeded, one queued job, in queue ``mail``."""
     offload = Offload()
 
@@ -37,7 +45,7 @@ def site(make_app: AppFactory) -> Iterator[tuple[Flask, Offload, dict[str, str]]
     def hourly() -> None:
         return None
 
-    app, _ = make_app(offload, OFFLOAD_DASHBOARD=True, OFFLOAD_WORKERS=0)
+    app, _ = make_app(offload, DEBUG=True, OFFLOAD_DASHBOARD=True, OFFLOAD_WORKERS=0)
     backend = offload.runtime(app).backend
     ids = {}
     with app.app_context():
@@ -96,23 +104,106 @@ def test_nothing_is_served_when_the_dashboard_is_off(make_app: AppFactory) -> No
     assert offload.runtime(app).backend.paused_queues() == set()
 
 
-def test_a_remote_client_gets_a_bare_403_without_the_hook(site: Any) -> None:
+PROXY_HEADERS = [
+    ("X-Forwarded-For", "203.0.113.9"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-Host", "example.com"),
+    ("X-Forwarded-Port", "443"),
+    ("X-Forwarded-Prefix", "/app"),
+    ("Forwarded", "for=203.0.113.9"),
+    ("Via", "1.1 nginx"),
+    ("X-Real-IP", "203.0.113.9"),
+    ("CF-Connecting-IP", "203.0.113.9"),
+    ("True-Client-IP", "203.0.113.9"),
+    ("X-Client-IP", "203.0.113.9"),
+]
+
+
+def refused_as_outside_development(answer: Any) -> None:
+    """A 403 whose body says how to let people in, and nothing about jobs."""
+    assert answer.status_code == 403
+    body = answer.get_data(as_text=True)
+    assert "@offload.dashboard_access" in body and "debug" in body, body
+    assert SECRET not in body
+
+
+@pytest.mark.parametrize(
+    "debug, environ, headers",
+    [
+        # nginx's bare proxy_pass: a loopback client asking for a loopback Host, no header
+        (False, {}, {"Host": "127.0.0.1:8000"}),
+        (False, {}, {}),
+        (True, {"REMOTE_ADDR": "203.0.113.9"}, {}),
+        (True, {"REMOTE_ADDR": "10.0.0.5"}, {}),
+        (True, {}, {"Host": "myapp.example.com"}),
+        (True, {}, {"Host": "127.0.0.1.nip.io:5000"}),
+        *((True, {}, {name: value}) for name, value in PROXY_HEADERS),
+    ],
+)
+def test_without_the_hook_only_development_gets_in(
+    site: Any,
+    caplog: pytest.LogCaptureFixture,
+    debug: bool,
+    environ: dict[str, str],
+    headers: dict[str, str],
+) -> None:
+    """Development is the app in debug mode, a loopback client, a loopback Host and no proxy
+    header: anything else (a reverse proxy, which may set no header at all) is refused with a
+    body and a log line that say how to register the hook, and no action changes anything."""
+    app, offload, ids = site
+    app.debug = debug
+    caplog.set_level(logging.WARNING, "flask_offload")
+    client = app.test_client()
+    before = snapshot(app, offload)
+    for path in [*PAGES, "/offload/metrics", f"/offload/job/{ids['failed']}"]:
+        refused_as_outside_development(client.get(path, headers=headers, environ_base=environ))
+    for path, form in action_posts(ids):
+        answer = client.post(path, data=form, headers={**ORIGIN, **headers}, environ_base=environ)
+        assert answer.status_code == 403, path
+    assert snapshot(app, offload) == before
+    logged = [r.getMessage() for r in caplog.records if "dashboard_access" in r.getMessage()]
+    assert len(logged) == 1, caplog.text
+    assert "\n" not in logged[0]
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:5000", "127.0.0.1:8000", "[::1]:5000"])
+@pytest.mark.parametrize("client_address", ["127.0.0.1", "::1"])
+def test_development_gets_in_on_any_loopback_host_and_port(
+    site: Any, host: str, client_address: str
+) -> None:
+    app, _, _ = site
+    client = app.test_client()
+    for path in [*PAGES, "/offload/metrics"]:
+        answer = client.get(
+            path, headers={"Host": host}, environ_base={"REMOTE_ADDR": client_address}
+        )
+        assert answer.status_code == 200, path
+
+
+def test_dns_rebinding_gets_nothing_from_a_loopback_client(site: Any) -> None:
+    """A page on the attacker's own name, which resolves to 127.0.0.1, in the developer's
+    browser: a loopback client, but not a loopback Host, so it reads nothing and acts on
+    nothing (its Origin matches its own Host, so the origin check alone would not stop it)."""
     app, offload, ids = site
     client = app.test_client()
-    remote = {"REMOTE_ADDR": "203.0.113.9"}
+    rebound = {"Host": "attacker.example:5000"}
     before = snapshot(app, offload)
-    for path in [*PAGES, f"/offload/job/{ids['failed']}", f"/offload/job/{'0' * 32}"]:
-        answer = client.get(path, environ_base=remote)
-        assert answer.status_code == 403, path
-        body = answer.get_data(as_text=True)
-        assert body == "Forbidden\n", "no job, no argument, no reason leaks"
-    assert client.get("/offload/metrics", environ_base=remote).status_code == 403
+    for path in [*PAGES, "/offload/metrics", f"/offload/job/{ids['failed']}"]:
+        refused_as_outside_development(client.get(path, headers=rebound))
+    origin = {**rebound, "Origin": "http://attacker.example:5000"}
     for path, form in action_posts(ids):
-        assert client.post(path, data=form, headers=ORIGIN, environ_base=remote).status_code == 403
+        assert client.post(path, data=form, headers=origin).status_code == 403, path
     assert snapshot(app, offload) == before
-    proxied = client.get("/offload/", headers={"X-Forwarded-For": "203.0.113.9"})
-    assert proxied.status_code == 403, "a proxy on this host does not make its clients local"
-    assert client.get("/offload/").status_code == 200, "loopback is let in"
+
+
+def test_a_refusal_by_the_hook_is_bare(site: Any) -> None:
+    app, offload, ids = site
+    offload.dashboard_access(lambda: False)
+    client = app.test_client()
+    for path in [*PAGES, f"/offload/job/{ids['failed']}", f"/offload/job/{'0' * 32}"]:
+        answer = client.get(path)
+        assert answer.status_code == 403, path
+        assert answer.get_data(as_text=True) == "Forbidden\n", "no job, no argument, no reason"
 
 
 def test_the_hook_decides_and_read_only_hides_and_refuses_every_action(site: Any) -> None:
@@ -320,3 +411,287 @@ def test_overview_shows_counts_chart_and_workers(site: Any) -> None:
     assert "1 succeeded, 1 failed" in html
     assert html.count('<rect class="ok"') == 60
     assert time.strftime("%H:%M") in html
+
+
+# -- what the dashboard never shows nor searches --------------------------------------------
+
+SESSION, BEARER, PROXY_PASS, PASSWORD = "sess-8f3a", "bearer-51cc", "proxy-77d0", "hunter2-pw"
+LOGIN_BODY = f"username=carol&password={PASSWORD}"
+
+
+def shown(client: FlaskClient, job_id: str) -> str:
+    """Everything a viewer of the dashboard can read of one job: its page and its live JSON."""
+    page = client.get(f"/offload/job/{job_id}")
+    live = client.get(f"/offload/job/{job_id}", headers={"X-Offload-Live": "1"})
+    assert page.status_code == live.status_code == 200
+    return page.get_data(as_text=True) + live.json["main"]  # type: ignore[index]
+
+
+def found(client: FlaskClient, text: str, job_id: str) -> bool:
+    """True if a text search for ``text`` lists the job (page and live JSON agree)."""
+    query = {"q": text}
+    html = client.get("/offload/list", query_string=query).get_data(as_text=True)
+    live = client.get("/offload/list", query_string=query, headers={"X-Offload-Live": "1"})
+    listed = job_id[:12] in html
+    assert listed == (job_id[:12] in live.json["main"])  # type: ignore[index]
+    return listed
+
+
+@pytest.mark.parametrize("verdict", [True, "read"])
+def test_a_background_views_request_secrets_are_never_shown_nor_searched(
+    make_app: AppFactory, verdict: Any
+) -> None:
+    """A login form sent to a background view, with a session cookie and credentials: its job
+    page, live JSON and search show the rest of the request, never those."""
+    offload = Offload()
+    app, _ = make_app(offload, OFFLOAD_DASHBOARD=True, OFFLOAD_WORKERS=0)
+    offload.dashboard_access(lambda: verdict)
+
+    @app.post("/login")
+    @offload.background
+    def login() -> str:
+        return "welcome"
+
+    client = app.test_client()
+    client.set_cookie("session", SESSION)
+    headers = {
+        "Authorization": f"Bearer {BEARER}",
+        "Proxy-Authorization": f"Basic {PROXY_PASS}",
+        "X-Request-Note": "visible-note",
+    }
+    answer = client.post(
+        "/login",
+        data=LOGIN_BODY,
+        content_type="application/x-www-form-urlencoded",
+        headers=headers,
+    )
+    assert answer.status_code == 202
+    job_id = answer.json["id"]  # type: ignore[index]
+    stored = offload.runtime(app).get(job_id)
+    assert stored is not None and SESSION in stored.args_json, "the worker still gets them"
+    viewer = app.test_client()
+    text = shown(viewer, job_id)
+    assert "visible-note" in text and "/login" in text, "the rest of the request is shown"
+    body_b64 = base64.b64encode(LOGIN_BODY.encode()).decode()
+    for secret in (SESSION, BEARER, PROXY_PASS, PASSWORD, body_b64, body_b64[:12]):
+        assert secret not in text, secret
+        assert not found(viewer, secret, job_id), secret
+    assert found(viewer, "visible-note", job_id), "what is shown is searched"
+    if verdict is True:  # a bulk action finds what the search finds
+        form = {"csrf": token(viewer), "verb": "delete", "q": SESSION}
+        ask = viewer.post("/offload/bulk", data=form, headers=ORIGIN)
+        assert "Delete 0 job(s)" in ask.get_data(as_text=True)
+
+
+def test_the_app_masks_task_arguments_by_name(make_app: AppFactory) -> None:
+    """``OFFLOAD_DASHBOARD_MASK`` hides, by name and at any depth, keyword arguments, keys of
+    dicts and positional arguments (named by the task's signature), from the page and the
+    search alike."""
+    offload = Offload()
+
+    @offload.task(name="signup")
+    def signup(email: str, password: str, options: dict[str, Any], **extra: Any) -> None:
+        return None
+
+    app, _ = make_app(
+        offload,
+        DEBUG=True,
+        OFFLOAD_DASHBOARD=True,
+        OFFLOAD_WORKERS=0,
+        OFFLOAD_DASHBOARD_MASK=["password", "token"],
+    )
+    secrets = ["pos-secret-1", "nested-secret-2", "api-secret-3", "kw-secret-4"]
+    with app.app_context():
+        job = signup.delay(
+            "dana@example.com",
+            secrets[0],
+            {"theme": "dark", "accounts": [{"Password": secrets[1]}], "api_token": secrets[2]},
+            reset_token=secrets[3],
+        )
+    client = app.test_client()
+    text = shown(client, job.id)
+    assert "dana@example.com" in text and "dark" in text and "reset_token" in text
+    for secret in secrets:
+        assert secret not in text, secret
+        assert not found(client, secret, job.id), secret
+    assert found(client, "dana@example", job.id)
+    assert found(client, "theme", job.id)
+    with app.app_context():
+        shown_once = signup.delay("needle@example.com", "x", {}).id
+        hidden = [signup.delay("y", "needle@example.com", {}).id for _ in range(120)]
+    html = client.get("/offload/list?q=needle@example").get_data(as_text=True)
+    assert shown_once[:12] in html, "found past more than two pages of masked matches"
+    assert not any(job_id[:12] in html for job_id in hidden)
+
+
+def test_the_mask_setting_is_checked_at_init_app(make_app: AppFactory) -> None:
+    with pytest.raises(TypeError, match="OFFLOAD_DASHBOARD_MASK must be a list"):
+        make_app(OFFLOAD_DASHBOARD=True, OFFLOAD_DASHBOARD_MASK=5)
+
+
+# -- mounted under a prefix, malformed queries --------------------------------------------
+
+
+def test_actions_work_when_the_app_is_mounted_under_a_prefix(site: Any) -> None:
+    """Under ``SCRIPT_NAME=/app`` the CSRF cookie is scoped to ``/app/offload``, so the
+    browser sends it back with the actions."""
+    app, offload, _ = site
+    client = app.test_client()
+    base = "http://localhost/app"
+    page = client.get("/offload/queues", base_url=base)
+    cookie = page.headers["Set-Cookie"]
+    assert "Path=/app/offload" in cookie, cookie
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page.get_data(as_text=True))
+    assert csrf is not None
+    answer = client.post(
+        "/offload/queues/mail/pause",
+        data={"csrf": csrf.group(1)},
+        headers=ORIGIN,
+        base_url=base,
+    )
+    assert answer.status_code == 303
+    assert answer.headers["Location"].startswith("/app/offload/queues")
+    assert offload.runtime(app).backend.paused_queues() == {"mail"}
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "before=99999999999999999999",
+        "before=-1",
+        "before=0",
+        "before=abc",
+        "before=1.5",
+        "before=1e3",
+        "state=bogus",
+        "task=" + "t" * 201,
+        "q=a%00b",
+        "task=a%00b",
+        "queue=%01",
+        "key=x%00",
+    ],
+)
+def test_a_malformed_paging_or_filter_value_answers_400(site: Any, query: str) -> None:
+    """On the list (page and live JSON) and, for the filters, on a bulk action, which then
+    changes nothing."""
+    app, offload, _ = site
+    client = app.test_client()
+    assert client.get(f"/offload/list?{query}").status_code == 400
+    assert client.get(f"/offload/list?{query}", headers={"X-Offload-Live": "1"}).status_code == 400
+    name, value = query.split("=", 1)
+    if name == "before":  # a bulk action has no pages
+        return
+    before = snapshot(app, offload)
+    form = {"csrf": token(client), "verb": "delete", "confirmed": "yes"}
+    form[name] = urllib.parse.unquote(value)
+    assert client.post("/offload/bulk", data=form, headers=ORIGIN).status_code == 400
+    assert snapshot(app, offload) == before
+
+
+def test_well_formed_filters_still_work(site: Any) -> None:
+    app, _, ids = site
+    client = app.test_client()
+    for query in ["", "state=", "state=failed", "before=", "task=send&queue=mail", "q=%25"]:
+        assert client.get(f"/offload/list?{query}").status_code == 200, query
+    html = client.get("/offload/list?before=1").get_data(as_text=True)
+    assert ids["failed"][:12] not in html
+
+
+# -- reads beside writes ------------------------------------------------------------------
+
+
+def test_an_enqueue_completes_while_a_dashboard_read_is_held_open(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dashboard's reads go through a connection of their own: while one of them is
+    held inside SQLite (its read transaction open), an enqueue of the same process commits."""
+    offload = Offload()
+
+    @offload.task(name="visit")
+    def visit(n: int) -> None:
+        return None
+
+    reading = threading.Event()
+    release = threading.Event()
+    readers: list[threading.Thread] = []
+
+    def hold_reads(db: sqlite3.Connection) -> None:
+        """Block any statement the reading thread runs, mid-statement, until released."""
+
+        def progress() -> int:
+            if threading.current_thread() in readers and not release.is_set():
+                reading.set()
+                release.wait(30)
+            return 0
+
+        db.set_progress_handler(progress, 1)
+
+    connect = SQLiteBackend._connect
+
+    def instrumented(self: SQLiteBackend, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        db = connect(self, *args, **kwargs)
+        hold_reads(db)
+        return db
+
+    monkeypatch.setattr(SQLiteBackend, "_connect", instrumented)
+    app, _ = make_app(offload, DEBUG=True, OFFLOAD_DASHBOARD=True, OFFLOAD_WORKERS=0)
+    with app.app_context():
+        visit.delay(0)
+    pages: list[int] = []
+    reader = threading.Thread(
+        target=lambda: pages.append(app.test_client().get("/offload/").status_code)
+    )
+    readers.append(reader)
+    reader.start()
+    try:
+        assert reading.wait(10), "the overview started reading"
+        stored = threading.Event()
+
+        def enqueue() -> None:
+            with app.app_context():
+                visit.delay(1)
+            stored.set()
+
+        writer = threading.Thread(target=enqueue, daemon=True)
+        writer.start()
+        assert stored.wait(10), "the enqueue waited for the dashboard's read"
+        assert reader.is_alive(), "the read was still held open meanwhile"
+    finally:
+        release.set()
+        reader.join(10)
+    assert pages == [200]
+    assert offload.runtime(app).backend.counts()[("visit", "queued")] == 2
+
+
+def test_open_tabs_share_one_count(site: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twenty tabs polling the overview at once, and a scrape, cost one count of the jobs;
+    the next poll, a second later, counts again."""
+    app, offload, _ = site
+    backend = offload.runtime(app).backend
+    calls: list[float] = []
+    count = backend.counts
+
+    def counted() -> Any:
+        calls.append(time.monotonic())
+        return count()
+
+    monkeypatch.setattr(backend, "counts", counted)
+    answers: list[int] = []
+
+    def tab() -> None:
+        answers.append(
+            app.test_client().get("/offload/", headers={"X-Offload-Live": "1"}).status_code
+        )
+
+    tabs = [threading.Thread(target=tab) for _ in range(20)]
+    for each in tabs:
+        each.start()
+    for each in tabs:
+        each.join(30)
+    assert answers == [200] * 20 and len(calls) == 1
+    client = app.test_client()
+    assert client.get("/offload/metrics").status_code == 200 and len(calls) == 2
+    assert client.get("/offload/metrics").status_code == 200 and len(calls) == 2
+    time.sleep(queries.FRESH)
+    assert "1 succeeded, 1 failed" in client.get("/offload/").get_data(as_text=True)
+    assert len(calls) == 3

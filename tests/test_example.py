@@ -35,5 +35,5 @@ def test_visits_are_recorded_in_the_background_and_notify(tmp_path: Path) -> Non
         wait_until(lambda: "NOTIFICATION: about has 10 visits" in out.read_text())
         server.send_signal(signal.SIGINT)
         assert server.wait(30) is not None
-    assert (tmp_path / "instance" / "offload.db").exists()
+    assert (tmp_path / "instance" / "visits-jobs.db").exists()
     assert "Traceback" not in out.read_text()

@@ -679,6 +679,30 @@ def test_a_queued_job_is_cancelled_at_once_and_never_runs(
     assert not doomed.cancel() and doomed.state == "cancelled"
 
 
+def test_a_cancelled_queued_job_expires_after_its_tasks_result_ttl(
+    make_app: AppFactory, storage: str
+) -> None:
+    """As a run that ends cancelled does: job.cancel() and the runtime's cancel (the CLI's
+    and the dashboard's) alike; a task without result_ttl keeps OFFLOAD_RESULT_TTL."""
+    app, offload = make_app(storage=storage, OFFLOAD_WORKERS=0)
+
+    @offload.task(result_ttl=60)
+    def brief() -> None: ...
+
+    @offload.task
+    def plain() -> None: ...
+
+    with app.app_context():
+        jobs = [brief.enqueue(delay=3600), brief.enqueue(delay=3600), plain.enqueue(delay=3600)]
+    assert jobs[0].cancel()
+    assert offload.runtime(app).cancel(jobs[1].id) and jobs[1].refresh()
+    assert jobs[2].cancel()
+    for job in jobs[:2]:
+        assert job.state == "cancelled" and job.finished_at is not None
+        assert job.expires_at is not None and abs(job.expires_at - job.finished_at - 60) < 1
+    assert jobs[2].state == "cancelled" and jobs[2].expires_at is None
+
+
 def test_a_running_job_sees_the_cancel_request_and_ends_cancelled(
     make_app: AppFactory, storage: str
 ) -> None:

@@ -150,7 +150,9 @@ def test_the_dashboard_in_a_real_browser(tmp_path: Path) -> None:
             return found.group(1) if found else ""
 
         def page_html(job_id: str) -> str:
-            return requests.get(f"{base}/offload/job/{job_id}", headers=ADMIN, timeout=10).text
+            return requests.get(
+                f"{base}/offload/dashboard/jobs/{job_id}", headers=ADMIN, timeout=10
+            ).text
 
         failing = [enqueue("flaky", n) for n in range(4)]
         for n in range(6):
@@ -188,7 +190,7 @@ def test_the_dashboard_in_a_real_browser(tmp_path: Path) -> None:
 
                 # Open the oldest failed job: its error, traceback and history.
                 target = failing[0]
-                page.click(f"a[href$='/job/{target}']")
+                page.click(f"a[href$='/dashboard/jobs/{target}']")
                 page.wait_for_selector("#history")
                 page.click("#history details summary")
                 assert "ConnectionRefusedError" in page.inner_text("#history pre.traceback")
@@ -227,7 +229,7 @@ def test_the_dashboard_in_a_real_browser(tmp_path: Path) -> None:
 
                 # Watch a running job's progress move, live.
                 slow = enqueue("progress", 8, 0.5)
-                page.goto(f"{base}/offload/job/{slow}")
+                page.goto(f"{base}/offload/dashboard/jobs/{slow}")
 
                 def progress() -> float:
                     bar = page.locator("#job-progress")

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 
 import pgtest
-from conftest import free_port, make_job, wait_until
+from conftest import AppFactory, free_port, jobapp_env, make_job, process, runs, wait_until
 
 psycopg = pgtest.require_psycopg()
 
@@ -291,7 +291,6 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
             queries.CLAIM,
             {
                 "worker": "w",
-                "now": 0.0,
                 "lease": 1.0,
                 "token": "c",
                 "tasks": ["t"],
@@ -302,15 +301,28 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
         ),
         (
             queries.HEARTBEAT,
-            {"until": 1.0, "ids": ["x"], "claims": ["c"]},
+            {"lease": 1.0, "ids": ["x"], "claims": ["c"]},
             ("offload_jobs_id_key", "offload_jobs_lease"),
         ),
-        (queries.RECOVER, {"max_lost": 3, "now": 1.0, "keep": 20}, ("offload_jobs_lease",)),
+        (
+            queries.RECOVER,
+            {"max_lost": 3, "keep": 20, "token": "r", "ttls": "{}"},
+            ("offload_jobs_lease",),
+        ),
         (queries.PURGE, (1.0,), ("offload_jobs_finished",)),
-        (queries.PURGE_EXPIRED, (1.0,), ("offload_jobs_expires",)),
+        (queries.PURGE_EXPIRED, (), ("offload_jobs_expires",)),
         (queries.GET, ("x",), ("offload_jobs_id_key",)),
+        (
+            queries.FINISH_MANY,
+            {
+                **{name: [None] for name in ("results", "errors", "tracebacks", "progress")},
+                **{"ids": ["x"], "claims": ["c"], "states": ["succeeded"], "keep": 20},
+                **{"waits": [None], "outcome_ttls": [None], "ttls": "{}"},
+            },
+            ("offload_jobs_id_key", "offload_jobs_lease"),
+        ),
         (queries.RECENT, (1.0,), ("offload_jobs_finished",)),
-        (queries.QUEUE_STATS, {"now": 1.0}, ("offload_jobs_claim",)),
+        (queries.QUEUE_STATS, (), ("offload_jobs_claim",)),
         (queries.COUNTS, (), ("offload_jobs_claim",)),
     ],
     ids=[
@@ -320,6 +332,7 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
         "purge",
         "purge-expired",
         "get",
+        "finish-many",
         "recent",
         "queue-stats",
         "counts",
@@ -501,7 +514,7 @@ def test_verbs_repeated_after_a_lost_reply_report_the_work_they_did(
     claimed = {job.id: job for job in backend.claim("w", ["t"], None, 2, 30)}
     assert backend.finish(claimed[failed.id], Outcome("failed", error="ValueError: x"))
 
-    proxy.lose_reply_to = b"COMMIT"
+    proxy.lose_reply_to = b"forgotten AS"
     done = backend.finish_many([(claimed[running.id], Outcome("queued", error="E: x", run_at=0))])
     assert proxy.lose_reply_to is None, "the reply was lost"
     assert done == [True], "its outcome was stored by the first try"
@@ -522,3 +535,116 @@ def test_verbs_repeated_after_a_lost_reply_report_the_work_they_did(
     assert backend.cancel(again.id), "asked to stop by the first try"
     assert proxy.lose_reply_to is None
     assert backend.get(again.id).cancel_requested
+
+
+def test_deletes_pauses_ticks_and_recoveries_repeated_after_a_lost_reply_report_their_work(
+    proxy: Proxy, connect: Callable[..., PostgresBackend]
+) -> None:
+    """As above, for the verbs whose repeat would otherwise answer that there was nothing to
+    do: a delete, a pause or resume of a queue, a periodic tick, the ids a recovery took."""
+    backend = connect(proxy.url)
+    job = backend.enqueue(make_job())
+    proxy.lose_reply_to = b"DELETE FROM offload_jobs WHERE id"
+    assert backend.delete(job.id), "deleted by the first try"
+    assert proxy.lose_reply_to is None
+    assert backend.get(job.id) is None
+
+    proxy.lose_reply_to = b"INSERT INTO offload_queues"
+    assert backend.pause_queue("mail"), "paused by the first try"
+    assert proxy.lose_reply_to is None
+    assert not backend.pause_queue("mail"), "paused already"
+    proxy.lose_reply_to = b"DELETE FROM offload_queues"
+    assert backend.resume_queue("mail"), "resumed by the first try"
+    assert proxy.lose_reply_to is None
+    assert backend.paused_queues() == set()
+
+    tick = make_job("nightly")
+    proxy.lose_reply_to = b"COMMIT"
+    assert backend.enqueue_tick("nightly", 100.0, tick), "enqueued by the first try"
+    assert proxy.lose_reply_to is None
+    assert backend.ticks() == {"nightly": 100.0} and backend.get(tick.id) is not None
+    assert not backend.enqueue_tick("nightly", 100.0, make_job("nightly"))
+
+    lost = backend.enqueue(make_job())
+    backend.claim("dead", ["t"], None, 1, -1)
+    proxy.lose_reply_to = b"stopped renewing"
+    assert backend.recover(3) == [lost.id], "taken back by the first try"
+    assert proxy.lose_reply_to is None
+    assert backend.get(lost.id).state == "queued"  # type: ignore[union-attr]
+
+
+# Runs a command line as `python -c SKEWED SECONDS ARGS...` would run `python ARGS...`, with
+# time.time() of that process SECONDS ahead: a host whose clock is off, for that process only.
+SKEWED = """
+import runpy, sys, time
+_time, skew = time.time, float(sys.argv.pop(1))
+time.time = lambda: _time() + skew
+if sys.argv[1] == "-m":
+    sys.argv = sys.argv[2:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = sys.argv[1:]
+    exec(sys.argv[0])
+"""
+ENQUEUE_LATER = """
+from jobapp import create_app, record
+with create_app().app_context():
+    print(record.enqueue(args=(9, 0), delay=60).id, flush=True)
+"""
+
+
+def skewed(seconds: float, *args: str) -> list[str]:
+    return [sys.executable, "-c", SKEWED, str(seconds), *args]
+
+
+def test_a_worker_whose_clock_runs_ahead_takes_back_no_live_job_and_starts_none_early(
+    tmp_path: Path, url: str, make_app: AppFactory
+) -> None:
+    """Leases, due times and recovery cut-offs are the server's: a worker whose host clock
+    runs two minutes ahead neither takes back the jobs a live worker is renewing, nor starts
+    a job delayed by a minute, and what it enqueues with a delay is due that delay later."""
+    env = jobapp_env(
+        tmp_path, OFFLOADTEST_OFFLOAD_LEASE="3", OFFLOADTEST_OFFLOAD_POLL_INTERVAL="0.2"
+    )
+    env["OFFLOADTEST_OFFLOAD_URL"] = url
+    worker = ["-m", "flask", "--app", "jobapp:create_app", "offload", "worker", "--threads", "2"]
+    app, offload = make_app(OFFLOAD_URL=url, OFFLOAD_WORKERS=0)
+    offload.runtime(app).backend.prepare()
+    with ExitStack() as stack:
+        stack.enter_context(process([sys.executable, *worker], env, tmp_path / "live.log"))
+        wait_until(lambda: len(rows(url, "SELECT id FROM offload_workers")) == 1, timeout=60)
+        with app.app_context():
+            for n in (1, 2):
+                offload.enqueue("record", args=(n, 120))
+        wait_until(lambda: sum(e == "start" for e, _, _ in runs(tmp_path)) == 2)
+        with app.app_context():
+            offload.enqueue("record", args=(3, 0), delay=60)
+        ahead = stack.enter_context(process(skewed(120, *worker), env, tmp_path / "ahead.log"))
+        wait_until(lambda: len(rows(url, "SELECT id FROM offload_workers")) == 2, timeout=60)
+        time.sleep(3)  # three of its heartbeats, each followed by a recovery
+        jobs = rows(url, "SELECT args_json, state, lost, attempts FROM offload_jobs ORDER BY seq")
+        assert [(state, lost, attempts) for _, state, lost, attempts in jobs] == [
+            ("running", 0, 1),
+            ("running", 0, 1),
+            ("queued", 0, 0),
+        ], jobs
+        assert [pid for _, _, pid in runs(tmp_path) if pid == ahead.pid] == []
+        out = subprocess.run(
+            skewed(120, ENQUEUE_LATER),
+            env={**env, "OFFLOADTEST_OFFLOAD_WORKERS": "0"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        [(left,)] = rows(
+            url,
+            "SELECT run_at - date_part('epoch', now()) FROM offload_jobs WHERE id = %s",
+            (out.stdout.strip(),),
+        )
+        assert 50 < left <= 60, "delayed by a minute on the server's clock, not three"
+
+
+def rows(url: str, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+    with pgtest.connect(url) as conn:
+        return list(conn.execute(sql, params))

@@ -27,6 +27,7 @@ finish_params = {
     "id": "x",
     "claim": "c",
     "keep": 20,
+    "ttls": "{}",
 }
 
 
@@ -43,7 +44,11 @@ finish_params = {
             {"until": 1.0, "ids": '["x"]', "claims": '["c"]'},
             "sqlite_autoindex_offload_jobs_1",
         ),
-        (queries.RECOVER, {"max_lost": 3, "now": 1.0, "keep": 20}, "offload_jobs_lease"),
+        (
+            queries.RECOVER,
+            {"max_lost": 3, "now": 1.0, "keep": 20, "ttls": "{}"},
+            "offload_jobs_lease",
+        ),
         (queries.QUEUE_STATS, {"now": 1.0}, "offload_jobs_claim"),
         (queries.QUEUE_STATS, {"now": 1.0}, "offload_jobs_lease"),
         (queries.RECENT, (1.0,), "offload_jobs_finished"),

@@ -126,6 +126,41 @@ def test_a_damaged_file_is_named_and_the_pool_stops_claiming(
     assert len(said) == 1, "said once, not in a retry loop"
 
 
+def test_one_damaged_history_is_not_a_damaged_database(
+    make_app: AppFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite answers "malformed JSON" for one row whose history is not JSON (a hand edit, a
+    bad restore): that is no damaged file. Its jobs finish, a lost one is taken back, and the
+    pool goes on claiming."""
+    caplog.set_level(logging.INFO, "flask_offload")
+    app, offload = make_app(OFFLOAD_WORKERS=0, OFFLOAD_LEASE=1)
+
+    @offload.task(retries=2)
+    def work(n: int) -> int:
+        return n
+
+    with app.app_context():
+        damaged = [work.delay(n) for n in range(2)]
+    backend = offload.runtime(app).backend
+    lost = backend.claim("dead", [damaged[1].task], None, 2, -1)
+    assert {job.id for job in lost} == {job.id for job in damaged}
+    backend.release(next(job for job in lost if job.id == damaged[0].id))
+    with sqlite3.connect(tmp_path / "jobs.db") as db:
+        db.execute("UPDATE offload_jobs SET history_json = '[{\"attempt\": 1,'")
+    pools: list[Worker] = []
+    try:
+        start_pool(pools, app, offload, threads=2, poll_interval=0.05)
+        for job in damaged:
+            assert job.wait(timeout=30).state == "succeeded"
+        with app.app_context():
+            assert work.delay(7).wait(timeout=30).result == 7, "the pool goes on"
+    finally:
+        for pool in pools:
+            pool.stop(5)
+    assert "is damaged" not in caplog.text
+    assert [h["outcome"] for h in damaged[1].history] == ["lost", "succeeded"]
+
+
 @pytest.mark.parametrize("case", ["no folder", "not a database", "read-only"])
 def test_storage_that_cannot_be_used_is_named_at_init_app(
     tmp_path: Path, case: str, small_volume: Path

@@ -4,16 +4,28 @@ idle worker of another at once, not a poll interval later; a delayed one starts 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import sqlite3
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import AppFactory, jobapp_env, make_job, process, runs, wait_until
+from conftest import (
+    AppFactory,
+    jobapp_env,
+    make_job,
+    process,
+    runs,
+    subprocess_env,
+    wait_until,
+)
 from flask_offload import Offload
 from flask_offload.backends import SQLiteBackend
 
@@ -189,3 +201,71 @@ def test_polling_finds_jobs_when_wake_ups_are_lost(make_app: AppFactory, tmp_pat
             for job in [*jobs, later]:
                 assert job.wait(timeout=20).state == "succeeded"
     assert {n for event, n, _ in runs(tmp_path) if event == "done"} == set(range(6))
+
+
+ENQUEUE_THRICE = """
+import sys
+import time
+from flask import Flask
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
+from flask_offload import Offload
+from flask_offload.backends.doorbell import RECHECK
+
+app = Flask("other_user")
+app.config.update(OFFLOAD_URL="sqlite:///" + sys.argv[1], OFFLOAD_WORKERS=0)
+offload = Offload(app)
+
+@offload.task(name="other_user.noop")
+def noop() -> None: ...
+
+with app.app_context(), Session(create_engine("sqlite:///" + sys.argv[2])) as session:
+    session.execute(text("CREATE TABLE t (x)"))
+    print(noop.enqueue(after_commit=session).id, flush=True)
+    session.commit()  # the first ring, from the session's hook
+    print(noop.delay().id, flush=True)
+    time.sleep(RECHECK)  # the next ring looks at the folder again
+    print(noop.delay().id, flush=True)
+"""
+
+
+def test_a_wake_folder_this_user_cannot_list_does_not_fail_the_enqueue() -> None:
+    """A worker run as root with umask 077 made ``<database>-wake/``; the web process runs as
+    ``nobody`` (or, when the tests do not run as root, the folder loses its read permission).
+    The job is committed before the ring: the enqueue returns it, and says once that wake-ups
+    are off."""
+    shared = Path(tempfile.mkdtemp(prefix="offload-wake-"))  # not under root's private tmp
+    shared.chmod(0o777)
+    (shared / "jobs.db-wake").mkdir(mode=0o700)
+    listening = SQLiteBackend(str(shared / "jobs.db"))
+    try:
+        listening.subscribe(Rings())
+        as_nobody: list[str] = []
+        if os.geteuid() == 0:
+            # setpriv keeps root's capabilities until the exec, so the child reaches this
+            # interpreter wherever it lives (a private home too), and is plain nobody after.
+            setpriv = shutil.which("setpriv")
+            if setpriv is None:
+                pytest.skip("running as root needs setpriv (util-linux) to become nobody")
+            as_nobody = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+        else:
+            (shared / "jobs.db-wake").chmod(0o300)  # its owner may not list it either
+        files = ("jobs.db", "app.db")
+        child = subprocess.run(
+            [*as_nobody, sys.executable, "-c", ENQUEUE_THRICE, *(str(shared / n) for n in files)],
+            env=subprocess_env(),
+            cwd=shared,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert child.returncode == 0, child.stderr
+        ids = child.stdout.split()
+        with sqlite3.connect(shared / "jobs.db") as db:
+            stored = [row[0] for row in db.execute("SELECT id FROM offload_jobs ORDER BY id")]
+        assert sorted(ids) == stored and len(stored) == 3
+        assert child.stderr.count("wake-up") == 1, child.stderr
+        assert "jobs.db-wake" in child.stderr and "polling" in child.stderr
+    finally:
+        listening.close()
+        shutil.rmtree(shared)

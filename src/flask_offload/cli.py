@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
+import sys
 import time
+from collections.abc import Iterable
+from contextlib import suppress
+from datetime import datetime
 from typing import Any
 
 import click
-from flask import current_app
+from flask import Flask, current_app
 from flask.cli import AppGroup
 
 from . import lifecycle, logs
-from .backends import describe
-from .job import FINAL_STATES, Job
+from .backends import describe, mask_password
+from .job import FINAL_STATES, Job, state_words
 from .runtime import Runtime
 from .worker import live_window
 
 
 class OffloadGroup(AppGroup):
-    """``flask offload``: storage that cannot be reached or used is one line, not a traceback."""
+    """``flask offload``: storage that cannot be reached or used is one line, not a traceback;
+    a reader that stops early (``flask offload jobs | head``) ends the command quietly."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            # What the reader wanted is out; the rest has nowhere to go. Point stdout at
+            # /dev/null so the interpreter's last flush cannot fail again, and exit 0.
+            with suppress(OSError, ValueError):  # no file descriptor (a test runner's stdout)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(0)
         except (OSError, RuntimeError) as error:  # unreachable, unusable or damaged storage
             raise click.ClickException(str(error)) from error
 
@@ -30,11 +43,17 @@ class OffloadGroup(AppGroup):
 offload_cli = OffloadGroup("offload", help="Run workers and inspect Flask-Offload jobs.")
 
 
-def _runtime() -> Runtime:
+def _extension() -> tuple[Any, Flask]:
+    """The current app's Offload, and the app itself."""
     extension = current_app.extensions.get("offload")
     if extension is None:
         raise click.ClickException("Flask-Offload is not initialised on this app")
-    runtime: Runtime = extension.runtime(current_app._get_current_object())  # type: ignore[attr-defined]
+    return extension, current_app._get_current_object()  # type: ignore[attr-defined]
+
+
+def _runtime() -> Runtime:
+    extension, app = _extension()
+    runtime: Runtime = extension.runtime(app)
     return runtime
 
 
@@ -43,6 +62,38 @@ def _job(job_id: str) -> Job:
     if job is None:
         raise click.ClickException(f"no job {job_id!r} (unknown, malformed or expired)")
     return job
+
+
+def local_time(epoch: float | None, timespec: str = "auto") -> str | None:
+    """``epoch`` as ISO 8601 in this machine's time zone, with its offset."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch).astimezone().isoformat(timespec=timespec)
+
+
+def zone_name() -> str:
+    """The name of this machine's time zone now (``CET``, ``UTC``): what ``local_time`` is in."""
+    return datetime.now().astimezone().tzname() or "local time"
+
+
+def known_queues(runtime: Runtime) -> set[str]:
+    """The queues this app's tasks use, and those holding a queued or running job."""
+    stored = {info.name for info in runtime.backend.queue_stats() if info.queued or info.running}
+    return stored | {task.queue for task in runtime.tasks.values()}
+
+
+def warn_unknown_queues(runtime: Runtime, names: Iterable[str], doing: str) -> None:
+    """Say so of a queue no task of this app uses and no job is in (a typo, most likely);
+    the caller goes on, since tasks may be registered by another app on the same storage."""
+    known = known_queues(runtime)
+    for name in names:
+        if name not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            click.echo(
+                f"warning: no task of this app uses queue {name!r} and no job is in it "
+                f"(known queues: {listed}); {doing} it anyway",
+                err=True,
+            )
 
 
 def parse_pools(
@@ -85,6 +136,7 @@ def worker_command(threads: int, queues: str | None, per_queue: str | None, quie
     runtime = _runtime()
     runtime.backend.prepare()  # storage that cannot be used is one error now, not a retry loop
     click.echo(f"storage: {describe(runtime.backend)}")
+    say_pools(runtime, pools)
     lifecycle.manage(runtime, "start", pools)
     try:
         while True:
@@ -93,28 +145,54 @@ def worker_command(threads: int, queues: str | None, per_queue: str | None, quie
         lifecycle.stop_all()
 
 
+def say_pools(runtime: Runtime, pools: list[tuple[int, tuple[str, ...] | None]]) -> None:
+    """The worker's start lines: each pool's threads and the queues it serves."""
+    for number, (threads, names) in enumerate(pools, 1):
+        which = f"queue{'s' * (len(names) > 1)} {', '.join(names)}" if names else "every queue"
+        label = f"pool {number}" if len(pools) > 1 else "pool"
+        click.echo(f"{label}: {threads} thread{'s' * (threads != 1)} for {which}")
+    warn_unknown_queues(runtime, [name for _, names in pools for name in names or ()], "consuming")
+
+
 @offload_cli.command("jobs")
 @click.option("--state", type=click.Choice(["queued", "running", *sorted(FINAL_STATES)]))
 @click.option("--task", help="Only jobs of this task name.")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 def jobs_command(state: str | None, task: str | None, limit: int) -> None:
     """List the newest jobs."""
-    jobs = _runtime().backend.list_jobs(state=state, task=task, limit=limit)
+    runtime = _runtime()
+    jobs = runtime.backend.list_jobs(state=state, task=task, limit=limit)
     if not jobs:
+        if task is not None:
+            _suggest_task(runtime, task)
         wanted = " ".join(f"{k} {v!r}" for k, v in (("state", state), ("task", task)) if v)
         click.echo(f"no jobs{' with ' + wanted if wanted else ''}")
         return
-    click.echo(f"{'id':<32}  {'state':<9}  {'created':<19}  {'attempts':>8}  task")
+    created = f"created ({zone_name()})"
+    click.echo(f"{'id':<32}  {'state':<9}  {created:<25}  {'attempts':>8}  task")
     for job in jobs:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
-        click.echo(f"{job.id}  {job.state:<9}  {created}  {job.attempts:>8}  {job.task}")
+        when = local_time(job.created_at, "seconds")
+        click.echo(f"{job.id}  {job.state:<9}  {when:<25}  {job.attempts:>8}  {job.task}")
+
+
+def _suggest_task(runtime: Runtime, name: str) -> None:
+    """Fail with the name meant when ``name`` is no task registered here or stored, but one
+    is close: the last part of a dotted name (``send_email``), or a typo."""
+    known = sorted(set(runtime.tasks) | {task for task, _ in runtime.backend.counts()})
+    if name in known:
+        return
+    tails = [task for task in known if task.endswith("." + name)]
+    near = tails or difflib.get_close_matches(name, known, n=1)
+    if near:
+        raise click.ClickException(f"no task {name!r}; did you mean {near[0]!r}?")
 
 
 @offload_cli.command("show")
 @click.argument("job_id")
 def show_command(job_id: str) -> None:
-    """Print one job as JSON."""
+    """Print one job as JSON, its times in ISO 8601 in this machine's time zone."""
     job = _job(job_id)
+    times = ("created_at", "run_at", "started_at", "finished_at")
     fields: dict[str, Any] = {
         name: getattr(job, name)
         for name in (
@@ -136,7 +214,11 @@ def show_command(job_id: str) -> None:
         )
     }
     fields.update(args=job.args, kwargs=job.kwargs, result=job.result, progress=job.progress)
-    fields.update(history=job.history)
+    fields.update(history=job.history, time_zone=zone_name())
+    for entry in [fields, *fields["history"]]:
+        for name in times:
+            if name in entry:
+                entry[name] = local_time(entry[name])
     click.echo(json.dumps(fields, indent=2))
 
 
@@ -159,7 +241,7 @@ def cancel_command(job_id: str) -> None:
     done = _runtime().cancel(job.id)  # through the runtime: job_cancelled is sent
     job.refresh()
     if not done:
-        raise click.ClickException(f"job {job.id} has already {job.state}")
+        raise click.ClickException(f"job {job.id} {state_words(job.state, 'already')}")
     click.echo(f"{job.id} {'cancelled' if job.state == 'cancelled' else 'asked to stop'}")
 
 
@@ -215,7 +297,9 @@ def init_db_command() -> None:
 @click.argument("queue")
 def pause_command(queue: str) -> None:
     """Stop every process claiming jobs from QUEUE, across restarts, until resumed."""
-    paused = _runtime().pause_queue(queue)
+    runtime = _runtime()
+    warn_unknown_queues(runtime, [queue], "pausing")
+    paused = runtime.pause_queue(queue)
     click.echo(f"queue {queue!r} {'paused' if paused else 'was paused already'}")
 
 
@@ -225,3 +309,41 @@ def resume_command(queue: str) -> None:
     """Let every process claim jobs from QUEUE again."""
     resumed = _runtime().resume_queue(queue)
     click.echo(f"queue {queue!r} {'resumed' if resumed else 'was not paused'}")
+
+
+@offload_cli.command("config")
+@click.option("--json", "as_json", is_flag=True, help="Print it as JSON.")
+def config_command(as_json: bool) -> None:
+    """Show every OFFLOAD_* setting in force, and where it came from: a default, the app's
+    config, or the environment (FLASK_OFFLOAD_*). Passwords and tokens are masked."""
+    extension, app = _extension()
+    shown: dict[str, dict[str, Any]] = {
+        key: {**entry, "value": _masked(key, entry["value"])}
+        for key, entry in extension.configuration(app).items()
+    }
+    if as_json:
+        click.echo(json.dumps(shown, indent=2, default=repr))
+        return
+    width = max(len("setting"), *map(len, shown))
+    values = {
+        key: repr(entry["value"]) if isinstance(entry["value"], str) else str(entry["value"])
+        for key, entry in shown.items()
+    }
+    value_width = max(len("value"), *map(len, values.values()))
+    click.echo(f"{'setting':<{width}}  {'value':<{value_width}}  source")
+    for key, entry in shown.items():
+        source = entry["source"]
+        if "variable" in entry:
+            source += f" ({entry['variable']})"
+        if "overrides" in entry:
+            source += f" (overrides {entry['overrides']})"
+        click.echo(f"{key:<{width}}  {values[key]:<{value_width}}  {source}")
+
+
+def _masked(key: str, value: Any) -> Any:
+    """A setting's value as it may be printed: no password of a URL, no token."""
+    if key == "OFFLOAD_URL" and isinstance(value, str) and value.startswith("postgres"):
+        return mask_password(value)  # only PostgreSQL URLs carry a password
+    if key.endswith("_TOKEN") and value:
+        return "***"
+    return value

@@ -11,9 +11,10 @@ import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any, Protocol
 
-from . import serializer
+from . import serializer, tracing
 from .job import CANCELLED, FAILED, QUEUED, SUCCEEDED, Job, Outcome, Running, _running
 from .schedule import Periodic
 
@@ -30,6 +31,9 @@ OUTCOME_EVENTS = {
     QUEUED: "job_retrying",
 }
 MAX_BACKOFF = 3600.0
+MAX_ERROR_BYTES = 2048  # of one attempt's error text, in the job and its history
+MAX_TRACEBACK_BYTES = 16384  # of one attempt's traceback
+LATEST_DUE = 253402214400.0  # 9999-12-31 UTC: the last day every clock and date type can show
 
 
 class Cancelled(Exception):
@@ -42,9 +46,31 @@ class Retry(Exception):
     Counts as an attempt: once the task's ``retries`` are used up the job fails.
     """
 
-    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
+    def __init__(
+        self, delay: float | timedelta | None = None, reason: str = "retry requested"
+    ) -> None:
         super().__init__(reason)
-        self.delay = delay
+        if isinstance(delay, timedelta):
+            delay = delay.total_seconds()
+        self.delay = None if delay is None else retry_delay(delay)
+
+
+class RetryDelayError(ValueError):
+    """A retry delay no clock can hold: a bug in the task, so its job fails without retry."""
+
+
+def retry_delay(delay: object, what: str = "Retry delay") -> float:
+    """``delay`` as seconds before a retry; ``RetryDelayError`` unless it is a finite number
+    >= 0 that puts the retry before ``LATEST_DUE`` (later, no clock or date type shows it)."""
+    if (
+        isinstance(delay, bool)
+        or not isinstance(delay, (int, float))
+        or not 0 <= delay < LATEST_DUE - time.time()
+    ):
+        raise RetryDelayError(
+            f"{what} must be a number of seconds >= 0 that falls before 9999-12-31, not {delay!r}"
+        )
+    return float(delay)
 
 
 class Runnable(Periodic, Protocol):
@@ -53,6 +79,7 @@ class Runnable(Periodic, Protocol):
     fn: Callable[..., Any]
     retry_backoff: float
     retry_on: tuple[type[BaseException], ...]
+    retry_unless: tuple[type[BaseException], ...]
     timeout: float | None
     result_ttl: float | None
 
@@ -80,22 +107,35 @@ def backoff(base: float, attempt: int) -> float:
 
 
 def describe(error: BaseException) -> str:
-    """``"Type: message"`` for storage, even for an exception whose ``__str__`` fails."""
+    """``"Type: message"`` for storage, even for an exception whose ``__str__`` fails, cut to
+    ``MAX_ERROR_BYTES``."""
     try:
         message = str(error)
     except Exception:
         message = "<the exception's message could not be read>"
-    return serializer.safe_text(f"{type(error).__name__}: {message}")
+    return serializer.clipped(f"{type(error).__name__}: {message}", MAX_ERROR_BYTES)
 
 
 def failure(task: Runnable, job: Job, error: BaseException, trace: str | None) -> Outcome:
-    """A failed run: back in the queue after a backoff while attempts remain, else failed."""
+    """A failed run: back in the queue after a backoff while attempts remain, else failed.
+    Retried: ``Retry``, and an exception in the task's ``retry_on`` but not in ``retry_unless``."""
     text = describe(error)
-    trace = None if trace is None else serializer.safe_text(trace)
-    retryable = isinstance(error, (Retry, *task.retry_on))
+    trace = None if trace is None else serializer.clipped(trace, MAX_TRACEBACK_BYTES)
+    retryable = isinstance(error, Retry) or (
+        isinstance(error, task.retry_on)
+        and not isinstance(error, (RetryDelayError, *task.retry_unless))
+    )
     if retryable and job.attempts < job.max_attempts:
         delay = error.delay if isinstance(error, Retry) and error.delay is not None else None
-        wait = backoff(task.retry_backoff, job.attempts) if delay is None else delay
+        try:  # a delay set on the exception or the task after their checks is checked again
+            if delay is None:
+                wait = retry_delay(
+                    backoff(task.retry_backoff, job.attempts), "retry_backoff's delay"
+                )
+            else:
+                wait = retry_delay(delay)
+        except RetryDelayError as refused:
+            return Outcome(FAILED, error=describe(refused), traceback=trace)
         return Outcome(QUEUED, error=text, traceback=trace, run_at=time.time() + wait)
     return Outcome(FAILED, error=text, traceback=trace)
 
@@ -122,7 +162,18 @@ def settled(job: Job, outcome: Outcome | None) -> Job:
 def execute(
     task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
 ) -> Outcome:
-    """Run one job inside ``context()`` and say how it ended; never raises."""
+    """Run one job inside ``context()`` and say how it ended; never raises. Where
+    OpenTelemetry is installed, the run is a span in the trace the job was enqueued in."""
+    if not tracing.ENABLED:
+        return _execute(task, job, running, context, settings)
+    with tracing.run_span(job) as outcomes:
+        outcomes.append(_execute(task, job, running, context, settings))
+    return outcomes[0]
+
+
+def _execute(
+    task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
+) -> Outcome:
     try:
         size = len(job.args_json) + len(job.kwargs_json)
         if size > settings.max_payload_bytes:

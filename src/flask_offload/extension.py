@@ -6,16 +6,19 @@ import json
 import math
 import os
 import re
+import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar, overload
 
+import click
 from flask import Flask, current_app, has_app_context
 from flask.ctx import AppContext
 
-from . import dashboard, lifecycle, logs, signals, web
-from .backends import open_backend
+from . import commits, dashboard, lifecycle, logs, servers, signals, web
+from .backends import Backend, SQLiteBackend, open_backend
 from .cli import offload_cli
 from .execution import Cancelled, ContextFactory, Events, Retry, Settings
 from .job import Job, Outcome, new_id
@@ -46,6 +49,9 @@ class Offload:
         self._status_format: Callable[[Job, dict[str, Any]], Any] | None = None
         self._dashboard_access: Callable[[], Any] | None = None
         self._runtimes: weakref.WeakKeyDictionary[Flask, Runtime] = weakref.WeakKeyDictionary()
+        self._configs: weakref.WeakKeyDictionary[Flask, dict[str, dict[str, Any]]] = (
+            weakref.WeakKeyDictionary()
+        )
         if app is not None:
             self.init_app(app)
 
@@ -56,10 +62,15 @@ class Offload:
         if "offload" in app.extensions:
             raise RuntimeError("Flask-Offload is already initialised on this app")
         logs.show_by_default(app.debug)
-        config_from_environment(app.config)
+        given = {key for key in app.config if key.startswith("OFFLOAD_")}
+        variables = config_from_environment(app.config)
         explicit_workers = "OFFLOAD_WORKERS" in app.config
         explicit_url = "OFFLOAD_URL" in app.config
-        url, settings, eager, synchronous = read_config(app)
+        with _setting_errors():
+            url, settings, eager, synchronous = read_config(app)
+            backend = open_backend(
+                url, app.instance_path, synchronous, _flag(app.config, "OFFLOAD_PG_LISTEN")
+            )
         if app.testing and not (explicit_url or eager):
             logs.logger.warning(
                 "app %r is testing but sets no OFFLOAD_URL: its jobs go to the development job "
@@ -68,39 +79,55 @@ class Offload:
                 app.name,
                 app.instance_path,
             )
-        backend = open_backend(
-            url, app.instance_path, synchronous, _flag(app.config, "OFFLOAD_PG_LISTEN")
-        )
         runtime = Runtime(
-            backend, self._tasks, _context_of(app), settings, eager=eager, events=_events_of(app)
+            backend,
+            self._tasks,
+            _context_of(app),
+            settings,
+            eager=eager,
+            events=_events_of(app),
+            guard=_own_lock_guard(app, backend),
+            before_start=_views_of(app),
         )
         self._runtimes[app] = runtime
         app.extensions["offload"] = self
         app.cli.add_command(offload_cli)
         app.register_blueprint(web.blueprint, url_prefix=app.config["OFFLOAD_URL_PREFIX"])
         web.install(app)
-        dashboard.install(app)
+        with _setting_errors():
+            dashboard.install(app)
+        self._configs[app] = _sources(app.config, given, variables)
         how = lifecycle.plan(app.testing, explicit_workers, settings.threads, eager)
         lifecycle.manage(runtime, how, app=app)
 
     def runtime(self, app: Flask | None = None) -> Runtime:
-        """The storage and pool of ``app``, or of the current app, or of the only app."""
+        """The storage and pool of ``app``, or of the current app, or of the only app.
+
+        ``OFFLOAD_EAGER`` is read here, on every enqueue, so a test that sets it after
+        ``init_app`` (or ``flask_offload.testing`` switching modes) is obeyed."""
         if app is None and has_app_context():
             app = current_app._get_current_object()  # type: ignore[attr-defined]
-        if app is not None:
-            try:
-                return self._runtimes[app]
-            except KeyError:
-                raise RuntimeError(
-                    f"Flask-Offload is not initialised on app {app.name!r}: "
-                    "call offload.init_app(app)"
-                ) from None
-        if len(self._runtimes) == 1:
-            return next(iter(self._runtimes.values()))
-        raise RuntimeError(
-            "no app to enqueue in: call offload.init_app(app) first, or, with several apps, "
-            "work inside 'with app.app_context():'"
-        )
+        if app is None and len(self._runtimes) == 1:
+            app = next(iter(self._runtimes.keys()))
+        if app is None:
+            raise RuntimeError(
+                "no app to enqueue in: call offload.init_app(app) first, or, with several "
+                "apps, work inside 'with app.app_context():'"
+            )
+        try:
+            runtime = self._runtimes[app]
+        except KeyError:
+            raise RuntimeError(
+                f"Flask-Offload is not initialised on app {app.name!r}: call offload.init_app(app)"
+            ) from None
+        runtime.eager = _flag(app.config, "OFFLOAD_EAGER")
+        return runtime
+
+    def configuration(self, app: Flask) -> dict[str, dict[str, Any]]:
+        """Every ``OFFLOAD_*`` setting of ``app`` as ``init_app`` read it: ``{"value": ...,
+        "source": "default" | "app config" | "environment"}``, with the environment
+        ``variable`` it came from (or that the app's config ``overrides``)."""
+        return self._configs[app]
 
     @overload
     def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
@@ -115,6 +142,7 @@ class Offload:
         retries: int = 0,
         retry_backoff: float = 1.0,
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+        retry_unless: type[BaseException] | tuple[type[BaseException], ...] = (),
         timeout: float | None = None,
         public: bool = False,
         result_ttl: float | None = None,
@@ -174,7 +202,8 @@ class Offload:
     def dashboard_access(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """Register who may use the dashboard and the metrics, called in each of their
         requests: true (or ``"full"``) allows everything, ``"read"`` allows looking but no
-        action, anything false answers 403. Without it only loopback clients are allowed."""
+        action, anything false answers 403. Without it the dashboard answers only in
+        development: debug mode, a loopback client and Host, no proxy header."""
         self._dashboard_access = fn
         return fn
 
@@ -257,7 +286,14 @@ class Offload:
         return self.runtime().retry(job_id)
 
     def drain(self) -> int:
-        """Run every due job now, in the calling thread, and return how many ran (for tests)."""
+        """Deprecated: ``flask_offload.testing.run_jobs()`` ("drain" names a graceful stop).
+        Runs every due job now, in the calling thread, and returns how many ran."""
+        warnings.warn(
+            "offload.drain() is deprecated: use flask_offload.testing.run_jobs(), which runs "
+            "the due jobs in the test's app context and returns them",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.runtime().drain()
 
 
@@ -275,7 +311,24 @@ def _context_of(app: Flask) -> ContextFactory:
     return context
 
 
-def config_from_environment(config: dict[str, Any]) -> None:
+def _views_of(app: Flask) -> Callable[[], None]:
+    """Register the tasks of the background views ``app`` serves before its pool starts (its
+    routes are all in place by then), holding it weakly as ``_context_of`` does."""
+    ref = weakref.ref(app)
+
+    def register() -> None:
+        live = ref()
+        if live is None:
+            return
+        try:
+            web.register_views(live)
+        except ValueError as error:  # two views' names clash: the pool still runs the others
+            logs.logger.error("%s", error)
+
+    return register
+
+
+def config_from_environment(config: dict[str, Any]) -> dict[str, str]:
     """Fill in ``OFFLOAD_*`` keys from ``FLASK_OFFLOAD_*`` environment variables.
 
     The variables are the ones ``app.config.from_prefixed_env()`` reads, and their values are
@@ -283,12 +336,15 @@ def config_from_environment(config: dict[str, Any]) -> None:
     deployment configures an app that never calls it. A key the app's configuration sets
     wins: code and config files are explicit, the environment is ambient (a test config's
     ``memory://`` must never be replaced by a URL exported in the shell). A variable that is
-    overridden so is logged, so it is never ignored silently.
+    overridden so is logged, so it is never ignored silently. Returns the variable of each
+    key that has one, set here or overridden.
     """
+    variables: dict[str, str] = {}
     for name, raw in sorted(os.environ.items()):
         if not name.startswith(ENV_PREFIX):
             continue
         key = name[len("FLASK_") :]
+        variables[key] = name
         try:
             value = json.loads(raw)
         except ValueError:
@@ -301,6 +357,38 @@ def config_from_environment(config: dict[str, Any]) -> None:
                 name,
                 key,
             )
+    return variables
+
+
+def _sources(
+    config: dict[str, Any], given: set[str], variables: dict[str, str]
+) -> dict[str, dict[str, Any]]:
+    """Each ``OFFLOAD_*`` setting's value and where it came from: the keys the app's config
+    ``given`` before ``init_app``, the environment ``variables``, or else a default."""
+    found: dict[str, dict[str, Any]] = {}
+    for key in sorted(k for k in config if k.startswith("OFFLOAD_")):
+        entry: dict[str, Any] = {"value": config[key], "source": "default"}
+        if key in given:
+            entry["source"] = "app config"
+            if key in variables:
+                entry["overrides"] = variables[key]
+        elif key in variables:
+            entry.update(source="environment", variable=variables[key])
+        found[key] = entry
+    return found
+
+
+@contextmanager
+def _setting_errors() -> Iterator[None]:
+    """Under the ``flask`` command, a setting that cannot work is one line and exit 1, as a
+    storage error is (``Error: OFFLOAD_LEASE must be ...``), not a traceback through Flask's
+    app loading. Elsewhere (a server, a test) the exception is raised as it is."""
+    try:
+        yield
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as error:
+        if servers.cli_command() is None:
+            raise
+        raise click.ClickException(str(error)) from error
 
 
 def _events_of(app: Flask) -> Events:
@@ -314,6 +402,46 @@ def _events_of(app: Flask) -> Events:
             signals.send(live, event, job, outcome)
 
     return events
+
+
+def _own_lock_guard(app: Flask, backend: Backend) -> Callable[[], None] | None:
+    """Where the job store is also the app's Flask-SQLAlchemy database file: a check before
+    each enqueue that refuses at once one that would wait for the caller's own write
+    transaction (SQLite has one writer, and that transaction cannot end while it waits),
+    saying what to do instead. Costs nothing where the files differ."""
+    if not isinstance(backend, SQLiteBackend):
+        return None
+    ref = weakref.ref(app)
+    shared: list[Any] | None = None  # the app's engines on the job store's file, found once
+
+    def guard() -> None:
+        nonlocal shared
+        if shared == []:
+            return
+        live = ref()
+        db = live.extensions.get("sqlalchemy") if live is not None else None
+        if db is None or not has_app_context():
+            return
+        if shared is None:
+            store = os.path.realpath(backend.path)
+            shared = [
+                engine
+                for engine in db.engines.values()
+                if engine.dialect.name == "sqlite"
+                and os.path.realpath(engine.url.database or "") == store
+            ]
+        for engine in shared:
+            if commits.writing(db.session, engine) and backend.write_locked_here():
+                raise RuntimeError(
+                    f"db.session holds a write transaction open on {backend.path}, which is "
+                    "also the job store (OFFLOAD_URL), and SQLite has one writer: this "
+                    "enqueue would wait for that transaction, which cannot end meanwhile. "
+                    "Enqueue inside it with enqueue(..., connection=db.session) (the job "
+                    "exists only if it commits), or once it commits with "
+                    "enqueue(..., after_commit=db.session)"
+                )
+
+    return guard
 
 
 def read_config(app: Flask) -> tuple[str, Settings, bool, str]:

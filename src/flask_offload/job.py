@@ -7,9 +7,10 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from . import serializer
 
@@ -51,6 +52,15 @@ def new_id() -> str:
     return str(state["bytes"][offset : offset + _ID_BYTES].hex())
 
 
+_VERBS: dict[str, str] = {SUCCEEDED: "has", FAILED: "has", CANCELLED: "was"}
+
+
+def state_words(state: str, adverb: str = "") -> str:
+    """``state`` as a sentence says it of a job: "is queued", "has succeeded", "was
+    cancelled", with ``adverb`` in its place ("was already cancelled")."""
+    return " ".join(word for word in (_VERBS.get(state, "is"), adverb, state) if word)
+
+
 def valid_id(job_id: object) -> bool:
     """True for a well-formed job id: 32 lowercase hex characters."""
     return isinstance(job_id, str) and _ID.fullmatch(job_id) is not None
@@ -72,7 +82,8 @@ class Job:
 
     An ``ephemeral`` job's arguments (a background view's request snapshot, with its cookies)
     are deleted by the storage as soon as the job reaches a final state. ``owner_json`` is who
-    may read it, as ``@offload.owner`` said when it was enqueued.
+    may read it, as ``@offload.owner`` said when it was enqueued. ``trace_json`` is the trace
+    context it was enqueued in, where OpenTelemetry is installed (see ``tracing``).
     """
 
     id: str
@@ -102,7 +113,12 @@ class Job:
     claim: str | None = None
     expires_at: float | None = None
     history_json: str | None = None
+    trace_json: str | None = None
     backend: Backend | None = field(default=None, repr=False)
+    # Not stored: True when ``run_at`` is the enqueuing process's now plus a delay (none, or
+    # ``delay=``) rather than a fixed moment (``at=``, a periodic tick). Storage that keeps
+    # time by a clock of its own (PostgreSQL's) counts what is left of the delay on it.
+    relative: bool = field(default=False, repr=False)
 
     @property
     def args(self) -> list[Any]:
@@ -221,6 +237,14 @@ class WorkerInfo:
     last_seen: float = 0.0
 
 
+def progress_text(current: int, total: int | None, message: str, meta: Any) -> str:
+    """Progress as stored: ``{"current", "total", "message"}``, and ``"meta"`` when given."""
+    progress = {"current": current, "total": total, "message": message}
+    if meta is not None:
+        progress["meta"] = meta
+    return serializer.dumps(progress, "progress")
+
+
 class Running:
     """What a task sees of the job it is running, through ``current_job``."""
 
@@ -243,16 +267,17 @@ class Running:
         """True once someone has cancelled this running job; stop early by raising ``Cancelled``."""
         return self.cancel_flag
 
+    @property
+    def attempts(self) -> int:
+        return self.job.attempts
+
     def set_progress(
         self, current: int, total: int | None = None, message: str = "", meta: Any = None
     ) -> None:
         """Report progress, with ``meta`` (strict JSON) for data of your own. Written only
         when it changed, and at most every ``PROGRESS_EVERY`` seconds (the worker writes what
         was held back soon after); the final value is always stored when the job finishes."""
-        progress = {"current": current, "total": total, "message": message}
-        if meta is not None:
-            progress["meta"] = meta
-        text = serializer.dumps(progress, "progress")
+        text = progress_text(current, total, message, meta)
         with self._lock:
             if text == (self.pending_progress or self._written):
                 return
@@ -288,13 +313,52 @@ class Running:
         return self.pending_progress or self._written
 
 
-_running: ContextVar[Running | None] = ContextVar("flask_offload_job", default=None)
+_running: ContextVar[Running | Detached | None] = ContextVar("flask_offload_job", default=None)
+
+
+class Detached:
+    """``current_job`` in a task called inline (``task(...)``): a handle that no stored job
+    has (a fresh id, attempt 1, progress kept in memory, never cancelled), so a task written
+    for a worker still runs as the plain function it is. Its id is drawn only when read, so an
+    inline call costs little more than the bare function."""
+
+    cancel_requested = False
+    attempts = 1
+
+    def __init__(self) -> None:
+        self._id: str | None = None
+        self.progress: str | None = None
+
+    @property
+    def id(self) -> str:
+        if self._id is None:
+            self._id = new_id()
+        return self._id
+
+    def set_progress(
+        self, current: int, total: int | None = None, message: str = "", meta: Any = None
+    ) -> None:
+        self.progress = progress_text(current, total, message, meta)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def run_detached(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """``fn(*args, **kwargs)`` now, with ``current_job`` a fresh ``Detached`` handle (also
+    inside a running job, whose own handle is back once it returns)."""
+    token = _running.set(Detached())
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _running.reset(token)
 
 
 class _CurrentJob:
     """A stand-in for the job the current thread is running; raises outside a task."""
 
-    def _get(self) -> Running:
+    def _get(self) -> Running | Detached:
         running = _running.get()
         if running is None:
             raise RuntimeError("current_job is only available inside a running task")
@@ -311,7 +375,7 @@ class _CurrentJob:
     @property
     def attempts(self) -> int:
         """Which attempt this run is: 1 for the first."""
-        return self._get().job.attempts
+        return self._get().attempts
 
     def set_progress(
         self, current: int, total: int | None = None, message: str = "", meta: Any = None

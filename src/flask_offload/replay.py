@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import sys
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from flask import Flask, Response
+from flask import Flask, Response, session
 from werkzeug.datastructures import Headers
 from werkzeug.wsgi import get_current_url
 
 REPLAY = "flask_offload.replay"  # an environ key no HTTP header can set
 NO_BODY_STATUSES = (204, 304)
+logger = logging.getLogger("flask_offload")
+_session_warned: set[str] = set()  # views whose lost session change was logged
 
 
 def rebuild(shot: dict[str, Any], task_name: str) -> dict[str, Any]:
@@ -50,6 +53,8 @@ def replay(app: Flask, task_name: str, shot: dict[str, Any], limit: int) -> dict
     environ = rebuild(shot, task_name)
     with app.request_context(environ):
         response = app.full_dispatch_request()
+        if getattr(session, "modified", False):
+            _session_lost(task_name)
     # As a WSGI server would: the body is read after the request context is gone (a streamed
     # body that needs it uses stream_with_context), and the response is closed either way.
     try:
@@ -62,6 +67,20 @@ def replay(app: Flask, task_name: str, shot: dict[str, Any], limit: int) -> dict
         "headers": [[k, _absolute(k, v, environ)] for k, v in headers if k.lower() != "set-cookie"],
         "body": base64.b64encode(body).decode("ascii"),
     }
+
+
+def _session_lost(task_name: str) -> None:
+    """Say once per view (in this process) that its change to the session is lost: the
+    ``Set-Cookie`` that would carry it is never stored."""
+    if task_name in _session_warned:
+        return
+    _session_warned.add(task_name)
+    logger.warning(
+        "background view %s changed the session, and that change is lost: a job's response "
+        "never sets a cookie (its URL would hand the session to whoever holds it); change "
+        "the session in a view that answers at once",
+        task_name,
+    )
 
 
 def _wire_body(response: Response, environ: dict[str, Any]) -> Iterable[bytes]:

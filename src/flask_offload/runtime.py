@@ -10,17 +10,27 @@ import math
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import commits, serializer
+from . import commits, serializer, tracing
 from .backends.base import Backend
 from .backends.rows import history_entry
 from .execution import ContextFactory, Events, Runnable, Settings, execute
 from .foreground import Foreground
-from .job import CANCELLED, HISTORY_LIMIT, QUEUED, RUNNING, Job, Running, new_id, valid_id
+from .job import (
+    CANCELLED,
+    HISTORY_LIMIT,
+    QUEUED,
+    RUNNING,
+    Job,
+    Running,
+    new_id,
+    state_words,
+    valid_id,
+)
 from .worker import MAX_DUES, Worker
 
 
@@ -35,13 +45,18 @@ class Runtime:
         settings: Settings,
         eager: bool = False,
         events: Events | None = None,
+        guard: Callable[[], None] | None = None,
+        before_start: Callable[[], None] | None = None,
     ) -> None:
         self.backend = backend
         self.tasks = tasks
+        backend.result_ttls = self.result_ttls
         self.context = context
         self.settings = settings
         self.eager = eager
         self.events = events
+        self.guard = guard  # raises before an enqueue that would wait for the caller's own lock
+        self.before_start = before_start  # the Flask layer registers the app's views' tasks
         self.foreground = Foreground()  # this process's enqueues, which its pools let go first
         self.pools = [Worker(backend, tasks, context, settings, events, self.foreground)]
         self._plan: list[tuple[int, tuple[str, ...] | None]] | None = None
@@ -108,8 +123,10 @@ class Runtime:
             max_attempts=max_attempts,
             created_at=now,
             run_at=_due(now, delay, at),
+            relative=at is None,
             owner_json=owner_json,
             ephemeral=ephemeral,
+            trace_json=tracing.carrier() if tracing.ENABLED else None,
         )
         if after_commit is not None:
             commits.after_commit(after_commit, lambda: self._store(job, None))
@@ -119,6 +136,8 @@ class Runtime:
     def _store(self, job: Job, connection: Any) -> Job:
         """Store ``job`` (run it, in EAGER mode) and wake the pool; through ``connection``,
         wake it once that transaction commits, where the connection can say so."""
+        if connection is None and self.guard is not None:
+            self.guard()
         if self.eager and connection is None:
             return self._run_now(job)
         with self.foreground:
@@ -180,9 +199,15 @@ class Runtime:
                     f"job {job_id} has key {job.key!r}, which another queued or running job "
                     "holds now: wait for that job, or cancel it first"
                 )
-            raise ValueError(f"job {job_id} is {job.state}: only failed or cancelled jobs retry")
+            raise ValueError(
+                f"job {job_id} {state_words(job.state)}: only failed or cancelled jobs retry"
+            )
         self.wake()
         return job.refresh()
+
+    def result_ttls(self) -> dict[str, float]:
+        """The ``result_ttl`` of each registered task that sets one, by name."""
+        return {name: t.result_ttl for name, t in self.tasks.items() if t.result_ttl is not None}
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued job, or ask a running one to stop; False once it has finished."""
@@ -222,6 +247,8 @@ class Runtime:
         with self._lifecycle:
             if self._stopped:
                 return
+            if self.before_start is not None:
+                self.before_start()
             if plan is not None:
                 self._plan = plan
                 self.pools = [self._pool(threads, queues) for threads, queues in plan]

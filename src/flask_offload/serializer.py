@@ -83,6 +83,20 @@ def safe_text(text: str) -> str:
     return text
 
 
+def clipped(text: str, limit: int) -> str:
+    """``text`` as :func:`safe_text`, cut to at most ``limit`` UTF-8 bytes: its head and its
+    tail (where a traceback's innermost frames and message are) around a marker of the cut."""
+    text = safe_text(text)
+    if len(text) <= limit // 4:  # no character takes more than 4 bytes
+        return text
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    keep = (limit - 48) // 2  # bytes on each side; the marker fits in the 48 left
+    cut = f" [... {len(data) - 2 * keep} bytes cut ...] "
+    return data[:keep].decode("utf-8", "ignore") + cut + data[-keep:].decode("utf-8", "ignore")
+
+
 def loads(text: str) -> Any:
     """Decode JSON text written by :func:`dumps`."""
     return json.loads(text)

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.formparser import FormDataParser
+from werkzeug.http import parse_options_header
 from werkzeug.wsgi import get_content_length, get_input_stream
 
 if TYPE_CHECKING:
@@ -44,6 +47,10 @@ CGI_KEYS = (
     "REMOTE_USER",
     "wsgi.url_scheme",
 )
+# The requester's credentials: stored for the view to run as its requester, and deleted with
+# the snapshot once the job ends; never shown (the dashboard masks them).
+SECRET_HEADERS = ("HTTP_COOKIE", "HTTP_AUTHORIZATION", "HTTP_PROXY_AUTHORIZATION")
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 def read_body(environ: WSGIEnvironment, limit: int) -> bytes | None:
@@ -150,3 +157,36 @@ def take(environ: WSGIEnvironment, limit: int) -> dict[str, Any]:
     if kept.pop("HTTP_TRANSFER_ENCODING", None) is not None:
         kept["CONTENT_LENGTH"] = str(len(body))  # stored de-chunked
     return {"environ": kept, "body": base64.b64encode(body).decode("ascii")}
+
+
+def is_snapshot(args: Any) -> bool:
+    """True for the arguments of a background view's job: one snapshot."""
+    return (
+        isinstance(args, list)
+        and len(args) == 1
+        and isinstance(args[0], dict)
+        and isinstance(args[0].get("environ"), dict)
+        and isinstance(args[0].get("body"), str)
+    )
+
+
+def body_fields(shot: dict[str, Any]) -> set[str] | None:
+    """The field names of a snapshot's form body, or the keys (at any depth) of its JSON
+    body; None for a body of any other type. ValueError if it is not what its type says."""
+    body = base64.b64decode(shot["body"], validate=True)
+    mimetype, options = parse_options_header(shot["environ"].get("CONTENT_TYPE", ""))
+    if mimetype in FORM_TYPES:
+        parser = FormDataParser(silent=False)
+        _, form, files = parser.parse(io.BytesIO(body), mimetype, len(body), options)
+        return set(form) | set(files)
+    if mimetype == "application/json" or mimetype.endswith("+json"):
+        return _keys(json.loads(body))
+    return None
+
+
+def _keys(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        return set(value).union(*(_keys(item) for item in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_keys(item) for item in value))
+    return set()

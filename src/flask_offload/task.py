@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import math
 from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
-from .job import Job
+from .job import Job, run_detached
 from .schedule import Schedule
 
 if TYPE_CHECKING:
@@ -20,8 +21,8 @@ R = TypeVar("R")
 
 
 TASK_OPTIONS = (
-    "name", "queue", "priority", "retries", "retry_backoff", "retry_on", "timeout", "public",
-    "result_ttl",
+    "name", "queue", "priority", "retries", "retry_backoff", "retry_on", "retry_unless",
+    "timeout", "public", "result_ttl",
 )  # fmt: skip
 ENQUEUE_OPTIONS = (
     "args", "kwargs", "delay", "at", "key", "priority", "queue", "id", "connection",
@@ -37,6 +38,7 @@ SPELLINGS = {
     "max_retries": "retries=",
     "default_retry_delay": "retry_backoff=",
     "autoretry_for": "retry_on=",
+    "dont_autoretry_for": "retry_unless=",
     "time_limit": "timeout=",
     "soft_time_limit": "timeout=",
     "job_timeout": "timeout=",
@@ -79,7 +81,8 @@ class Task(Generic[P, R]):
     """A registered function. ``task(...)`` runs it now; ``task.delay(...)`` stores a job.
 
     Options: ``retries`` more attempts after a failure, ``retry_backoff`` seconds before the
-    first retry (doubling each time, with jitter), only for exceptions in ``retry_on``;
+    first retry (doubling each time, with jitter), only for exceptions in ``retry_on`` (default
+    any ``Exception``) that are not in ``retry_unless`` (Celery's ``dont_autoretry_for``);
     ``timeout`` seconds before a run is ended as failed; ``public`` to show the result over
     HTTP; ``result_ttl`` seconds to keep a succeeded or cancelled job instead of
     ``OFFLOAD_RESULT_TTL`` (0: delete it at once, Celery's ``ignore_result``; failed jobs are
@@ -97,6 +100,7 @@ class Task(Generic[P, R]):
         retries: int = 0,
         retry_backoff: float = 1.0,
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+        retry_unless: type[BaseException] | tuple[type[BaseException], ...] = (),
         timeout: float | None = None,
         public: bool = False,
         result_ttl: float | None = None,
@@ -112,21 +116,27 @@ class Task(Generic[P, R]):
             raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
         if not _seconds(retry_backoff, allow_zero=True):
             raise ValueError(f"retry_backoff must be seconds >= 0, not {retry_backoff!r}")
-        if isinstance(retry_on, type):
-            retry_on = (retry_on,)
-        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
-            raise TypeError(f"retry_on must be exception classes, not {retry_on!r}")
+        retry_on = _exceptions(retry_on, "retry_on")
+        retry_unless = _exceptions(retry_unless, "retry_unless")
+        if retry_on and retry_unless and all(issubclass(t, retry_unless) for t in retry_on):
+            raise ValueError(
+                f"retry_unless={retry_unless!r} covers every exception in retry_on={retry_on!r}, "
+                "so nothing would be retried: set retries=0 instead, or narrow retry_unless"
+            )
         if timeout is not None and not _seconds(timeout, allow_zero=False):
             raise ValueError(f"timeout must be seconds > 0, not {timeout!r}")
         if result_ttl is not None and not _seconds(result_ttl, allow_zero=True):
             raise ValueError(f"result_ttl must be seconds >= 0, not {result_ttl!r}")
         self.fn = fn
         self.name = name or default_name(fn)
+        if schedule is not None:
+            _check_callable_alone(fn, self.name)
         self.queue = queue
         self.priority = priority
         self.max_attempts = retries + 1
         self.retry_backoff = float(retry_backoff)
-        self.retry_on = tuple(retry_on)
+        self.retry_on = retry_on
+        self.retry_unless = retry_unless
         self.timeout = None if timeout is None else float(timeout)
         self.public = bool(public)
         self.result_ttl = None if result_ttl is None else float(result_ttl)
@@ -135,7 +145,9 @@ class Task(Generic[P, R]):
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self.fn(*args, **kwargs)
+        """Run the function now, in the caller's thread; ``current_job`` inside it is a
+        detached handle (see ``job.Detached``), even inside another job."""
+        return run_detached(self.fn, *args, **kwargs)
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Store a job that runs ``fn(*args, **kwargs)``; returns once it is committed."""
@@ -180,6 +192,32 @@ class Task(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
+
+
+def _exceptions(value: object, option: str) -> tuple[type[BaseException], ...]:
+    """An exception class or a tuple of them, as a tuple; a clear error for anything else."""
+    classes = (value,) if isinstance(value, type) else value
+    if not isinstance(classes, (tuple, list)) or not all(
+        isinstance(t, type) and issubclass(t, BaseException) for t in classes
+    ):
+        raise TypeError(f"{option} must be exception classes, not {value!r}")
+    return tuple(classes)
+
+
+def _check_callable_alone(fn: Callable[..., Any], name: str) -> None:
+    """A periodic task is called with no arguments at every tick: refuse one that needs some,
+    here, rather than fail with a ``TypeError`` at every tick."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read (some builtins): let it be
+        return
+    try:
+        signature.bind()
+    except TypeError as error:
+        raise TypeError(
+            f"periodic task {name!r} is called with no arguments at each tick, but it is "
+            f"{error}: give its parameters defaults, or read what it needs inside the task"
+        ) from None
 
 
 def _seconds(value: object, allow_zero: bool) -> bool:

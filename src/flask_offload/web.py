@@ -61,29 +61,53 @@ class ViewRunner:
 
 class BackgroundView:
     """A view that answers ``202 Accepted`` at once and runs in a worker on a snapshot of its
-    request; in the worker (the replay), it calls the view itself."""
+    request; in the worker (the replay), it calls the view itself.
 
-    def __init__(self, offload: Offload, view: Callable[..., Any], task: Task[..., Any]) -> None:
+    Its task is named ``view:<endpoint>`` (``view:build_report``, ``view:reports.export``)
+    unless it is given a ``name=``; the endpoint is known once a route serves the view, so
+    the task is registered then (see ``register_views``)."""
+
+    def __init__(
+        self,
+        offload: Offload,
+        view: Callable[..., Any],
+        name: str | None,
+        options: dict[str, Any],
+        legacy: str | None,
+    ) -> None:
         functools.update_wrapper(self, view)
         self.view = view
-        self.task = task
+        self.name = name
+        self.options = options
+        self.legacy = legacy
         self._offload = offload
+        self._tasks: dict[str, Task[..., Any]] = {}  # by name, one per endpoint serving it
 
     def __get__(self, instance: object, owner: type | None = None) -> Any:
         """Bind as the function it wraps would, so a ``MethodView`` method can be one."""
         return self if instance is None else types.MethodType(self, instance)
 
+    def task_for(self, endpoint: str | None) -> Task[..., Any]:
+        """The task of this view served at ``endpoint``, registered on first use."""
+        name = self.name or f"view:{endpoint}"
+        task = self._tasks.get(name)
+        if task is None:
+            task = self._tasks[name] = _view_task(self._offload, name, self.options)
+        return task
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if request.environ.get(REPLAY) == self.task.name:
+        task = self.task_for(request.endpoint)
+        replaying = request.environ.get(REPLAY)
+        if replaying is not None and replaying in (task.name, self.legacy):
             return current_app.ensure_sync(self.view)(*args, **kwargs)
         shot = snapshot.take(request.environ, int(current_app.config["OFFLOAD_MAX_REQUEST_BYTES"]))
         owner = self._offload._owner
         job = self._offload.runtime().enqueue(
-            self.task.name,
+            task.name,
             [shot],
-            priority=self.task.priority,
-            queue=self.task.queue,
-            max_attempts=self.task.max_attempts,
+            priority=task.priority,
+            queue=task.queue,
+            max_attempts=task.max_attempts,
             owner_json=None if owner is None else serializer.dumps(owner(), "the owner"),
             ephemeral=True,
         )
@@ -93,21 +117,53 @@ class BackgroundView:
 
 
 def background_view(offload: Offload, view: Callable[..., Any], **options: Any) -> BackgroundView:
-    """Wrap ``view`` as a background view, registering (or reusing) its task."""
-    name = options.pop("name", None) or _default_name(view)
+    """Wrap ``view`` as a background view. Without a ``name=`` its task is named for its
+    endpoint, and the name it had before (``view:module.qualname``) stays registered so that
+    jobs stored under it still run."""
+    name = options.pop("name", None)
     inner = {id(fn) for fn in _unwrapped(view)}
     for app in list(offload._runtimes.keys()):
         _check_order(app, lambda fn: id(fn) in inner)
-    runner = ViewRunner(name, tuple(sorted(options.items())))
-    known = offload._tasks.get(name)
-    if known is not None and known.fn == runner:
-        task = known  # the same view defined again, by an app factory's second call
-    else:
-        task = offload.task(name=name, **options)(runner)
+    legacy = None if name is not None or view.__module__ == "__main__" else _old_name(view)
+    for registered in (name, legacy):
+        if registered is not None:
+            _view_task(offload, registered, options)
     for fn in _unwrapped(view):
         with contextlib.suppress(TypeError):  # an unhashable callable cannot be tracked
             _wrapped.add(fn)
-    return BackgroundView(offload, view, task)
+    return BackgroundView(offload, view, name, options, legacy)
+
+
+def _view_task(offload: Offload, name: str, options: dict[str, Any]) -> Task[..., Any]:
+    """Register the task named ``name`` that replays a view's requests, or reuse it when the
+    same view is defined again (by an app factory's second call)."""
+    runner = ViewRunner(name, tuple(sorted(options.items())))
+    known = offload._tasks.get(name)
+    if known is not None and known.fn == runner:
+        return known
+    return offload.task(name=name, **options)(runner)
+
+
+def register_views(app: Flask) -> None:
+    """Register the task of every background view ``app`` serves, named for its endpoint, so
+    a process knows them before any request: called at ``init_app``, before a pool starts and
+    at the first request."""
+    for endpoint, registered in list(app.view_functions.items()):
+        for view in _background_views(registered):
+            view.task_for(endpoint)
+
+
+def _background_views(registered: Callable[..., Any]) -> Iterator[BackgroundView]:
+    """The BackgroundViews behind a registered view: itself or what it wraps, or the methods
+    of its ``MethodView`` class."""
+    view_class = getattr(registered, "view_class", None)
+    methods = getattr(view_class, "methods", None) or ()
+    for candidate in [registered, *(getattr(view_class, m.lower(), None) for m in methods)]:
+        if candidate is not None:
+            for fn in _unwrapped(candidate):
+                if isinstance(fn, BackgroundView):
+                    yield fn
+                    break
 
 
 def install(app: Flask) -> None:
@@ -115,6 +171,7 @@ def install(app: Flask) -> None:
     them, and refuse a view registered unwrapped (the decorators in the wrong order) now, or
     at the first request for routes added later (a blueprint registered after ``init_app``)."""
     _check_order(app, _is_wrapped)
+    register_views(app)
     app.before_request(_FirstRequestCheck(app))
     capture = snapshot.BodyCapture(app, app.wsgi_app, _is_background_view)
     app.wsgi_app = capture  # type: ignore[method-assign]
@@ -132,17 +189,13 @@ class _FirstRequestCheck:
     def __call__(self) -> None:
         if not self.done:
             _check_order(self.app, _is_wrapped)
+            register_views(self.app)
             self.done = True
 
 
-def _default_name(view: Callable[..., Any]) -> str:
-    """``view:module.qualname``; a view in ``__main__`` must be named, as a task must."""
-    if view.__module__ == "__main__":
-        raise ValueError(
-            f"background view {view.__qualname__!r} is defined in __main__, which other "
-            "processes import under another name, so no worker would find it: give it one, "
-            "e.g. @offload.background(name='build_report')"
-        )
+def _old_name(view: Callable[..., Any]) -> str:
+    """``view:module.qualname``: how a background view's task was named before it was named
+    for its endpoint."""
     return f"view:{view.__module__}.{view.__qualname__}"
 
 

@@ -10,17 +10,22 @@ that are not ``gone``. The rules this gives, which the README repeats:
   put back for other processes, so jobs that turn slow are never hoarded.
 - Whatever a task returns or raises becomes that job's outcome; nothing a task does ends a
   loop thread. A value that cannot be stored fails its job with a clear error.
-- Outcomes go to a finisher thread that stores what has piled up in one transaction. A job
-  counts as running until its outcome is stored, so a crash may run again the jobs of the last
-  milliseconds. A store that fails is retried with backoff (alone, so one bad row cannot hold
-  others back) while the heartbeat keeps the lease; only after ``STORE_TRIES`` failures is the
-  job given up to recovery, which runs it again once its lease runs out.
+- Outcomes go to a finisher thread that stores what has piled up, ``STORE_BATCH`` at most per
+  transaction. A job counts as running until its outcome is stored, so a crash may run again
+  the jobs of the last milliseconds; the run threads never get more than ``MAX_UNSTORED``
+  outcomes ahead of the finisher, so those are never thousands. A store that fails is retried
+  with backoff (alone, so one bad row cannot hold others back) while the heartbeat keeps the
+  lease; only after ``STORE_TRIES`` failures is the job given up to recovery, which runs it
+  again once its lease runs out.
 - A run past its task's timeout is failed (or retried) at once; Python cannot kill its thread,
   so a new one takes its place, up to ``threads`` stuck at once (logged when reached). A stuck
   thread that returns rejoins the pool if it is short, so the pool always comes back to size.
-- Stopping stops claims and puts unstarted jobs back at once, but heartbeats and timeouts go on
-  until the running jobs have finished or the drain time is up; what still runs is then put
-  back without counting the attempt, and threads stuck past a timeout are not waited for.
+- Stopping stops claims and puts unstarted jobs back at once (a claim that returns after the
+  stop began puts its whole batch back), but heartbeats and timeouts go on until the running
+  jobs have finished or the drain time is up; what still runs is then put back without
+  counting the attempt, and threads stuck past a timeout are not waited for.
+- Nothing ends the finisher or the maintenance thread: each step's error is logged and the
+  loop goes on. A failed heartbeat is tried again within ``lease / 10``, not a whole beat later.
 
 When the queue is empty the threads sleep on a condition: an idle pool costs nothing, a job
 enqueued in this process wakes it at once, and jobs from other processes are found by polling
@@ -38,7 +43,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,6 +70,10 @@ MAX_BATCH = 64
 GIVE_BACK_AFTER = 0.1  # seconds a claimed job may wait in the batch before it is put back
 STORE_TRIES = 10  # failed stores of one outcome before it is given up to recovery
 MAX_DUES = 1024  # due times of in-process delayed jobs kept to wake up on time
+STORE_BATCH = 256  # outcomes stored per transaction: each stays a small part of a lease
+MAX_UNSTORED = 512  # outcomes waiting to be stored before the run threads wait for the finisher
+BEAT_RETRY = 0.25  # seconds before a failed heartbeat is tried again, doubling up to lease / 10
+CLAIM_WAIT = 5.0  # seconds a stop waits, past its deadline, for a claim in flight to return
 
 Stage = Literal["batched", "running", "storing", "gone"]
 
@@ -128,6 +137,8 @@ class Worker:
         self._claiming = threading.Lock()  # one claim at a time; the others take from it
         self._job_seconds = PREFETCH_SECONDS  # moving average of run time: sizes the batch
         self._finisher = threading.Condition(self._lock)
+        self._unstored = 0  # jobs in stage "storing"
+        self._room = threading.Condition(self._lock)  # fewer than MAX_UNSTORED of them again
         self._wake = threading.Condition()
         self._wakeups = 0
         self._dues: list[float] = []  # due times of in-process delayed jobs, a heap
@@ -196,6 +207,7 @@ class Worker:
         self.backend.unsubscribe(self.wake)
         with self._lock:
             unstarted = self._leave(list(self._batch))
+            self._room.notify_all()  # a thread waiting to claim gives up
         self._put_back(unstarted, "unstarted")
 
     def stop(self, timeout: float | None = None) -> None:
@@ -219,6 +231,11 @@ class Worker:
             self._finisher_done = True
             self._finisher.notify()
         self._put_back(still, "still running at shutdown")
+        # A claim in flight puts its batch back itself when it returns: wait for that.
+        if self._claiming.acquire(timeout=max(CLAIM_WAIT, deadline - time.monotonic())):
+            self._claiming.release()
+        else:
+            logger.warning("a claim was still waiting for storage: its jobs wait for their lease")
         self._helpers[0].join(max(1.0, deadline - time.monotonic()))  # the finisher
         self._maintenance_done = True
         self._maintenance.set()
@@ -231,10 +248,13 @@ class Worker:
     def _leave(self, claimed: list[Claimed]) -> list[Claimed]:
         """Mark jobs as no longer held (with the lock held); returns them."""
         for c in claimed:
+            if c.stage == "batched":
+                self._batch.remove(c)
+            elif c.stage == "storing":
+                self._unstored -= 1
+                self._room.notify()
             c.stage = "gone"
             self._held.discard(c)
-            if c in self._batch:
-                self._batch.remove(c)
         return claimed
 
     def _put_back(self, claimed: list[Claimed], why: str) -> None:
@@ -265,12 +285,13 @@ class Worker:
         return count
 
     def _emit(self, event: str, job: Job, outcome: Outcome | None) -> None:
-        """Tell the Flask layer what happened; nothing it does may stop this pool."""
+        """Tell the Flask layer what happened; nothing it does (``sys.exit()`` included) may
+        stop this pool."""
         if self.events is None:
             return
         try:
             self.events(event, job, outcome)
-        except Exception:
+        except BaseException:
             logger.exception("a handler of %s failed for job %s", event, job.id)
 
     # -- claim and run ---------------------------------------------------------------------------
@@ -305,11 +326,15 @@ class Worker:
                 return  # it ran past its timeout and the pool has its size without it
 
     def _next(self, me: threading.Thread) -> Claimed | None:
-        """The next job to run: from the shared batch, or from a new claim."""
+        """The next job to run: from the shared batch, or from a new claim once the finisher
+        has room for its outcomes. A claim that returns after the stop began puts its whole
+        batch back, under ``_claiming``, which the stop waits for."""
         with self._claiming:
             with self._lock:
-                if self._batch:
+                if self._batch and not self._stopping:
                     return self._begin(self._batch.popleft(), me)
+                while self._unstored >= MAX_UNSTORED and not self._stopping:
+                    self._room.wait()
                 if self._stopping or self._halted:
                     return None
             size = min(MAX_BATCH, max(1, int(PREFETCH_SECONDS / self._job_seconds)))
@@ -317,14 +342,19 @@ class Worker:
                 self.id, list(self.tasks), self.settings.queues, size, self.settings.lease
             )
             now = time.monotonic()
+            claimed = [Claimed(job, Running(job, self.backend), now) for job in jobs]
             with self._lock:
-                claimed = [Claimed(job, Running(job, self.backend), now) for job in jobs]
-                self._held.update(claimed)
-                self._batch.extend(claimed[1:])
+                late = self._stopping  # begin_stop reads the batch under this lock after
+                if not late:
+                    self._held.update(claimed)
+                    self._batch.extend(claimed[1:])
+                    first = self._begin(claimed[0], me) if claimed else None
+            if late:
+                self._put_back(claimed, "claimed as the pool stopped")
+                return None
             if len(claimed) > 1:
                 self._maintenance.set()  # to give back what is still batched in time
-            with self._lock:
-                return self._begin(claimed[0], me) if claimed else None
+            return first
 
     def _begin(self, claimed: Claimed, me: threading.Thread) -> Claimed:
         """Move a batched job to running in thread ``me`` (with the lock held)."""
@@ -407,22 +437,35 @@ class Worker:
 
     def _store_later(self, claimed: Claimed) -> None:
         """Queue an outcome for the finisher (with the lock held)."""
+        if claimed.stage != "storing":
+            self._unstored += 1
         claimed.stage = "storing"
         self._storing.append(claimed)
         self._finisher.notify()
 
     def _finish_loop(self) -> None:
-        """Store outcomes as they come, all that have piled up in one transaction; ones that
-        failed to store before are tried again alone, after their backoff."""
+        """Store outcomes as they come, what has piled up in transactions of ``STORE_BATCH``;
+        ones that failed to store before are tried again alone, after their backoff."""
         while True:
             with self._lock:
                 due = self._due_outcomes()
                 if due is None:
                     return
             fresh = [c for c in due if not c.store_tries]
-            for batch in ([fresh] if fresh else []) + [[c] for c in due if c.store_tries]:
-                self.foreground.give_way()
-                self._store(batch)
+            batches = [fresh[i : i + STORE_BATCH] for i in range(0, len(fresh), STORE_BATCH)]
+            for batch in batches + [[c] for c in due if c.store_tries]:
+                try:
+                    self.foreground.give_way()
+                    self._store(batch)
+                except BaseException:
+                    self._store_broke(batch)
+
+    def _store_broke(self, batch: list[Claimed]) -> None:
+        """The finisher's own error (not storage's): log it, and give up to their lease the
+        jobs of ``batch`` it may have left half-done, rather than renew them for ever."""
+        logger.exception("storing %d outcome(s) failed; the finisher goes on", len(batch))
+        with self._lock:
+            self._leave([c for c in batch if c.stage == "storing" and c not in self._storing])
 
     def _due_outcomes(self) -> list[Claimed] | None:
         """Wait for outcomes due to be stored (with the lock held); None once the pool has
@@ -453,7 +496,10 @@ class Worker:
         with self._lock:
             self._leave(batch)
         for c, ok in zip(batch, stored, strict=True):
-            self._report(c, ok)
+            try:
+                self._report(c, ok)
+            except BaseException:
+                logger.exception("could not report the outcome of job %s", c.job.id)
 
     def _store_failed(self, batch: list[Claimed], error: Exception) -> None:
         """Try again with backoff, each alone; give a job up to recovery after STORE_TRIES."""
@@ -521,33 +567,57 @@ class Worker:
 
     def _maintain(self) -> None:
         """Renew leases, end overdue runs, give back stale batches, take back jobs of dead
-        workers, expire old results; until the pool's threads are joined."""
+        workers, expire old results; until the pool's threads are joined. Each step fails
+        alone: a failed heartbeat is tried again soon, the others at their next turn."""
         next_beat = next_purge = next_report = 0.0
+        beat_failures = 0
         while not self._maintenance_done:
             now = time.monotonic()
+            self._step("timeouts", self._end_overdue, now)
+            self._step("give-back", self._give_back, now)
+            self._step("progress", self._flush_progress)
+            if now >= next_beat:
+                beat_failures = 0 if self._step("heartbeat", self._beat) else beat_failures + 1
+                pause = self.settings.lease / 3
+                if beat_failures:  # the exponent's cap keeps a long outage's float finite
+                    retry = BEAT_RETRY * 2 ** min(beat_failures - 1, 16)
+                    pause = min(self.settings.lease / 10, retry)
+                next_beat = now + pause
+            if now >= next_purge and not self._halted:
+                next_purge = now + min(60.0, self.settings.result_ttl)
+                self._step("purge", self.backend.purge, time.time() - self.settings.result_ttl)
+            if now >= next_report and not self._halted:
+                next_report = now + 60.0
+                self._step("report", self._report_unknown_tasks)
             try:
-                self._end_overdue(now)
-                self._give_back(now)
-                with self._lock:
-                    running = [c.running for c in self._held if c.stage == "running"]
-                for each in running:
-                    each.flush_progress()
-                if now >= next_beat:
-                    next_beat = now + self.settings.lease / 3
-                    self._beat()
-                if now >= next_purge and not self._halted:
-                    next_purge = now + min(60.0, self.settings.result_ttl)
-                    self.backend.purge(time.time() - self.settings.result_ttl)
-                if now >= next_report and not self._halted:
-                    next_report = now + 60.0
-                    self._report_unknown_tasks()
-            except StorageCorrupt as error:
-                self._halt(error)
-            except Exception as error:  # quiet while the loops have said storage is down
-                log = logger.debug if self._down else logger.warning
-                log("worker maintenance failed (%s); trying again", error)
-            self._maintenance.wait(max(0.01, self._next_maintenance(next_beat) - time.monotonic()))
+                wake = self._next_maintenance(next_beat)
+            except BaseException:
+                logger.exception("worker maintenance could not plan its next round")
+                wake = now + BEAT_RETRY
+            self._maintenance.wait(max(0.01, wake - time.monotonic()))
             self._maintenance.clear()
+
+    def _step(self, what: str, step: Callable[..., object], *args: float) -> bool:
+        """Run one maintenance step; False if it failed, which is logged and never ends the
+        loop (quietly while the loops have said storage is down)."""
+        try:
+            step(*args)
+            return True
+        except StorageCorrupt as error:
+            self._halt(error)
+        except Exception as error:
+            log = logger.debug if self._down else logger.warning
+            log("worker maintenance (%s) failed (%s); trying again", what, error)
+        except BaseException:
+            logger.exception("worker maintenance (%s) failed; trying again", what)
+        return False
+
+    def _flush_progress(self) -> None:
+        """Write the progress that running jobs reported since their last write."""
+        with self._lock:
+            running = [c.running for c in self._held if c.stage == "running"]
+        for each in running:
+            each.flush_progress()
 
     def _next_maintenance(self, next_beat: float) -> float:
         """When maintenance has something to do next."""

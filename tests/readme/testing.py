@@ -5,7 +5,7 @@ import os
 
 from flask import Flask
 
-from flask_offload import Offload
+from flask_offload import Offload, testing
 
 # README BLOCK
 
@@ -22,5 +22,6 @@ app.config.from_object(TestingConfig)
 offload.init_app(app)
 with app.app_context():
     job = double.delay(21)
-    assert offload.drain() == 1 and job.refresh().result == 42
+    [ran] = testing.run_jobs()
+    assert ran.id == job.id and job.refresh().result == 42
 assert not os.path.exists(app.instance_path), "the development job store is left alone"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,6 +29,9 @@ class Backend(ABC):
     # Where the jobs live, the same for two handles on one storage (no password in it), so a
     # process can tell that two apps share it; None for storage private to this handle.
     location: str | None = None
+    # The result_ttl of each task that sets one, by name, as the runtime that owns this handle
+    # knows them: a queued job cancelled here is kept that long, as a run that ends so is.
+    result_ttls: Callable[[], Mapping[str, float]] = dict
 
     @abstractmethod
     def enqueue(self, job: Job, connection: Any = None) -> Job:
@@ -84,7 +87,8 @@ class Backend(ABC):
         ttl of 0 deletes it now (a task's ``result_ttl=0``)."""
 
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
-        """``finish`` several claimed runs, in one transaction where the storage allows."""
+        """``finish`` several claimed runs, in as few statements as the storage allows (one
+        on PostgreSQL); True for each outcome stored."""
         return [self.finish(job, outcome) for job, outcome in finished]
 
     @abstractmethod
@@ -103,7 +107,8 @@ class Backend(ABC):
 
     @abstractmethod
     def cancel(self, job_id: str) -> bool:
-        """Cancel a queued job, or flag a running one; False if it has already finished."""
+        """Cancel a queued job (it expires after its task's entry in ``result_ttls``, if
+        any), or flag a running one; False if it has already finished."""
 
     @abstractmethod
     def retry(self, job_id: str) -> bool:

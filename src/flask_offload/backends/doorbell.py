@@ -41,6 +41,7 @@ class Doorbell:
         self._fresh_until = 0.0  # _peers is used as it is until then
         self._folder_fd: int | None = None
         self._pid = os.getpid()
+        self._failures: set[tuple[type[OSError], int | None]] = set()  # causes logged once
 
     @staticmethod
     def available() -> bool:
@@ -49,20 +50,35 @@ class Doorbell:
     # -- ringing ---------------------------------------------------------------------------------
 
     def ring(self, at: float | None = None) -> None:
-        """Tell every listening process that a job is due (now, or at ``at``)."""
+        """Tell every listening process that a job is due (now, or at ``at``). Best effort,
+        it never raises: it runs after the job is committed, and an error here would make
+        the caller store the job again. What fails is logged once per cause; the other
+        processes find the job by polling."""
         if not self.available():
             return
-        peers = self._current_peers()
-        if not peers:
-            return
-        message = b"now" if at is None else repr(at).encode()
-        sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sender.setblocking(False)
         try:
-            for name in peers:
-                self._send(sender, name, message)
-        finally:
-            sender.close()
+            peers = self._current_peers()
+            if not peers:
+                return
+            message = b"now" if at is None else repr(at).encode()
+            sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sender.setblocking(False)
+            try:
+                for name in peers:
+                    self._send(sender, name, message)
+            finally:
+                sender.close()
+        except OSError as error:
+            cause = (type(error), error.errno)
+            if cause not in self._failures:
+                self._failures.add(cause)
+                logger.warning(
+                    "cannot ring the other processes' wake-up sockets in %s (%s): they find "
+                    "new jobs by polling (OFFLOAD_POLL_INTERVAL). Run every process that uses "
+                    "this job store as one user, or let this one read that folder",
+                    self.folder,
+                    error,
+                )
 
     def _current_peers(self) -> list[str]:
         """The sockets in the folder, but this process's own. The folder is looked at no more

@@ -49,6 +49,12 @@ class MemoryBackend(Backend):
         if job.ephemeral:
             job.args_json, job.kwargs_json = "[]", "{}"
 
+    def _expire(self, job: Job) -> None:
+        """A job that ended cancelled expires after its task's result_ttl, if it has one."""
+        ttl = self.result_ttls().get(job.task)
+        if ttl is not None and job.finished_at is not None:
+            job.expires_at = job.finished_at + ttl
+
     def _insert(self, job: Job) -> Job:
         if job.id in self._jobs:
             raise id_in_use(job)
@@ -140,6 +146,8 @@ class MemoryBackend(Backend):
                 del self._jobs[held.id]
                 del self._order[held.id]
                 return True
+            if outcome.state == QUEUED and held.cancel_requested:  # cancelled, not retried
+                outcome = replace(outcome, state=CANCELLED)
             held.state = outcome.state  # a retry; _settle below for final states
             held.expires_at = None if outcome.ttl is None else time.time() + outcome.ttl
             held.result_json, held.error, held.traceback = (
@@ -154,6 +162,10 @@ class MemoryBackend(Backend):
                 held.run_at = outcome.run_at if outcome.run_at is not None else time.time()
             else:
                 self._settle(held, outcome.state)
+                if outcome.state == CANCELLED:
+                    held.error = "Cancelled"
+                    if outcome.ttl is None:  # a retry that ended so
+                        self._expire(held)
             held.worker = held.lease_until = None
             return True
 
@@ -184,6 +196,7 @@ class MemoryBackend(Backend):
                 job.worker = job.lease_until = job.claim = None
                 if job.cancel_requested:
                     self._settle(job, CANCELLED)
+                    self._expire(job)
                     job.error = "Cancelled"
                 elif job.lost >= max_lost:
                     self._settle(job, FAILED)
@@ -200,6 +213,7 @@ class MemoryBackend(Backend):
                 return False
             if job.state == QUEUED:
                 self._settle(job, CANCELLED)
+                self._expire(job)
             else:
                 job.cancel_requested = True
             return True

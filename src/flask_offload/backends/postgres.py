@@ -12,11 +12,16 @@ transaction: the job and its notification exist only if that transaction commits
 A lost connection is not a lost job: an insert repeated on a fresh connection after a reply
 was lost finds its own id and stores nothing twice, and a claim whose reply was lost is
 adopted by that worker's next claim instead of being held, unseen, by its heartbeat. A
-finish, retry or cancel repeated after a lost reply reports the work its first try did.
+finish, retry, cancel, delete, pause, resume, periodic tick or recovery repeated after a lost
+reply reports the work its first try did (a release's answer only chooses a log line).
+
+Time is the server's: leases, due times and cut-offs are read from ``now()`` in the
+statements, never from a worker's clock, which may be off.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -41,6 +46,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from ..job import HISTORY_LIMIT, Job, Outcome, WorkerInfo
 from .base import Backend, JobFilter, QueueInfo, Wake, id_in_use
 from .rows import (
+    COLUMNS,
     finish_rows,
     page_cursor,
     queue_infos,
@@ -56,12 +62,10 @@ Execute = Callable[[str, Mapping[str, Any]], list[tuple[Any, ...]]]
 
 logger = logging.getLogger("flask_offload")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 CHANNEL = "offload_jobs"
 MIGRATION_LOCK = 0x0FF10AD  # pg_advisory_xact_lock key: one migrating process at a time
-COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
 _SELECT = ", ".join(COLUMNS)
-_VALUES = ", ".join(f"%({name})s" for name in COLUMNS)
 _PRIORITY, _RUN_AT = COLUMNS.index("priority"), COLUMNS.index("run_at")
 
 SCHEMA_TABLE_EXISTS = "SELECT to_regclass('offload_schema') IS NOT NULL"
@@ -158,29 +162,48 @@ MIGRATIONS = [
     CREATE INDEX offload_jobs_done ON offload_jobs (task, state)
         WHERE state IN ('succeeded', 'failed', 'cancelled');
     """,
+    # Version 5: the trace context a job was enqueued in (OpenTelemetry, where installed).
+    "ALTER TABLE offload_jobs ADD COLUMN trace_json text;",
 ]
 
-# The notification says when the job is due ("<run_at> <queue>", %(due)s being repr(run_at),
-# exact where float8's text may not be), so a listener that is told of a delayed job sleeps
-# until then instead of a poll interval. pg_notify runs for a stored row only, and listeners
-# hear of it once the transaction commits.
-_NOTIFY = f"pg_notify('{CHANNEL}', %(due)s || ' ' || queue)"
+# Time is the server's, in epoch seconds: every statement that sets or compares a lease, a due
+# time or a cut-off reads the server's clock, never a worker host's, whose clock may be off.
+# now() is the statement's start (our statements run autocommitted or in short transactions);
+# an enqueue, which may run in a caller's long transaction, reads the clock itself.
+_NOW = "date_part('epoch', now())"
+_CLOCK = "date_part('epoch', clock_timestamp())"
+# A new job's run_at: the server's clock plus what is left of its delay (none, or delay=), or
+# a fixed moment (at=, a periodic tick) as given. CAST, not ::, as SQLAlchemy's text() reads
+# ":name::type" as no parameter.
+_DUE = f"coalesce(CAST(%(wait)s AS float8) + {_CLOCK}, %(run_at)s)"
+# The notification says when the job is due ("<run_at> <queue>", float8's text being exact
+# since PostgreSQL 12), so a listener that is told of a delayed job sleeps until then instead
+# of a poll interval. pg_notify runs for a stored row only, and listeners hear of it once
+# the transaction commits.
+_NOTIFY = f"pg_notify('{CHANNEL}', run_at::text || ' ' || queue)"
 # A new job as enqueue builds it sets only these columns (the others start at their
 # defaults): fewer parameters to adapt and send on the hot path.
 _NEW = (
     "id", "task", "queue", "priority", "args_json", "kwargs_json", "max_attempts",
-    "created_at", "run_at", "owner_json", "ephemeral",
+    "created_at", "run_at", "owner_json", "ephemeral", "trace_json",
 )  # fmt: skip
 _REST = [f for f in fields(Job) if f.name in COLUMNS and f.name not in _NEW]
 _new_values, _rest_values = attrgetter(*_NEW), attrgetter(*(f.name for f in _REST))
 _DEFAULTS = tuple(f.default for f in _REST)  # state "queued", key None, attempts 0, ...
+
+
+def _values(columns: Sequence[str]) -> str:
+    """The VALUES of an insert of ``columns`` (named parameters, run_at set by _DUE)."""
+    return ", ".join(_DUE if name == "run_at" else f"%({name})s" for name in columns)
+
+
 # A new job without a key, on our own autocommitted connection: a plain insert, which costs
 # the server less than ON CONFLICT's speculative insertion. Its only possible conflict is on
 # the id (an earlier try of this insert whose reply was lost, or an id used already), which
 # raises UniqueViolation and is told apart by HOLDER.
 INSERT_NEW = f"""
     INSERT INTO offload_jobs (state, {", ".join(_NEW)})
-    VALUES ('queued', {", ".join(f"%({name})s" for name in _NEW)})
+    VALUES ('queued', {_values(_NEW)})
     RETURNING {_NOTIFY}
 """
 # Any other job, or inside a transaction that an error must not abort (the caller's, a
@@ -188,7 +211,7 @@ INSERT_NEW = f"""
 # earlier try whose reply was lost, and one on the key index means another job holds the
 # key. Either way nothing is stored and no notification is sent.
 ENQUEUE = f"""
-    INSERT INTO offload_jobs ({_SELECT}) VALUES ({_VALUES})
+    INSERT INTO offload_jobs ({_SELECT}) VALUES ({_values(COLUMNS)})
     ON CONFLICT DO NOTHING
     RETURNING {_NOTIFY}
 """
@@ -203,7 +226,7 @@ GET = f"SELECT {_SELECT} FROM offload_jobs WHERE id = %s"
 CLAIM = f"""
     WITH due AS MATERIALIZED (
         SELECT seq FROM offload_jobs
-        WHERE state = 'queued' AND run_at <= %(now)s
+        WHERE state = 'queued' AND run_at <= {_NOW}
           AND task = ANY(%(tasks)s::text[])
           AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
           AND queue NOT IN (SELECT name FROM offload_queues)
@@ -211,8 +234,8 @@ CLAIM = f"""
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED)
     UPDATE offload_jobs
-    SET state = 'running', worker = %(worker)s, lease_until = %(now)s + %(lease)s,
-        started_at = %(now)s, attempts = attempts + 1, claim = %(token)s || '.' || seq
+    SET state = 'running', worker = %(worker)s, lease_until = {_NOW} + %(lease)s,
+        started_at = {_NOW}, attempts = attempts + 1, claim = %(token)s || '.' || seq
     WHERE seq IN (SELECT seq FROM due)
     RETURNING {_SELECT}, seq
 """
@@ -220,14 +243,14 @@ CLAIM = f"""
 # token lets only one of the worker's threads adopt each job.
 ADOPT = f"""
     UPDATE offload_jobs
-    SET started_at = %(now)s, lease_until = %(now)s + %(lease)s,
+    SET started_at = {_NOW}, lease_until = {_NOW} + %(lease)s,
         claim = %(token)s || '.' || seq
     WHERE worker = %(worker)s AND state = 'running'
       AND split_part(claim, '.', 1) = ANY(%(tokens)s::text[])
     RETURNING {_SELECT}, seq
 """
-HEARTBEAT = """
-    UPDATE offload_jobs SET lease_until = %(until)s
+HEARTBEAT = f"""
+    UPDATE offload_jobs SET lease_until = {_NOW} + %(lease)s
     WHERE id = ANY(%(ids)s::text[]) AND claim = ANY(%(claims)s::text[]) AND state = 'running'
     RETURNING id, cancel_requested
 """
@@ -243,30 +266,57 @@ def _append_attempt(outcome: str, error: str, traceback: str) -> str:
                   ELSE coalesce(history_json, '[]')::jsonb END)
             || jsonb_build_array(jsonb_build_object(
                 'attempt', attempts, 'worker', worker, 'claim', claim,
-                'started_at', started_at, 'finished_at', %(now)s::float8,
+                'started_at', started_at, 'finished_at', {_NOW},
                 'outcome', {outcome}, 'error', {error}, 'traceback', {traceback})))::text"""
 
 
-FINISH = f"""
-    UPDATE offload_jobs
-    SET state = %(state)s, result_json = %(result_json)s, error = %(error)s,
-        traceback = %(traceback)s,
-        progress_json = coalesce(%(progress_json)s, progress_json),
-        finished_at = CASE WHEN %(state)s::text = 'queued' THEN NULL ELSE %(now)s END,
-        run_at = CASE WHEN %(state)s::text = 'queued'
-                      THEN coalesce(%(run_at)s, %(now)s) ELSE run_at END,
-        worker = NULL, lease_until = NULL, expires_at = %(expires_at)s,
-        history_json = {
+# When a job that ends cancelled expires: its task's result_ttl after now (%(ttls)s maps task
+# names to it), as a run that ends cancelled is kept; NULL (OFFLOAD_RESULT_TTL) without one.
+_TASK_TTL = f"{_NOW} + CAST(CAST(%(ttls)s AS jsonb) ->> task AS float8)"
+# A batch of outcomes is stored by one statement: the arrays hold one entry per outcome, in
+# the same order (the columns are named b_... so that the row's own columns read unqualified).
+# A task with result_ttl=0 (ttl 0) keeps nothing of a job that ended: it is deleted instead.
+# A retry of a run whose cancellation was asked for meanwhile ends it cancelled instead, as
+# recovery does for a lost run: running it again would ignore the cancel. A retry's wait and
+# a ttl count from the server's now. Each stored outcome returns its claim.
+_RETRIED = "b_state = 'queued' AND NOT cancel_requested"
+_CANCELLED = "b_state = 'queued' AND cancel_requested"
+_FORGET = "coalesce(b_ttl <= 0, false)"
+FINISH_MANY = f"""
+    WITH batch AS (
+        SELECT * FROM unnest(
+            %(ids)s::text[], %(claims)s::text[], %(states)s::text[], %(results)s::text[],
+            %(errors)s::text[], %(tracebacks)s::text[], %(progress)s::text[],
+            %(waits)s::float8[], %(outcome_ttls)s::float8[])
+        AS b(b_id, b_claim, b_state, b_result, b_error, b_traceback, b_progress, b_wait, b_ttl)),
+    forgotten AS (
+        DELETE FROM offload_jobs USING batch
+        WHERE id = b_id AND claim = b_claim AND state = 'running' AND {_FORGET}
+        RETURNING b_claim),
+    stored AS (
+        UPDATE offload_jobs
+        SET state = CASE WHEN {_CANCELLED} THEN 'cancelled' ELSE b_state END,
+            result_json = b_result,
+            error = CASE WHEN {_CANCELLED} THEN 'Cancelled' ELSE b_error END,
+            traceback = CASE WHEN {_CANCELLED} THEN NULL ELSE b_traceback END,
+            progress_json = coalesce(b_progress, progress_json),
+            finished_at = CASE WHEN {_RETRIED} THEN NULL ELSE {_NOW} END,
+            run_at = CASE WHEN {_RETRIED} THEN {_NOW} + coalesce(b_wait, 0) ELSE run_at END,
+            worker = NULL, lease_until = NULL,
+            expires_at = CASE WHEN {_CANCELLED} THEN {_TASK_TTL} ELSE {_NOW} + b_ttl END,
+            history_json = {
     _append_attempt(
-        outcome="CASE WHEN %(state)s::text = 'queued' THEN 'retrying' ELSE %(state)s::text END",
-        error="%(error)s::text",
-        traceback="%(traceback)s::text",
+        outcome="CASE WHEN b_state <> 'queued' THEN b_state"
+        " WHEN cancel_requested THEN 'cancelled' ELSE 'retrying' END",
+        error="b_error",
+        traceback="b_traceback",
     )
 }
-    WHERE id = %(id)s AND claim = %(claim)s AND state = 'running'
+        FROM batch
+        WHERE id = b_id AND claim = b_claim AND state = 'running' AND NOT {_FORGET}
+        RETURNING b_claim)
+    SELECT b_claim FROM forgotten UNION ALL SELECT b_claim FROM stored
 """
-# A task with result_ttl=0 keeps nothing of a job that ended: it is deleted instead.
-FORGET = "DELETE FROM offload_jobs WHERE id = %(id)s AND claim = %(claim)s AND state = 'running'"
 EXISTING = "SELECT id FROM offload_jobs WHERE id = ANY(%(ids)s::text[])"
 # A finish keeps the claim token, so a finish repeated after a lost reply recognises its work.
 FINISHED_BY = """
@@ -281,10 +331,13 @@ RELEASE = """
 """
 # A job whose worker died goes back in the queue; it is cancelled if someone asked for that
 # meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
-# The lost attempt joins the history, built from the row as it was (SET reads old values).
+# The lost attempt joins the history, built from the row as it was (SET reads old values). The
+# claim becomes this recovery's token (which fences nothing: a run's writes need its state
+# running), so a recovery repeated after a lost reply finds the jobs its first try took back.
 RECOVER = f"""
     UPDATE offload_jobs
-    SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = NULL,
+    SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = %(token)s,
+        expires_at = CASE WHEN cancel_requested THEN {_TASK_TTL} END,
         history_json = {
     _append_attempt(
         outcome="CASE WHEN cancel_requested THEN 'cancelled' ELSE 'lost' END",
@@ -294,16 +347,17 @@ RECOVER = f"""
 },
         state = CASE WHEN cancel_requested THEN 'cancelled'
                      WHEN lost + 1 >= %(max_lost)s THEN 'failed' ELSE 'queued' END,
-        finished_at = CASE WHEN cancel_requested OR lost + 1 >= %(max_lost)s THEN %(now)s END,
+        finished_at = CASE WHEN cancel_requested OR lost + 1 >= %(max_lost)s THEN {_NOW} END,
         error = CASE WHEN cancel_requested THEN 'Cancelled'
                      WHEN lost + 1 >= %(max_lost)s
                      THEN 'WorkerLost: worker lost ' || (lost + 1) || ' times' END
-    WHERE state = 'running' AND lease_until < %(now)s
+    WHERE state = 'running' AND lease_until < {_NOW}
     RETURNING id
 """
-CANCEL_QUEUED = """
-    UPDATE offload_jobs SET state = 'cancelled', finished_at = %s
-    WHERE id = %s AND state = 'queued'
+CANCEL_QUEUED = f"""
+    UPDATE offload_jobs
+    SET state = 'cancelled', finished_at = {_NOW}, expires_at = {_TASK_TTL}
+    WHERE id = %(id)s AND state = 'queued'
 """
 CANCEL_RUNNING = """
     UPDATE offload_jobs SET cancel_requested = true WHERE id = %s AND state = 'running'
@@ -314,7 +368,7 @@ SET_PROGRESS = """
 STATE = "SELECT state, cancel_requested FROM offload_jobs WHERE id = %s"
 RETRY = f"""
     UPDATE offload_jobs
-    SET state = 'queued', run_at = %(now)s, attempts = 0, lost = 0, finished_at = NULL,
+    SET state = 'queued', run_at = {_NOW}, attempts = 0, lost = 0, finished_at = NULL,
         result_json = NULL, error = NULL, traceback = NULL, cancel_requested = false,
         expires_at = NULL
     WHERE id = %(id)s AND state IN ('failed', 'cancelled')
@@ -357,20 +411,24 @@ WORKERS = """
     FROM offload_workers WHERE last_seen >= %s ORDER BY started_at
 """
 FORGET_WORKER = "DELETE FROM offload_workers WHERE id = %s OR last_seen < %s"
-PURGE = """
+# The cut-off is an age (seconds before the server's now), as a worker host's clock may be off.
+PURGE = f"""
     DELETE FROM offload_jobs
-    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < %s AND expires_at IS NULL
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < {_NOW} - %s
+      AND expires_at IS NULL
 """
-PURGE_EXPIRED = "DELETE FROM offload_jobs WHERE expires_at < %s"
+PURGE_EXPIRED = f"DELETE FROM offload_jobs WHERE expires_at < {_NOW}"
 QUEUED_TASK_NAMES = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queued'"
 DELETE = "DELETE FROM offload_jobs WHERE id = %s AND state <> 'running'"
 PAUSE = "INSERT INTO offload_queues (name, paused_at) VALUES (%s, %s) ON CONFLICT DO NOTHING"
 RESUME = "DELETE FROM offload_queues WHERE name = %s"
+PAUSED_AT = "SELECT paused_at FROM offload_queues WHERE name = %s"
+RECOVERED_BY = "SELECT id FROM offload_jobs WHERE claim = %(token)s"
 PAUSED = "SELECT name FROM offload_queues"
 # Queued rows through the claim index, running ones through the lease index.
-QUEUE_STATS = """
-    SELECT queue, count(*), count(*) FILTER (WHERE run_at <= %(now)s),
-        min(run_at) FILTER (WHERE run_at <= %(now)s), 0
+QUEUE_STATS = f"""
+    SELECT queue, count(*), count(*) FILTER (WHERE run_at <= {_NOW}),
+        min(run_at) FILTER (WHERE run_at <= {_NOW}), 0
     FROM offload_jobs WHERE state = 'queued' GROUP BY queue
     UNION ALL
     SELECT queue, 0, 0, NULL, count(*) FROM offload_jobs WHERE state = 'running' GROUP BY queue
@@ -381,6 +439,11 @@ RECENT = """
 """
 TICKS = "SELECT name, last_tick FROM offload_schedules"
 LISTEN = f"LISTEN {CHANNEL}"
+
+
+def _wait(job: Job) -> float | None:
+    """What is left of a new job's delay, for a job whose run_at is relative (see Job)."""
+    return job.run_at - time.time() if job.relative else None
 
 
 def _one_line(error: BaseException) -> str:
@@ -671,7 +734,7 @@ class PostgresBackend(Backend):
     def _insert_new(self, conn: Pooled, job: Job) -> Job:
         """Insert a new job without a key (the common enqueue) with INSERT_NEW; if its id is
         taken, let ``_insert`` find by whom."""
-        values = dict(zip(_NEW, _new_values(job), strict=True), due=repr(job.run_at))
+        values = dict(zip(_NEW, _new_values(job), strict=True), wait=_wait(job))
         try:
             conn.inserts().execute(INSERT_NEW, values)
         except psycopg.errors.UniqueViolation:
@@ -682,7 +745,7 @@ class PostgresBackend(Backend):
     def _insert(self, execute: Execute, job: Job) -> Job:
         """Insert ``job``, or return the queued or running job that holds its key."""
         values = {name: getattr(job, name) for name in COLUMNS}
-        values["due"] = repr(job.run_at)
+        values["wait"] = _wait(job)
         for _ in range(10):
             if execute(ENQUEUE, values):
                 break  # stored now
@@ -707,7 +770,11 @@ class PostgresBackend(Backend):
                 self._insert(self._execute(conn), job)
                 return True
 
-        return self._run(enqueue_tick)
+        def confirm(conn: Pooled, done: bool) -> bool:
+            """After a lost reply: the job is there, so the first try enqueued it."""
+            return done or bool(conn.execute(STATE, (job.id,)).fetchall())
+
+        return self._run(enqueue_tick, confirm=confirm)
 
     def record_tick(self, schedule: str, tick: float) -> None:
         self._run(lambda conn: conn.execute(RECORD_TICK, (schedule, tick)))
@@ -724,10 +791,9 @@ class PostgresBackend(Backend):
         limit: int,
         lease: float,
     ) -> list[Job]:
-        now, token = time.time(), secrets.token_hex(8)
+        token = secrets.token_hex(8)
         params = {
             "worker": worker,
-            "now": now,
             "lease": lease,
             "token": token,
             "tasks": list(tasks),
@@ -763,7 +829,7 @@ class PostgresBackend(Backend):
         if not held:
             return set()
         params = {
-            "until": time.time() + lease,
+            "lease": lease,
             "ids": [job.id for job in held],
             "claims": [job.claim for job in held],
         }
@@ -774,21 +840,32 @@ class PostgresBackend(Backend):
         return self.finish_many([(job, outcome)])[0]
 
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
+        if not finished:
+            return []
         rows = finish_rows(finished)
+        batch = {
+            "ids": [r["id"] for r in rows],
+            "claims": [r["claim"] for r in rows],
+            "states": [r["state"] for r in rows],
+            "results": [r["result_json"] for r in rows],
+            "errors": [r["error"] for r in rows],
+            "tracebacks": [r["traceback"] for r in rows],
+            "progress": [r["progress_json"] for r in rows],
+            "waits": [r["wait"] for r in rows],
+            "outcome_ttls": [r["ttl"] for r in rows],
+            "keep": HISTORY_LIMIT,
+            "ttls": json.dumps(self.result_ttls()),
+        }
 
         def store(conn: Connection) -> list[bool]:
-            with conn.transaction():  # one commit for the lot
-                return [
-                    conn.execute(FORGET if row["forget"] else FINISH, row).rowcount == 1
-                    for row in rows
-                ]
+            done = {claim for (claim,) in conn.execute(FINISH_MANY, batch).fetchall()}
+            return [row["claim"] in done for row in rows]
 
         def confirm(conn: Connection, stored: list[bool]) -> list[bool]:
             """After a lost reply: the outcomes the first try stored count as stored (and a
             job to forget that is gone was forgotten by it)."""
-            params = {"ids": [r["id"] for r in rows], "claims": [r["claim"] for r in rows]}
-            done = {job_id for (job_id,) in conn.execute(FINISHED_BY, params).fetchall()}
-            there = {job_id for (job_id,) in conn.execute(EXISTING, params).fetchall()}
+            done = {job_id for (job_id,) in conn.execute(FINISHED_BY, batch).fetchall()}
+            there = {job_id for (job_id,) in conn.execute(EXISTING, batch).fetchall()}
             return [
                 ok or row["id"] in done or (row["forget"] and row["id"] not in there)
                 for ok, row in zip(stored, rows, strict=True)
@@ -801,13 +878,26 @@ class PostgresBackend(Backend):
         return self._run(lambda conn: conn.execute(RELEASE, values).rowcount == 1)
 
     def recover(self, max_lost: int) -> list[str]:
-        params = {"max_lost": max_lost, "now": time.time(), "keep": HISTORY_LIMIT}
-        rows = self._run(lambda conn: conn.execute(RECOVER, params).fetchall())
+        params = {
+            "max_lost": max_lost,
+            "keep": HISTORY_LIMIT,
+            "token": secrets.token_hex(8),
+            "ttls": json.dumps(self.result_ttls()),
+        }
+
+        def confirm(conn: Pooled, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+            """After a lost reply: the jobs that carry this recovery's token, which the first
+            try took back (one claimed again since carries a claim of its own by then)."""
+            return rows or conn.execute(RECOVERED_BY, params).fetchall()
+
+        rows = self._run(lambda conn: conn.execute(RECOVER, params).fetchall(), confirm=confirm)
         return [job_id for (job_id,) in rows]
 
     def cancel(self, job_id: str) -> bool:
+        params = {"id": job_id, "ttls": json.dumps(self.result_ttls())}
+
         def cancel(conn: Connection) -> bool:
-            if conn.execute(CANCEL_QUEUED, (time.time(), job_id)).rowcount == 1:
+            if conn.execute(CANCEL_QUEUED, params).rowcount == 1:
                 return True
             return conn.execute(CANCEL_RUNNING, (job_id,)).rowcount == 1
 
@@ -821,9 +911,7 @@ class PostgresBackend(Backend):
     def retry(self, job_id: str) -> bool:
         def retry(conn: Connection) -> bool:
             try:
-                now = time.time()
-                params = {"now": now, "id": job_id, "due": repr(now)}
-                return conn.execute(RETRY, params).rowcount == 1
+                return conn.execute(RETRY, {"id": job_id}).rowcount == 1
             except psycopg.errors.UniqueViolation:
                 return False  # a job with its key was queued in the same instant
 
@@ -840,8 +928,10 @@ class PostgresBackend(Backend):
 
     def purge(self, finished_before: float) -> int:
         def purge(conn: Connection) -> int:
-            expired = conn.execute(PURGE_EXPIRED, (time.time(),)).rowcount
-            return expired + conn.execute(PURGE, (finished_before,)).rowcount
+            expired = conn.execute(PURGE_EXPIRED).rowcount
+            return expired + conn.execute(PURGE, (age,)).rowcount
+
+        age = time.time() - finished_before  # on this host's clock, which may be off
 
         return self._run(purge)
 
@@ -861,13 +951,37 @@ class PostgresBackend(Backend):
         return {(task, state): count for task, state, count in rows}
 
     def delete(self, job_id: str) -> bool:
-        return self._run(lambda conn: conn.execute(DELETE, (job_id,)).rowcount == 1)
+        def confirm(conn: Pooled, done: bool) -> bool:
+            """After a lost reply: the job is gone, so the first try deleted it."""
+            return done or not conn.execute(STATE, (job_id,)).fetchall()
+
+        def delete(conn: Pooled) -> bool:
+            return conn.execute(DELETE, (job_id,)).rowcount == 1
+
+        return self._run(delete, confirm=confirm)
 
     def pause_queue(self, name: str) -> bool:
-        return self._run(lambda conn: conn.execute(PAUSE, (name, time.time())).rowcount == 1)
+        paused_at = time.time()  # also tells this pause from an earlier one
+
+        def confirm(conn: Pooled, done: bool) -> bool:
+            """After a lost reply: paused at our time, so by the first try."""
+            rows = conn.execute(PAUSED_AT, (name,)).fetchall()
+            return done or rows == [(paused_at,)]
+
+        def pause(conn: Pooled) -> bool:
+            return conn.execute(PAUSE, (name, paused_at)).rowcount == 1
+
+        return self._run(pause, confirm=confirm)
 
     def resume_queue(self, name: str) -> bool:
-        return self._run(lambda conn: conn.execute(RESUME, (name,)).rowcount == 1)
+        def confirm(conn: Pooled, done: bool) -> bool:
+            """After a lost reply: no longer paused, so resumed by the first try."""
+            return done or not conn.execute(PAUSED_AT, (name,)).fetchall()
+
+        def resume(conn: Pooled) -> bool:
+            return conn.execute(RESUME, (name,)).rowcount == 1
+
+        return self._run(resume, confirm=confirm)
 
     def paused_queues(self) -> set[str]:
         return {name for (name,) in self._run(lambda conn: conn.execute(PAUSED).fetchall())}
@@ -881,8 +995,7 @@ class PostgresBackend(Backend):
         return [self._job(row) for row in rows], page_cursor(rows, limit)
 
     def queue_stats(self) -> list[QueueInfo]:
-        params = {"now": time.time()}
-        rows = self._run(lambda conn: conn.execute(QUEUE_STATS, params).fetchall())
+        rows = self._run(lambda conn: conn.execute(QUEUE_STATS).fetchall())
         return queue_infos(rows, self.paused_queues())
 
     def recent(self, since: float) -> list[tuple[str, str, float, float | None]]:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from typing import Any
 
 from ..job import HISTORY_LIMIT, Job, Outcome, WorkerInfo, attempt_entry
 from ..serializer import safe_text
 from .base import JobFilter, QueueInfo
+
+# The Job fields stored as columns, in the order the SQL backends select them.
+COLUMNS = [f.name for f in fields(Job) if f.name not in ("backend", "relative")]
 
 
 def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]:
@@ -26,6 +30,9 @@ def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]
             "traceback": outcome.traceback,
             "progress_json": outcome.progress_json,
             "run_at": outcome.run_at,
+            # What is left of a retry's wait, for storage with a clock of its own (PostgreSQL)
+            "wait": None if outcome.run_at is None else outcome.run_at - now,
+            "ttl": outcome.ttl,
             "now": now,
             "id": job.id,
             "claim": job.claim,

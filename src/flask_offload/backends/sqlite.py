@@ -3,12 +3,14 @@
 Processes find each other's jobs at once through a doorbell of Unix sockets beside the file
 (``doorbell.py``), and by polling as a safety net.
 
-One connection per process, guarded by a lock: SQLite serialises writers anyway, and a single
-connection keeps its prepared statements warm. WAL lets readers run beside the writer; every
-write is one statement or a short ``BEGIN IMMEDIATE`` transaction, so a writer never has to
-upgrade a read lock (the source of "database is locked" in the field); a busy database is waited
-out by the busy timeout and, past it, by a retry with backoff. A forked child opens its own
-connection, as SQLite requires.
+One writing connection per process, guarded by a lock: SQLite serialises writers anyway, and a
+single connection keeps its prepared statements warm. The dashboard's and the metrics' reads
+(counts, searches, lists: long scans of finished rows) go through a second, read-only
+connection with a lock of its own: WAL lets them read beside the writer, so they neither wait
+for an enqueue nor hold one up. Every write is one statement or a short ``BEGIN IMMEDIATE``
+transaction, so a writer never has to upgrade a read lock (the source of "database is locked"
+in the field); a busy database is waited out by the busy timeout and, past it, by a retry with
+backoff. A forked child opens its own connections, as SQLite requires.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from contextlib import suppress
-from dataclasses import fields
 from operator import attrgetter
 from typing import Any, TypeVar
 
@@ -31,6 +32,7 @@ from ..job import HISTORY_LIMIT, QUEUED, Job, Outcome, WorkerInfo
 from .base import Backend, JobFilter, QueueInfo, StorageCorrupt, Wake, id_in_use
 from .doorbell import Doorbell
 from .rows import (
+    COLUMNS,
     finish_rows,
     page_cursor,
     queue_infos,
@@ -41,8 +43,7 @@ from .rows import (
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 5
-COLUMNS = [f.name for f in fields(Job) if f.name != "backend"]
+SCHEMA_VERSION = 6
 _SELECT = ", ".join(COLUMNS)
 
 # Each entry upgrades the schema from the version before it; index 0 creates version 1.
@@ -131,6 +132,8 @@ MIGRATIONS = [
     CREATE INDEX offload_jobs_finished ON offload_jobs (finished_at, task, state)
         WHERE state IN ('succeeded', 'failed', 'cancelled');
     """,
+    # Version 6: the trace context a job was enqueued in (OpenTelemetry, where installed).
+    "ALTER TABLE offload_jobs ADD COLUMN trace_json TEXT;",
 ]
 
 
@@ -146,7 +149,7 @@ def _insert(columns: Sequence[str]) -> str:
 # ones) binds every column.
 NEW_COLUMNS = (
     "id", "task", "queue", "priority", "state", "args_json", "kwargs_json", "key",
-    "max_attempts", "created_at", "run_at", "owner_json", "ephemeral",
+    "max_attempts", "created_at", "run_at", "owner_json", "ephemeral", "trace_json",
 )  # fmt: skip
 INSERT_NEW, INSERT_WHOLE = _insert(NEW_COLUMNS), _insert(COLUMNS)
 _new_values, _whole_values = attrgetter(*NEW_COLUMNS), attrgetter(*COLUMNS)
@@ -193,18 +196,33 @@ HEARTBEAT = """
 ATTEMPT = """
     'attempt', attempts, 'worker', worker, 'claim', claim,
     'started_at', started_at, 'finished_at', :now,
-    'outcome', CASE WHEN :state = 'queued' THEN 'retrying' ELSE :state END,
+    'outcome', CASE WHEN :state <> 'queued' THEN :state
+                    WHEN cancel_requested THEN 'cancelled' ELSE 'retrying' END,
     'error', :error, 'traceback', :traceback
 """
+# When a job that ends cancelled expires: its task's result_ttl after now (:ttls maps task
+# names to it), as a run that ends cancelled is kept; NULL (OFFLOAD_RESULT_TTL) without one.
+_TASK_TTL = ":now + (SELECT value FROM json_each(:ttls) WHERE key = task)"
+# A history that is not JSON (a hand edit, a bad restore) starts afresh: read, it would fail
+# the statement ("malformed JSON"), and with it every other job's finish or recovery.
+_NO_HISTORY = "history_json IS NULL OR NOT json_valid(history_json)"
+# A retry of a run whose cancellation was asked for meanwhile ends it cancelled instead, as
+# recovery does for a lost run: running it again would ignore the cancel.
+_RETRIED = ":state = 'queued' AND NOT cancel_requested"
+_CANCELLED = ":state = 'queued' AND cancel_requested"
 FINISH = f"""
     UPDATE offload_jobs
-    SET state = :state, result_json = :result_json, error = :error, traceback = :traceback,
+    SET state = CASE WHEN {_CANCELLED} THEN 'cancelled' ELSE :state END,
+        result_json = :result_json,
+        error = CASE WHEN {_CANCELLED} THEN 'Cancelled' ELSE :error END,
+        traceback = CASE WHEN {_CANCELLED} THEN NULL ELSE :traceback END,
         progress_json = coalesce(:progress_json, progress_json),
-        finished_at = CASE WHEN :state = 'queued' THEN NULL ELSE :now END,
-        run_at = CASE WHEN :state = 'queued' THEN coalesce(:run_at, :now) ELSE run_at END,
-        worker = NULL, lease_until = NULL, expires_at = :expires_at,
+        finished_at = CASE WHEN {_RETRIED} THEN NULL ELSE :now END,
+        run_at = CASE WHEN {_RETRIED} THEN coalesce(:run_at, :now) ELSE run_at END,
+        worker = NULL, lease_until = NULL,
+        expires_at = CASE WHEN {_CANCELLED} THEN {_TASK_TTL} ELSE :expires_at END,
         history_json = CASE
-            WHEN history_json IS NULL THEN '[' || json_object({ATTEMPT}) || ']'
+            WHEN {_NO_HISTORY} THEN '[' || json_object({ATTEMPT}) || ']'
             ELSE json_insert(
                 CASE WHEN json_array_length(history_json) >= :keep
                      THEN json_remove(history_json, '$[0]') ELSE history_json END,
@@ -213,6 +231,11 @@ FINISH = f"""
 """
 # A task with result_ttl=0 keeps nothing of a job that ended: it is deleted instead.
 FORGET = "DELETE FROM offload_jobs WHERE id = :id AND claim = :claim AND state = 'running'"
+# The claims that hold their jobs, read in a batch's transaction before its outcomes are stored.
+HELD = """
+    SELECT id, claim FROM offload_jobs
+    WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'running'
+"""
 RELEASE = """
     UPDATE offload_jobs
     SET state = 'queued', worker = NULL, lease_until = NULL, claim = NULL,
@@ -222,12 +245,14 @@ RELEASE = """
 # A job whose worker died goes back in the queue; it is cancelled if someone asked for that
 # meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
 # The lost attempt joins the history, built from the row as it was (SET reads old values).
-RECOVER = """
+RECOVER = f"""
     UPDATE offload_jobs
     SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = NULL,
+        expires_at = CASE WHEN cancel_requested THEN {_TASK_TTL} END,
         history_json = json_insert(
-            CASE WHEN json_array_length(history_json) >= :keep
-                 THEN json_remove(history_json, '$[0]') ELSE coalesce(history_json, '[]') END,
+            CASE WHEN {_NO_HISTORY} THEN '[]'
+                 WHEN json_array_length(history_json) >= :keep
+                 THEN json_remove(history_json, '$[0]') ELSE history_json END,
             '$[#]', json_object(
                 'attempt', attempts, 'worker', worker, 'claim', claim,
                 'started_at', started_at, 'finished_at', :now,
@@ -243,9 +268,10 @@ RECOVER = """
     WHERE state = 'running' AND lease_until < :now
     RETURNING id
 """
-CANCEL_QUEUED = """
-    UPDATE offload_jobs SET state = 'cancelled', finished_at = ?
-    WHERE id = ? AND state = 'queued'
+CANCEL_QUEUED = f"""
+    UPDATE offload_jobs
+    SET state = 'cancelled', finished_at = :now, expires_at = {_TASK_TTL}
+    WHERE id = :id AND state = 'queued'
 """
 CANCEL_RUNNING = "UPDATE offload_jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'"
 SET_PROGRESS = """
@@ -334,6 +360,37 @@ def _truncate_wal(db: sqlite3.Connection) -> bool:
     return bool(busy == 0)
 
 
+RESERVED_BYTE = 0x40000001  # the byte a writer locks in a rollback-journal database
+
+
+class _Connection:
+    """One of this process's connections and the lock that serialises its use: opened on
+    first use, and again in a forked child."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self.lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self._pid = -1
+
+    def db(self) -> sqlite3.Connection:
+        """The open connection (call with ``lock`` held)."""
+        if self._pid != os.getpid() or self._db is None:
+            self._db, self._pid = self._connect(), os.getpid()
+        return self._db
+
+    def after_fork(self) -> None:
+        # The parent's connection and lock are not ours: leave the connection unclosed
+        # (closing it could release the parent's file locks) and start afresh on first use.
+        self._db, self._pid, self.lock = None, -1, threading.Lock()
+
+    def close(self) -> None:
+        with self.lock:
+            if self._db is not None and self._pid == os.getpid():
+                self._db.close()
+            self._db = None
+
+
 def _busy(error: sqlite3.OperationalError) -> bool:
     message = str(error).lower()
     return "locked" in message or "busy" in message
@@ -366,9 +423,8 @@ class SQLiteBackend(Backend):
         self.synchronous = synchronous.upper()
         self.busy_timeout = busy_timeout
         self.make_folder = make_folder
-        self._pid = -1
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
+        self._writer = _Connection(self._connect)
+        self._reader = _Connection(lambda: self._connect(read_only=True))
         self._disk_was_full = False
         self._doorbell = Doorbell(path)
         self._inspect()
@@ -407,7 +463,7 @@ class SQLiteBackend(Backend):
                 f"release understands ({SCHEMA_VERSION}); upgrade Flask-Offload"
             )
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, read_only: bool = False) -> sqlite3.Connection:
         if self.make_folder:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
         db = sqlite3.connect(
@@ -423,6 +479,8 @@ class SQLiteBackend(Backend):
         db.execute("PRAGMA journal_size_limit = 4194304")
         self._fit_wal(db)
         self._migrate(db)
+        if read_only:
+            db.execute("PRAGMA query_only = ON")
         return db
 
     def _migrate(self, db: sqlite3.Connection) -> None:
@@ -443,13 +501,19 @@ class SQLiteBackend(Backend):
         self._run(lambda db: None)
 
     def after_fork(self) -> None:
-        # The parent's connection and lock are not ours: leave the connection unclosed (closing
-        # it could release the parent's file locks) and start afresh on first use.
-        self._db, self._pid, self._lock = None, -1, threading.Lock()
+        self._writer.after_fork()
+        self._reader.after_fork()
         self._doorbell.after_fork()
 
-    def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``operation`` on this process's connection, waiting out a busy database.
+    def _read(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only ``operation`` on the reading connection, beside the writer."""
+        return self._run(operation, self._reader)
+
+    def _run(
+        self, operation: Callable[[sqlite3.Connection], T], connection: _Connection | None = None
+    ) -> T:
+        """Run ``operation`` on one of this process's connections (the writing one unless
+        told), waiting out a busy database.
 
         A full disk gets the WAL checkpointed and truncated, so space freed elsewhere is
         not eaten again by the log; a damaged or unusable file raises an error that names it.
@@ -458,10 +522,9 @@ class SQLiteBackend(Backend):
         deadline = time.monotonic() + 2 * self.busy_timeout
         while True:
             try:
-                with self._lock:
-                    if self._pid != os.getpid() or self._db is None:
-                        self._db, self._pid = self._connect(), os.getpid()
-                    return self._attempt(self._db, operation)
+                used = connection or self._writer
+                with used.lock:
+                    return self._attempt(used.db(), operation)
             except sqlite3.DatabaseError as error:
                 retry = isinstance(error, sqlite3.OperationalError) and _busy(error)
                 if not retry or time.monotonic() > deadline:
@@ -504,7 +567,8 @@ class SQLiteBackend(Backend):
         """``error`` in the caller's terms: which setting, which file, what to do."""
         message = str(error).lower()
         where = f"the job store {self.path} (OFFLOAD_URL)"
-        if "malformed" in message or "not a database" in message:
+        damaged = "malformed" in message and "malformed json" not in message  # a row's JSON
+        if damaged or "not a database" in message:
             return StorageCorrupt(
                 f"{where} is damaged or not a SQLite database ({error}): stop the processes "
                 "that use it, then restore it from a backup or move it away and start afresh "
@@ -553,9 +617,50 @@ class SQLiteBackend(Backend):
                 )
         except sqlite3.IntegrityError as error:
             raise id_in_use(job) from error
+        except sqlite3.OperationalError as error:
+            if not _busy(error):
+                raise
+            raise self._still_locked() from error
         if stored is job and job.state == QUEUED:
             self._doorbell.ring(job.run_at if job.run_at > time.time() else None)
         return stored
+
+    def _still_locked(self) -> sqlite3.OperationalError:
+        """An enqueue's busy wait that ran out, in the caller's terms: most often the
+        caller's own write transaction on this very file, which the wait cannot outlast."""
+        holder = "a connection of this process" if self.write_locked_here() else "a connection"
+        return sqlite3.OperationalError(
+            f"database is locked: {holder} kept a write transaction open on the job store "
+            f"{self.path} (OFFLOAD_URL) for over {2 * self.busy_timeout:g} s. If it is your "
+            "own (your database is the job store's file), enqueue inside it with "
+            "enqueue(..., connection=db.session), or once it commits with "
+            "enqueue(..., after_commit=db.session); otherwise keep write transactions on "
+            "this file short"
+        )
+
+    def write_locked_here(self) -> bool:
+        """True if a connection of this process holds the file's write lock, as Linux's
+        /proc/locks shows (SQLite locks byte 120 of the -shm file to write in WAL mode, the
+        RESERVED byte of the file otherwise); False where that cannot be known. It opens
+        neither file: closing any descriptor of a file drops the process's locks on it."""
+        if sys.platform != "linux":
+            return False
+        wanted = set()
+        for suffix, offset in (("-shm", 120), ("", RESERVED_BYTE)):
+            with suppress(OSError):
+                info = os.stat(self.path + suffix)
+                device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}"
+                wanted.add((f"{device}:{info.st_ino}", str(offset)))
+        try:
+            with open("/proc/locks") as locks:
+                lines = locks.read().splitlines()
+        except OSError:
+            return False
+        ours = ["POSIX", "ADVISORY", "WRITE", str(os.getpid())]
+        return any(  # "1: POSIX  ADVISORY  WRITE <pid> <maj:min:inode> <start> <end>"
+            len(fields) == 8 and fields[1:5] == ours and (fields[5], fields[6]) in wanted
+            for fields in map(str.split, lines)
+        )
 
     def _enqueue_through(self, connection: Any, job: Job) -> Job:
         """Insert ``job`` in the caller's open transaction on this very file: it exists
@@ -694,27 +799,35 @@ class SQLiteBackend(Backend):
         return self.finish_many([(job, outcome)])[0]
 
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
-        rows = finish_rows(finished)
+        ttls = json.dumps(self.result_ttls())
+        rows = [{**row, "ttls": ttls} for row in finish_rows(finished)]
 
         def store(db: sqlite3.Connection) -> list[bool]:
             if len(rows) == 1:
                 return [_finish(db, rows[0])]
-            return self._transaction(db, lambda: [_finish(db, row) for row in rows])
+            return self._transaction(db, lambda: _finish_batch(db, rows))
 
-        return self._run(store)
+        return self._run(store) if rows else []
 
     def release(self, job: Job) -> bool:
         values = (job.id, job.claim)
         return self._run(lambda db: db.execute(RELEASE, values).rowcount == 1)
 
     def recover(self, max_lost: int) -> list[str]:
-        params = {"max_lost": max_lost, "now": time.time(), "keep": HISTORY_LIMIT}
+        params = {
+            "max_lost": max_lost,
+            "now": time.time(),
+            "keep": HISTORY_LIMIT,
+            "ttls": json.dumps(self.result_ttls()),
+        }
         rows = self._run(lambda db: db.execute(RECOVER, params).fetchall())
         return [job_id for (job_id,) in rows]
 
     def cancel(self, job_id: str) -> bool:
+        params = {"id": job_id, "now": time.time(), "ttls": json.dumps(self.result_ttls())}
+
         def cancel(db: sqlite3.Connection) -> bool:
-            if db.execute(CANCEL_QUEUED, (time.time(), job_id)).rowcount == 1:
+            if db.execute(CANCEL_QUEUED, params).rowcount == 1:
                 return True
             return db.execute(CANCEL_RUNNING, (job_id,)).rowcount == 1
 
@@ -751,10 +864,11 @@ class SQLiteBackend(Backend):
         self, state: str | None = None, task: str | None = None, limit: int = 50
     ) -> list[Job]:
         params = {"state": state, "task": task, "limit": limit}
-        return [self._job(row) for row in self._run(lambda db: db.execute(LIST_JOBS, params))]
+        rows = self._read(lambda db: db.execute(LIST_JOBS, params).fetchall())
+        return [self._job(row) for row in rows]
 
     def counts(self) -> dict[tuple[str, str], int]:
-        rows = self._run(lambda db: db.execute(COUNTS).fetchall())
+        rows = self._read(lambda db: db.execute(COUNTS).fetchall())
         return {(task, state): count for task, state, count in rows}
 
     def delete(self, job_id: str) -> bool:
@@ -774,26 +888,27 @@ class SQLiteBackend(Backend):
     ) -> tuple[list[Job], int | None]:
         sql, params = search_sql(_SELECT, filters, before, ":{}", "LIKE", SEARCH_HINTS)
         params["limit"] = limit
-        rows = self._run(lambda db: db.execute(sql, params).fetchall())
+        rows = self._read(lambda db: db.execute(sql, params).fetchall())
         return [self._job(row[:-1]) for row in rows], page_cursor(rows, limit)
 
     def queue_stats(self) -> list[QueueInfo]:
         now = time.time()
-        rows = self._run(lambda db: db.execute(QUEUE_STATS, {"now": now}).fetchall())
-        return queue_infos(rows, self.paused_queues())
+        rows = self._read(lambda db: db.execute(QUEUE_STATS, {"now": now}).fetchall())
+        paused = {name for (name,) in self._read(lambda db: db.execute(PAUSED).fetchall())}
+        return queue_infos(rows, paused)
 
     def recent(self, since: float) -> list[tuple[str, str, float, float | None]]:
-        return self._run(lambda db: db.execute(RECENT, (since,)).fetchall())
+        return self._read(lambda db: db.execute(RECENT, (since,)).fetchall())
 
     def ticks(self) -> dict[str, float]:
-        return dict(self._run(lambda db: db.execute(TICKS).fetchall()))
+        return dict(self._read(lambda db: db.execute(TICKS).fetchall()))
 
     def beat(self, info: WorkerInfo) -> None:
         values = worker_row(info)
         self._run(lambda db: db.execute(BEAT, values))
 
     def workers(self, seen_since: float) -> list[WorkerInfo]:
-        rows = self._run(lambda db: db.execute(WORKERS, (seen_since,)).fetchall())
+        rows = self._read(lambda db: db.execute(WORKERS, (seen_since,)).fetchall())
         return [worker_info(row) for row in rows]
 
     def forget_worker(self, worker: str) -> None:
@@ -801,10 +916,8 @@ class SQLiteBackend(Backend):
 
     def close(self) -> None:
         self._doorbell.close()
-        with self._lock:
-            if self._db is not None and self._pid == os.getpid():
-                self._db.close()
-            self._db = None
+        self._writer.close()
+        self._reader.close()
 
 
 def _sqlalchemy_bind(connection: Any) -> tuple[Any, Any] | None:
@@ -826,6 +939,16 @@ def _sqlalchemy_bind(connection: Any) -> tuple[Any, Any] | None:
 def _finish(db: sqlite3.Connection, row: dict[str, Any]) -> bool:
     """Store one outcome (or forget the job); True if the claim still held it."""
     return bool(db.execute(FORGET if row["forget"] else FINISH, row).rowcount == 1)
+
+
+def _finish_batch(db: sqlite3.Connection, rows: list[dict[str, Any]]) -> list[bool]:
+    """Store a batch of outcomes, in the caller's transaction: which claims hold their jobs
+    is read first (nothing else writes meanwhile), then one executemany per statement."""
+    ids = json.dumps([row["id"] for row in rows])
+    held = {(job_id, claim) for job_id, claim in db.execute(HELD, {"ids": ids})}
+    db.executemany(FINISH, [row for row in rows if not row["forget"]])
+    db.executemany(FORGET, [row for row in rows if row["forget"]])
+    return [(row["id"], row["claim"]) in held for row in rows]
 
 
 def _insert_of(job: Job) -> tuple[str, tuple[Any, ...]]:

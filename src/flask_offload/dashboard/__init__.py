@@ -13,6 +13,9 @@ import hmac
 from flask import Blueprint, Flask, Response, abort, current_app, request
 
 from . import access
+from .masks import DEFAULT, Mask
+
+MASK_KEY = "offload_dashboard_mask"  # the app's Mask, in app.extensions
 
 
 def install(app: Flask) -> None:
@@ -22,6 +25,8 @@ def install(app: Flask) -> None:
     app.config.setdefault("OFFLOAD_DASHBOARD", False)
     app.config.setdefault("OFFLOAD_METRICS_TOKEN", None)
     app.config.setdefault("OFFLOAD_DASHBOARD_BULK_LIMIT", 1000)
+    app.config.setdefault("OFFLOAD_DASHBOARD_MASK", list(DEFAULT))
+    app.extensions[MASK_KEY] = Mask.from_setting(app.config["OFFLOAD_DASHBOARD_MASK"])
     prefix = app.config["OFFLOAD_URL_PREFIX"]
     enabled = _flag(app.config, "OFFLOAD_DASHBOARD")
     if enabled:
@@ -42,12 +47,17 @@ def metrics() -> Response:
     token = current_app.config["OFFLOAD_METRICS_TOKEN"]
     sent = request.headers.get("Authorization", "")
     scraper = bool(token) and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode())
-    if not scraper and (not _flag_on() or access.level() is None):
+    if not scraper and not _flag_on():
+        message = "Forbidden: send Authorization: Bearer <OFFLOAD_METRICS_TOKEN>\n"
+        abort(Response(message, 403, access.NO_STORE))
+    if not scraper and access.level() is None:
         abort(access.forbidden())
     from .metrics import exposition
+    from .queries import shared
 
     try:
-        body, content_type = exposition(current_app.extensions["offload"].runtime())
+        runtime = current_app.extensions["offload"].runtime()
+        body, content_type = shared("metrics", runtime, lambda: exposition(runtime))
     except ImportError:
         message = "metrics need prometheus_client: pip install 'Flask-Offload[metrics]'\n"
         abort(Response(message, 501, {"Content-Type": "text/plain"}))

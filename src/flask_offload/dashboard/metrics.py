@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..runtime import Runtime
+from .queries import queues
 
 RUN_WINDOW = 300.0
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -52,7 +53,7 @@ class _Collector:
         )
         running = GaugeMetricFamily("offload_running_jobs", "Running jobs.", labels=["queue"])
         paused = GaugeMetricFamily("offload_queue_paused", "1 if paused.", labels=["queue"])
-        for queue in backend.queue_stats():
+        for queue in queues(self.runtime):  # every known queue, 0 where it has no jobs
             depth.add_metric([queue.name], queue.queued)
             due.add_metric([queue.name], queue.due)
             latency.add_metric([queue.name], queue.latency)

@@ -1,24 +1,82 @@
 """What each dashboard page shows, read from storage (never from one process's memory, so
-every gunicorn worker shows the same thing). Each function returns a template's context."""
+every gunicorn worker shows the same thing). Each function returns a template's context.
+
+The overview and the metrics count every stored job, which takes a second with a few hundred
+thousand of them: those reads are ``shared`` by every request of the process for ``FRESH``
+seconds, so twenty open tabs cost one count every second, not twenty, and leave storage to
+the enqueues.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from flask import abort
 
 from ..backends.base import JobFilter, QueueInfo
 from ..job import FINAL_STATES, Job
 from ..runtime import Runtime
+from .masks import Mask
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 PAGE_SIZE = 50
 CHART_MINUTES = 60
+MAX_FILTER = 200
+SCAN_PAGES = 20
+CURSOR = re.compile("[0-9]{1,19}")
+FRESH = 1.0  # seconds a shared read answers every request of the process (pages poll every 2)
+T = TypeVar("T")
+
+
+class _Shared:
+    """The last answer of one read per runtime, and a lock that makes a request arriving
+    while it is being read wait for that read instead of starting another."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.answers: weakref.WeakKeyDictionary[Runtime, tuple[float, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+
+_shared: dict[str, _Shared] = {}
+
+
+def _share_afresh() -> None:
+    """New locks and no answers, at import and in a forked child (a lock held by a thread of
+    the parent would stay held in the child for ever)."""
+    _shared.update(overview=_Shared(), metrics=_Shared())
+
+
+_share_afresh()
+os.register_at_fork(after_in_child=_share_afresh)
+
+
+def shared(name: str, runtime: Runtime, read: Callable[[], T]) -> T:
+    """``read()``, or its answer from under ``FRESH`` seconds ago in this process."""
+    entry = _shared[name]
+    with entry.lock:
+        at, answer = entry.answers.get(runtime, (-FRESH, None))
+        if time.monotonic() - at >= FRESH:
+            answer = read()
+            entry.answers[runtime] = (time.monotonic(), answer)
+        return answer  # type: ignore[no-any-return]
 
 
 def overview(runtime: Runtime) -> dict[str, Any]:
-    """Jobs per state and per task, queues, finished per minute over the last hour, workers."""
+    """Jobs per state and per task, queues, finished per minute over the last hour, workers:
+    shared by the requests of the last ``FRESH`` seconds."""
+    return shared("overview", runtime, lambda: _overview(runtime))
+
+
+def _overview(runtime: Runtime) -> dict[str, Any]:
     counts = runtime.backend.counts()
     per_state = {state: 0 for state in STATES}
     tasks: dict[str, dict[str, int]] = {}
@@ -78,15 +136,21 @@ def live_workers(runtime: Runtime) -> list[dict[str, Any]]:
 
 
 def job_filter(args: Mapping[str, str]) -> JobFilter:
-    """The filters of the jobs list, from its query string (bookmarkable)."""
+    """The filters of the jobs list, from its query string (bookmarkable); a malformed one
+    (an unknown state, a value over ``MAX_FILTER`` characters or with a control character)
+    is a 400 that names it. An empty value is no filter."""
 
     def field(name: str) -> str | None:
-        value = (args.get(name) or "").strip()[:200]
+        value = (args.get(name) or "").strip()
+        if len(value) > MAX_FILTER or any(ord(c) < 32 or ord(c) == 127 for c in value):
+            abort(400, f"the filter {name!r} must be at most {MAX_FILTER} printable characters")
         return value or None
 
     state = field("state")
+    if state is not None and state not in STATES:
+        abort(400, f"the state filter must be one of {', '.join(STATES)}, not {state!r}")
     return JobFilter(
-        state=state if state in STATES else None,
+        state=state,
         task=field("task"),
         queue=field("queue"),
         key=field("key"),
@@ -94,18 +158,59 @@ def job_filter(args: Mapping[str, str]) -> JobFilter:
     )
 
 
-def jobs_page(runtime: Runtime, filters: JobFilter, before: int | None) -> dict[str, Any]:
-    jobs, cursor = runtime.backend.search_jobs(filters, before=before, limit=PAGE_SIZE)
+def cursor(args: Mapping[str, str]) -> int | None:
+    """The ``before`` cursor of a jobs page: a positive 64-bit integer (a job's sequence
+    number), or None when absent or empty; anything else is a 400."""
+    value = args.get("before") or ""
+    if not value:
+        return None
+    if not CURSOR.fullmatch(value) or not 0 < int(value) < 2**63:
+        abort(400, "'before' must be the cursor of a jobs page (a positive whole number)")
+    return int(value)
+
+
+def jobs_page(
+    runtime: Runtime, filters: JobFilter, before: int | None, mask: Mask
+) -> dict[str, Any]:
+    jobs, cursor = search(runtime, filters, before, PAGE_SIZE, mask)
     return {"jobs": jobs, "cursor": cursor, "filters": filters, "states": STATES}
 
 
-def job_detail(job: Job) -> dict[str, Any]:
-    """A job with its arguments, result and history shown as readable text."""
+def search(
+    runtime: Runtime, filters: JobFilter, before: int | None, limit: int, mask: Mask
+) -> tuple[list[Job], int | None]:
+    """Up to ``limit`` jobs matching ``filters``, newest first, and the next page's cursor.
+
+    Storage finds the text in the stored arguments; a job where it occurs only in what the
+    mask hides is left out and storage asked for more, at most ``SCAN_PAGES`` times (a
+    shorter page then, whose cursor goes on from the last job read)."""
+    text = filters.text
+    if text is None:
+        return runtime.backend.search_jobs(filters, before=before, limit=limit)
+    found: list[Job] = []
+    cursor = before
+    for _ in range(SCAN_PAGES):
+        jobs, cursor = runtime.backend.search_jobs(filters, cursor, limit - len(found))
+        found += [job for job in jobs if mask.matches(job, _task_fn(runtime, job), text)]
+        if cursor is None or len(found) == limit:
+            break
+    return found, cursor
+
+
+def job_detail(runtime: Runtime, job: Job, mask: Mask) -> dict[str, Any]:
+    """A job with its arguments (masked) and result shown as readable text, and history."""
+    args, kwargs = mask.arguments(job, _task_fn(runtime, job))
+    result = None
+    if job.result_json is not None:
+        try:
+            result = _pretty(mask.value(json.loads(job.result_json)))
+        except ValueError:
+            result = job.result_json
     return {
         "job": job,
-        "args": _pretty(job.args_json),
-        "kwargs": _pretty(job.kwargs_json),
-        "result": None if job.result_json is None else _pretty(job.result_json),
+        "args": _pretty(args),
+        "kwargs": _pretty(kwargs),
+        "result": result,
         "history": job.history[::-1],
         "final": job.state in FINAL_STATES,
     }
@@ -132,8 +237,12 @@ def periodic(runtime: Runtime) -> list[dict[str, Any]]:
     return rows
 
 
-def _pretty(text: str) -> str:
-    try:
-        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
-    except ValueError:
-        return text
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def _task_fn(runtime: Runtime, job: Job) -> Callable[..., Any] | None:
+    """The function of the job's task, when this app registered it (its signature names the
+    positional arguments)."""
+    task = runtime.tasks.get(job.task)
+    return None if task is None else task.fn

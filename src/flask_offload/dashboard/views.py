@@ -25,7 +25,8 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from ..job import valid_id
 from ..runtime import Runtime
-from . import access, queries
+from . import MASK_KEY, access, queries
+from .masks import Mask
 
 blueprint = Blueprint(
     "offload_dashboard",
@@ -42,6 +43,11 @@ VERBS = ("retry", "cancel", "delete")
 def _runtime() -> Runtime:
     runtime: Runtime = current_app.extensions["offload"].runtime()
     return runtime
+
+
+def _mask() -> Mask:
+    mask: Mask = current_app.extensions[MASK_KEY]
+    return mask
 
 
 def _page(template: str, title: str, **context: Any) -> Any:
@@ -71,17 +77,21 @@ def jobs() -> Any:
     text = (request.args.get("q") or "").strip()
     if valid_id(text):  # a job id in the search box opens that job
         return redirect(url_for(".job", job_id=text))
-    before = request.args.get("before", type=int)
-    context = queries.jobs_page(_runtime(), queries.job_filter(request.args), before)
+    before = queries.cursor(request.args)
+    filters = queries.job_filter(request.args)
+    context = queries.jobs_page(_runtime(), filters, before, _mask())
     return _page("offload_dashboard/jobs.html", "Jobs", **context)
 
 
-@blueprint.get("/job/<job_id>")
+@blueprint.get("/job/<job_id>")  # its first URL, one letter from the status URL: kept
+@blueprint.get("/dashboard/jobs/<job_id>")  # registered first, so url_for builds this one
 def job(job_id: str) -> Any:
-    found = _runtime().get(job_id)
+    runtime = _runtime()
+    found = runtime.get(job_id) if valid_id(job_id) else None
     if found is None:
         abort(404)
-    return _page("offload_dashboard/job.html", f"Job {job_id}", **queries.job_detail(found))
+    detail = queries.job_detail(runtime, found, _mask())
+    return _page("offload_dashboard/job.html", f"Job {job_id}", **detail)
 
 
 @blueprint.get("/workers")
@@ -107,9 +117,10 @@ def queues() -> Any:
 
 
 @blueprint.post("/job/<job_id>/<verb>")
+@blueprint.post("/dashboard/jobs/<job_id>/<verb>")
 def job_action(job_id: str, verb: str) -> WerkzeugResponse:
     access.check_action()
-    if verb not in VERBS:
+    if verb not in VERBS or not valid_id(job_id):
         abort(404)
     done = _apply(_runtime(), verb, job_id)
     notice = f"{verb}: {'done' if done else 'not possible in its state'}"
@@ -129,7 +140,7 @@ def bulk() -> Any:
     runtime = _runtime()
     filters = queries.job_filter(request.form)
     limit = int(current_app.config["OFFLOAD_DASHBOARD_BULK_LIMIT"])
-    jobs, more = runtime.backend.search_jobs(filters, limit=limit)
+    jobs, more = queries.search(runtime, filters, None, limit, _mask())
     if request.form.get("confirmed") != "yes":
         return _page(
             "offload_dashboard/confirm.html",

@@ -142,7 +142,7 @@ def answers(url: str) -> bool:
     """True once an HTTP server answers ``url`` with a success status."""
     try:
         return requests.get(url, timeout=2).ok
-    except requests.ConnectionError:
+    except (requests.ConnectionError, requests.Timeout):  # not listening, or still starting
         return False
 
 

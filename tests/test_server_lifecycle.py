@@ -331,6 +331,67 @@ def test_flask_run_debug_drains_when_its_watcher_alone_gets_sigint(tmp_path: Pat
     assert_drained(tmp_path, 0)
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("target", ["group", "watcher"])
+def test_flask_run_debug_drains_on_sigterm_as_on_ctrl_c(tmp_path: Path, target: str) -> None:
+    """SIGTERM (what `docker stop`, systemd and process managers send) to `flask run --debug`,
+    to its whole process group or to the reloader's watcher alone, drains the serving child
+    exactly as Ctrl-C does, saying what it waits for: the short job finishes, the long one is
+    put back, nothing is left running, and no heartbeat row is left."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    out = tmp_path / "server.log"
+    env = jobapp_env(tmp_path, OFFLOADTEST_OFFLOAD_SHUTDOWN_TIMEOUT="3")
+    args = [sys.executable, "-m", "flask", "--app", "jobapp:create_app", "run", "--debug"]
+    with process([*args, "--port", str(port)], env, out) as watcher:
+        wait_until(lambda: answers(f"{base}/pid"), timeout=30)
+        serving = requests.get(f"{base}/pid", timeout=10).json()["pid"]
+        kill = os.killpg if target == "group" else os.kill
+        interrupt_two_running(base, tmp_path, 0, lambda: kill(watcher.pid, signal.SIGTERM))
+        assert watcher.wait(60) == 0
+        wait_until(lambda: gone(serving), timeout=30)
+    text = out.read_text()
+    assert pools(text) == Counter([serving]) and stopped(text) == Counter([serving]), text
+    assert f"{serving} flask_offload INFO waiting up to 3 s for " in text
+    assert_drained(tmp_path, 0)
+
+
+@pytest.mark.timeout(90)
+def test_no_pool_in_the_watcher_of_a_reloader_the_script_starts_itself(tmp_path: Path) -> None:
+    """A script that calls Werkzeug's `run_with_reloader` itself (as Flask-SocketIO's
+    `socketio.run(app, debug=True)` does), after two seconds of setup: nothing tells the
+    first process it will be the watcher until it enters the reloader, so its pool may have
+    started (a script's pool starts a second after its setup); it stops as the reloader
+    starts, and runs no job. The serving child runs them all, and SIGTERM drains it."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    out = tmp_path / "server.log"
+    env = jobapp_env(
+        tmp_path,
+        SCRIPTAPP_PORT=str(port),
+        RAWRELOADER_SETUP="2",
+        OFFLOADTEST_OFFLOAD_SHUTDOWN_TIMEOUT="3",
+    )
+    script = [sys.executable, str(HERE / "apps" / "rawreloader.py")]
+    with process(script, env, out) as watcher:
+        wait_until(lambda: answers(f"{base}/pid"), timeout=30)
+        serving = requests.get(f"{base}/pid", timeout=10).json()["pid"]
+        assert serving != watcher.pid
+        for n in range(10):
+            requests.post(f"{base}/enqueue/{n}", timeout=10)
+        wait_until(lambda: started_jobs(tmp_path, *range(10)), timeout=30)
+        interrupt_two_running(base, tmp_path, 10, lambda: os.killpg(watcher.pid, signal.SIGTERM))
+        watcher.wait(60)
+        wait_until(lambda: gone(serving), timeout=30)
+    text = out.read_text()
+    assert {pid for _, _, pid in runs(tmp_path)} == {serving}, "no job ran in the watcher"
+    assert pools(text)[serving] == 1 and set(pools(text)) <= {serving, watcher.pid}, text
+    if pools(text)[watcher.pid]:
+        assert stopped(text)[watcher.pid] == 1 and "reloader watcher" in text, text
+        assert text.index("reloader watcher") < text.index(f"{serving} flask_offload INFO")
+    assert_drained(tmp_path, 10)
+
+
 @pytest.mark.timeout(60)
 def test_children_the_app_forks_run_no_pool(tmp_path: Path) -> None:
     """A `multiprocessing` (fork) child and an `os.fork` child, forked while jobs are queued,

@@ -129,7 +129,8 @@ def parse_pools(
     help="No line per job; starts, stops, warnings and failures still show.",
 )
 def worker_command(threads: int, queues: str | None, per_queue: str | None, quiet: bool) -> None:
-    """Run a standalone worker until SIGTERM or Ctrl-C (which drain it gracefully)."""
+    """Run a standalone worker until SIGTERM or Ctrl-C: the first drains it gracefully, a
+    second stops it at once, leaving running jobs to their lease."""
     pools = parse_pools(threads, queues, per_queue)
     logs.show_worker(each_job=not quiet)
     runtime = _runtime()

@@ -54,6 +54,15 @@ def _holds(frame: FrameType, app: object) -> bool:
     return app is not None and any(value is app for value in frame.f_locals.values())
 
 
+def from_script(caller: FrameType) -> bool:
+    """True when ``caller`` runs for the program's own ``__main__`` script, not for a server,
+    the Flask CLI or a test runner that loads the app."""
+    stack = list(frames(caller))
+    return any(module_of(frame) == "__main__" for frame in stack) and not any(
+        module_of(frame).startswith(LAUNCHERS) for frame in stack
+    )
+
+
 @dataclass
 class Pending:
     """A pool waiting for the setup code to return: ``start(role)`` starts it."""
@@ -71,9 +80,7 @@ class Pending:
     ) -> Pending:
         stack = list(frames(caller))
         package = _package(caller)
-        script = any(module_of(frame) == "__main__" for frame in stack) and not any(
-            module_of(frame).startswith(LAUNCHERS) for frame in stack
-        )
+        script = from_script(caller)
         watched = [
             frame
             for frame in stack

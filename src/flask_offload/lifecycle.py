@@ -18,6 +18,8 @@ import importlib
 import logging
 import os
 import sys
+import threading
+import time
 import weakref
 from types import FrameType
 from typing import Literal
@@ -25,7 +27,7 @@ from typing import Literal
 from flask import Flask, request_started
 
 from . import interrupts, servers
-from .launch import Launcher
+from .launch import Launcher, from_script
 from .runtime import Runtime
 from .servers import Role
 
@@ -47,6 +49,12 @@ _launcher = Launcher()
 _hooks_installed = False
 _uwsgi_hooked = False
 _under_reloader = False
+_watching_for_reloader = False
+
+# How long after init_app a process may still turn out to run Werkzeug's reloader (a script
+# that sets up more, then calls ``run_with_reloader`` itself), and how often it is looked at.
+RELOADER_WATCH = 30.0
+RELOADER_TICK = 0.02
 
 
 def plan(testing: bool, explicit_workers: bool, threads: int, eager: bool) -> Plan:
@@ -81,8 +89,13 @@ def manage(
     runtime: Runtime, how: Plan, pools: Pools | None = None, app: Flask | None = None
 ) -> None:
     """Run ``runtime``'s pools as planned and tie them to the process's fork and exit."""
+    caller = servers.setup_caller(sys._getframe(1))
     if how in ("start", "launch", "reloader-child", "watcher"):
-        interrupts.install(stop_all, runtime.settings.shutdown_timeout + 5)
+        interrupts.install(stop_all, in_flight, runtime.settings.shutdown_timeout + 5)
+    if how in ("reloader-child", "watcher") or (
+        how == "launch" and caller is not None and from_script(caller)
+    ):
+        _watch_for_reloader()
     if how in ("off", "watcher") or not _first_on_storage(runtime, app):
         return
     _install_hooks()
@@ -92,7 +105,6 @@ def manage(
     elif how in ("launch", "reloader-child"):
         if how == "reloader-child":
             _serve_under_reloader()
-        caller = servers.setup_caller(sys._getframe(1))
         if caller is None:
             runtime.start(pools)
         else:
@@ -124,6 +136,43 @@ def _launch_later(
         request_started.connect(on_request, sender=app, weak=False)
 
 
+def _watch_for_reloader() -> None:
+    """Until Werkzeug's reloader starts in this process (or ``RELOADER_WATCH`` has passed),
+    whoever starts it: then take SIGTERM back from it (see ``interrupts``), and in its watcher
+    stop any pool started already. The watcher only restarts the server: no job runs there."""
+    global _watching_for_reloader
+    if _watching_for_reloader:
+        return
+    _watching_for_reloader = True
+
+    def watch() -> None:
+        until = time.monotonic() + RELOADER_WATCH
+        while (role := servers.reloader_started()) is None:
+            if time.monotonic() > until:
+                return
+            time.sleep(RELOADER_TICK)
+        if role == "watcher":
+            _stop_in_watcher()
+        else:
+            _serve_under_reloader()
+        interrupts.reclaim_sigterm()
+
+    threading.Thread(target=watch, name="offload-reloader-watch", daemon=True).start()
+
+
+def _stop_in_watcher() -> None:
+    """This process turned out to be a reloader's watcher after its pools started (or were
+    about to): stop them now, putting their jobs back for the serving child."""
+    started = [runtime for runtime in list(_managed) if runtime.started]
+    for runtime in list(_managed):
+        runtime.stop(0.0)
+    if started:
+        logger.warning(
+            "this process is Werkzeug's reloader watcher, which only restarts the server: "
+            "its worker pool stops, and the serving child runs the jobs"
+        )
+
+
 def _serve_under_reloader() -> None:
     global _under_reloader
     _under_reloader = True
@@ -152,14 +201,27 @@ def _first_on_storage(runtime: Runtime, app: Flask | None) -> bool:
 
 
 def stop_all(timeout: float | None = None) -> None:
-    """Drain every pool of this process (each within its ``SHUTDOWN_TIMEOUT``, or ``timeout``)."""
+    """Drain every pool of this process (each within its ``SHUTDOWN_TIMEOUT``, or ``timeout``);
+    nothing once a second signal has said to stop now, leaving running jobs to their lease."""
+    if interrupts.abandoned():
+        return
     for runtime in list(_managed):
         runtime.stop(timeout)
 
 
+def in_flight() -> tuple[int, float]:
+    """How many jobs this process's pools are running, and how long a drain waits for them."""
+    runtimes = [runtime for runtime in list(_managed) if runtime.started]
+    running = sum(pool.running_jobs() for runtime in runtimes for pool in runtime.pools)
+    timeout = max((runtime.settings.shutdown_timeout for runtime in runtimes), default=0.0)
+    return running, timeout
+
+
 def _at_exit() -> None:
     """Drain at interpreter exit. Under the reloader an exit that no signal asked for is a
-    restart after an edit: put running jobs back at once rather than hold the edit loop."""
+    restart after an edit: put running jobs back at once rather than hold the edit loop. A
+    drain that a signal started is waited for (see ``interrupts.settle``)."""
+    interrupts.settle()
     stop_all(0.0 if _under_reloader and not interrupts.interrupted() else None)
 
 

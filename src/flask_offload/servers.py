@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -67,6 +68,21 @@ def werkzeug_role(top: FrameType | None) -> Role | None:
         if where[0].startswith("waitress."):
             return "serving"  # waitress.serve(app), called by the script itself
     return None
+
+
+def werkzeug_reloader_handler(handler: object) -> bool:
+    """True for the SIGTERM handler that Werkzeug's ``run_with_reloader`` installs first
+    thing, in its watcher and in its serving child alike, whoever called it (``flask run``,
+    ``app.run``, Flask-SocketIO's ``socketio.run``, a script)."""
+    return getattr(handler, "__module__", None) == "werkzeug._reloader"
+
+
+def reloader_started() -> Role | None:
+    """Once Werkzeug's reloader runs in this process, which of its processes this is: the
+    serving child has ``WERKZEUG_RUN_MAIN``, the watcher has not. None before that."""
+    if not werkzeug_reloader_handler(signal.getsignal(signal.SIGTERM)):
+        return None
+    return "reloader-child" if os.environ.get("WERKZEUG_RUN_MAIN") == "true" else "watcher"
 
 
 def reloader_child_process(top: FrameType | None) -> subprocess.Popen[bytes] | None:

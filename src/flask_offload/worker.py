@@ -198,6 +198,11 @@ class Worker:
         self.wake()
         self.scheduler.poke()
 
+    def running_jobs(self) -> int:
+        """How many jobs this pool's threads are running now (a drain waits for them)."""
+        with self._lock:
+            return sum(c.stage == "running" for c in self._held)
+
     def begin_stop(self) -> None:
         """Stop claiming and scheduling, and put unstarted jobs back; running jobs go on."""
         with self._wake:

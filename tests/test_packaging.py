@@ -57,7 +57,7 @@ def test_the_metadata_says_what_a_pypi_user_needs(sdist: Path) -> None:
         assert f"Programming Language :: Python :: 3.{minor}" in classifiers
     extras = set(meta.get_all("Provides-Extra") or [])
     assert extras == {"cron", "postgres", "metrics", "otel", "test", "docs", "dev"}, (
-        "no bench extra without bench"
+        "no bench extra"
     )
     test_needs = [r for r in meta.get_all("Requires-Dist") or [] if 'extra == "test"' in r]
     assert not [r for r in test_needs if r.startswith(("ruff", "mypy"))], "linters are dev"

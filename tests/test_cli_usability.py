@@ -148,17 +148,33 @@ def test_config_shows_each_setting_and_where_it_came_from(
     make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FLASK_OFFLOAD_POLL_INTERVAL", "0.5")
-    made = make_app(OFFLOAD_WORKERS=0, OFFLOAD_LEASE=12, OFFLOAD_METRICS_TOKEN="s3cret")
+    monkeypatch.setenv("FLASK_OFFLOAD_LEASE", "30")
+    monkeypatch.setenv("FLASK_OFFLOAD_SHUTDOWN_TIMEOUT", "7")
+    made = make_app(
+        OFFLOAD_WORKERS=0,
+        OFFLOAD_LEASE=12,
+        OFFLOAD_METRICS_TOKEN="s3cret",
+        OFFLOAD_SHUTDOWN_TIMEOUT=7,  # as app.config.from_prefixed_env() sets it
+    )
     result = invoke(made, "config")
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split()[1:] for line in result.output.splitlines()[1:]}
-    assert rows["OFFLOAD_LEASE"] == ["12", "app", "config"]
+    assert rows["OFFLOAD_LEASE"] == ["12", "app", "config", "(overrides", "FLASK_OFFLOAD_LEASE)"]
+    assert rows["OFFLOAD_SHUTDOWN_TIMEOUT"] == [
+        "7",
+        "environment",
+        "(FLASK_OFFLOAD_SHUTDOWN_TIMEOUT)",
+    ]
     assert rows["OFFLOAD_POLL_INTERVAL"] == ["0.5", "environment", "(FLASK_OFFLOAD_POLL_INTERVAL)"]
     assert rows["OFFLOAD_RESULT_TTL"] == ["86400.0", "default"]
     assert rows["OFFLOAD_DASHBOARD"] == ["False", "default"]
     assert "s3cret" not in result.output
     shown = json.loads(invoke(made, "config", "--json").output)
-    assert shown["OFFLOAD_LEASE"] == {"value": 12, "source": "app config"}
+    assert shown["OFFLOAD_LEASE"] == {
+        "value": 12,
+        "source": "app config",
+        "overrides": "FLASK_OFFLOAD_LEASE",
+    }
     assert shown["OFFLOAD_POLL_INTERVAL"] == {
         "value": 0.5,
         "source": "environment",

@@ -213,3 +213,18 @@ def test_the_worker_says_which_queues_each_pool_serves(tmp_path: Path) -> None:
     assert "1 thread for queue default" in text
     (warning,) = [line for line in text.splitlines() if line.startswith("warning:")]
     assert "'emials'" in warning and "known queues: default" in warning
+
+
+@pytest.mark.slow
+def test_the_worker_consumes_the_queues_of_offload_queues_unless_told_otherwise(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "worker.log"
+    env = {**jobapp_env(tmp_path), "FLASK_OFFLOAD_QUEUES": '["default", "mail"]'}
+    with process([*FLASK, "worker", "--threads", "1"], env, out):
+        wait_until(lambda: "pool:" in out.read_text())
+    assert "pool: 1 thread for queues default, mail" in out.read_text()
+    out = tmp_path / "worker-told.log"
+    with process([*FLASK, "worker", "--threads", "1", "--queues", "default"], env, out):
+        wait_until(lambda: "pool:" in out.read_text())
+    assert "pool: 1 thread for queue default" in out.read_text()

@@ -148,17 +148,33 @@ def test_config_shows_each_setting_and_where_it_came_from(
     make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FLASK_OFFLOAD_POLL_INTERVAL", "0.5")
-    made = make_app(OFFLOAD_WORKERS=0, OFFLOAD_LEASE=12, OFFLOAD_METRICS_TOKEN="s3cret")
+    monkeypatch.setenv("FLASK_OFFLOAD_LEASE", "30")
+    monkeypatch.setenv("FLASK_OFFLOAD_SHUTDOWN_TIMEOUT", "7")
+    made = make_app(
+        OFFLOAD_WORKERS=0,
+        OFFLOAD_LEASE=12,
+        OFFLOAD_METRICS_TOKEN="s3cret",
+        OFFLOAD_SHUTDOWN_TIMEOUT=7,  # as app.config.from_prefixed_env() sets it
+    )
     result = invoke(made, "config")
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split()[1:] for line in result.output.splitlines()[1:]}
-    assert rows["OFFLOAD_LEASE"] == ["12", "app", "config"]
+    assert rows["OFFLOAD_LEASE"] == ["12", "app", "config", "(overrides", "FLASK_OFFLOAD_LEASE)"]
+    assert rows["OFFLOAD_SHUTDOWN_TIMEOUT"] == [
+        "7",
+        "environment",
+        "(FLASK_OFFLOAD_SHUTDOWN_TIMEOUT)",
+    ]
     assert rows["OFFLOAD_POLL_INTERVAL"] == ["0.5", "environment", "(FLASK_OFFLOAD_POLL_INTERVAL)"]
     assert rows["OFFLOAD_RESULT_TTL"] == ["86400.0", "default"]
     assert rows["OFFLOAD_DASHBOARD"] == ["False", "default"]
     assert "s3cret" not in result.output
     shown = json.loads(invoke(made, "config", "--json").output)
-    assert shown["OFFLOAD_LEASE"] == {"value": 12, "source": "app config"}
+    assert shown["OFFLOAD_LEASE"] == {
+        "value": 12,
+        "source": "app config",
+        "overrides": "FLASK_OFFLOAD_LEASE",
+    }
     assert shown["OFFLOAD_POLL_INTERVAL"] == {
         "value": 0.5,
         "source": "environment",
@@ -197,3 +213,18 @@ def test_the_worker_says_which_queues_each_pool_serves(tmp_path: Path) -> None:
     assert "1 thread for queue default" in text
     (warning,) = [line for line in text.splitlines() if line.startswith("warning:")]
     assert "'emials'" in warning and "known queues: default" in warning
+
+
+@pytest.mark.slow
+def test_the_worker_consumes_the_queues_of_offload_queues_unless_told_otherwise(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "worker.log"
+    env = {**jobapp_env(tmp_path), "FLASK_OFFLOAD_QUEUES": '["default", "mail"]'}
+    with process([*FLASK, "worker", "--threads", "1"], env, out):
+        wait_until(lambda: "pool:" in out.read_text())
+    assert "pool: 1 thread for queues default, mail" in out.read_text()
+    out = tmp_path / "worker-told.log"
+    with process([*FLASK, "worker", "--threads", "1", "--queues", "default"], env, out):
+        wait_until(lambda: "pool:" in out.read_text())
+    assert "pool: 1 thread for queue default" in out.read_text()

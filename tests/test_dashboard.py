@@ -695,3 +695,23 @@ def test_open_tabs_share_one_count(site: Any, monkeypatch: pytest.MonkeyPatch) -
     time.sleep(queries.FRESH)
     assert "1 succeeded, 1 failed" in client.get("/offload/").get_data(as_text=True)
     assert len(calls) == 3
+
+
+def test_tabs_share_one_live_render_each_with_its_own_token_and_rights(site: Any) -> None:
+    """The overview's live part is rendered once a second for every tab with the same rights:
+    each tab still gets its own CSRF token, and a read-only tab never an admin's forms."""
+    app, offload, _ = site
+    verdict: dict[str, Any] = {"value": True}
+    offload.dashboard_access(lambda: verdict["value"])
+    live = {"X-Offload-Live": "1"}
+    tabs = [app.test_client() for _ in range(3)]
+    tokens = [token(tab) for tab in tabs]
+    assert len(set(tokens)) == 3
+    mains = [tab.get("/offload/", headers=live).get_json()["main"] for tab in tabs]
+    for main, own in zip(mains, tokens, strict=True):
+        assert re.findall(r'name="csrf" value="([^"]+)"', main) == [own] * main.count('name="csrf"')
+        assert 'name="csrf"' in main and "csrf-" not in main.replace(own, "")
+    assert mains[0].replace(tokens[0], "") == mains[1].replace(tokens[1], ""), "one render"
+    verdict["value"] = "read"
+    read_only = tabs[2].get("/offload/", headers=live).get_json()["main"]
+    assert 'name="csrf"' not in read_only and 'method="post"' not in read_only

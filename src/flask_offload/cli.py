@@ -120,7 +120,9 @@ def parse_pools(
 
 @offload_cli.command("worker")
 @click.option("--threads", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--queues", help="Comma-separated queues to consume (default: all).")
+@click.option(
+    "--queues", help="Comma-separated queues to consume (default: OFFLOAD_QUEUES, or all)."
+)
 @click.option("--concurrency-per-queue", "per_queue", help="Threads per queue: emails=2,default=4")
 @click.option(
     "-q",
@@ -134,6 +136,8 @@ def worker_command(threads: int, queues: str | None, per_queue: str | None, quie
     pools = parse_pools(threads, queues, per_queue)
     logs.show_worker(each_job=not quiet)
     runtime = _runtime()
+    if not queues and not per_queue:  # OFFLOAD_QUEUES, where the app sets it
+        pools = [(threads, runtime.settings.queues)]
     runtime.backend.prepare()  # storage that cannot be used is one error now, not a retry loop
     click.echo(f"storage: {describe(runtime.backend)}")
     say_pools(runtime, pools)

@@ -345,10 +345,7 @@ def config_from_environment(config: dict[str, Any]) -> dict[str, str]:
             continue
         key = name[len("FLASK_") :]
         variables[key] = name
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
+        value = _environment_value(raw)
         if key not in config:
             config[key] = value
         elif config[key] != value:
@@ -360,6 +357,15 @@ def config_from_environment(config: dict[str, Any]) -> dict[str, str]:
     return variables
 
 
+def _environment_value(raw: str) -> Any:
+    """A ``FLASK_OFFLOAD_*`` variable's value as ``from_prefixed_env`` reads it: JSON where it
+    parses, else the string."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
 def _sources(
     config: dict[str, Any], given: set[str], variables: dict[str, str]
 ) -> dict[str, dict[str, Any]]:
@@ -368,11 +374,14 @@ def _sources(
     found: dict[str, dict[str, Any]] = {}
     for key in sorted(k for k in config if k.startswith("OFFLOAD_")):
         entry: dict[str, Any] = {"value": config[key], "source": "default"}
-        if key in given:
+        from_variable = key in variables and config[key] == _environment_value(
+            os.environ.get(variables[key], "")
+        )
+        if key in given and not from_variable:
             entry["source"] = "app config"
             if key in variables:
                 entry["overrides"] = variables[key]
-        elif key in variables:
+        elif key in variables:  # given too when the app calls config.from_prefixed_env()
             entry.update(source="environment", variable=variables[key])
         found[key] = entry
     return found

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, TypeVar
 
 from flask import abort
@@ -41,7 +41,7 @@ class _Shared:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.answers: weakref.WeakKeyDictionary[Runtime, tuple[float, Any]] = (
+        self.answers: weakref.WeakKeyDictionary[Runtime, dict[Hashable, tuple[float, Any]]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -52,21 +52,23 @@ _shared: dict[str, _Shared] = {}
 def _share_afresh() -> None:
     """New locks and no answers, at import and in a forked child (a lock held by a thread of
     the parent would stay held in the child for ever)."""
-    _shared.update(overview=_Shared(), metrics=_Shared())
+    _shared.update(overview=_Shared(), metrics=_Shared(), live=_Shared())
 
 
 _share_afresh()
 os.register_at_fork(after_in_child=_share_afresh)
 
 
-def shared(name: str, runtime: Runtime, read: Callable[[], T]) -> T:
-    """``read()``, or its answer from under ``FRESH`` seconds ago in this process."""
+def shared(name: str, runtime: Runtime, read: Callable[[], T], variant: Hashable = None) -> T:
+    """``read()``, or its answer from under ``FRESH`` seconds ago in this process; one answer
+    per ``variant``, for what else it depends on."""
     entry = _shared[name]
     with entry.lock:
-        at, answer = entry.answers.get(runtime, (-FRESH, None))
+        answers = entry.answers.setdefault(runtime, {})
+        at, answer = answers.get(variant, (-FRESH, None))
         if time.monotonic() - at >= FRESH:
             answer = read()
-            entry.answers[runtime] = (time.monotonic(), answer)
+            answers[variant] = (time.monotonic(), answer)
         return answer  # type: ignore[no-any-return]
 
 

@@ -7,6 +7,7 @@ is visible, to update itself.
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 from urllib.parse import quote
@@ -38,6 +39,7 @@ blueprint = Blueprint(
 blueprint.before_request(access.guard)
 blueprint.after_request(access.remember)
 VERBS = ("retry", "cancel", "delete")
+CSRF_SLOT = f"csrf-{secrets.token_hex(16)}"  # where a shared live part takes each token
 
 
 def _runtime() -> Runtime:
@@ -50,26 +52,38 @@ def _mask() -> Mask:
     return mask
 
 
-def _page(template: str, title: str, **context: Any) -> Any:
-    """The page, or only its main part as JSON for the live poll."""
+def _page(template: str, title: str, share: bool = False, **context: Any) -> Any:
+    """The page, or only its main part as JSON for the live poll. With ``share``, that part
+    is rendered once a second for every tab with the same rights (each gets its own CSRF
+    token put in): rendering holds the GIL, which a process's enqueues wait for."""
     context.setdefault("poll", True)
+    csrf = access.csrf_token()
     context.update(
         title=title,
         can_act=access.can_act(),
-        csrf=access.csrf_token(),
+        csrf=csrf,
         notice=request.args.get("notice", "")[:200],
         now=time.time(),
     )
-    if request.headers.get("X-Offload-Live") == "1":
-        response = jsonify(main=render_template(template, live=True, **context))
-        response.vary.add("X-Offload-Live")
-        return response
-    return render_template(template, live=False, **context)
+    if request.headers.get("X-Offload-Live") != "1":
+        return render_template(template, live=False, **context)
+    if share and not context["notice"]:
+        context["csrf"] = CSRF_SLOT
+        variant = (template, context["can_act"], request.script_root)
+        main = queries.shared(
+            "live", _runtime(), lambda: render_template(template, live=True, **context), variant
+        ).replace(CSRF_SLOT, csrf)
+    else:
+        main = render_template(template, live=True, **context)
+    response = jsonify(main=main)
+    response.vary.add("X-Offload-Live")
+    return response
 
 
 @blueprint.get("/")
 def overview() -> Any:
-    return _page("offload_dashboard/overview.html", "Overview", **queries.overview(_runtime()))
+    context = queries.overview(_runtime())
+    return _page("offload_dashboard/overview.html", "Overview", share=True, **context)
 
 
 @blueprint.get("/list")

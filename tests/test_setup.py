@@ -88,6 +88,8 @@ def test_passwords_are_masked() -> None:
         "postgresql://db/app?password=***&sslmode=require"
     )
     assert mask_password("postgresql://app@db/app") == "postgresql://app@db/app"
+    for bare in ("sqlite:////srv/app/jobs.db", "sqlite:///jobs.db", "memory://"):
+        assert mask_password(bare) == bare, "nothing to mask: the URL as it was"
 
 
 # -- storage opened on first use --------------------------------------------------------------

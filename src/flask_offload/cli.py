@@ -346,8 +346,8 @@ def config_command(as_json: bool) -> None:
 
 def _masked(key: str, value: Any) -> Any:
     """A setting's value as it may be printed: no password of a URL, no token."""
-    if key == "OFFLOAD_URL" and isinstance(value, str) and value.startswith("postgres"):
-        return mask_password(value)  # only PostgreSQL URLs carry a password
+    if key == "OFFLOAD_URL" and isinstance(value, str):
+        return mask_password(value)
     if key.endswith("_TOKEN") and value:
         return "***"
     return value

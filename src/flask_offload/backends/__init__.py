@@ -76,6 +76,8 @@ def mask_password(url: str) -> str:
         if any(name == "password" for name, _ in pairs):
             masked = [(n, "***" if n == "password" else v) for n, v in pairs]
             query = urlencode(masked, safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # nothing to mask; urlunsplit would drop the empty host of sqlite:////a.db
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 

@@ -517,6 +517,14 @@ def test_recent_finishes_and_ticks(backend: Backend) -> None:
     assert (task, state) == ("t", "succeeded") and at >= before
     assert seconds is not None and 0 <= seconds < 60
     assert backend.recent(time.time() + 10) == []
+    backend.enqueue(make_job())
+    [failing] = backend.claim("w", ["t"], None, 1, 30)
+    backend.finish(failing, Outcome("failed", error="E: e"))
+    minute = int(time.time() // 60)
+    per_minute = backend.finished_per_minute(before - 1)
+    assert sorted(state for _, state, _ in per_minute) == ["failed", "succeeded"]
+    assert all(count == 1 and minute - 1 <= at <= minute for at, _, count in per_minute)
+    assert backend.finished_per_minute(time.time() + 10) == []
     backend.record_tick("every-minute", 120.0)
     assert backend.ticks() == {"every-minute": 120.0}
 

@@ -437,6 +437,11 @@ RECENT = """
     SELECT task, state, finished_at, finished_at - started_at FROM offload_jobs
     WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= %s
 """
+PER_MINUTE = """
+    SELECT floor(finished_at / 60)::bigint AS minute, state, count(*) FROM offload_jobs
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= %s
+    GROUP BY minute, state
+"""
 TICKS = "SELECT name, last_tick FROM offload_schedules"
 LISTEN = f"LISTEN {CHANNEL}"
 
@@ -1001,6 +1006,10 @@ class PostgresBackend(Backend):
     def recent(self, since: float) -> list[tuple[str, str, float, float | None]]:
         rows = self._run(lambda conn: conn.execute(RECENT, (since,)).fetchall())
         return [(task, state, at, seconds) for task, state, at, seconds in rows]
+
+    def finished_per_minute(self, since: float) -> list[tuple[int, str, int]]:
+        rows = self._run(lambda conn: conn.execute(PER_MINUTE, (since,)).fetchall())
+        return [(minute, state, count) for minute, state, count in rows]
 
     def ticks(self) -> dict[str, float]:
         return dict(self._run(lambda conn: conn.execute(TICKS).fetchall()))

@@ -342,6 +342,12 @@ RECENT = """
     FROM offload_jobs INDEXED BY offload_jobs_finished
     WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= ?
 """
+PER_MINUTE = """
+    SELECT CAST(finished_at / 60 AS INTEGER) AS minute, state, count(*)
+    FROM offload_jobs INDEXED BY offload_jobs_finished
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= ?
+    GROUP BY minute, state
+"""
 TICKS = "SELECT name, last_tick FROM offload_schedules"
 # The few queued or running rows are listed through their own index: left to itself, SQLite
 # walks a million finished rows newest first to find them.
@@ -899,6 +905,9 @@ class SQLiteBackend(Backend):
 
     def recent(self, since: float) -> list[tuple[str, str, float, float | None]]:
         return self._read(lambda db: db.execute(RECENT, (since,)).fetchall())
+
+    def finished_per_minute(self, since: float) -> list[tuple[int, str, int]]:
+        return self._read(lambda db: db.execute(PER_MINUTE, (since,)).fetchall())
 
     def ticks(self) -> dict[str, float]:
         return dict(self._read(lambda db: db.execute(TICKS).fetchall()))

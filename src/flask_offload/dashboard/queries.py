@@ -109,13 +109,13 @@ def throughput(runtime: Runtime) -> dict[str, Any]:
     first = int(now // 60) - CHART_MINUTES + 1
     succeeded = [0] * CHART_MINUTES
     failed = [0] * CHART_MINUTES
-    for _, state, finished_at, _ in runtime.backend.recent(first * 60):
-        minute = int(finished_at // 60) - first
+    for at, state, count in runtime.backend.finished_per_minute(first * 60):
+        minute = at - first
         if 0 <= minute < CHART_MINUTES:
             if state == "failed":
-                failed[minute] += 1
+                failed[minute] += count
             elif state == "succeeded":
-                succeeded[minute] += 1
+                succeeded[minute] += count
     top = max([s + f for s, f in zip(succeeded, failed, strict=True)] + [1])
     bars = []
     for n, (ok, bad) in enumerate(zip(succeeded, failed, strict=True)):

@@ -676,6 +676,7 @@ def test_open_tabs_share_one_count(site: Any, monkeypatch: pytest.MonkeyPatch) -
         return count()
 
     monkeypatch.setattr(backend, "counts", counted)
+    monkeypatch.setattr(queries, "COST_SHARE", 0)  # shared for FRESH seconds, however slow
     answers: list[int] = []
 
     def tab() -> None:
@@ -715,3 +716,24 @@ def test_tabs_share_one_live_render_each_with_its_own_token_and_rights(site: Any
     verdict["value"] = "read"
     read_only = tabs[2].get("/offload/", headers=live).get_json()["main"]
     assert 'name="csrf"' not in read_only and 'method="post"' not in read_only
+
+
+def test_a_slow_read_is_shared_for_longer(site: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read that takes 0.3 s answers the tabs for COST_SHARE times that (6 s), not one:
+    open tabs then never spend more than a twentieth of the process's time reading."""
+    app, offload, _ = site
+    backend = offload.runtime(app).backend
+    calls: list[float] = []
+    count = backend.counts
+
+    def slow() -> Any:
+        calls.append(time.monotonic())
+        time.sleep(0.3)
+        return count()
+
+    monkeypatch.setattr(backend, "counts", slow)
+    client = app.test_client()
+    assert client.get("/offload/", headers={"X-Offload-Live": "1"}).status_code == 200
+    time.sleep(queries.FRESH + 0.2)
+    assert client.get("/offload/", headers={"X-Offload-Live": "1"}).status_code == 200
+    assert len(calls) == 1, "still the answer of the slow read"

@@ -32,6 +32,10 @@ MAX_FILTER = 200
 SCAN_PAGES = 20
 CURSOR = re.compile("[0-9]{1,19}")
 FRESH = 1.0  # seconds a shared read answers every request of the process (pages poll every 2)
+# ...or this many times as long as the read took, if longer: open tabs then spend at most a
+# twentieth of the process's time on reads (counting a million finished jobs takes about 0.4 s
+# on SQLite), which would otherwise slow the enqueues beside them.
+COST_SHARE = 20
 T = TypeVar("T")
 
 
@@ -41,6 +45,7 @@ class _Shared:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        # per runtime and variant: (until when it answers, the answer)
         self.answers: weakref.WeakKeyDictionary[Runtime, dict[Hashable, tuple[float, Any]]] = (
             weakref.WeakKeyDictionary()
         )
@@ -60,15 +65,18 @@ os.register_at_fork(after_in_child=_share_afresh)
 
 
 def shared(name: str, runtime: Runtime, read: Callable[[], T], variant: Hashable = None) -> T:
-    """``read()``, or its answer from under ``FRESH`` seconds ago in this process; one answer
-    per ``variant``, for what else it depends on."""
+    """``read()``, or its answer from under ``FRESH`` seconds ago in this process (or
+    ``COST_SHARE`` times as long as that read took); one answer per ``variant``, for what else
+    it depends on."""
     entry = _shared[name]
     with entry.lock:
         answers = entry.answers.setdefault(runtime, {})
-        at, answer = answers.get(variant, (-FRESH, None))
-        if time.monotonic() - at >= FRESH:
+        until, answer = answers.get(variant, (0.0, None))
+        if time.monotonic() >= until:
+            began = time.monotonic()
             answer = read()
-            answers[variant] = (time.monotonic(), answer)
+            done = time.monotonic()
+            answers[variant] = (done + max(FRESH, COST_SHARE * (done - began)), answer)
         return answer  # type: ignore[no-any-return]
 
 

@@ -309,35 +309,19 @@ def test_app_run_debug_from_a_script_runs_one_pool_in_the_serving_child(tmp_path
 
 
 @pytest.mark.timeout(90)
-def test_flask_run_debug_drains_when_its_watcher_alone_gets_sigint(tmp_path: Path) -> None:
-    """`kill -INT <watcher pid>` (a process manager or an IDE's stop button, not a terminal's
-    Ctrl-C to the whole group) drains the serving child as Ctrl-C does, promptly: the short job
-    finishes, the long one is put back, and no heartbeat row is left."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    out = tmp_path / "server.log"
-    env = jobapp_env(tmp_path, OFFLOADTEST_OFFLOAD_SHUTDOWN_TIMEOUT="3")
-    args = [sys.executable, "-m", "flask", "--app", "jobapp:create_app", "run", "--debug"]
-    with process([*args, "--port", str(port)], env, out) as watcher:
-        wait_until(lambda: answers(f"{base}/pid"), timeout=30)
-        serving = requests.get(f"{base}/pid", timeout=10).json()["pid"]
-        sent = time.monotonic()
-        interrupt_two_running(base, tmp_path, 0, lambda: os.kill(watcher.pid, signal.SIGINT))
-        assert watcher.wait(60) == 0
-        wait_until(lambda: gone(serving), timeout=30)
-        assert time.monotonic() - sent < 30
-    text = out.read_text()
-    assert pools(text) == Counter([serving]) and stopped(text) == Counter([serving])
-    assert_drained(tmp_path, 0)
-
-
-@pytest.mark.timeout(90)
-@pytest.mark.parametrize("target", ["group", "watcher"])
-def test_flask_run_debug_drains_on_sigterm_as_on_ctrl_c(tmp_path: Path, target: str) -> None:
+@pytest.mark.parametrize(
+    "signum, target",
+    [(signal.SIGINT, "watcher"), (signal.SIGTERM, "group"), (signal.SIGTERM, "watcher")],
+    ids=["sigint-watcher", "sigterm-group", "sigterm-watcher"],
+)
+def test_flask_run_debug_drains_on_sigterm_as_on_ctrl_c(
+    tmp_path: Path, signum: int, target: str
+) -> None:
     """SIGTERM (what `docker stop`, systemd and process managers send) to `flask run --debug`,
-    to its whole process group or to the reloader's watcher alone, drains the serving child
-    exactly as Ctrl-C does, saying what it waits for: the short job finishes, the long one is
-    put back, nothing is left running, and no heartbeat row is left."""
+    to its whole process group or to the reloader's watcher alone, and SIGINT to the watcher
+    alone (an IDE's stop button, not a terminal's Ctrl-C to the group), drain the serving child
+    exactly as Ctrl-C does, promptly, saying what they wait for: the short job finishes, the
+    long one is put back, nothing is left running, and no heartbeat row is left."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     out = tmp_path / "server.log"
@@ -347,9 +331,11 @@ def test_flask_run_debug_drains_on_sigterm_as_on_ctrl_c(tmp_path: Path, target: 
         wait_until(lambda: answers(f"{base}/pid"), timeout=30)
         serving = requests.get(f"{base}/pid", timeout=10).json()["pid"]
         kill = os.killpg if target == "group" else os.kill
-        interrupt_two_running(base, tmp_path, 0, lambda: kill(watcher.pid, signal.SIGTERM))
+        sent = time.monotonic()
+        interrupt_two_running(base, tmp_path, 0, lambda: kill(watcher.pid, signum))
         assert watcher.wait(60) == 0
         wait_until(lambda: gone(serving), timeout=30)
+        assert time.monotonic() - sent < 30
     text = out.read_text()
     assert pools(text) == Counter([serving]) and stopped(text) == Counter([serving]), text
     assert f"{serving} flask_offload INFO waiting up to 3 s for " in text

@@ -164,7 +164,7 @@ def execute(
 ) -> Outcome:
     """Run one job inside ``context()`` and say how it ended; never raises. Where
     OpenTelemetry is installed, the run is a span in the trace the job was enqueued in."""
-    if not tracing.ENABLED:
+    if not tracing.active():
         return _execute(task, job, running, context, settings)
     with tracing.run_span(job) as outcomes:
         outcomes.append(_execute(task, job, running, context, settings))

@@ -1,9 +1,10 @@
 """Flask-Offload: durable background tasks for Flask, with no extra services."""
 
+from .errors import OffloadError
 from .execution import Cancelled, Retry
 from .extension import Offload
 from .job import Job, current_job
 from .task import Task
 
 __version__ = "0.1.0"
-__all__ = ["Cancelled", "Job", "Offload", "Retry", "Task", "current_job"]
+__all__ = ["Cancelled", "Job", "Offload", "OffloadError", "Retry", "Task", "current_job"]

@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from . import serializer, tracing
+from .errors import RetryDelayError
 from .job import CANCELLED, FAILED, QUEUED, SUCCEEDED, Job, Outcome, Running, _running
 from .schedule import Periodic
 
@@ -53,10 +54,6 @@ class Retry(Exception):
         if isinstance(delay, timedelta):
             delay = delay.total_seconds()
         self.delay = None if delay is None else retry_delay(delay)
-
-
-class RetryDelayError(ValueError):
-    """A retry delay no clock can hold: a bug in the task, so its job fails without retry."""
 
 
 def retry_delay(delay: object, what: str = "Retry delay") -> float:

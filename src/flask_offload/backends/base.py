@@ -19,7 +19,18 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..errors import JobIdInUse, StorageCorrupt
 from ..job import Job, Outcome, WorkerInfo
+
+__all__ = [
+    "Backend",
+    "JobFilter",
+    "QueueInfo",
+    "StorageCorrupt",
+    "Wake",
+    "id_in_use",
+    "refuse_connection",
+]
 
 Wake = Callable[[float | None], None]  # what subscribe calls: a job is due at this time
 
@@ -248,10 +259,6 @@ class QueueInfo:
         return 0.0 if self.oldest_due is None else max(0.0, time.time() - self.oldest_due)
 
 
-class StorageCorrupt(RuntimeError):
-    """The storage answers that its data is damaged: running on would only repeat work."""
-
-
 def refuse_connection(connection: Any) -> None:
     """Backends without transactional enqueue say so clearly instead of ignoring it."""
     if connection is not None:
@@ -261,6 +268,6 @@ def refuse_connection(connection: Any) -> None:
         )
 
 
-def id_in_use(job: Job) -> ValueError:
+def id_in_use(job: Job) -> JobIdInUse:
     """The error for ``enqueue(id=...)`` with an id another job has."""
-    return ValueError(f"job id {job.id} is already used: reserve a fresh one with offload.new_id()")
+    return JobIdInUse(f"job id {job.id} is already used: reserve a fresh one with offload.new_id()")

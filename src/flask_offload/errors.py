@@ -1,0 +1,56 @@
+"""Flask-Offload's own errors: one family to ``except``, each also the built-in type it was
+raised as before the family existed, so no ``except ValueError`` in an app stops working.
+
+``Cancelled`` and ``Retry`` are not here: a task raises them to tell its pool how a run ended,
+and an ``except OffloadError`` in a task must not swallow them.
+"""
+
+from __future__ import annotations
+
+
+class OffloadError(Exception):
+    """Base of every error Flask-Offload raises itself."""
+
+
+class ConfigurationError(OffloadError, ValueError):
+    """An ``OFFLOAD_*`` setting, or a task's option, that cannot work; the message names it."""
+
+
+class NotInitialised(OffloadError, RuntimeError):
+    """Flask-Offload is used on an app it was not initialised on, or with no app at all."""
+
+
+class NotSerializable(OffloadError, TypeError):
+    """Arguments, a result or progress that are not strict JSON (or are too large)."""
+
+
+class JobNotFound(OffloadError, LookupError):
+    """No stored job has this id (unknown, malformed, expired or purged)."""
+
+
+class UnknownTask(OffloadError, LookupError):
+    """No task of this app is registered under this name."""
+
+
+class JobIdInUse(OffloadError, ValueError):
+    """``enqueue(id=...)`` with an id another job has."""
+
+
+class NotRetryable(OffloadError, ValueError):
+    """A retry asked of a job that cannot run again (not finished, or its snapshot is gone)."""
+
+
+class RetryDelayError(OffloadError, ValueError):
+    """A retry delay that is not a finite number of seconds before 9999-12-31."""
+
+
+class StorageError(OffloadError, RuntimeError):
+    """The job store cannot be used as it is (unreadable, read-only, a newer schema)."""
+
+
+class StorageCorrupt(StorageError):
+    """The storage answers that its data is damaged: running on would only repeat work."""
+
+
+class StorageUnavailable(OffloadError, ConnectionError):
+    """The job store's server cannot be reached."""

@@ -21,7 +21,7 @@ import pgtest
 from flask_offload import Offload
 from flask_offload.backends import Backend, MemoryBackend, SQLiteBackend
 from flask_offload.job import Job, new_id
-from flask_offload.worker import Worker
+from flask_offload.pool import Pool
 
 HERE = Path(__file__).parent
 pytest_plugins = ["flask_offload.testing"]  # its fixtures, as a user's root conftest loads them
@@ -147,20 +147,20 @@ def answers(url: str) -> bool:
 
 
 @pytest.fixture
-def pools() -> Iterator[list[Worker]]:
+def pools() -> Iterator[list[Pool]]:
     """Pools a test starts by hand; stopped when it ends."""
-    started: list[Worker] = []
+    started: list[Pool] = []
     yield started
     for pool in started:
         pool.stop(5)
 
 
 def start_pool(
-    pools: list[Worker], app: Flask, offload: Offload, backend: Any = None, **settings: Any
-) -> Worker:
+    pools: list[Pool], app: Flask, offload: Offload, backend: Any = None, **settings: Any
+) -> Pool:
     """A pool for ``app``'s tasks on ``backend`` (default: the app's own storage)."""
     runtime = offload.runtime(app)
-    pool = Worker(
+    pool = Pool(
         backend or runtime.backend,
         runtime.tasks,
         runtime.context,

@@ -14,7 +14,7 @@ from conftest import AppFactory
 from flask_offload import Offload
 from flask_offload.cli import zone_name
 from flask_offload.job import WorkerInfo
-from flask_offload.worker import live_window
+from flask_offload.liveness import live_window
 
 LONG = "reports.monthly.build_the_quarterly_revenue_breakdown_for_every_region"
 

@@ -17,7 +17,7 @@ import pgtest
 from conftest import AppFactory, wait_until
 from faults import Faulty, every, once
 from flask_offload import current_job
-from flask_offload.worker import Worker
+from flask_offload.pool import Pool
 
 JOBS = 1000
 CASES = [
@@ -70,10 +70,10 @@ def test_a_storage_error_at_a_worker_verb_loses_no_job_and_no_thread(
     faulty = Faulty(runtime.backend, {verb: fault}, after=after)
     settings = replace(runtime.settings, threads=4, lease=2.0, poll_interval=0.05)
 
-    def pool() -> Worker:
-        worker = Worker(faulty, runtime.tasks, runtime.context, settings)  # type: ignore[arg-type]
-        worker.start()
-        return worker
+    def pool() -> Pool:
+        started = Pool(faulty, runtime.tasks, runtime.context, settings)  # type: ignore[arg-type]
+        started.start()
+        return started
 
     def succeeded() -> int:
         return runtime.backend.counts().get(("faulty.work", "succeeded"), 0)

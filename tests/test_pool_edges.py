@@ -26,7 +26,8 @@ from faults import Faulty
 from flask_offload import Offload, Retry, signals
 from flask_offload.backends import Backend, SQLiteBackend
 from flask_offload.execution import LATEST_DUE
-from flask_offload.worker import MAX_BATCH, MAX_UNSTORED, Worker
+from flask_offload.pool import Pool
+from flask_offload.pool.held import MAX_BATCH, MAX_UNSTORED
 
 # --- 1. A retry delay no clock can hold fails its job, and the pool goes on --------------------
 
@@ -88,7 +89,7 @@ def test_a_task_backoff_made_negative_after_registration_fails_its_job(
 
 
 def test_no_exception_of_any_kind_ends_the_finisher_or_the_maintenance_loop(
-    make_app: AppFactory, pools: list[Worker]
+    make_app: AppFactory, pools: list[Pool]
 ) -> None:
     """A signal handler that calls ``sys.exit()`` runs in the finisher (``job_succeeded``)
     and in the maintenance loop (``job_lost``): both go on."""
@@ -132,7 +133,7 @@ def count(tmp_path: Path, where: str) -> int:
 
 
 def test_a_stop_at_once_leaves_no_claimed_job_running(
-    make_app: AppFactory, pools: list[Worker], tmp_path: Path
+    make_app: AppFactory, pools: list[Pool], tmp_path: Path
 ) -> None:
     """Four threads busy on no-op jobs, ``stop(0)``: once the pool's threads are gone no job
     is left ``running`` and none counted an attempt, however the stop and a claim overlap."""
@@ -143,11 +144,11 @@ def test_a_stop_at_once_leaves_no_claimed_job_running(
         return n
 
     app, _ = make_app(offload, OFFLOAD_WORKERS=0)
-    with app.app_context():
-        for n in range(3000):
-            noop.delay(n)
     stranded = []
     for _ in range(8):
+        with app.app_context():  # each round's own jobs: a fast round may run thousands
+            for n in range(1000):
+                noop.delay(n)
         done = count(tmp_path, "state = 'succeeded'")
         pool = start_pool(pools, app, offload, threads=4, poll_interval=0.05)
         wait_until(lambda n=done: count(tmp_path, "state = 'succeeded'") >= n + 100, 30)
@@ -216,7 +217,7 @@ def test_a_worker_on_a_backlog_runs_only_a_bounded_few_jobs_ahead_of_what_it_sto
 
 
 def test_three_failed_heartbeats_in_a_row_do_not_let_the_lease_lapse(
-    make_app: AppFactory, pools: list[Worker], tmp_path: Path
+    make_app: AppFactory, pools: list[Pool], tmp_path: Path
 ) -> None:
     offload = Offload()
     started = threading.Event()

@@ -13,7 +13,7 @@ from flask import Flask, current_app, g
 
 from conftest import AppFactory, start_pool, wait_until
 from flask_offload import Cancelled, Offload, signals
-from flask_offload.worker import Worker
+from flask_offload.pool import Pool
 
 EVENTS = [
     "job_enqueued",
@@ -50,7 +50,7 @@ def events_of(heard: list[Any], job_id: str) -> list[tuple[str, str]]:
 
 
 def test_a_job_that_fails_twice_then_succeeds_shows_both_errors(
-    make_app: AppFactory, pools: list[Worker], caplog: pytest.LogCaptureFixture
+    make_app: AppFactory, pools: list[Pool], caplog: pytest.LogCaptureFixture
 ) -> None:
     offload = Offload()
     tries: list[int] = []
@@ -108,7 +108,7 @@ def test_eager_mode_records_history_too(make_app: AppFactory) -> None:
 
 
 def test_each_event_sends_its_signal_with_the_app_and_the_job(
-    make_app: AppFactory, pools: list[Worker], heard: list[Any]
+    make_app: AppFactory, pools: list[Pool], heard: list[Any]
 ) -> None:
     offload = Offload()
     gate = threading.Event()
@@ -160,7 +160,7 @@ def test_each_event_sends_its_signal_with_the_app_and_the_job(
 
 
 def test_a_lost_job_sends_job_lost_then_runs_again(
-    make_app: AppFactory, pools: list[Worker], heard: list[Any]
+    make_app: AppFactory, pools: list[Pool], heard: list[Any]
 ) -> None:
     offload = Offload()
 
@@ -185,7 +185,7 @@ def test_a_lost_job_sends_job_lost_then_runs_again(
 
 
 def test_a_raising_handler_is_logged_and_breaks_nothing(
-    make_app: AppFactory, pools: list[Worker], caplog: pytest.LogCaptureFixture
+    make_app: AppFactory, pools: list[Pool], caplog: pytest.LogCaptureFixture
 ) -> None:
     offload = Offload()
     later: list[str] = []
@@ -247,7 +247,7 @@ def test_job_enqueued_in_a_request_sees_that_requests_g(make_app: AppFactory) ->
 
 
 def test_a_run_cancelled_then_failing_with_a_retried_error_signals_cancelled_not_retrying(
-    make_app: AppFactory, pools: list[Worker], heard: list[Any]
+    make_app: AppFactory, pools: list[Pool], heard: list[Any]
 ) -> None:
     offload = Offload()
     started, cancelled = threading.Event(), threading.Event()

@@ -18,7 +18,7 @@ from flask import Flask
 from conftest import AppFactory, start_pool, wait_until
 from flask_offload import Offload
 from flask_offload.backends import SQLiteBackend
-from flask_offload.worker import Worker
+from flask_offload.pool import Pool
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_a_full_small_volume_recovers_once_space_is_freed(
     make_app: AppFactory,
     small_volume: Path,
     caplog: pytest.LogCaptureFixture,
-    pools: list[Worker],
+    pools: list[Pool],
 ) -> None:
     """Outcomes fill the volume with WAL; once a file beside it is deleted, the WAL must not
     grow back into the space freed: it is checkpointed and truncated, and the jobs finish."""
@@ -147,7 +147,7 @@ def test_one_damaged_history_is_not_a_damaged_database(
     backend.release(next(job for job in lost if job.id == damaged[0].id))
     with sqlite3.connect(tmp_path / "jobs.db") as db:
         db.execute("UPDATE offload_jobs SET history_json = '[{\"attempt\": 1,'")
-    pools: list[Worker] = []
+    pools: list[Pool] = []
     try:
         start_pool(pools, app, offload, threads=2, poll_interval=0.05)
         for job in damaged:

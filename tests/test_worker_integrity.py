@@ -28,10 +28,10 @@ from flask_offload.backends import SQLiteBackend
 from flask_offload.execution import MAX_BACKOFF, backoff
 from flask_offload.foreground import Foreground
 from flask_offload.job import new_id, valid_id
-from flask_offload.worker import Worker
+from flask_offload.pool import Pool
 
 
-def loop_threads(pool: Worker) -> list[threading.Thread]:
+def loop_threads(pool: Pool) -> list[threading.Thread]:
     """The pool's live claim-and-run threads (named for their pool)."""
     return [t for t in threading.enumerate() if t.name == f"offload-worker {pool.id}"]
 
@@ -96,7 +96,7 @@ def test_a_poison_return_value_or_error_fails_only_its_job(
 
 
 def test_an_outcome_that_failed_to_store_once_is_stored_and_not_run_again(
-    make_app: AppFactory, pools: list[Worker]
+    make_app: AppFactory, pools: list[Pool]
 ) -> None:
     app, offload = make_app(OFFLOAD_WORKERS=0)
     ran: Counter[int] = Counter()
@@ -289,7 +289,7 @@ def test_a_stale_run_cannot_overwrite_the_run_after_a_retry_by_id(make_app: AppF
 
 
 def test_a_batch_of_jobs_that_turn_slow_is_shared_with_an_idle_worker(
-    make_app: AppFactory, pools: list[Worker], tmp_path: Path
+    make_app: AppFactory, pools: list[Pool], tmp_path: Path
 ) -> None:
     app, offload = make_app(OFFLOAD_WORKERS=0)
     backend = offload.runtime(app).backend
@@ -324,7 +324,7 @@ def test_a_batch_of_jobs_that_turn_slow_is_shared_with_an_idle_worker(
 
 
 def test_a_failed_progress_write_is_logged_and_does_not_fail_the_job(
-    make_app: AppFactory, pools: list[Worker], caplog: pytest.LogCaptureFixture
+    make_app: AppFactory, pools: list[Pool], caplog: pytest.LogCaptureFixture
 ) -> None:
     app, offload = make_app(OFFLOAD_WORKERS=0)
 
@@ -394,7 +394,7 @@ def test_unstorable_arguments_raise_type_error_at_delay(make_app: AppFactory, ba
 
 
 def test_wake_ups_from_other_processes_do_not_rerun_the_scheduler(
-    make_app: AppFactory, pools: list[Worker]
+    make_app: AppFactory, pools: list[Pool]
 ) -> None:
     """PostgreSQL's NOTIFY wakes the pool for every job stored elsewhere; the periodic
     scheduler has nothing to do then, and must not write a tick per wake-up."""
@@ -428,7 +428,7 @@ def test_wake_ups_from_other_processes_do_not_rerun_the_scheduler(
 
 
 def test_a_timeout_whose_outcome_fails_to_store_once_still_ends_as_a_timeout(
-    make_app: AppFactory, pools: list[Worker]
+    make_app: AppFactory, pools: list[Pool]
 ) -> None:
     """The timeout outcome goes through the same retried store as any other: no thread is
     lost to the storage error, and the job is not later "recovered" as lost."""

@@ -19,8 +19,8 @@ from flask.cli import AppGroup
 from . import lifecycle, logs
 from .backends import describe, mask_password
 from .job import FINAL_STATES, Job, state_words
+from .liveness import live_window
 from .runtime import Runtime
-from .worker import live_window
 
 
 class OffloadGroup(AppGroup):

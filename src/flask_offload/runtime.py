@@ -30,7 +30,7 @@ from .job import (
     state_words,
     valid_id,
 )
-from .worker import MAX_DUES, Worker
+from .pool import MAX_DUES, Pool
 
 
 class Runtime:
@@ -57,7 +57,7 @@ class Runtime:
         self.guard = guard  # raises before an enqueue that would wait for the caller's own lock
         self.before_start = before_start  # the Flask layer registers the app's views' tasks
         self.foreground = Foreground()  # this process's enqueues, which its pools let go first
-        self.pools = [Worker(backend, tasks, context, settings, events, self.foreground)]
+        self.pools = [Pool(backend, tasks, context, settings, events, self.foreground)]
         self._plan: list[tuple[int, tuple[str, ...] | None]] | None = None
         self._pid = os.getpid()
         self._lifecycle = threading.Lock()  # start and stop, which may come from two threads
@@ -258,11 +258,9 @@ class Runtime:
             self._early_dues.clear()
             self._running = True
 
-    def _pool(self, threads: int, queues: tuple[str, ...] | None) -> Worker:
+    def _pool(self, threads: int, queues: tuple[str, ...] | None) -> Pool:
         settings = replace(self.settings, threads=threads, queues=queues)
-        return Worker(
-            self.backend, self.tasks, self.context, settings, self.events, self.foreground
-        )
+        return Pool(self.backend, self.tasks, self.context, settings, self.events, self.foreground)
 
     def wake(self, at: float | None = None) -> None:
         """A job is due (now or ``at``): wake the running pools. Before they start (the
@@ -302,7 +300,7 @@ class Runtime:
 
     def after_fork(self) -> None:
         """In a forked child (once, however many fork hooks call it): new connections and new,
-        unstarted pools with new worker ids. The parent's threads, claimed jobs and heartbeat
+        unstarted pools with new pool ids. The parent's threads, claimed jobs and heartbeat
         row stay the parent's; ``start`` runs the child's own pools where it serves."""
         if self._pid == os.getpid():
             return

@@ -42,7 +42,7 @@ from . import serializer
 from .backends.base import JobFilter
 from .execution import settled
 from .job import QUEUED, Job, Outcome
-from .worker import Worker
+from .pool import Pool
 
 if TYPE_CHECKING:
     from .extension import Offload
@@ -146,7 +146,7 @@ class Harness:
 
         runtime = self.runtime
         settings = replace(runtime.settings, queues=None if queues is None else tuple(queues))
-        Worker(runtime.backend, runtime.tasks, _test_context(self.app), settings, record).drain()
+        Pool(runtime.backend, runtime.tasks, _test_context(self.app), settings, record).drain()
         return list(ran.values())
 
     def enqueued_jobs(

@@ -1,0 +1,242 @@
+"""Holding claimed jobs: each is one :class:`Claimed` that moves ``batched`` → ``running`` →
+``storing`` → ``gone`` under the pool's one lock, from its claim until its outcome is stored
+or it is put back; and the wake-ups that send the pool's threads to claim.
+
+A claim fetches about ``PREFETCH_SECONDS`` of work (one job when jobs are slow, up to
+``MAX_BATCH`` when fast); a batched job not started within ``GIVE_BACK_AFTER`` seconds is put
+back for other processes, so jobs that turn slow are never hoarded. No claim is made while
+``MAX_UNSTORED`` outcomes wait for the finisher, so the pool never runs far ahead of what it
+has stored.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import os
+import secrets
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from ..backends.base import Backend, StorageCorrupt
+from ..execution import Runnable, Settings
+from ..job import Job, Outcome, Running
+
+logger = logging.getLogger("flask_offload")
+
+PREFETCH_SECONDS = 0.01
+MAX_BATCH = 64
+GIVE_BACK_AFTER = 0.1  # seconds a claimed job may wait in the batch before it is put back
+MAX_UNSTORED = 512  # outcomes waiting to be stored before the run threads wait for the finisher
+MAX_DUES = 1024  # due times of in-process delayed jobs kept to wake up on time
+
+Stage = Literal["batched", "running", "storing", "gone"]
+
+
+def new_pool_id() -> str:
+    """A name no other pool has, even after a restart with the same pid or host name."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@dataclass(eq=False)
+class Claimed:
+    """One job this pool holds, from its claim until its outcome is stored or given up."""
+
+    job: Job
+    running: Running
+    claimed_at: float
+    stage: Stage = "batched"
+    thread: threading.Thread | None = None
+    deadline: float | None = None
+    outcome: Outcome | None = None
+    seconds: float = 0.0
+    timed_out: bool = False
+    store_tries: int = 0
+    store_after: float = 0.0
+
+
+class Held:
+    """Every job one pool holds, the one lock their moves happen under, and whether the pool
+    may claim more. The heartbeat renews exactly ``jobs``: those not ``gone``."""
+
+    def __init__(
+        self, backend: Backend, tasks: Mapping[str, Runnable], settings: Settings, pool_id: str
+    ) -> None:
+        self.backend = backend
+        self.tasks = tasks
+        self.settings = settings
+        self.pool_id = pool_id
+        self.lock = threading.Lock()  # guards every Claimed, the collections and flags below
+        self.jobs: set[Claimed] = set()
+        self.batch: deque[Claimed] = deque()
+        self.storing: list[Claimed] = []  # outcomes the finisher is to store
+        self.unstored = 0  # jobs in stage "storing"
+        self.outcomes = threading.Condition(self.lock)  # the finisher waits for them
+        self.room = threading.Condition(self.lock)  # fewer than MAX_UNSTORED of them again
+        self.claiming = threading.Lock()  # one claim at a time; the others take from it
+        self.job_seconds = PREFETCH_SECONDS  # moving average of run time: sizes the batch
+        self.stopping = False  # set under ``wakeup``: no more claims
+        self.halted = False  # storage is damaged: no claims, no recovery
+        self.down = False  # storage unreachable: said once per outage, not once per thread
+        self.drained = False  # past the drain: what still ran was put back
+        self.maintenance = threading.Event()  # brings the upkeep's next round forward
+        self.wakeup = threading.Condition()
+        self.wakeups = 0
+        self.dues: list[float] = []  # due times of in-process delayed jobs, a heap
+
+    # -- claiming --------------------------------------------------------------------------------
+
+    def next(self, me: threading.Thread) -> Claimed | None:
+        """The next job to run: from the shared batch, or from a new claim once the finisher
+        has room for its outcomes. A claim that returns after the stop began puts its whole
+        batch back, under ``claiming``, which the stop waits for."""
+        with self.claiming:
+            with self.lock:
+                if self.batch and not self.stopping:
+                    return self._begin(self.batch.popleft(), me)
+                while self.unstored >= MAX_UNSTORED and not self.stopping:
+                    self.room.wait()
+                if self.stopping or self.halted:
+                    return None
+            size = min(MAX_BATCH, max(1, int(PREFETCH_SECONDS / self.job_seconds)))
+            jobs = self.backend.claim(
+                self.pool_id, list(self.tasks), self.settings.queues, size, self.settings.lease
+            )
+            now = time.monotonic()
+            claimed = [Claimed(job, Running(job, self.backend), now) for job in jobs]
+            with self.lock:
+                late = self.stopping  # stop_claiming reads the batch under this lock after
+                if not late:
+                    self.jobs.update(claimed)
+                    self.batch.extend(claimed[1:])
+                    first = self._begin(claimed[0], me) if claimed else None
+            if late:
+                self.put_back(claimed, "claimed as the pool stopped")
+                return None
+            if len(claimed) > 1:
+                self.maintenance.set()  # to give back what is still batched in time
+            return first
+
+    def _begin(self, claimed: Claimed, me: threading.Thread) -> Claimed:
+        """Move a batched job to running in thread ``me`` (with the lock held)."""
+        claimed.stage, claimed.thread = "running", me
+        timeout = self.tasks[claimed.job.task].timeout
+        if timeout is not None:
+            claimed.deadline = time.monotonic() + timeout
+            self.maintenance.set()
+        return claimed
+
+    def store_later(self, claimed: Claimed) -> None:
+        """Queue an outcome for the finisher (with the lock held)."""
+        if claimed.stage != "storing":
+            self.unstored += 1
+        claimed.stage = "storing"
+        self.storing.append(claimed)
+        self.outcomes.notify()
+
+    def running(self) -> list[Claimed]:
+        """The jobs this pool's threads are running now."""
+        with self.lock:
+            return [c for c in self.jobs if c.stage == "running"]
+
+    # -- letting go ------------------------------------------------------------------------------
+
+    def leave(self, claimed: list[Claimed]) -> list[Claimed]:
+        """Mark jobs as no longer held (with the lock held); returns them."""
+        for c in claimed:
+            if c.stage == "batched":
+                self.batch.remove(c)
+            elif c.stage == "storing":
+                self.unstored -= 1
+                self.room.notify()
+            c.stage = "gone"
+            self.jobs.discard(c)
+        return claimed
+
+    def put_back(self, claimed: list[Claimed], why: str) -> None:
+        """Release jobs this pool no longer holds; a failure leaves them to their lease."""
+        for c in claimed:
+            try:
+                if self.backend.release(c.job) and c.thread is not None:
+                    logger.warning("job %s %s: put back in the queue", c.job.id, why)
+            except Exception as error:
+                logger.warning(
+                    "could not put back job %s (%s); it runs again once its lease expires",
+                    c.job.id,
+                    error,
+                )
+
+    def give_back(self, now: float) -> None:
+        """Put back batched jobs that waited too long: the jobs before them turned slow, and
+        another process may be idle."""
+        with self.lock:
+            stale = [c for c in self.batch if now - c.claimed_at >= GIVE_BACK_AFTER]
+            self.leave(stale)
+        if stale:
+            self.put_back(stale, "waited in a batch")
+
+    def stop_claiming(self) -> None:
+        """Claim no more: wake every thread that waits to claim, so it sees the stop."""
+        with self.wakeup:
+            self.stopping = True
+            self.wakeup.notify_all()
+
+    def leave_unstarted(self) -> list[Claimed]:
+        """Let go of the batched jobs, once claims have stopped, to put them back."""
+        with self.lock:
+            unstarted = self.leave(list(self.batch))
+            self.room.notify_all()  # a thread waiting to claim gives up
+        return unstarted
+
+    def end_drain(self) -> list[Claimed]:
+        """The drain is over: let go of what is batched or still running, to put it back,
+        and let the finisher make its last tries."""
+        with self.lock:
+            still = self.leave([c for c in self.jobs if c.stage in ("batched", "running")])
+            self.drained = True
+            self.outcomes.notify()
+        return still
+
+    def halt(self, error: StorageCorrupt) -> None:
+        """Damaged storage: stop claiming and recovering (either would only repeat work)."""
+        with self.lock:
+            first, self.halted = not self.halted, True
+        if first:
+            logger.critical("%s. Worker %s stops claiming jobs.", error, self.pool_id)
+
+    # -- wake-ups --------------------------------------------------------------------------------
+
+    def wake(self, at: float | None = None) -> None:
+        """A job is due now (or at ``at``): let a thread look."""
+        with self.wakeup:
+            if at is not None and at > time.time():
+                if len(self.dues) < MAX_DUES:  # beyond it, polling finds the job
+                    heapq.heappush(self.dues, at)
+            else:
+                self.wakeups += 1
+            self.wakeup.notify()
+
+    def idle(self, seen: int) -> None:
+        """Sleep until woken, a delayed job of this process is due, or the poll interval;
+        at once if a wake-up came since ``seen`` was read."""
+        with self.wakeup:
+            if self.stopping or self.wakeups != seen:
+                return
+            next_due = self.dues[0] if self.dues else math.inf
+            pause = min(self.settings.poll_interval, next_due - time.time())
+            self.wakeup.wait(max(0.0, pause))
+            now = time.time()
+            while self.dues and self.dues[0] <= now:
+                heapq.heappop(self.dues)
+
+    def pause(self, seconds: float) -> None:
+        """Sleep for ``seconds`` unless the pool stops meanwhile."""
+        with self.wakeup:
+            if not self.stopping:
+                self.wakeup.wait(seconds)

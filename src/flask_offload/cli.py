@@ -19,7 +19,7 @@ from flask.cli import AppGroup
 from . import lifecycle, logs
 from .backends import describe, mask_password
 from .job import FINAL_STATES, Job, state_words
-from .liveness import live_window
+from .liveness import live_processes
 from .runtime import Runtime
 
 
@@ -265,7 +265,8 @@ def purge_command(older_than: float) -> None:
 
 @offload_cli.command("stats")
 def stats_command() -> None:
-    """Jobs per task and state, live workers, and jobs no live worker can run."""
+    """Jobs per task and state, live worker processes with their pools, and jobs no live
+    worker can run."""
     runtime = _runtime()
     click.echo(f"storage: {describe(runtime.backend)}\n")
     counts = runtime.backend.counts()
@@ -280,12 +281,14 @@ def stats_command() -> None:
     paused = runtime.backend.paused_queues()
     if paused:
         click.echo(f"\npaused queues: {', '.join(sorted(paused))}")
-    live = runtime.backend.workers(time.time() - live_window(runtime.settings.lease))
+    live = live_processes(runtime.backend, runtime.settings.lease)
     click.echo(f"\n{len(live)} live worker(s)")
-    for info in live:
-        queues = ",".join(info.queues) if info.queues else "all queues"
-        click.echo(f"  {info.id}  pid {info.pid} on {info.host}  {queues}  {len(info.tasks)} tasks")
-    known = {name for info in live for name in info.tasks}
+    for process in live:
+        click.echo(f"  pid {process.pid} on {process.host}  {len(process.pools)} pool(s)")
+        for info in process.pools:
+            queues = ",".join(info.queues) if info.queues else "all queues"
+            click.echo(f"    pool {info.id}  {queues}  {len(info.tasks)} tasks")
+    known = {name for process in live for name in process.tasks}
     for name in sorted(runtime.backend.queued_task_names() - known):
         click.echo(f"warning: jobs of task {name!r} are queued but no live worker knows it")
 

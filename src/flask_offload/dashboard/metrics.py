@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from ..liveness import live_processes
 from ..runtime import Runtime
 from .queries import queues
 
@@ -61,10 +62,8 @@ class _Collector:
             paused.add_metric([queue.name], int(queue.paused))
         yield from (depth, due, latency, running, paused)
 
-        seen_since = time.time() - 2 * self.runtime.settings.lease
-        yield GaugeMetricFamily(
-            "offload_workers", "Live worker processes.", value=len(backend.workers(seen_since))
-        )
+        live = live_processes(backend, self.runtime.settings.lease)
+        yield GaugeMetricFamily("offload_workers", "Live worker processes.", value=len(live))
 
         runs = GaugeHistogramMetricFamily(
             "offload_job_run_seconds",

@@ -22,6 +22,7 @@ from flask import abort
 
 from ..backends.base import JobFilter, QueueInfo
 from ..job import FINAL_STATES, Job
+from ..liveness import live_processes
 from ..runtime import Runtime
 from .masks import Mask
 
@@ -134,14 +135,17 @@ def throughput(runtime: Runtime) -> dict[str, Any]:
 
 
 def live_workers(runtime: Runtime) -> list[dict[str, Any]]:
-    """Live worker processes, each with the jobs it runs now."""
+    """Live worker processes, each with its pools and the jobs they run now."""
     running, _ = runtime.backend.search_jobs(JobFilter(state="running"), limit=500)
-    by_worker: dict[str, list[Job]] = {}
+    by_pool: dict[str, list[Job]] = {}
     for job in running:
-        by_worker.setdefault(job.worker or "", []).append(job)
+        by_pool.setdefault(job.worker or "", []).append(job)
     return [
-        {"info": info, "running": by_worker.get(info.id, [])}
-        for info in runtime.backend.workers(time.time() - 2 * runtime.settings.lease)
+        {
+            "process": process,
+            "running": [job for pool in process.pools for job in by_pool.get(pool.id, [])],
+        }
+        for process in live_processes(runtime.backend, runtime.settings.lease)
     ]
 
 

@@ -16,6 +16,11 @@ class ConfigurationError(OffloadError, ValueError):
     """An ``OFFLOAD_*`` setting, or a task's option, that cannot work; the message names it."""
 
 
+class ConfigurationTypeError(ConfigurationError, TypeError):
+    """A setting of the wrong type (a number where a list of names goes): also the
+    ``TypeError`` such a setting raised before."""
+
+
 class NotInitialised(OffloadError, RuntimeError):
     """Flask-Offload is used on an app it was not initialised on, or with no app at all."""
 

@@ -75,7 +75,7 @@ class Harness:
         self.app = app
         self.runtime: Runtime = offload.runtime(app)
         self.mode: Mode | None = None
-        self._eager = app.config["OFFLOAD_EAGER"]
+        self._eager = self.runtime.eager
         self._context = self.runtime.context
         self._our_pool = False
 
@@ -93,7 +93,7 @@ class Harness:
                     "manual test runs itself: set TESTING = True and leave OFFLOAD_WORKERS unset"
                 )
             self._stop_pool()
-        self.app.config["OFFLOAD_EAGER"] = mode == "inline"
+        self.runtime.eager = mode == "inline"
         self.runtime.context = _test_context(self.app) if mode == "inline" else self._context
         if mode == "pool" and not running:
             if self.runtime.stopped:
@@ -119,10 +119,10 @@ class Harness:
                 self.switch(before)
 
     def restore(self) -> None:
-        """Stop the pool this harness started and put back ``OFFLOAD_EAGER``."""
+        """Stop the pool this harness started and put back the mode ``OFFLOAD_EAGER`` set."""
         if self._our_pool:
             self._stop_pool()
-        self.app.config["OFFLOAD_EAGER"] = self._eager
+        self.runtime.eager = self._eager
         self.runtime.context = self._context
         self.mode = None
 

@@ -17,6 +17,7 @@ from flask import Flask
 
 from conftest import AppFactory
 from flask_offload import Offload
+from flask_offload.config import KEYS, PREFIX, Config
 from flask_offload.errors import ConfigurationError
 from test_docs import REFERENCE, keys_in_the_reference
 
@@ -77,8 +78,6 @@ def test_a_wrong_type_is_still_the_type_error_it_was() -> None:
 
 
 def test_the_reference_and_the_table_of_keys_agree() -> None:
-    from flask_offload.config import KEYS, PREFIX, Config
-
     documented = reference_sections()
     assert [key for key, _ in documented] == [key.name for key in KEYS], "same keys, same order"
     for (name, text), key, field in zip(documented, KEYS, fields(Config), strict=True):
@@ -92,8 +91,6 @@ def test_the_reference_and_the_table_of_keys_agree() -> None:
 
 
 def test_the_defaults_fill_app_config_and_pass_their_own_checks(tmp_path: Path) -> None:
-    from flask_offload.config import KEYS, Config
-
     app = Flask(__name__, instance_path=str(tmp_path))
     app.config["OFFLOAD_URL"] = "memory://"
     Offload(app)
@@ -210,3 +207,18 @@ def test_settings_changed_after_init_app_change_nothing(make_app: AppFactory) ->
     ask = client.post("/offload/bulk", data=form, headers={"Origin": "http://localhost"})
     assert ask.status_code == 200 and "Cancel 1 job(s)" in ask.get_data(as_text=True)
     assert all(job.refresh().state == "queued" for job in jobs)
+
+
+def test_text_settings_from_the_environment_read_as_before(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variable is read as JSON where it parses: a numeric token is a number there, and
+    still the token; a list of names may be one comma-separated string."""
+    monkeypatch.setenv("FLASK_OFFLOAD_METRICS_TOKEN", "123456")
+    monkeypatch.setenv("FLASK_OFFLOAD_DASHBOARD_MASK", "Card, ssn")
+    app, _ = make_app(OFFLOAD_WORKERS=0)
+    assert app.config["OFFLOAD_METRICS_TOKEN"] == 123456, "app.config holds what it read"
+    assert Config.of(app).dashboard_mask == ("card", "ssn")
+    client = app.test_client()
+    token = {"Authorization": "Bearer 123456"}
+    assert client.get("/offload/metrics", headers=token).status_code == 200

@@ -16,7 +16,7 @@ from flask import Flask
 
 import pgtest
 import released
-from conftest import subprocess_env, wait_until
+from conftest import make_job, subprocess_env, wait_until
 from flask_offload import Offload
 from flask_offload.backends import Backend, SQLiteBackend, open_backend, schema
 from flask_offload.errors import StorageError
@@ -238,3 +238,30 @@ def test_a_newer_release_that_upgrades_first_is_not_undone(tmp_path: Path) -> No
     backend.close()
     assert released.version_of(url) == 99
     assert len(errors) == 1 and isinstance(errors[0], StorageError), errors
+
+
+@pytest.mark.parametrize("version", released.RELEASED["sqlite"])
+def test_an_old_file_is_upgraded_in_the_callers_transaction(version: int, tmp_path: Path) -> None:
+    """enqueue(connection=) on a file no process of this release opened yet: the upgrade
+    runs in the caller's transaction, and is rolled back or committed with the job."""
+    url = released.build("sqlite", version, tmp_path)
+    ids = released.put_jobs(url)
+    path = url[len("sqlite:///") :]
+    backend = SQLiteBackend(path)
+    caller = sqlite3.connect(path, isolation_level=None)
+    try:
+        caller.execute("BEGIN IMMEDIATE")
+        dropped = backend.enqueue(make_job(TASK), connection=caller)
+        caller.execute("ROLLBACK")
+        assert released.version_of(url) == version
+        caller.execute("BEGIN IMMEDIATE")
+        kept = backend.enqueue(make_job(TASK), connection=caller)
+        caller.execute("COMMIT")
+        assert released.version_of(url) == schema.SCHEMA_VERSION
+        assert backend.get(dropped.id) is None
+        stored = backend.get(kept.id)
+        assert stored is not None and stored.state == "queued"
+        assert all(backend.get(job_id) for job_id in ids.values())
+    finally:
+        caller.close()
+        backend.close()

@@ -9,10 +9,11 @@ transaction); PostgreSQL in the ``offload_schema`` table, one row per version, u
 advisory lock. Either way processes that start together upgrade once: the others wait, then
 find nothing left to do.
 
-Numbers mean the same tables on both backends from version 6 on. Before, each backend
-numbered its own list: SQLite's 1-6 are this list's 1-6 and so are PostgreSQL's 1-4, but
-PostgreSQL's 5 added the trace column (this list's 6) without this list's 5, which PostgreSQL
-does not take (see there): a PostgreSQL database at 5 holds this list's 6 and is recorded so.
+A number means the same tables on both backends (each with the indexes its planner needs:
+see version 5) from version 6 on. Before, each backend numbered its own list: SQLite's 1-6
+are this list's 1-6 and so are PostgreSQL's 1-4, but PostgreSQL's 5 added the trace column
+(this list's 6) without this list's 5, which PostgreSQL does not take: a PostgreSQL database
+at 5 holds this list's 6, and is recorded as 6 on its first upgrade.
 """
 
 from __future__ import annotations

@@ -202,7 +202,8 @@ def test_a_newer_schema_is_a_storage_error(dialect: str, tmp_path: Path) -> None
         place = url[len("sqlite:///") :]
     else:
         released.execute(url, "INSERT INTO offload_schema (version) VALUES (99)")
-        place = f"PostgreSQL at 127.0.0.1:5432/{url.rsplit('/', 1)[1]}"
+        unopened = open_backend(url, "/nonexistent")  # connects on first use only
+        place = f"PostgreSQL at {unopened.where}"
     message = (
         f"{place} holds Flask-Offload schema version 99, newer than this release understands "
         f"({schema.SCHEMA_VERSION}); upgrade Flask-Offload"

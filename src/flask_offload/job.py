@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar
 
 from . import serializer
 
@@ -190,10 +190,24 @@ class Job:
         return self
 
     def cancel(self) -> bool:
-        """Cancel a queued job at once, or ask a running one to stop; False once it has finished."""
-        done = self._storage().cancel(self.id)
+        """Cancel a queued job at once, or ask a running one to stop; False once it has finished.
+        Through the runtime that owns its storage, so ``job_cancelled`` is sent as for any
+        other way to cancel."""
+        storage = self._storage()
+        done = (storage if storage.door is None else storage.door).cancel(self.id)
         self.refresh()
         return done
+
+
+class Door(Protocol):
+    """Where a job's state is changed so that the app hears of it (its signals): the runtime
+    that owns the storage. A bare ``Backend`` is one too, that tells nobody."""
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued job, or ask a running one to stop; False once it has finished."""
+
+    def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
+        """Store ``job`` for a periodic tick, unless another process has; True if stored."""
 
 
 def attempt_entry(job: Job, outcome: Outcome, finished_at: float) -> dict[str, Any]:

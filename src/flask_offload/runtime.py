@@ -50,6 +50,7 @@ class Runtime:
         self.backend = backend
         self.tasks = tasks
         backend.result_ttls = self.result_ttls
+        backend.door = self  # a Job's own verbs and the periodic ticks come through here
         self.context = context
         self.settings = settings
         self.eager = eager
@@ -57,7 +58,7 @@ class Runtime:
         self.guard = guard  # raises before an enqueue that would wait for the caller's own lock
         self.before_start = before_start  # the Flask layer registers the app's views' tasks
         self.foreground = Foreground()  # this process's enqueues, which its pools let go first
-        self.pools = [Worker(backend, tasks, context, settings, events, self.foreground)]
+        self.pools = [Worker(backend, tasks, context, settings, events, self.foreground, self)]
         self._plan: list[tuple[int, tuple[str, ...] | None]] | None = None
         self._pid = os.getpid()
         self._lifecycle = threading.Lock()  # start and stop, which may come from two threads
@@ -183,7 +184,8 @@ class Runtime:
         return self.backend.enqueue(job)
 
     def retry(self, job_id: str) -> Job:
-        """Queue a failed or cancelled job again, with fresh attempts."""
+        """Queue a failed or cancelled job again, with fresh attempts; ``job_enqueued`` says
+        it is back in the queue."""
         job = self.get(job_id)
         if job is None:
             raise LookupError(f"no job {job_id!r} (unknown, malformed or expired)")
@@ -202,20 +204,38 @@ class Runtime:
                 f"job {job_id} {state_words(job.state)}: only failed or cancelled jobs retry"
             )
         self.wake()
-        return job.refresh()
+        self.emit("job_enqueued", job.refresh())
+        return job
 
     def result_ttls(self) -> dict[str, float]:
         """The ``result_ttl`` of each registered task that sets one, by name."""
         return {name: t.result_ttl for name, t in self.tasks.items() if t.result_ttl is not None}
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a queued job, or ask a running one to stop; False once it has finished."""
+        """Cancel a queued job, or ask a running one to stop; False once it has finished.
+
+        ``job_cancelled`` is sent here for a queued job only: a running one is sent it by
+        its pool, when the run ends cancelled. The flag tells the two apart, also when that
+        run has ended before the storage answers here: only a run asked to stop has it."""
         if not valid_id(job_id) or not self.backend.cancel(job_id):
             return False
         job = self.backend.get(job_id)
-        if job is not None and job.state == CANCELLED:
+        if job is not None and job.state == CANCELLED and not job.cancel_requested:
             self.emit("job_cancelled", job)
         return True
+
+    def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
+        """Store ``job`` for a periodic tick, unless another process has stored that tick;
+        True, with ``job_enqueued`` sent, if this call stored it. The scheduler that asks
+        wakes its own pool."""
+        stored = self.backend.enqueue_tick(schedule, tick, job)
+        if stored:
+            self.emit("job_enqueued", job)
+        return stored
+
+    def purge(self, finished_before: float) -> int:
+        """Delete the jobs that finished before ``finished_before``; how many went."""
+        return self.backend.purge(finished_before)
 
     def delete(self, job_id: str) -> bool:
         """Delete a job that is not running, with its history; False otherwise."""
@@ -261,7 +281,7 @@ class Runtime:
     def _pool(self, threads: int, queues: tuple[str, ...] | None) -> Worker:
         settings = replace(self.settings, threads=threads, queues=queues)
         return Worker(
-            self.backend, self.tasks, self.context, settings, self.events, self.foreground
+            self.backend, self.tasks, self.context, settings, self.events, self.foreground, self
         )
 
     def wake(self, at: float | None = None) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from .backends.base import Backend
-from .job import Job, new_id
+from .job import Door, Job, new_id
 
 logger = logging.getLogger("flask_offload")
 
@@ -79,12 +79,19 @@ class Periodic(Protocol):
 
 
 class Scheduler:
-    """Enqueues the due tick of every periodic task, then sleeps until the next one."""
+    """Enqueues the due tick of every periodic task, then sleeps until the next one. Each tick
+    is stored through ``door`` (the app's runtime, which sends ``job_enqueued``), or straight
+    into ``backend`` for a pool no runtime owns."""
 
     def __init__(
-        self, backend: Backend, tasks: Mapping[str, Periodic], wake: Callable[[float], None]
+        self,
+        backend: Backend,
+        tasks: Mapping[str, Periodic],
+        wake: Callable[[float], None],
+        door: Door | None = None,
     ) -> None:
         self.backend = backend
+        self.door: Door = backend if door is None else door
         self.tasks = tasks
         self.wake_pool = wake
         self._known: set[str] = set()
@@ -131,7 +138,7 @@ class Scheduler:
                 created_at=now,
                 run_at=latest,
             )
-            if self.backend.enqueue_tick(task.name, latest, job):
+            if self.door.enqueue_tick(task.name, latest, job):
                 self.wake_pool(latest)
             upcoming = min(upcoming, task.schedule.next(now))
         return max(0.0, min(upcoming - time.time(), 60.0))

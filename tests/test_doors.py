@@ -20,15 +20,6 @@ from flask_offload import Cancelled, Offload, Task, current_job, signals
 from flask_offload.backends.base import Backend
 from flask_offload.worker import Worker
 
-EVENTS = [
-    "job_enqueued",
-    "job_started",
-    "job_succeeded",
-    "job_failed",
-    "job_retrying",
-    "job_cancelled",
-    "job_lost",
-]
 ORIGIN = {"Origin": "http://localhost"}
 Heard = list[tuple[str, str]]  # (event, job id), in the order sent
 
@@ -39,7 +30,7 @@ def heard() -> Iterator[Heard]:
     seen: Heard = []
     lock = threading.Lock()
     receivers = []
-    for name in EVENTS:
+    for name in signals.__all__:
 
         def receiver(sender: Any, job: Any, name: str = name) -> None:
             with lock:

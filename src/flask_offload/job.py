@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar
 
 from . import serializer
+from .errors import JobNotFound, UsageError, WaitTimeout
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -162,28 +163,29 @@ class Job:
 
     def _storage(self) -> Backend:
         if self.backend is None:
-            raise RuntimeError("this Job is not attached to a storage backend")
+            raise UsageError("this Job is not attached to a storage backend")
         return self.backend
 
     def refresh(self) -> Job:
         """Reload every field from storage; returns the job itself."""
         fresh = self._storage().get(self.id)
         if fresh is None:
-            raise LookupError(f"job {self.id} is no longer stored (expired or purged)")
+            raise JobNotFound(f"job {self.id} is no longer stored (expired or purged)")
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(fresh, name))
         return self
 
     def wait(self, timeout: float | None = None) -> Job:
         """Block until the job is succeeded, failed or cancelled and return it; raise
-        ``TimeoutError`` when ``timeout`` seconds pass first. A failed job does not raise."""
+        ``WaitTimeout`` (a ``TimeoutError``) when ``timeout`` seconds pass first. A failed job
+        does not raise."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.002
         while not self.refresh().finished:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"job {self.id} is still {self.state} after {timeout} s")
+                    raise WaitTimeout(f"job {self.id} is still {self.state} after {timeout} s")
                 pause = min(pause, left)
             time.sleep(pause)
             pause = min(pause * 2, 0.1)
@@ -375,7 +377,7 @@ class _CurrentJob:
     def _get(self) -> Running | Detached:
         running = _running.get()
         if running is None:
-            raise RuntimeError("current_job is only available inside a running task")
+            raise UsageError("current_job is only available inside a running task")
         return running
 
     @property

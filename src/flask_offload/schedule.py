@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from .backends.base import Backend
+from .errors import ConfigurationError, InvalidArgument, MissingDependency
 from .job import Door, Job, new_id
 
 logger = logging.getLogger("flask_offload")
@@ -31,18 +32,18 @@ class Schedule:
         self, every: float | timedelta | None = None, cron: str | None = None, tz: str | None = None
     ) -> None:
         if (every is None) == (cron is None):
-            raise TypeError("a periodic task takes one of every= or cron=")
+            raise InvalidArgument("a periodic task takes one of every= or cron=")
         if isinstance(every, timedelta):
             every = every.total_seconds()
         if every is not None and (isinstance(every, bool) or not every > 0):
-            raise ValueError(f"every= must be a positive interval, not {every!r}")
+            raise ConfigurationError(f"every= must be a positive interval, not {every!r}")
         self.every = None if every is None else float(every)
         self.cron = cron
         self.zone = ZoneInfo(tz) if tz else timezone.utc
         if cron is not None:
             self._croniter = _load_croniter()
             if not self._croniter.is_valid(cron):
-                raise ValueError(f"cron={cron!r} is not a valid cron expression")
+                raise ConfigurationError(f"cron={cron!r} is not a valid cron expression")
 
     def latest(self, now: float) -> float:
         """The latest tick at or before ``now``."""
@@ -63,7 +64,7 @@ def _load_croniter() -> Any:
     try:
         return importlib.import_module("croniter").croniter
     except ImportError:
-        raise ImportError(
+        raise MissingDependency(
             "cron= needs the croniter package: pip install 'Flask-Offload[cron]'"
         ) from None
 

@@ -272,6 +272,27 @@ def test_cancelling_a_running_job_sends_job_cancelled_once_when_its_run_ends(
     assert sent(heard, job.id) == {"job_enqueued": 1, "job_started": 1, "job_cancelled": 1}
 
 
+def test_a_job_asked_to_stop_then_put_back_is_cancelled_with_one_signal(
+    make_app: AppFactory, heard: Heard
+) -> None:
+    """A running job asked to stop and put back by a graceful stop is queued with its flag
+    still set; cancelling it there sends ``job_cancelled``, once."""
+    app, offload = make_app(OFFLOAD_WORKERS=0)
+
+    @offload.task(name="stubborn")
+    def stubborn() -> None: ...
+
+    runtime = offload.runtime(app)
+    with app.app_context():
+        job = stubborn.delay()
+    [claimed] = runtime.backend.claim("w", ["stubborn"], None, 1, 30)
+    assert runtime.cancel(job.id), "asked to stop"
+    assert runtime.backend.release(claimed), "put back, as a graceful stop does"
+    assert job.refresh().state == "queued" and job.cancel_requested
+    assert job.cancel() and job.state == "cancelled"
+    assert sent(heard, job.id) == {"job_enqueued": 1, "job_cancelled": 1}
+
+
 def test_a_periodic_tick_sends_job_enqueued_once_across_apps_sharing_the_file(
     make_app: AppFactory, heard: Heard
 ) -> None:

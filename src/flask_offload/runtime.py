@@ -217,13 +217,20 @@ class Runtime:
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued job, or ask a running one to stop; False once it has finished.
 
-        ``job_cancelled`` is sent here for a queued job only: a running one is sent it by
-        its pool, when the run ends cancelled. The flag tells the two apart, also when that
-        run has ended before the storage answers here: only a run asked to stop has it."""
-        if not valid_id(job_id) or not self.backend.cancel(job_id):
+        ``job_cancelled`` is sent here for a queued job. A running one only gets its flag
+        set, and its pool sends ``job_cancelled`` when the run ends cancelled, which may be
+        before the storage answers here: so a job found cancelled was cancelled here if it
+        was queued just before, or if it has no flag (only a run asked to stop sets it; a
+        graceful stop that puts such a run back leaves it on the queued job)."""
+        before = self.get(job_id)
+        if before is None or not self.backend.cancel(job_id):
             return False
         job = self.backend.get(job_id)
-        if job is not None and job.state == CANCELLED and not job.cancel_requested:
+        if (
+            job is not None
+            and job.state == CANCELLED
+            and (before.state == QUEUED or not job.cancel_requested)
+        ):
             self.emit("job_cancelled", job)
         return True
 

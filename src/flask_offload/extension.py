@@ -20,6 +20,13 @@ from .backends import Backend, SQLiteBackend, open_backend
 from .cli import offload_cli
 from .config import EXTENSION_KEY as CONFIG_KEY
 from .config import PREFIX, Config, eager_changed, from_environment, sources, warn_unknown
+from .errors import (
+    ConfigurationError,
+    InvalidArgument,
+    InvalidValue,
+    NotInitialised,
+    UsageError,
+)
 from .execution import Cancelled, ContextFactory, Events, Retry
 from .job import Job, Outcome, new_id
 from .runtime import Runtime
@@ -61,7 +68,7 @@ class Offload:
         creates nothing) and, in a serving process, start its worker pool once the code that
         called ``init_app`` (the app factory) has returned."""
         if "offload" in app.extensions:
-            raise RuntimeError("Flask-Offload is already initialised on this app")
+            raise UsageError("Flask-Offload is already initialised on this app")
         logs.show_by_default(app.debug)
         given = {key for key in app.config if key.startswith(PREFIX)}
         variables = from_environment(app.config)
@@ -110,14 +117,14 @@ class Offload:
         if app is None and len(self._runtimes) == 1:
             app = next(iter(self._runtimes.keys()))
         if app is None:
-            raise RuntimeError(
+            raise NotInitialised(
                 "no app to enqueue in: call offload.init_app(app) first, or, with several "
                 "apps, work inside 'with app.app_context():'"
             )
         try:
             runtime = self._runtimes[app]
         except KeyError:
-            raise RuntimeError(
+            raise NotInitialised(
                 f"Flask-Offload is not initialised on app {app.name!r}: call offload.init_app(app)"
             ) from None
         seen = self._eager_seen.get(app)
@@ -223,7 +230,9 @@ class Offload:
     def _register(self, task: Task[P, R]) -> Task[P, R]:
         known = self._tasks.get(task.name)
         if known is not None and known.fn is not task.fn:
-            raise ValueError(f"two tasks are named {task.name!r}: give one of them name=...")
+            raise ConfigurationError(
+                f"two tasks are named {task.name!r}: give one of them name=..."
+            )
         self._tasks[task.name] = task
         for runtime in list(self._runtimes.values()):
             runtime.tasks_changed()
@@ -231,9 +240,10 @@ class Offload:
 
     def get_job(self, job_id: str) -> Job | None:
         """The job with this id, or None if it is unknown, expired or not a valid id. A
-        Celery- or RQ-style id (a UUID with dashes) raises ``ValueError`` saying why."""
+        Celery- or RQ-style id (a UUID with dashes) raises ``InvalidValue`` (a ``ValueError``)
+        saying why."""
         if isinstance(job_id, str) and _UUID.fullmatch(job_id):
-            raise ValueError(
+            raise InvalidValue(
                 f"{job_id!r} is a UUID, the shape of a Celery or RQ id; Flask-Offload's ids are "
                 "32 lowercase hex characters without dashes (128 random bits), as job.id gives"
             )
@@ -259,11 +269,11 @@ class Offload:
         name lends its own defaults."""
         check_options(options, ENQUEUE_OPTIONS, "offload.enqueue()")
         if not isinstance(task_name, str) or not task_name:
-            raise TypeError(f"the task name must be a non-empty str, not {task_name!r}")
+            raise InvalidArgument(f"the task name must be a non-empty str, not {task_name!r}")
         if retries is not None and (
             isinstance(retries, bool) or not isinstance(retries, int) or retries < 0
         ):
-            raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
+            raise InvalidValue(f"retries must be a whole number >= 0, not {retries!r}")
         known = self._tasks.get(task_name)
         queue, priority = options.pop("queue", None), options.pop("priority", None)
         return self.runtime().enqueue(
@@ -309,7 +319,7 @@ def _context_of(app: Flask) -> ContextFactory:
     def context() -> AppContext:
         live = ref()
         if live is None:
-            raise RuntimeError("the app this job belongs to no longer exists")
+            raise NotInitialised("the app this job belongs to no longer exists")
         return live.app_context()
 
     return context
@@ -386,7 +396,7 @@ def _own_lock_guard(app: Flask, backend: Backend) -> Callable[[], None] | None:
             ]
         for engine in shared:
             if commits.writing(db.session, engine) and backend.write_locked_here():
-                raise RuntimeError(
+                raise UsageError(
                     f"db.session holds a write transaction open on {backend.path}, which is "
                     "also the job store (OFFLOAD_URL), and SQLite has one writer: this "
                     "enqueue would wait for that transaction, which cannot end meanwhile. "

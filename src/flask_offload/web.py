@@ -27,6 +27,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, make_respons
 
 from . import serializer, snapshot
 from .config import Config
+from .errors import InvalidArgument
 from .job import FAILED, SUCCEEDED, Job, valid_id
 from .replay import REPLAY, answer, replay
 from .task import Task
@@ -240,7 +241,7 @@ def _check_order(app: Flask, is_background: Callable[[Any], bool]) -> None:
     for endpoint, fn in plain:
         if is_background(fn) and id(fn) not in served:
             name = getattr(fn, "__name__", repr(fn))
-            raise TypeError(
+            raise InvalidArgument(
                 f"view {name!r} is registered on app {app.name!r} (endpoint {endpoint!r}) "
                 "before @offload.background wraps it, so it would run inline and answer at "
                 "once: the route decorator must be the outer one, above @offload.background:"

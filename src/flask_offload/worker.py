@@ -59,7 +59,17 @@ from .execution import (
     failure,
 )
 from .foreground import Foreground
-from .job import CANCELLED, FAILED, PROGRESS_EVERY, QUEUED, Job, Outcome, Running, WorkerInfo
+from .job import (
+    CANCELLED,
+    FAILED,
+    PROGRESS_EVERY,
+    QUEUED,
+    Door,
+    Job,
+    Outcome,
+    Running,
+    WorkerInfo,
+)
 from .schedule import Scheduler
 
 logger = logging.getLogger("flask_offload")
@@ -123,6 +133,7 @@ class Worker:
         settings: Settings,
         events: Events | None = None,
         foreground: Foreground | None = None,
+        door: Door | None = None,
     ) -> None:
         self.backend = backend
         self.tasks = tasks
@@ -131,7 +142,7 @@ class Worker:
         self.events = events
         self.foreground = foreground or Foreground()  # enqueues in this process go first
         self.id = new_worker_id()
-        self.scheduler = Scheduler(backend, tasks, self.wake)
+        self.scheduler = Scheduler(backend, tasks, self.wake, door)  # door: the runtime
         self._lock = threading.Lock()  # guards every Claimed and the sets below
         self._held: set[Claimed] = set()
         self._batch: deque[Claimed] = deque()

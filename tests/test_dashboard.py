@@ -31,10 +31,13 @@ PAGES = ["/offload/", "/offload/list", "/offload/workers", "/offload/periodic", 
 
 
 @pytest.fixture
-def site(make_app: AppFactory) -> Iterator[tuple[Flask, Offload, dict[str, str]]]:
+def site(
+    make_app: AppFactory, request: pytest.FixtureRequest
+) -> Iterator[tuple[Flask, Offload, dict[str, str]]]:
     """An app in debug mode (the development case: no hook needed from a loopback client on
     ``localhost``) with the dashboard on and no pool (jobs are moved by hand): one failed, one
-    succeeded, one queued job, in queue ``mail``."""
+    succeeded, one queued job, in queue ``mail``. Settings of its own come as the indirect
+    parameter."""
     offload = Offload()
 
     @offload.task(name="send", queue="mail")
@@ -45,7 +48,8 @@ def site(make_app: AppFactory) -> Iterator[tuple[Flask, Offload, dict[str, str]]
     def hourly() -> None:
         return None
 
-    app, _ = make_app(offload, DEBUG=True, OFFLOAD_DASHBOARD=True, OFFLOAD_WORKERS=0)
+    settings = getattr(request, "param", {})
+    app, _ = make_app(offload, DEBUG=True, OFFLOAD_DASHBOARD=True, OFFLOAD_WORKERS=0, **settings)
     backend = offload.runtime(app).backend
     ids = {}
     with app.app_context():
@@ -340,9 +344,9 @@ def test_actions_retry_cancel_delete_pause_and_run_now(site: Any) -> None:
     assert runtime.get(job_id).task == "hourly"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("site", [{"OFFLOAD_DASHBOARD_BULK_LIMIT": 2}], indirect=True)
 def test_bulk_actions_ask_first_and_are_capped(site: Any) -> None:
     app, offload, _ = site
-    app.config["OFFLOAD_DASHBOARD_BULK_LIMIT"] = 2
     runtime = offload.runtime(app)
     with app.app_context():
         queued = [runtime.enqueue("send", [n], queue="mail").id for n in range(3)]

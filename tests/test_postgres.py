@@ -26,7 +26,7 @@ from conftest import AppFactory, free_port, jobapp_env, make_job, process, runs,
 
 psycopg = pgtest.require_psycopg()
 
-from flask_offload.backends import open_backend  # noqa: E402
+from flask_offload.backends import open_backend, schema  # noqa: E402
 from flask_offload.backends import postgres as queries  # noqa: E402
 from flask_offload.backends.postgres import PostgresBackend  # noqa: E402
 from flask_offload.job import Outcome  # noqa: E402
@@ -278,7 +278,7 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
     assert outputs == ["{}\n"] * 8
     with pgtest.connect(url) as conn:
         versions = conn.execute("SELECT version FROM offload_schema ORDER BY version").fetchall()
-        assert versions == [(n,) for n in range(1, queries.SCHEMA_VERSION + 1)]
+        assert versions == [(n,) for n in range(1, schema.SCHEMA_VERSION + 1)]
         conn.execute("INSERT INTO offload_schema (version) VALUES (99)")
     with pytest.raises(RuntimeError, match="schema version 99, newer than this release"):
         connect(url).counts()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import pytest
 from flask_offload.backends import open_backend, sqlite_path
 from flask_offload.backends import sqlite as queries
 from flask_offload.backends.sqlite import SQLiteBackend
-from flask_offload.job import Outcome
 
 
 def plan(backend: SQLiteBackend, sql: str, params: object) -> str:
@@ -96,27 +94,3 @@ def test_a_second_connection_sees_a_commit_at_once(tmp_path: Path) -> None:
     writer, reader = (SQLiteBackend(str(tmp_path / "jobs.db")) for _ in range(2))
     job = writer.enqueue(make_job(created_at=time.time()))
     assert reader.get(job.id) is not None
-
-
-def test_a_version_1_file_is_upgraded_and_its_jobs_run(tmp_path: Path) -> None:
-    """Files written before claim tokens (schema 1) gain the column and keep their jobs."""
-    path = tmp_path / "old.db"
-    with sqlite3.connect(path, isolation_level=None) as db:
-        for statement in queries._statements(queries.MIGRATIONS[0]):
-            db.execute(statement)
-        db.execute("PRAGMA user_version = 1")
-        db.execute(
-            "INSERT INTO offload_jobs (id, task, queue, priority, state, args_json, kwargs_json,"
-            " max_attempts, created_at, run_at) VALUES (?, 't', 'default', 0, 'queued', '[]',"
-            " '{}', 1, 0, 0)",
-            ("a" * 32,),
-        )
-    backend = SQLiteBackend(str(path))
-    try:
-        [claimed] = backend.claim("w", ["t"], None, 1, 30)
-        assert claimed.id == "a" * 32 and claimed.claim
-        assert backend.finish(claimed, Outcome("succeeded", result_json="1"))
-    finally:
-        backend.close()
-    with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (queries.SCHEMA_VERSION,)

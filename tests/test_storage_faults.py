@@ -90,9 +90,9 @@ def test_a_damaged_file_is_named_and_the_pool_stops_claiming(
     def work(n: int) -> None:
         ran[n] += 1
 
-    def make() -> Flask:
+    def make(**settings: Any) -> Flask:
         app = Flask(__name__, instance_path=str(tmp_path))
-        app.config.update(OFFLOAD_URL=f"sqlite:///{path}", OFFLOAD_WORKERS=0)
+        app.config.update(OFFLOAD_URL=f"sqlite:///{path}", OFFLOAD_WORKERS=0, **settings)
         offload.init_app(app)
         return app
 
@@ -109,11 +109,9 @@ def test_a_damaged_file_is_named_and_the_pool_stops_claiming(
         damaged.write(os.urandom(size // 4))
 
     caplog.set_level(logging.INFO, "flask_offload")
-    app = make()
+    app = make(OFFLOAD_POLL_INTERVAL=0.05)
     runtime = offload.runtime(app)
-    runtime.settings.threads = 2
-    runtime.settings.poll_interval = 0.05
-    runtime.start()
+    runtime.start([(2, None)])
     try:
         wait_until(lambda: "is damaged or not a SQLite database" in caplog.text, timeout=30)
         record = next(r for r in caplog.records if "is damaged" in r.getMessage())

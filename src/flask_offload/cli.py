@@ -242,7 +242,7 @@ def retry_command(job_id: str) -> None:
 def cancel_command(job_id: str) -> None:
     """Cancel a queued job, or ask a running one to stop."""
     job = _job(job_id)
-    done = _runtime().cancel(job.id)  # through the runtime: job_cancelled is sent
+    done = _runtime().cancel(job.id)
     job.refresh()
     if not done:
         raise click.ClickException(f"job {job.id} {state_words(job.state, 'already')}")
@@ -259,7 +259,7 @@ def cancel_command(job_id: str) -> None:
 )
 def purge_command(older_than: float) -> None:
     """Delete finished jobs now (they also expire after OFFLOAD_RESULT_TTL)."""
-    count = _runtime().backend.purge(time.time() - older_than)
+    count = _runtime().purge(time.time() - older_than)
     click.echo(f"deleted {count} finished job(s)")
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .errors import InvalidArgument
+
 PENDING = "flask_offload.after_commit"  # the session.info key: {transaction: actions}
 
 
@@ -21,12 +23,13 @@ def after_commit(session: Any, action: Callable[[], object], strict: bool = True
     """Run ``action`` once ``session``'s outermost transaction commits (at once if it has no
     open transaction); drop it if the (sub)transaction it was given in rolls back or is
     closed. ``session`` is a SQLAlchemy ``Session`` or a ``scoped_session`` such as
-    Flask-SQLAlchemy's ``db.session``. Anything else raises ``TypeError``, or, with
+    Flask-SQLAlchemy's ``db.session``. Anything else raises ``InvalidArgument`` (a
+    ``TypeError``), or, with
     ``strict=False``, is ignored (the caller has no hook to offer)."""
     real = _session(session)
     if real is None:
         if strict:
-            raise TypeError(
+            raise InvalidArgument(
                 "after_commit= takes a SQLAlchemy Session (Flask-SQLAlchemy's db.session too), "
                 f"not {type(session).__module__}.{type(session).__qualname__}"
             )

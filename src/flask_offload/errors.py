@@ -16,6 +16,11 @@ class ConfigurationError(OffloadError, ValueError):
     """An ``OFFLOAD_*`` setting, or a task's option, that cannot work; the message names it."""
 
 
+class ConfigurationTypeError(ConfigurationError, TypeError):
+    """A setting of the wrong type (a number where a list of names goes): also the
+    ``TypeError`` such a setting raised before."""
+
+
 class NotInitialised(OffloadError, RuntimeError):
     """Flask-Offload is used on an app it was not initialised on, or with no app at all."""
 
@@ -54,3 +59,26 @@ class StorageCorrupt(StorageError):
 
 class StorageUnavailable(OffloadError, ConnectionError):
     """The job store's server cannot be reached."""
+
+
+class InvalidArgument(OffloadError, TypeError):
+    """A call, decorator or option given something of the wrong type, an option it does not
+    take, or two options that exclude each other; the message names it."""
+
+
+class InvalidValue(OffloadError, ValueError):
+    """An argument of the right type whose value cannot be used (out of range, malformed, a
+    naive datetime, over a size limit); the message names it."""
+
+
+class UsageError(OffloadError, RuntimeError):
+    """Something asked where it cannot work: ``current_job`` outside a task, a Job not
+    stored, a pool that stopped, an enqueue that would wait for the caller's own lock."""
+
+
+class WaitTimeout(OffloadError, TimeoutError):
+    """``job.wait(timeout)`` ran out of time before the job finished."""
+
+
+class MissingDependency(OffloadError, ImportError):
+    """A feature needs an optional extra that is not installed; the message names it."""

@@ -81,9 +81,10 @@ class Runnable(Periodic, Protocol):
     result_ttl: float | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
-    """How a pool runs; the Flask layer fills it from ``OFFLOAD_*`` configuration."""
+    """How a pool runs: ``Config.pool()`` makes it from the app's ``OFFLOAD_*`` settings once,
+    at ``init_app``; a pool of other threads or queues is a ``replace`` of it."""
 
     threads: int = 2
     queues: tuple[str, ...] | None = None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 import warnings
@@ -20,14 +18,22 @@ from flask.ctx import AppContext
 from . import commits, dashboard, lifecycle, logs, servers, signals, web
 from .backends import Backend, SQLiteBackend, open_backend
 from .cli import offload_cli
-from .execution import Cancelled, ContextFactory, Events, Retry, Settings
+from .config import EXTENSION_KEY as CONFIG_KEY
+from .config import PREFIX, Config, eager_changed, from_environment, sources, warn_unknown
+from .errors import (
+    ConfigurationError,
+    InvalidArgument,
+    InvalidValue,
+    NotInitialised,
+    UsageError,
+)
+from .execution import Cancelled, ContextFactory, Events, Retry
 from .job import Job, Outcome, new_id
 from .runtime import Runtime
 from .schedule import Schedule
 from .task import ENQUEUE_OPTIONS, TASK_OPTIONS, Task, check_options
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-ENV_PREFIX = "FLASK_OFFLOAD_"
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -52,6 +58,8 @@ class Offload:
         self._configs: weakref.WeakKeyDictionary[Flask, dict[str, dict[str, Any]]] = (
             weakref.WeakKeyDictionary()
         )
+        # OFFLOAD_EAGER as runtime() last followed it (deprecated: changed after init_app)
+        self._eager_seen: weakref.WeakKeyDictionary[Flask, Any] = weakref.WeakKeyDictionary()
         if app is not None:
             self.init_app(app)
 
@@ -60,18 +68,19 @@ class Offload:
         creates nothing) and, in a serving process, start its worker pool once the code that
         called ``init_app`` (the app factory) has returned."""
         if "offload" in app.extensions:
-            raise RuntimeError("Flask-Offload is already initialised on this app")
+            raise UsageError("Flask-Offload is already initialised on this app")
         logs.show_by_default(app.debug)
-        given = {key for key in app.config if key.startswith("OFFLOAD_")}
-        variables = config_from_environment(app.config)
+        given = {key for key in app.config if key.startswith(PREFIX)}
+        variables = from_environment(app.config)
+        warn_unknown(given, variables)
         explicit_workers = "OFFLOAD_WORKERS" in app.config
         explicit_url = "OFFLOAD_URL" in app.config
         with _setting_errors():
-            url, settings, eager, synchronous = read_config(app)
+            config = Config.read(app.config)
             backend = open_backend(
-                url, app.instance_path, synchronous, _flag(app.config, "OFFLOAD_PG_LISTEN")
+                config.url, app.instance_path, config.sqlite_synchronous, config.pg_listen
             )
-        if app.testing and not (explicit_url or eager):
+        if app.testing and not (explicit_url or config.eager):
             logs.logger.warning(
                 "app %r is testing but sets no OFFLOAD_URL: its jobs go to the development job "
                 "store in %s; a test configuration sets OFFLOAD_URL = 'memory://' (or "
@@ -83,44 +92,46 @@ class Offload:
             backend,
             self._tasks,
             _context_of(app),
-            settings,
-            eager=eager,
+            config.pool(),
+            eager=config.eager,
             events=_events_of(app),
             guard=_own_lock_guard(app, backend),
             before_start=_views_of(app),
         )
         self._runtimes[app] = runtime
+        self._eager_seen[app] = app.config["OFFLOAD_EAGER"]
         app.extensions["offload"] = self
+        app.extensions[CONFIG_KEY] = config
         app.cli.add_command(offload_cli)
-        app.register_blueprint(web.blueprint, url_prefix=app.config["OFFLOAD_URL_PREFIX"])
-        web.install(app)
-        with _setting_errors():
-            dashboard.install(app)
-        self._configs[app] = _sources(app.config, given, variables)
-        how = lifecycle.plan(app.testing, explicit_workers, settings.threads, eager)
+        app.register_blueprint(web.blueprint, url_prefix=config.url_prefix)
+        web.install(app, config)
+        dashboard.install(app, config)
+        self._configs[app] = sources(app.config, given, variables)
+        how = lifecycle.plan(app.testing, explicit_workers, config.workers, config.eager)
         lifecycle.manage(runtime, how, app=app)
 
     def runtime(self, app: Flask | None = None) -> Runtime:
-        """The storage and pool of ``app``, or of the current app, or of the only app.
-
-        ``OFFLOAD_EAGER`` is read here, on every enqueue, so a test that sets it after
-        ``init_app`` (or ``flask_offload.testing`` switching modes) is obeyed."""
+        """The storage and pool of ``app``, or of the current app, or of the only app."""
         if app is None and has_app_context():
             app = current_app._get_current_object()  # type: ignore[attr-defined]
         if app is None and len(self._runtimes) == 1:
             app = next(iter(self._runtimes.keys()))
         if app is None:
-            raise RuntimeError(
+            raise NotInitialised(
                 "no app to enqueue in: call offload.init_app(app) first, or, with several "
                 "apps, work inside 'with app.app_context():'"
             )
         try:
             runtime = self._runtimes[app]
         except KeyError:
-            raise RuntimeError(
+            raise NotInitialised(
                 f"Flask-Offload is not initialised on app {app.name!r}: call offload.init_app(app)"
             ) from None
-        runtime.eager = _flag(app.config, "OFFLOAD_EAGER")
+        seen = self._eager_seen.get(app)
+        value = app.config.get("OFFLOAD_EAGER")
+        if value is not seen and value != seen:  # deprecated: set after init_app
+            runtime.eager = eager_changed(value)
+            self._eager_seen[app] = value
         return runtime
 
     def configuration(self, app: Flask) -> dict[str, dict[str, Any]]:
@@ -219,7 +230,9 @@ class Offload:
     def _register(self, task: Task[P, R]) -> Task[P, R]:
         known = self._tasks.get(task.name)
         if known is not None and known.fn is not task.fn:
-            raise ValueError(f"two tasks are named {task.name!r}: give one of them name=...")
+            raise ConfigurationError(
+                f"two tasks are named {task.name!r}: give one of them name=..."
+            )
         self._tasks[task.name] = task
         for runtime in list(self._runtimes.values()):
             runtime.tasks_changed()
@@ -227,9 +240,10 @@ class Offload:
 
     def get_job(self, job_id: str) -> Job | None:
         """The job with this id, or None if it is unknown, expired or not a valid id. A
-        Celery- or RQ-style id (a UUID with dashes) raises ``ValueError`` saying why."""
+        Celery- or RQ-style id (a UUID with dashes) raises ``InvalidValue`` (a ``ValueError``)
+        saying why."""
         if isinstance(job_id, str) and _UUID.fullmatch(job_id):
-            raise ValueError(
+            raise InvalidValue(
                 f"{job_id!r} is a UUID, the shape of a Celery or RQ id; Flask-Offload's ids are "
                 "32 lowercase hex characters without dashes (128 random bits), as job.id gives"
             )
@@ -255,11 +269,11 @@ class Offload:
         name lends its own defaults."""
         check_options(options, ENQUEUE_OPTIONS, "offload.enqueue()")
         if not isinstance(task_name, str) or not task_name:
-            raise TypeError(f"the task name must be a non-empty str, not {task_name!r}")
+            raise InvalidArgument(f"the task name must be a non-empty str, not {task_name!r}")
         if retries is not None and (
             isinstance(retries, bool) or not isinstance(retries, int) or retries < 0
         ):
-            raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
+            raise InvalidValue(f"retries must be a whole number >= 0, not {retries!r}")
         known = self._tasks.get(task_name)
         queue, priority = options.pop("queue", None), options.pop("priority", None)
         return self.runtime().enqueue(
@@ -305,7 +319,7 @@ def _context_of(app: Flask) -> ContextFactory:
     def context() -> AppContext:
         live = ref()
         if live is None:
-            raise RuntimeError("the app this job belongs to no longer exists")
+            raise NotInitialised("the app this job belongs to no longer exists")
         return live.app_context()
 
     return context
@@ -326,65 +340,6 @@ def _views_of(app: Flask) -> Callable[[], None]:
             logs.logger.error("%s", error)
 
     return register
-
-
-def config_from_environment(config: dict[str, Any]) -> dict[str, str]:
-    """Fill in ``OFFLOAD_*`` keys from ``FLASK_OFFLOAD_*`` environment variables.
-
-    The variables are the ones ``app.config.from_prefixed_env()`` reads, and their values are
-    read the same way (JSON where they parse, such as ``4`` or ``false``, else strings), so a
-    deployment configures an app that never calls it. A key the app's configuration sets
-    wins: code and config files are explicit, the environment is ambient (a test config's
-    ``memory://`` must never be replaced by a URL exported in the shell). A variable that is
-    overridden so is logged, so it is never ignored silently. Returns the variable of each
-    key that has one, set here or overridden.
-    """
-    variables: dict[str, str] = {}
-    for name, raw in sorted(os.environ.items()):
-        if not name.startswith(ENV_PREFIX):
-            continue
-        key = name[len("FLASK_") :]
-        variables[key] = name
-        value = _environment_value(raw)
-        if key not in config:
-            config[key] = value
-        elif config[key] != value:
-            logs.logger.warning(
-                "%s is set in the environment but the app's config sets %s, which wins",
-                name,
-                key,
-            )
-    return variables
-
-
-def _environment_value(raw: str) -> Any:
-    """A ``FLASK_OFFLOAD_*`` variable's value as ``from_prefixed_env`` reads it: JSON where it
-    parses, else the string."""
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
-
-
-def _sources(
-    config: dict[str, Any], given: set[str], variables: dict[str, str]
-) -> dict[str, dict[str, Any]]:
-    """Each ``OFFLOAD_*`` setting's value and where it came from: the keys the app's config
-    ``given`` before ``init_app``, the environment ``variables``, or else a default."""
-    found: dict[str, dict[str, Any]] = {}
-    for key in sorted(k for k in config if k.startswith("OFFLOAD_")):
-        entry: dict[str, Any] = {"value": config[key], "source": "default"}
-        from_variable = key in variables and config[key] == _environment_value(
-            os.environ.get(variables[key], "")
-        )
-        if key in given and not from_variable:
-            entry["source"] = "app config"
-            if key in variables:
-                entry["overrides"] = variables[key]
-        elif key in variables:  # given too when the app calls config.from_prefixed_env()
-            entry.update(source="environment", variable=variables[key])
-        found[key] = entry
-    return found
 
 
 @contextmanager
@@ -441,7 +396,7 @@ def _own_lock_guard(app: Flask, backend: Backend) -> Callable[[], None] | None:
             ]
         for engine in shared:
             if commits.writing(db.session, engine) and backend.write_locked_here():
-                raise RuntimeError(
+                raise UsageError(
                     f"db.session holds a write transaction open on {backend.path}, which is "
                     "also the job store (OFFLOAD_URL), and SQLite has one writer: this "
                     "enqueue would wait for that transaction, which cannot end meanwhile. "
@@ -451,85 +406,3 @@ def _own_lock_guard(app: Flask, backend: Backend) -> Callable[[], None] | None:
                 )
 
     return guard
-
-
-def read_config(app: Flask) -> tuple[str, Settings, bool, str]:
-    """Fill in ``OFFLOAD_*`` defaults and check every value, naming the key that is wrong."""
-    config = app.config
-    defaults = Settings()
-    config.setdefault("OFFLOAD_URL", "sqlite:///offload.db")
-    config.setdefault("OFFLOAD_WORKERS", defaults.threads)
-    config.setdefault("OFFLOAD_QUEUES", None)
-    config.setdefault("OFFLOAD_EAGER", False)
-    config.setdefault("OFFLOAD_SHUTDOWN_TIMEOUT", defaults.shutdown_timeout)
-    config.setdefault("OFFLOAD_LEASE", defaults.lease)
-    config.setdefault("OFFLOAD_POLL_INTERVAL", defaults.poll_interval)
-    config.setdefault("OFFLOAD_RESULT_TTL", defaults.result_ttl)
-    config.setdefault("OFFLOAD_MAX_PAYLOAD_BYTES", defaults.max_payload_bytes)
-    config.setdefault("OFFLOAD_MAX_RESULT_BYTES", defaults.max_result_bytes)
-    config.setdefault("OFFLOAD_SQLITE_SYNCHRONOUS", "NORMAL")
-    config.setdefault("OFFLOAD_PG_LISTEN", True)
-    config.setdefault("OFFLOAD_URL_PREFIX", "/offload")
-    config.setdefault("OFFLOAD_MAX_REQUEST_BYTES", 1 << 20)
-    _number(config, "OFFLOAD_MAX_REQUEST_BYTES", 0, whole=True)
-
-    queues = config["OFFLOAD_QUEUES"]
-    if isinstance(queues, str):
-        queues = [name.strip() for name in queues.split(",") if name.strip()]
-    if queues is not None and (
-        not isinstance(queues, (list, tuple)) or not all(isinstance(q, str) for q in queues)
-    ):
-        raise TypeError(f"OFFLOAD_QUEUES must be a list of queue names, not {queues!r}")
-    if queues is not None and not [name for name in queues if name.strip()]:
-        raise ValueError(
-            f"OFFLOAD_QUEUES={config['OFFLOAD_QUEUES']!r} names no queue, so this process would "
-            "run no job: leave it unset (None) to consume every queue"
-        )
-    settings = Settings(
-        threads=int(_number(config, "OFFLOAD_WORKERS", 0, whole=True)),
-        queues=None if queues is None else tuple(queues),
-        lease=_number(config, "OFFLOAD_LEASE", 0.1),
-        poll_interval=_number(config, "OFFLOAD_POLL_INTERVAL", 0.001),
-        shutdown_timeout=_number(config, "OFFLOAD_SHUTDOWN_TIMEOUT", 0),
-        result_ttl=_number(config, "OFFLOAD_RESULT_TTL", 0),
-        max_payload_bytes=int(_number(config, "OFFLOAD_MAX_PAYLOAD_BYTES", 2, whole=True)),
-        max_result_bytes=int(_number(config, "OFFLOAD_MAX_RESULT_BYTES", 2, whole=True)),
-    )
-    prefix = config["OFFLOAD_URL_PREFIX"]
-    if not isinstance(prefix, str) or not prefix.startswith("/"):
-        raise ValueError(f"OFFLOAD_URL_PREFIX must be a path such as '/offload', not {prefix!r}")
-    url = config["OFFLOAD_URL"]
-    if not isinstance(url, str):
-        raise TypeError(f"OFFLOAD_URL must be a str, not {url!r}")
-    return url, settings, _flag(config, "OFFLOAD_EAGER"), str(config["OFFLOAD_SQLITE_SYNCHRONOUS"])
-
-
-def _number(config: dict[str, Any], key: str, minimum: float, whole: bool = False) -> float:
-    """A numeric setting (numbers in strings accepted, as from the environment)."""
-    value = config[key]
-    try:
-        number = float(value) if not isinstance(value, bool) else None
-    except (TypeError, ValueError):
-        number = None
-    if (
-        number is None
-        or not math.isfinite(number)  # NaN passes every comparison; inf never expires
-        or number < minimum
-        or (whole and not number.is_integer())
-    ):
-        kind = "a whole number" if whole else "a finite number"
-        raise ValueError(f"{key} must be {kind} >= {minimum}, not {value!r}")
-    return number
-
-
-def _flag(config: dict[str, Any], key: str) -> bool:
-    value = config[key]
-    if isinstance(value, str):
-        value = value.strip().lower()
-        if value in ("1", "true", "yes", "on"):
-            return True
-        if value in ("0", "false", "no", "off", ""):
-            return False
-    if isinstance(value, bool):
-        return value
-    raise ValueError(f"{key} must be True or False, not {config[key]!r}")

@@ -10,9 +10,10 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar
 
 from . import serializer
+from .errors import JobNotFound, UsageError, WaitTimeout
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -162,38 +163,53 @@ class Job:
 
     def _storage(self) -> Backend:
         if self.backend is None:
-            raise RuntimeError("this Job is not attached to a storage backend")
+            raise UsageError("this Job is not attached to a storage backend")
         return self.backend
 
     def refresh(self) -> Job:
         """Reload every field from storage; returns the job itself."""
         fresh = self._storage().get(self.id)
         if fresh is None:
-            raise LookupError(f"job {self.id} is no longer stored (expired or purged)")
+            raise JobNotFound(f"job {self.id} is no longer stored (expired or purged)")
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(fresh, name))
         return self
 
     def wait(self, timeout: float | None = None) -> Job:
         """Block until the job is succeeded, failed or cancelled and return it; raise
-        ``TimeoutError`` when ``timeout`` seconds pass first. A failed job does not raise."""
+        ``WaitTimeout`` (a ``TimeoutError``) when ``timeout`` seconds pass first. A failed job
+        does not raise."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.002
         while not self.refresh().finished:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"job {self.id} is still {self.state} after {timeout} s")
+                    raise WaitTimeout(f"job {self.id} is still {self.state} after {timeout} s")
                 pause = min(pause, left)
             time.sleep(pause)
             pause = min(pause * 2, 0.1)
         return self
 
     def cancel(self) -> bool:
-        """Cancel a queued job at once, or ask a running one to stop; False once it has finished."""
-        done = self._storage().cancel(self.id)
+        """Cancel a queued job at once, or ask a running one to stop; False once it has finished.
+        Through the runtime that owns its storage, so ``job_cancelled`` is sent as for any
+        other way to cancel."""
+        storage = self._storage()
+        done = (storage if storage.door is None else storage.door).cancel(self.id)
         self.refresh()
         return done
+
+
+class Door(Protocol):
+    """Where a job's state is changed so that the app hears of it (its signals): the runtime
+    that owns the storage. A bare ``Backend`` is one too, that tells nobody."""
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued job, or ask a running one to stop; False once it has finished."""
+
+    def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
+        """Store ``job`` for a periodic tick, unless another process has; True if stored."""
 
 
 def attempt_entry(job: Job, outcome: Outcome, finished_at: float) -> dict[str, Any]:
@@ -361,7 +377,7 @@ class _CurrentJob:
     def _get(self) -> Running | Detached:
         running = _running.get()
         if running is None:
-            raise RuntimeError("current_job is only available inside a running task")
+            raise UsageError("current_job is only available inside a running task")
         return running
 
     @property

@@ -17,6 +17,7 @@ from typing import Any
 from . import commits, serializer, tracing
 from .backends.base import Backend
 from .backends.rows import history_entry
+from .errors import InvalidArgument, InvalidValue, JobNotFound, NotRetryable, UnknownTask
 from .execution import LATEST_DUE, ContextFactory, Events, Runnable, Settings, execute
 from .foreground import Foreground
 from .job import (
@@ -50,6 +51,7 @@ class Runtime:
         self.backend = backend
         self.tasks = tasks
         backend.result_ttls = self.result_ttls
+        backend.door = self  # a Job's own verbs and the periodic ticks come through here
         self.context = context
         self.settings = settings
         self.eager = eager
@@ -57,7 +59,7 @@ class Runtime:
         self.guard = guard  # raises before an enqueue that would wait for the caller's own lock
         self.before_start = before_start  # the Flask layer registers the app's views' tasks
         self.foreground = Foreground()  # this process's enqueues, which its pools let go first
-        self.pools = [Pool(backend, tasks, context, settings, events, self.foreground)]
+        self.pools = [Pool(backend, tasks, context, settings, events, self.foreground, self)]
         self._plan: list[tuple[int, tuple[str, ...] | None]] | None = None
         self._pid = os.getpid()
         self._lifecycle = threading.Lock()  # start and stop, which may come from two threads
@@ -87,29 +89,31 @@ class Runtime:
         arguments are not strict JSON. With ``after_commit`` (a SQLAlchemy session) the job is
         stored once that session commits, and the Job returned is not stored yet."""
         if not isinstance(args, (list, tuple)):
-            raise TypeError(f"args must be a tuple or list, not {type(args).__name__}")
+            raise InvalidArgument(f"args must be a tuple or list, not {type(args).__name__}")
         if kwargs is not None and not isinstance(kwargs, dict):
-            raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+            raise InvalidArgument(f"kwargs must be a dict, not {type(kwargs).__name__}")
         args_json = serializer.dumps(args, "args")
         kwargs_json = serializer.dumps(kwargs or {}, "kwargs")
         size = len(args_json) + len(kwargs_json)
         if size > self.settings.max_payload_bytes:
-            raise ValueError(
+            raise InvalidValue(
                 f"the arguments take {size} bytes, over OFFLOAD_MAX_PAYLOAD_BYTES "
                 f"({self.settings.max_payload_bytes}); store large data elsewhere and pass its id"
             )
         if isinstance(priority, bool) or not isinstance(priority, int):
-            raise TypeError(f"priority must be an int, not {priority!r}")
+            raise InvalidArgument(f"priority must be an int, not {priority!r}")
         if not isinstance(queue, str) or not queue:
-            raise TypeError(f"queue must be a non-empty str, not {queue!r}")
+            raise InvalidArgument(f"queue must be a non-empty str, not {queue!r}")
         if key is not None and not isinstance(key, str):
-            raise TypeError(f"key must be a str, not {type(key).__name__}")
+            raise InvalidArgument(f"key must be a str, not {type(key).__name__}")
         if id is not None and not valid_id(id):
-            raise ValueError(
+            raise InvalidValue(
                 f"id must be 32 lowercase hex characters, as offload.new_id() gives, not {id!r}"
             )
         if connection is not None and after_commit is not None:
-            raise TypeError("give connection= (in your transaction) or after_commit=, not both")
+            raise InvalidArgument(
+                "give connection= (in your transaction) or after_commit=, not both"
+            )
         now = time.time()
         job = Job(
             id=new_id() if id is None else id,
@@ -159,7 +163,7 @@ class Runtime:
         not, for a task with ``result_ttl=0``)."""
         task = self.tasks.get(job.task)
         if task is None:
-            raise LookupError(
+            raise UnknownTask(
                 f"OFFLOAD_EAGER runs jobs at once, but this app registers no task {job.task!r}"
             )
         job.state = QUEUED
@@ -183,39 +187,65 @@ class Runtime:
         return self.backend.enqueue(job)
 
     def retry(self, job_id: str) -> Job:
-        """Queue a failed or cancelled job again, with fresh attempts."""
+        """Queue a failed or cancelled job again, with fresh attempts; ``job_enqueued`` says
+        it is back in the queue."""
         job = self.get(job_id)
         if job is None:
-            raise LookupError(f"no job {job_id!r} (unknown, malformed or expired)")
+            raise JobNotFound(f"no job {job_id!r} (unknown, malformed or expired)")
         if job.ephemeral and job.finished:
-            raise ValueError(
+            raise NotRetryable(
                 f"job {job_id} ran a background view, whose request snapshot is deleted when "
                 "it finishes: it cannot run again; make the request again instead"
             )
         if not self.backend.retry(job_id):
             if job.state in ("failed", "cancelled") and job.key is not None:
-                raise ValueError(
+                raise NotRetryable(
                     f"job {job_id} has key {job.key!r}, which another queued or running job "
                     "holds now: wait for that job, or cancel it first"
                 )
-            raise ValueError(
+            raise NotRetryable(
                 f"job {job_id} {state_words(job.state)}: only failed or cancelled jobs retry"
             )
         self.wake()
-        return job.refresh()
+        self.emit("job_enqueued", job.refresh())
+        return job
 
     def result_ttls(self) -> dict[str, float]:
         """The ``result_ttl`` of each registered task that sets one, by name."""
         return {name: t.result_ttl for name, t in self.tasks.items() if t.result_ttl is not None}
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a queued job, or ask a running one to stop; False once it has finished."""
-        if not valid_id(job_id) or not self.backend.cancel(job_id):
+        """Cancel a queued job, or ask a running one to stop; False once it has finished.
+
+        ``job_cancelled`` is sent here for a queued job. A running one only gets its flag
+        set, and its pool sends ``job_cancelled`` when the run ends cancelled, which may be
+        before the storage answers here: so a job found cancelled was cancelled here if it
+        was queued just before, or if it has no flag (only a run asked to stop sets it; a
+        graceful stop that puts such a run back leaves it on the queued job)."""
+        before = self.get(job_id)
+        if before is None or not self.backend.cancel(job_id):
             return False
         job = self.backend.get(job_id)
-        if job is not None and job.state == CANCELLED:
+        if (
+            job is not None
+            and job.state == CANCELLED
+            and (before.state == QUEUED or not job.cancel_requested)
+        ):
             self.emit("job_cancelled", job)
         return True
+
+    def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
+        """Store ``job`` for a periodic tick, unless another process has stored that tick;
+        True, with ``job_enqueued`` sent, if this call stored it. The scheduler that asks
+        wakes its own pool."""
+        stored = self.backend.enqueue_tick(schedule, tick, job)
+        if stored:
+            self.emit("job_enqueued", job)
+        return stored
+
+    def purge(self, finished_before: float) -> int:
+        """Delete the jobs that finished before ``finished_before``; how many went."""
+        return self.backend.purge(finished_before)
 
     def delete(self, job_id: str) -> bool:
         """Delete a job that is not running, with its history; False otherwise."""
@@ -260,7 +290,9 @@ class Runtime:
 
     def _pool(self, threads: int, queues: tuple[str, ...] | None) -> Pool:
         settings = replace(self.settings, threads=threads, queues=queues)
-        return Pool(self.backend, self.tasks, self.context, settings, self.events, self.foreground)
+        return Pool(
+            self.backend, self.tasks, self.context, settings, self.events, self.foreground, self
+        )
 
     def wake(self, at: float | None = None) -> None:
         """A job is due (now or ``at``): wake the running pools. Before they start (the
@@ -320,7 +352,7 @@ class Runtime:
 def _due(now: float, delay: float | timedelta | None, at: datetime | None) -> float:
     """When a job may start, from ``delay`` (seconds or a timedelta) or an aware ``at``."""
     if delay is not None and at is not None:
-        raise TypeError("give delay= or at=, not both")
+        raise InvalidArgument("give delay= or at=, not both")
     if isinstance(delay, timedelta):
         delay = delay.total_seconds()
     if delay is not None:
@@ -329,16 +361,16 @@ def _due(now: float, delay: float | timedelta | None, at: datetime | None) -> fl
             or not isinstance(delay, (int, float))
             or not 0 <= delay < LATEST_DUE - now
         ):
-            raise ValueError(
+            raise InvalidValue(
                 f"delay must be a number of seconds >= 0 that falls before 9999-12-31, "
                 f"not {delay!r}"
             )
         return now + delay
     if at is not None:
         if not isinstance(at, datetime):
-            raise TypeError(f"at must be a datetime, not {type(at).__name__}")
+            raise InvalidArgument(f"at must be a datetime, not {type(at).__name__}")
         if at.tzinfo is None or at.utcoffset() is None:
-            raise ValueError(
+            raise InvalidValue(
                 "at must be an aware datetime (with tzinfo), e.g. "
                 "datetime.now(timezone.utc) + timedelta(minutes=5)"
             )

@@ -19,7 +19,8 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from .backends.base import Backend
-from .job import Job, new_id
+from .errors import ConfigurationError, InvalidArgument, MissingDependency
+from .job import Door, Job, new_id
 
 logger = logging.getLogger("flask_offload")
 
@@ -31,18 +32,18 @@ class Schedule:
         self, every: float | timedelta | None = None, cron: str | None = None, tz: str | None = None
     ) -> None:
         if (every is None) == (cron is None):
-            raise TypeError("a periodic task takes one of every= or cron=")
+            raise InvalidArgument("a periodic task takes one of every= or cron=")
         if isinstance(every, timedelta):
             every = every.total_seconds()
         if every is not None and (isinstance(every, bool) or not every > 0):
-            raise ValueError(f"every= must be a positive interval, not {every!r}")
+            raise ConfigurationError(f"every= must be a positive interval, not {every!r}")
         self.every = None if every is None else float(every)
         self.cron = cron
         self.zone = ZoneInfo(tz) if tz else timezone.utc
         if cron is not None:
             self._croniter = _load_croniter()
             if not self._croniter.is_valid(cron):
-                raise ValueError(f"cron={cron!r} is not a valid cron expression")
+                raise ConfigurationError(f"cron={cron!r} is not a valid cron expression")
 
     def latest(self, now: float) -> float:
         """The latest tick at or before ``now``."""
@@ -63,7 +64,7 @@ def _load_croniter() -> Any:
     try:
         return importlib.import_module("croniter").croniter
     except ImportError:
-        raise ImportError(
+        raise MissingDependency(
             "cron= needs the croniter package: pip install 'Flask-Offload[cron]'"
         ) from None
 
@@ -79,12 +80,19 @@ class Periodic(Protocol):
 
 
 class Scheduler:
-    """Enqueues the due tick of every periodic task, then sleeps until the next one."""
+    """Enqueues the due tick of every periodic task, then sleeps until the next one. Each tick
+    is stored through ``door`` (the app's runtime, which sends ``job_enqueued``), or straight
+    into ``backend`` for a pool no runtime owns."""
 
     def __init__(
-        self, backend: Backend, tasks: Mapping[str, Periodic], wake: Callable[[float], None]
+        self,
+        backend: Backend,
+        tasks: Mapping[str, Periodic],
+        wake: Callable[[float], None],
+        door: Door | None = None,
     ) -> None:
         self.backend = backend
+        self.door: Door = backend if door is None else door
         self.tasks = tasks
         self.wake_pool = wake
         self._known: set[str] = set()
@@ -131,7 +139,7 @@ class Scheduler:
                 created_at=now,
                 run_at=latest,
             )
-            if self.backend.enqueue_tick(task.name, latest, job):
+            if self.door.enqueue_tick(task.name, latest, job):
                 self.wake_pool(latest)
             upcoming = min(upcoming, task.schedule.next(now))
         return max(0.0, min(upcoming - time.time(), 60.0))

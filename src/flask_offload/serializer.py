@@ -2,7 +2,7 @@
 
 Python's ``json`` quietly turns ``{1: "a"}`` into ``{"1": "a"}`` and writes ``NaN``; both would
 change a task's arguments on the way through storage, so both are refused here, before anything
-is stored, with a ``TypeError`` that names the offending value.
+is stored, with a ``NotSerializable`` (a ``TypeError``) that names the offending value.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 from typing import Any
+
+from .errors import NotSerializable
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _plain = (str, int, bool, type(None))
@@ -21,12 +23,13 @@ _EMPTY: dict[type, str] = {
 
 
 def _check(value: Any, where: str) -> None:
-    """Raise ``TypeError`` unless ``value`` survives a JSON round trip unchanged (bar tuples)."""
+    """Raise ``NotSerializable`` unless ``value`` survives a JSON round trip unchanged (bar
+    tuples)."""
     if isinstance(value, _plain):
         return
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise TypeError(f"{where} is {value!r}, which strict JSON cannot hold")
+            raise NotSerializable(f"{where} is {value!r}, which strict JSON cannot hold")
         return
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
@@ -35,23 +38,24 @@ def _check(value: Any, where: str) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise TypeError(
+                raise NotSerializable(
                     f"{where} has the key {key!r} of type {type(key).__name__}; "
                     "JSON objects take string keys only"
                 )
             _check(item, f"{where}[{key!r}]")
         return
-    raise TypeError(
+    raise NotSerializable(
         f"{where} is {value!r:.60} of type {type(value).__name__}, which is not JSON; "
         "pass plain data (str, int, float, bool, None, list, dict) such as an id to look up"
     )
 
 
 def dumps(value: Any, what: str = "value") -> str:
-    """Encode ``value`` as compact strict JSON, or raise ``TypeError`` naming ``what`` is wrong.
+    """Encode ``value`` as compact strict JSON, or raise ``NotSerializable`` (a ``TypeError``)
+    naming ``what`` is wrong.
 
     Whatever the value (nested 10,000 deep, circular, an int of 5,000 digits, a string with a
-    lone surrogate from ``os.listdir()``), the only error is that ``TypeError``.
+    lone surrogate from ``os.listdir()``), the only error is that one.
     """
     if type(value) in _EMPTY and not value:
         return _EMPTY[type(value)]
@@ -60,15 +64,17 @@ def dumps(value: Any, what: str = "value") -> str:
         text = _encoder.encode(value)
         text.encode("utf-8")  # a lone surrogate cannot be stored as UTF-8
     except RecursionError:
-        raise TypeError(f"{what} is nested too deeply (or contains itself) for JSON") from None
+        raise NotSerializable(
+            f"{what} is nested too deeply (or contains itself) for JSON"
+        ) from None
     except UnicodeEncodeError as error:
         bad = error.object[error.start : error.end]
-        raise TypeError(
+        raise NotSerializable(
             f"{what} holds the lone surrogate {bad!r}, which is not text UTF-8 can store "
             "(a file name from os.listdir()? decode it with errors='replace')"
         ) from None
     except ValueError as error:  # e.g. an int beyond Python's int-to-str digit limit
-        raise TypeError(f"{what} cannot be written as JSON: {error}") from None
+        raise NotSerializable(f"{what} cannot be written as JSON: {error}") from None
     return text
 
 

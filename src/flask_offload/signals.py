@@ -6,14 +6,22 @@ run in an app context, in the thread where the event happened (a worker thread, 
 or the request that enqueued, whose own context and ``g`` they then see). A handler that
 raises is logged and skipped: it never fails a job nor stops a worker.
 
+Each event is sent once, whichever way it came: ``task.delay()``, ``offload.enqueue()``, a
+background view, a periodic tick, ``job.cancel()``, ``offload.retry()``, ``flask offload``
+and the dashboard all change jobs through the app's runtime, which sends them.
+
 ``job_enqueued``
     stored (not sent when ``key=`` returned the job holding the key; with ``connection=``,
-    sent once the insert is in the caller's transaction, which may still roll back)
+    sent once the insert is in the caller's transaction, which may still roll back); a
+    periodic tick, by the one process that stored it; a job queued again by a retry by id
 ``job_started``
     a worker begins an attempt
 ``job_succeeded`` / ``job_failed`` / ``job_cancelled``
-    the attempt's final outcome is stored (``job_cancelled`` also when a queued job is
-    cancelled through the extension, the CLI or the dashboard)
+    the attempt's final outcome is stored
+``job_cancelled``
+    also a queued job cancelled, by whichever way it was. Cancelling a running job only
+    asks it to stop: ``job_cancelled`` follows when its run ends cancelled (or its lease
+    runs out after the ask), and a run that returns anyway sends ``job_succeeded`` instead
 ``job_retrying``
     the attempt failed and the job is queued again (``job.run_at`` is when)
 ``job_lost``

@@ -116,15 +116,20 @@ class BodyCapture:
     for one extra route match."""
 
     def __init__(
-        self, app: Flask, wsgi_app: WSGIApplication, is_background: Callable[[Any], bool]
+        self,
+        app: Flask,
+        wsgi_app: WSGIApplication,
+        is_background: Callable[[Any], bool],
+        limit: int,
     ) -> None:
         self.app = app
         self.wsgi_app = wsgi_app
         self.is_background = is_background
+        self.limit = limit  # OFFLOAD_MAX_REQUEST_BYTES
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if has_body(environ) and self._routes_to_background(environ):
-            capture(environ, int(self.app.config["OFFLOAD_MAX_REQUEST_BYTES"]))
+            capture(environ, self.limit)
         return self.wsgi_app(environ, start_response)
 
     def _routes_to_background(self, environ: WSGIEnvironment) -> bool:

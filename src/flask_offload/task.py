@@ -10,6 +10,7 @@ from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
+from .errors import ConfigurationError, InvalidArgument
 from .job import Job, run_detached
 from .schedule import Schedule
 
@@ -64,13 +65,13 @@ def check_options(given: Collection[str], known: Collection[str], where: str) ->
         else:
             near = difflib.get_close_matches(option, known, n=1)
             hint = f"did you mean {near[0]}=?" if near else f"it takes {', '.join(known)}"
-        raise TypeError(f"{where} takes no option {option}=: {hint}")
+        raise InvalidArgument(f"{where} takes no option {option}=: {hint}")
 
 
 def default_name(fn: Callable[..., Any]) -> str:
     """``module.qualname``, the name other processes find the function under."""
     if fn.__module__ == "__main__":
-        raise ValueError(
+        raise ConfigurationError(
             f"task {fn.__qualname__!r} is defined in __main__, which other processes import "
             "under another name: give it one, e.g. @offload.task(name='send_email')"
         )
@@ -107,26 +108,26 @@ class Task(Generic[P, R]):
         schedule: Schedule | None = None,
     ) -> None:
         if name is not None and (not isinstance(name, str) or not name):
-            raise TypeError(f"a task name must be a non-empty str, not {name!r}")
+            raise InvalidArgument(f"a task name must be a non-empty str, not {name!r}")
         if not isinstance(queue, str) or not queue:
-            raise TypeError(f"queue must be a non-empty str, not {queue!r}")
+            raise InvalidArgument(f"queue must be a non-empty str, not {queue!r}")
         if isinstance(priority, bool) or not isinstance(priority, int):
-            raise TypeError(f"priority must be an int, not {priority!r}")
+            raise InvalidArgument(f"priority must be an int, not {priority!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be a whole number >= 0, not {retries!r}")
+            raise ConfigurationError(f"retries must be a whole number >= 0, not {retries!r}")
         if not _seconds(retry_backoff, allow_zero=True):
-            raise ValueError(f"retry_backoff must be seconds >= 0, not {retry_backoff!r}")
+            raise ConfigurationError(f"retry_backoff must be seconds >= 0, not {retry_backoff!r}")
         retry_on = _exceptions(retry_on, "retry_on")
         retry_unless = _exceptions(retry_unless, "retry_unless")
         if retry_on and retry_unless and all(issubclass(t, retry_unless) for t in retry_on):
-            raise ValueError(
+            raise ConfigurationError(
                 f"retry_unless={retry_unless!r} covers every exception in retry_on={retry_on!r}, "
                 "so nothing would be retried: set retries=0 instead, or narrow retry_unless"
             )
         if timeout is not None and not _seconds(timeout, allow_zero=False):
-            raise ValueError(f"timeout must be seconds > 0, not {timeout!r}")
+            raise ConfigurationError(f"timeout must be seconds > 0, not {timeout!r}")
         if result_ttl is not None and not _seconds(result_ttl, allow_zero=True):
-            raise ValueError(f"result_ttl must be seconds >= 0, not {result_ttl!r}")
+            raise ConfigurationError(f"result_ttl must be seconds >= 0, not {result_ttl!r}")
         self.fn = fn
         self.name = name or default_name(fn)
         if schedule is not None:
@@ -200,7 +201,7 @@ def _exceptions(value: object, option: str) -> tuple[type[BaseException], ...]:
     if not isinstance(classes, (tuple, list)) or not all(
         isinstance(t, type) and issubclass(t, BaseException) for t in classes
     ):
-        raise TypeError(f"{option} must be exception classes, not {value!r}")
+        raise InvalidArgument(f"{option} must be exception classes, not {value!r}")
     return tuple(classes)
 
 
@@ -214,7 +215,7 @@ def _check_callable_alone(fn: Callable[..., Any], name: str) -> None:
     try:
         signature.bind()
     except TypeError as error:
-        raise TypeError(
+        raise InvalidArgument(
             f"periodic task {name!r} is called with no arguments at each tick, but it is "
             f"{error}: give its parameters defaults, or read what it needs inside the task"
         ) from None

@@ -40,6 +40,7 @@ from flask import Flask, current_app, has_app_context, has_request_context
 
 from . import serializer
 from .backends.base import JobFilter
+from .errors import InvalidArgument, InvalidValue, NotInitialised, UsageError
 from .execution import settled
 from .job import QUEUED, Job, Outcome
 from .pool import Pool
@@ -71,11 +72,11 @@ class Harness:
     def __init__(self, app: Flask) -> None:
         offload: Offload | None = app.extensions.get("offload")
         if offload is None:
-            raise RuntimeError(f"Flask-Offload is not initialised on app {app.name!r}")
+            raise NotInitialised(f"Flask-Offload is not initialised on app {app.name!r}")
         self.app = app
         self.runtime: Runtime = offload.runtime(app)
         self.mode: Mode | None = None
-        self._eager = app.config["OFFLOAD_EAGER"]
+        self._eager = self.runtime.eager
         self._context = self.runtime.context
         self._our_pool = False
 
@@ -84,20 +85,20 @@ class Harness:
         ``manual`` stops the pool that ``pool`` started, and a stopped pool does not start
         again in the same app; ``inline`` leaves it running (it gets no new job)."""
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+            raise InvalidValue(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         running = self.runtime.started and not self.runtime.stopped
         if mode == "manual" and running:
             if not self._our_pool:
-                raise RuntimeError(
+                raise UsageError(
                     f"app {self.app.name!r} runs a pool, whose threads would run the jobs a "
                     "manual test runs itself: set TESTING = True and leave OFFLOAD_WORKERS unset"
                 )
             self._stop_pool()
-        self.app.config["OFFLOAD_EAGER"] = mode == "inline"
+        self.runtime.eager = mode == "inline"
         self.runtime.context = _test_context(self.app) if mode == "inline" else self._context
         if mode == "pool" and not running:
             if self.runtime.stopped:
-                raise RuntimeError(
+                raise UsageError(
                     f"the pool of app {self.app.name!r} has stopped, and a pool does not start "
                     "again in the same app: build a new app for the test"
                 )
@@ -119,10 +120,10 @@ class Harness:
                 self.switch(before)
 
     def restore(self) -> None:
-        """Stop the pool this harness started and put back ``OFFLOAD_EAGER``."""
+        """Stop the pool this harness started and put back the mode ``OFFLOAD_EAGER`` set."""
         if self._our_pool:
             self._stop_pool()
-        self.app.config["OFFLOAD_EAGER"] = self._eager
+        self.runtime.eager = self._eager
         self.runtime.context = self._context
         self.mode = None
 
@@ -235,7 +236,7 @@ def _name(task: TaskRef) -> str | None:
         return task
     name = getattr(task, "name", None)
     if not isinstance(name, str):
-        raise TypeError(f"give a task or a task's name, not {task!r}")
+        raise InvalidArgument(f"give a task or a task's name, not {task!r}")
     return name
 
 
@@ -267,7 +268,7 @@ def _listing(jobs: list[Job]) -> str:
 def _harness(app: Flask | None) -> Harness:
     if app is None:
         if not has_app_context():
-            raise RuntimeError("no app: pass app=..., or work inside 'with app.app_context():'")
+            raise NotInitialised("no app: pass app=..., or work inside 'with app.app_context():'")
         app = current_app._get_current_object()  # type: ignore[attr-defined]
     assert app is not None
     return Harness(app)

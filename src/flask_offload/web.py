@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, make_response, request, url_for
 
 from . import serializer, snapshot
+from .config import Config
+from .errors import InvalidArgument
 from .job import FAILED, SUCCEEDED, Job, valid_id
 from .replay import REPLAY, answer, replay
 from .task import Task
@@ -55,7 +57,7 @@ class ViewRunner:
     def __call__(self, shot: dict[str, Any]) -> dict[str, Any]:
         app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
         # The stored result is base64 (4 bytes for 3) with its headers around it.
-        limit = int(app.config["OFFLOAD_MAX_RESULT_BYTES"]) * 3 // 4
+        limit = Config.of(app).max_result_bytes * 3 // 4
         return replay(app, self.name, shot, limit)
 
 
@@ -100,7 +102,7 @@ class BackgroundView:
         replaying = request.environ.get(REPLAY)
         if replaying is not None and replaying in (task.name, self.legacy):
             return current_app.ensure_sync(self.view)(*args, **kwargs)
-        shot = snapshot.take(request.environ, int(current_app.config["OFFLOAD_MAX_REQUEST_BYTES"]))
+        shot = snapshot.take(request.environ, Config.of(current_app).max_request_bytes)
         owner = self._offload._owner
         job = self._offload.runtime().enqueue(
             task.name,
@@ -166,14 +168,15 @@ def _background_views(registered: Callable[..., Any]) -> Iterator[BackgroundView
                     break
 
 
-def install(app: Flask) -> None:
-    """Wire background views into ``app``: read their request bodies before anything parses
-    them, and refuse a view registered unwrapped (the decorators in the wrong order) now, or
-    at the first request for routes added later (a blueprint registered after ``init_app``)."""
+def install(app: Flask, config: Config) -> None:
+    """Wire background views into ``app``: read their request bodies (up to
+    ``OFFLOAD_MAX_REQUEST_BYTES``) before anything parses them, and refuse a view registered
+    unwrapped (the decorators in the wrong order) now, or at the first request for routes
+    added later (a blueprint registered after ``init_app``)."""
     _check_order(app, _is_wrapped)
     register_views(app)
     app.before_request(_FirstRequestCheck(app))
-    capture = snapshot.BodyCapture(app, app.wsgi_app, _is_background_view)
+    capture = snapshot.BodyCapture(app, app.wsgi_app, _is_background_view, config.max_request_bytes)
     app.wsgi_app = capture  # type: ignore[method-assign]
 
 
@@ -238,7 +241,7 @@ def _check_order(app: Flask, is_background: Callable[[Any], bool]) -> None:
     for endpoint, fn in plain:
         if is_background(fn) and id(fn) not in served:
             name = getattr(fn, "__name__", repr(fn))
-            raise TypeError(
+            raise InvalidArgument(
                 f"view {name!r} is registered on app {app.name!r} (endpoint {endpoint!r}) "
                 "before @offload.background wraps it, so it would run inline and answer at "
                 "once: the route decorator must be the outer one, above @offload.background:"
@@ -248,7 +251,9 @@ def _check_order(app: Flask, is_background: Callable[[Any], bool]) -> None:
 
 
 def _retry_after() -> str:
-    return str(max(1, math.ceil(float(current_app.config["OFFLOAD_POLL_INTERVAL"]))))
+    """How long a client should wait before polling a pending job again: the poll interval,
+    in whole seconds."""
+    return str(max(1, math.ceil(Config.of(current_app).poll_interval)))
 
 
 def _error(status: int, message: str) -> Response:

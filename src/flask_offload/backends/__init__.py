@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from ..errors import ConfigurationError, MissingDependency
 from .base import Backend
 from .memory import MemoryBackend
 from .sqlite import SQLiteBackend
@@ -25,7 +26,7 @@ def sqlite_path(url: str, instance_path: str) -> str:
     ``sqlite:////abs/path.db`` is absolute, ``sqlite:///name.db`` is in the instance folder
     (created when the file is first opened, not here)."""
     if not url.startswith("sqlite:///") or url == "sqlite:///":
-        raise ValueError(
+        raise ConfigurationError(
             f"OFFLOAD_URL {url!r} names no file: use sqlite:///name.db (in the instance folder) "
             "or sqlite:////absolute/path.db"
         )
@@ -52,12 +53,12 @@ def open_backend(
         try:
             from .postgres import PostgresBackend
         except ImportError as error:
-            raise ImportError(
+            raise MissingDependency(
                 f"OFFLOAD_URL {mask_password(url)!r} needs psycopg: "
                 f"pip install 'Flask-Offload[postgres]' ({error})"
             ) from None
         return PostgresBackend(url, listen=pg_listen)
-    raise ValueError(
+    raise ConfigurationError(
         f"OFFLOAD_URL {mask_password(str(url))!r} is not a storage Flask-Offload knows: use "
         "sqlite:///name.db, sqlite:////absolute/path.db, postgresql://user@host/db or memory://"
     )

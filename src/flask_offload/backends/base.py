@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import JobIdInUse, StorageCorrupt
-from ..job import Job, Outcome, WorkerInfo
+from ..job import Door, Job, Outcome, WorkerInfo
 
 __all__ = [
     "Backend",
@@ -44,6 +44,9 @@ class Backend(ABC):
     # The result_ttl of each task that sets one, by name, as the runtime that owns this handle
     # knows them: a queued job cancelled here is kept that long, as a run that ends so is.
     result_ttls: Callable[[], Mapping[str, float]] = dict
+    # The runtime that owns this handle: a Job's own verbs (``job.cancel()``) go through it,
+    # so its signals are sent. None for a handle used on its own.
+    door: Door | None = None
 
     @abstractmethod
     def enqueue(self, job: Job, connection: Any = None) -> Job:

@@ -44,6 +44,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..job import HISTORY_LIMIT, Job, Outcome, WorkerInfo
+from . import schema
 from .base import Backend, JobFilter, QueueInfo, Wake, id_in_use
 from .rows import (
     COLUMNS,
@@ -62,109 +63,9 @@ Execute = Callable[[str, Mapping[str, Any]], list[tuple[Any, ...]]]
 
 logger = logging.getLogger("flask_offload")
 
-SCHEMA_VERSION = 5
 CHANNEL = "offload_jobs"
-MIGRATION_LOCK = 0x0FF10AD  # pg_advisory_xact_lock key: one migrating process at a time
 _SELECT = ", ".join(COLUMNS)
 _PRIORITY, _RUN_AT = COLUMNS.index("priority"), COLUMNS.index("run_at")
-
-SCHEMA_TABLE_EXISTS = "SELECT to_regclass('offload_schema') IS NOT NULL"
-SCHEMA_VERSION_NOW = "SELECT coalesce(max(version), 0) FROM offload_schema"
-LOCK_MIGRATIONS = f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"
-CREATE_SCHEMA_TABLE = """
-    CREATE TABLE IF NOT EXISTS offload_schema (
-        version integer PRIMARY KEY,
-        applied_at timestamptz NOT NULL DEFAULT now()
-    )
-"""
-RECORD_VERSION = "INSERT INTO offload_schema (version) VALUES (%s)"
-
-# Each entry upgrades the schema from the version before it; index 0 creates version 1. Times
-# are epoch seconds in double precision, as in SQLite, so a Job holds the same floats.
-MIGRATIONS = [
-    """
-    CREATE TABLE offload_jobs (
-        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        id text NOT NULL UNIQUE,
-        task text NOT NULL,
-        queue text NOT NULL,
-        priority integer NOT NULL,
-        state text NOT NULL,
-        args_json text NOT NULL,
-        kwargs_json text NOT NULL,
-        key text,
-        attempts integer NOT NULL DEFAULT 0,
-        max_attempts integer NOT NULL,
-        lost integer NOT NULL DEFAULT 0,
-        created_at double precision NOT NULL,
-        run_at double precision NOT NULL,
-        started_at double precision,
-        finished_at double precision,
-        worker text,
-        lease_until double precision,
-        cancel_requested boolean NOT NULL DEFAULT false,
-        progress_json text,
-        result_json text,
-        error text,
-        traceback text,
-        owner_json text,
-        ephemeral boolean NOT NULL DEFAULT false
-    );
-    -- A background view's request snapshot (cookies included) lives only until the job ends.
-    CREATE FUNCTION offload_forget_snapshot() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        NEW.args_json := '[]';
-        NEW.kwargs_json := '{}';
-        RETURN NEW;
-    END
-    $$;
-    CREATE TRIGGER offload_jobs_forget_snapshot
-        BEFORE UPDATE OF state ON offload_jobs FOR EACH ROW
-        WHEN (NEW.ephemeral AND NEW.state IN ('succeeded', 'failed', 'cancelled'))
-        EXECUTE FUNCTION offload_forget_snapshot();
-    -- Claims read only queued rows, in claim order: finished rows never slow them down.
-    CREATE INDEX offload_jobs_claim ON offload_jobs (priority DESC, run_at, seq)
-        WHERE state = 'queued';
-    -- Running rows are few: heartbeats and recovery scan this small index.
-    CREATE INDEX offload_jobs_lease ON offload_jobs (lease_until) WHERE state = 'running';
-    CREATE INDEX offload_jobs_finished ON offload_jobs (finished_at)
-        WHERE state IN ('succeeded', 'failed', 'cancelled');
-    CREATE UNIQUE INDEX offload_jobs_key ON offload_jobs (key)
-        WHERE key IS NOT NULL AND state IN ('queued', 'running');
-    -- The last tick each periodic schedule enqueued: one run per tick across processes.
-    CREATE TABLE offload_schedules (name text PRIMARY KEY, last_tick double precision NOT NULL);
-    -- One row per live worker process, renewed by its heartbeat.
-    CREATE TABLE offload_workers (
-        id text PRIMARY KEY,
-        host text NOT NULL,
-        pid integer NOT NULL,
-        queues_json text,
-        tasks_json text NOT NULL,
-        started_at double precision NOT NULL,
-        last_seen double precision NOT NULL
-    );
-    """,
-    # Version 2: every claim gets a token of its own that fences the run's writes.
-    "ALTER TABLE offload_jobs ADD COLUMN claim text",
-    # Version 3: a task's result_ttl sets when its finished job is deleted.
-    """
-    ALTER TABLE offload_jobs ADD COLUMN expires_at double precision;
-    CREATE INDEX offload_jobs_expires ON offload_jobs (expires_at) WHERE expires_at IS NOT NULL;
-    """,
-    # Version 4: each job's attempt history, and the queues an operator paused.
-    """
-    ALTER TABLE offload_jobs ADD COLUMN history_json text;
-    CREATE TABLE offload_queues (name text PRIMARY KEY, paused_at double precision NOT NULL);
-    -- Counts of finished jobs per task and state read this small index, not a million wide
-    -- rows (bench/dashboard.py). Task first and finished rows only, so no hot query (claim,
-    -- heartbeat, recover, purge) is tempted by it and claims never write it; each finish
-    -- writes one entry (the cost of a fast overview: see docs/benchmarks.md).
-    CREATE INDEX offload_jobs_done ON offload_jobs (task, state)
-        WHERE state IN ('succeeded', 'failed', 'cancelled');
-    """,
-    # Version 5: the trace context a job was enqueued in (OpenTelemetry, where installed).
-    "ALTER TABLE offload_jobs ADD COLUMN trace_json text;",
-]
 
 # Time is the server's, in epoch seconds: every statement that sets or compares a lease, a due
 # time or a cut-off reads the server's clock, never a worker host's, whose clock may be off.
@@ -676,7 +577,8 @@ class PostgresBackend(Backend):
         """
         try:
             with psycopg.connect(self.url, **self._connect_args) as conn:
-                self._migrate(conn)
+                schema.upgrade_postgres(conn, f"PostgreSQL at {self.where}")
+            self._ready = True
         except psycopg.OperationalError as error:
             raise ConnectionError(
                 f"cannot reach PostgreSQL at {self.where} (OFFLOAD_URL): {_one_line(error)}"
@@ -692,26 +594,6 @@ class PostgresBackend(Backend):
             f"all {self.pool_size} of this process's connections to PostgreSQL at {self.where} "
             f"stayed busy for {self.timeout:g} s"
         )
-
-    def _migrate(self, conn: Connection) -> None:
-        """Create or upgrade the tables; one process at a time, under an advisory lock."""
-        version = 0
-        if conn.execute(SCHEMA_TABLE_EXISTS).fetchall()[0][0]:
-            version = conn.execute(SCHEMA_VERSION_NOW).fetchall()[0][0]
-        if version < SCHEMA_VERSION:
-            with conn.transaction():
-                conn.execute(LOCK_MIGRATIONS)
-                conn.execute(CREATE_SCHEMA_TABLE)
-                version = conn.execute(SCHEMA_VERSION_NOW).fetchall()[0][0]
-                for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                    conn.execute(script, prepare=False)
-                    conn.execute(RECORD_VERSION, (number,))
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"PostgreSQL at {self.where} holds Flask-Offload schema version {version}, newer "
-                f"than this release understands ({SCHEMA_VERSION}); upgrade Flask-Offload"
-            )
-        self._ready = True
 
     @staticmethod
     def _execute(conn: Pooled) -> Execute:

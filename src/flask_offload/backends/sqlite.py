@@ -29,6 +29,7 @@ from operator import attrgetter
 from typing import Any, TypeVar
 
 from ..job import HISTORY_LIMIT, QUEUED, Job, Outcome, WorkerInfo
+from . import schema
 from .base import Backend, JobFilter, QueueInfo, StorageCorrupt, Wake, id_in_use
 from .doorbell import Doorbell
 from .rows import (
@@ -43,98 +44,7 @@ from .rows import (
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 6
 _SELECT = ", ".join(COLUMNS)
-
-# Each entry upgrades the schema from the version before it; index 0 creates version 1.
-MIGRATIONS = [
-    """
-    CREATE TABLE offload_jobs (
-        seq INTEGER PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
-        task TEXT NOT NULL,
-        queue TEXT NOT NULL,
-        priority INTEGER NOT NULL,
-        state TEXT NOT NULL,
-        args_json TEXT NOT NULL,
-        kwargs_json TEXT NOT NULL,
-        key TEXT,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        max_attempts INTEGER NOT NULL,
-        lost INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL,
-        run_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        worker TEXT,
-        lease_until REAL,
-        cancel_requested INTEGER NOT NULL DEFAULT 0,
-        progress_json TEXT,
-        result_json TEXT,
-        error TEXT,
-        traceback TEXT,
-        owner_json TEXT,
-        ephemeral INTEGER NOT NULL DEFAULT 0
-    );
-    -- A background view's request snapshot (cookies included) lives only until the job ends.
-    CREATE TRIGGER offload_jobs_forget_snapshot
-    AFTER UPDATE OF state ON offload_jobs
-    WHEN NEW.ephemeral AND NEW.state IN ('succeeded', 'failed', 'cancelled')
-    BEGIN
-        UPDATE offload_jobs SET args_json = '[]', kwargs_json = '{}' WHERE seq = NEW.seq;
-    END;
-    -- Claims read only queued rows, in claim order: finished rows never slow them down.
-    CREATE INDEX offload_jobs_claim ON offload_jobs (priority DESC, run_at, seq)
-        WHERE state = 'queued';
-    -- Running rows are few: heartbeats and recovery scan this small index.
-    CREATE INDEX offload_jobs_lease ON offload_jobs (lease_until) WHERE state = 'running';
-    CREATE INDEX offload_jobs_finished ON offload_jobs (finished_at)
-        WHERE state IN ('succeeded', 'failed', 'cancelled');
-    CREATE UNIQUE INDEX offload_jobs_key ON offload_jobs (key)
-        WHERE key IS NOT NULL AND state IN ('queued', 'running');
-    -- The last tick each periodic schedule enqueued: one run per tick across processes.
-    CREATE TABLE offload_schedules (name TEXT PRIMARY KEY, last_tick REAL NOT NULL);
-    -- One row per live worker process, renewed by its heartbeat.
-    CREATE TABLE offload_workers (
-        id TEXT PRIMARY KEY,
-        host TEXT NOT NULL,
-        pid INTEGER NOT NULL,
-        queues_json TEXT,
-        tasks_json TEXT NOT NULL,
-        started_at REAL NOT NULL,
-        last_seen REAL NOT NULL
-    );
-    """,
-    # Version 2: every claim gets a token of its own that fences the run's writes.
-    "ALTER TABLE offload_jobs ADD COLUMN claim TEXT;",
-    # Version 3: a task's result_ttl sets when its finished job is deleted.
-    """
-    ALTER TABLE offload_jobs ADD COLUMN expires_at REAL;
-    CREATE INDEX offload_jobs_expires ON offload_jobs (expires_at) WHERE expires_at IS NOT NULL;
-    """,
-    # Version 4: each job's attempt history, and the queues an operator paused.
-    """
-    ALTER TABLE offload_jobs ADD COLUMN history_json TEXT;
-    CREATE TABLE offload_queues (name TEXT PRIMARY KEY, paused_at REAL NOT NULL);
-    -- Counts of finished jobs per task and state read this small index, not a million wide
-    -- rows (bench/dashboard.py). Task first and finished rows only, so no hot query (claim,
-    -- heartbeat, recover, purge) is tempted by it and claims never write it; each finish
-    -- writes one entry (the cost of a fast overview: see docs/benchmarks.md).
-    CREATE INDEX offload_jobs_done ON offload_jobs (task, state)
-        WHERE state IN ('succeeded', 'failed', 'cancelled');
-    """,
-    # Version 5: the finished index, widened, covers those counts too. One index entry per
-    # finish instead of two: the second cost a fifth of the no-op throughput (bench: noop),
-    # while a count of a million finished jobs takes about 0.4 s instead of 0.07 s.
-    """
-    DROP INDEX offload_jobs_done;
-    DROP INDEX offload_jobs_finished;
-    CREATE INDEX offload_jobs_finished ON offload_jobs (finished_at, task, state)
-        WHERE state IN ('succeeded', 'failed', 'cancelled');
-    """,
-    # Version 6: the trace context a job was enqueued in (OpenTelemetry, where installed).
-    "ALTER TABLE offload_jobs ADD COLUMN trace_json TEXT;",
-]
 
 
 def _insert(columns: Sequence[str]) -> str:
@@ -458,16 +368,9 @@ class SQLiteBackend(Backend):
             elif not (os.access(self.path, os.W_OK) and os.access(folder, os.W_OK | os.X_OK)):
                 problem = sqlite3.OperationalError("attempt to write a readonly database")
             elif len(header) >= 64:  # the header's user_version numbers the schema
-                self._refuse_newer(int.from_bytes(header[60:64], "big"))
+                schema.refuse_newer(int.from_bytes(header[60:64], "big"), self.path)
         if problem is not None:
             raise self._explain(problem) or problem
-
-    def _refuse_newer(self, version: int) -> None:
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.path} holds Flask-Offload schema version {version}, newer than this "
-                f"release understands ({SCHEMA_VERSION}); upgrade Flask-Offload"
-            )
 
     def _connect(self, read_only: bool = False) -> sqlite3.Connection:
         if self.make_folder:
@@ -484,24 +387,10 @@ class SQLiteBackend(Backend):
         # threshold), so a burst never leaves a large log behind on a small volume.
         db.execute("PRAGMA journal_size_limit = 4194304")
         self._fit_wal(db)
-        self._migrate(db)
+        schema.upgrade_sqlite(db, self.path)
         if read_only:
             db.execute("PRAGMA query_only = ON")
         return db
-
-    def _migrate(self, db: sqlite3.Connection) -> None:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        self._refuse_newer(version)
-        if version == SCHEMA_VERSION:
-            return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _upgrade(db.execute("PRAGMA user_version").fetchone()[0]):
-                db.execute(statement)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def prepare(self) -> None:
         self._run(lambda db: None)
@@ -673,10 +562,10 @@ class SQLiteBackend(Backend):
         only if that transaction commits (the outbox pattern)."""
         run = self._foreign(connection)
         _, [(version,)] = run("PRAGMA user_version", {})
-        self._refuse_newer(version)
-        if version < SCHEMA_VERSION:  # created in the caller's transaction, which may hold
-            for statement in _upgrade(version):  # the write lock our own connection would need
-                run(statement, {})
+        # Upgraded in the caller's transaction, which may hold the write lock our own
+        # connection would need.
+        for statement in schema.sqlite_upgrade(version, self.path):
+            run(statement, {})
         values = {name: getattr(job, name) for name in NEW_COLUMNS}
         try:
             inserted, _ = run(INSERT_NAMED + (IF_KEY_FREE if job.key else ""), values)
@@ -965,21 +854,3 @@ def _insert_of(job: Job) -> tuple[str, tuple[Any, ...]]:
     if job.state == QUEUED:
         return INSERT_NEW, _new_values(job)
     return INSERT_WHOLE, _whole_values(job)
-
-
-def _upgrade(version: int) -> list[str]:
-    """The statements that take a database from schema ``version`` to the current one."""
-    statements = [each for script in MIGRATIONS[version:] for each in _statements(script)]
-    return [*statements, f"PRAGMA user_version = {SCHEMA_VERSION}"]
-
-
-def _statements(script: str) -> list[str]:
-    """Split a script into statements (``executescript`` would commit our transaction)."""
-    statements, buffer = [], ""
-    for piece in script.split(";"):
-        buffer += piece + ";"
-        if sqlite3.complete_statement(buffer):
-            if buffer.strip(" \n;"):
-                statements.append(buffer)
-            buffer = ""
-    return statements

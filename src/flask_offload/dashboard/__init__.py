@@ -12,29 +12,18 @@ import hmac
 
 from flask import Blueprint, Flask, Response, abort, current_app, request
 
+from ..config import Config
 from . import access
-from .masks import DEFAULT, Mask
-
-MASK_KEY = "offload_dashboard_mask"  # the app's Mask, in app.extensions
 
 
-def install(app: Flask) -> None:
+def install(app: Flask, config: Config) -> None:
     """Mount what the configuration turns on."""
-    from ..extension import _flag
-
-    app.config.setdefault("OFFLOAD_DASHBOARD", False)
-    app.config.setdefault("OFFLOAD_METRICS_TOKEN", None)
-    app.config.setdefault("OFFLOAD_DASHBOARD_BULK_LIMIT", 1000)
-    app.config.setdefault("OFFLOAD_DASHBOARD_MASK", list(DEFAULT))
-    app.extensions[MASK_KEY] = Mask.from_setting(app.config["OFFLOAD_DASHBOARD_MASK"])
-    prefix = app.config["OFFLOAD_URL_PREFIX"]
-    enabled = _flag(app.config, "OFFLOAD_DASHBOARD")
-    if enabled:
+    if config.dashboard:
         from .views import blueprint
 
-        app.register_blueprint(blueprint, url_prefix=prefix)
-    if enabled or app.config["OFFLOAD_METRICS_TOKEN"]:
-        app.register_blueprint(metrics_blueprint, url_prefix=prefix)
+        app.register_blueprint(blueprint, url_prefix=config.url_prefix)
+    if config.dashboard or config.metrics_token:
+        app.register_blueprint(metrics_blueprint, url_prefix=config.url_prefix)
 
 
 metrics_blueprint = Blueprint("offload_metrics", __name__)
@@ -44,10 +33,11 @@ metrics_blueprint = Blueprint("offload_metrics", __name__)
 def metrics() -> Response:
     """Prometheus text: for a scraper with ``Authorization: Bearer <OFFLOAD_METRICS_TOKEN>``,
     or for whoever may see the dashboard."""
-    token = current_app.config["OFFLOAD_METRICS_TOKEN"]
+    config = Config.of(current_app)
+    token = config.metrics_token
     sent = request.headers.get("Authorization", "")
     scraper = bool(token) and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode())
-    if not scraper and not _flag_on():
+    if not scraper and not config.dashboard:
         message = "Forbidden: send Authorization: Bearer <OFFLOAD_METRICS_TOKEN>\n"
         abort(Response(message, 403, access.NO_STORE))
     if not scraper and access.level() is None:
@@ -62,9 +52,3 @@ def metrics() -> Response:
         message = "metrics need prometheus_client: pip install 'Flask-Offload[metrics]'\n"
         abort(Response(message, 501, {"Content-Type": "text/plain"}))
     return Response(body, content_type=content_type, headers={"Cache-Control": "no-store"})
-
-
-def _flag_on() -> bool:
-    from ..extension import _flag
-
-    return _flag(current_app.config, "OFFLOAD_DASHBOARD")

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, current_app, g, request
 
+from ..config import Config
 from ..logs import logger
 
 Level = Literal["full", "read"]
@@ -146,7 +147,7 @@ def remember(response: Response) -> Response:
         response.set_cookie(
             COOKIE,
             token,
-            path=request.script_root + current_app.config["OFFLOAD_URL_PREFIX"],
+            path=request.script_root + Config.of(current_app).url_prefix,
             httponly=True,
             samesite="Strict",
             secure=request.is_secure,

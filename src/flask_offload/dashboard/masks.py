@@ -21,30 +21,15 @@ from .. import serializer, snapshot
 from ..job import Job
 
 MASKED = "[masked]"
-DEFAULT = ("password", "passwd", "secret", "token")
 PASSWORD_FIELDS = ("passw", "pwd")  # a body with such a field is always masked
 
 
 @dataclass(frozen=True)
 class Mask:
-    """The names whose values the dashboard masks (lower case, matched as substrings)."""
+    """The names whose values the dashboard masks (``OFFLOAD_DASHBOARD_MASK``: lower case,
+    matched as substrings)."""
 
-    names: tuple[str, ...] = DEFAULT
-
-    @classmethod
-    def from_setting(cls, value: Any) -> Mask:
-        """From ``OFFLOAD_DASHBOARD_MASK``: a list of names, or one comma-separated string
-        (as from the environment)."""
-        if isinstance(value, str):
-            value = [name.strip() for name in value.split(",") if name.strip()]
-        if not isinstance(value, (list, tuple)) or not all(
-            isinstance(name, str) and name.strip() for name in value
-        ):
-            raise TypeError(
-                "OFFLOAD_DASHBOARD_MASK must be a list of argument names such as "
-                f"['password', 'token'], not {value!r}"
-            )
-        return cls(tuple(name.strip().lower() for name in value))
+    names: tuple[str, ...]
 
     def hides(self, name: str) -> bool:
         """True if values under ``name`` are masked."""

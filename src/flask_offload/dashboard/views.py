@@ -24,9 +24,10 @@ from flask import (
 )
 from werkzeug.wrappers import Response as WerkzeugResponse
 
+from ..config import Config
 from ..job import valid_id
 from ..runtime import Runtime
-from . import MASK_KEY, access, queries
+from . import access, queries
 from .masks import Mask
 
 blueprint = Blueprint(
@@ -48,8 +49,7 @@ def _runtime() -> Runtime:
 
 
 def _mask() -> Mask:
-    mask: Mask = current_app.extensions[MASK_KEY]
-    return mask
+    return Mask(Config.of(current_app).dashboard_mask)
 
 
 def _page(template: str, title: str, share: bool = False, **context: Any) -> Any:
@@ -153,7 +153,7 @@ def bulk() -> Any:
         abort(400)
     runtime = _runtime()
     filters = queries.job_filter(request.form)
-    limit = int(current_app.config["OFFLOAD_DASHBOARD_BULK_LIMIT"])
+    limit = Config.of(current_app).dashboard_bulk_limit
     jobs, more = queries.search(runtime, filters, None, limit, _mask())
     if request.form.get("confirmed") != "yes":
         return _page(

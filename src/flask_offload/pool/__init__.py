@@ -44,7 +44,7 @@ from collections.abc import Mapping
 from ..backends.base import Backend
 from ..execution import OUTCOME_EVENTS, ContextFactory, Events, Runnable, Settings
 from ..foreground import Foreground
-from ..job import Job, Outcome, Running
+from ..job import Door, Job, Outcome, Running
 from ..schedule import Scheduler
 from .finisher import Finisher, cancel_asked, cancelled_instead
 from .held import MAX_DUES, Held, new_pool_id
@@ -69,6 +69,7 @@ class Pool:
         settings: Settings,
         events: Events | None = None,
         foreground: Foreground | None = None,
+        door: Door | None = None,
     ) -> None:
         self.backend = backend
         self.tasks = tasks
@@ -76,7 +77,7 @@ class Pool:
         self.events = events
         self.foreground = foreground or Foreground()  # enqueues in this process go first
         self.id = new_pool_id()
-        self.scheduler = Scheduler(backend, tasks, self.wake)
+        self.scheduler = Scheduler(backend, tasks, self.wake, door)  # door: the runtime
         self.held = Held(backend, tasks, settings, self.id)
         self.runner = Runner(self.held, tasks, context, settings, self.foreground, self.emit)
         self.finisher = Finisher(self.held, self.foreground, self.emit)

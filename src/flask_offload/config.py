@@ -1,0 +1,371 @@
+"""Every ``OFFLOAD_*`` setting, read, defaulted and checked once, at ``init_app``, into one
+frozen :class:`Config` that the rest of the code reads.
+
+The fields of ``Config`` are the one table of settings: each carries its key's name, its
+default, its check and one line saying what it does, and the defaults ``app.config`` is filled
+with, the checks, ``flask offload config`` and the warning about a misspelt key all come from
+it. A setting changed in ``app.config`` after ``init_app`` changes nothing (``app.config``
+keeps the values for the app's own reading); settings read at each request or enqueue could
+differ between the threads of one process, and a wrong one failed a request long after start.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, MutableMapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigurationError, ConfigurationTypeError
+from .execution import Settings
+from .logs import logger
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+PREFIX = "OFFLOAD_"
+ENV_PREFIX = "FLASK_OFFLOAD_"
+EXTENSION_KEY = "offload_config"  # the app's Config, in app.extensions
+Check = Callable[[str, Any], Any]  # (key, value in app.config) -> the typed value, or raises
+
+
+@dataclass(frozen=True)
+class Key:
+    """One setting: its ``app.config`` name, the default ``init_app`` fills in there, the
+    check that turns a value into the typed one (naming the key when it cannot), and what it
+    is for, in one line."""
+
+    name: str
+    default: Any
+    check: Check
+    about: str
+
+    def fresh_default(self) -> Any:
+        """The default as ``app.config`` gets it: a list of its own for a sequence, so that
+        an app changing it in place changes no other app's."""
+        return list(self.default) if isinstance(self.default, tuple) else self.default
+
+
+def _setting(name: str, default: Any, check: Check, about: str) -> Any:
+    """A field of ``Config``: its default is ``default`` as checked, so a default that its
+    own check refuses fails at import."""
+    key = Key(name, default, check, about)
+    return field(default=check(name, default), metadata={"key": key})
+
+
+def _refused(key: str, must: str, value: Any, wrong_type: bool = False) -> ConfigurationError:
+    """The error for a value of ``key`` that is not what it ``must`` be; a wrong type is also
+    a ``TypeError``, as it was before the settings had a class of their own."""
+    kind = ConfigurationTypeError if wrong_type else ConfigurationError
+    return kind(f"{key} must be {must}, not {value!r}")
+
+
+def _number(minimum: float, whole: bool = False) -> Check:
+    """A finite number (or a whole one) of at least ``minimum``; numbers in strings are
+    accepted, as a config file or the environment may give them."""
+    must = f"{'a whole' if whole else 'a finite'} number >= {minimum}"
+
+    def check(key: str, value: Any) -> Any:
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if (
+            not math.isfinite(number)  # NaN passes every comparison; inf never expires
+            or number < minimum
+            or (whole and not number.is_integer())
+        ):
+            raise _refused(key, must, value, not isinstance(value, (str, int, float)))
+        return int(number) if whole else number
+
+    return check
+
+
+def _flag(key: str, value: Any) -> bool:
+    """True or False, or a word meaning one of them (``"yes"``, ``"off"``, ``"1"``, …)."""
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower() if isinstance(value, str) else None
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off", ""):
+        return False
+    raise _refused(key, "True or False", value, not isinstance(value, str))
+
+
+def _text(key: str, value: Any) -> str:
+    """Any str (``OFFLOAD_URL``: which storage it names is the backends' to say)."""
+    if not isinstance(value, str):
+        raise _refused(key, "a str", value, wrong_type=True)
+    return value
+
+
+def _path(key: str, value: Any) -> str:
+    """A URL path starting with ``/``."""
+    if not isinstance(value, str) or not value.startswith("/"):
+        must = "a path such as '/offload'"
+        raise _refused(key, must, value, not isinstance(value, str))
+    return value
+
+
+def _choice(*choices: str) -> Check:
+    """One of ``choices``, in any case; the upper-case one."""
+    must = f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+    def check(key: str, value: Any) -> str:
+        if not isinstance(value, str) or value.upper() not in choices:
+            raise _refused(key, must, value, not isinstance(value, str))
+        return value.upper()
+
+    return check
+
+
+def _names(must: str) -> Check:
+    """A list of names, or one comma-separated string of them (as from the environment)."""
+
+    def check(key: str, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [name for name in value.split(",") if name.strip()]
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(name, str) and name.strip() for name in value
+        ):
+            raise _refused(key, must, value, wrong_type=True)
+        return tuple(name.strip() for name in value)
+
+    return check
+
+
+def _queues(key: str, value: Any) -> tuple[str, ...] | None:
+    """None (every queue), or queue names: a pool that consumes none would leave every job
+    queued without a word."""
+    if value is None:
+        return None
+    names: tuple[str, ...] = _names("a list of queue names")(key, value)
+    if not names:
+        raise ConfigurationError(
+            f"{key}={value!r} names no queue, so this process would run no job: leave it "
+            "unset (None) to consume every queue"
+        )
+    return names
+
+
+def _mask(key: str, value: Any) -> tuple[str, ...]:
+    """Names the dashboard masks, matched in lower case."""
+    names = _names("a list of argument names such as ['password', 'token']")(key, value)
+    return tuple(name.lower() for name in names)
+
+
+def _token(key: str, value: Any) -> str | None:
+    """A secret, or None (an empty one is none); a number is its digits, as
+    ``FLASK_OFFLOAD_METRICS_TOKEN=123456`` reads as one."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise _refused(key, "a str or None", value, wrong_type=True)
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    """One app's settings, as ``init_app`` read them; frozen, so what was checked at start
+    is what runs. In the order of the reference, docs/configuration.md."""
+
+    url: str = _setting(
+        "OFFLOAD_URL", "sqlite:///offload.db", _text, "where jobs are stored (a storage URL)"
+    )
+    sqlite_synchronous: str = _setting(
+        "OFFLOAD_SQLITE_SYNCHRONOUS",
+        "NORMAL",
+        _choice("OFF", "NORMAL", "FULL", "EXTRA"),
+        "SQLite's synchronous setting: FULL also survives a power loss",
+    )
+    pg_listen: bool = _setting(
+        "OFFLOAD_PG_LISTEN", True, _flag, "wake workers by LISTEN/NOTIFY (False behind PgBouncer)"
+    )
+    result_ttl: float = _setting(
+        "OFFLOAD_RESULT_TTL", 86400.0, _number(0), "seconds finished jobs are kept"
+    )
+    workers: int = _setting(
+        "OFFLOAD_WORKERS", 2, _number(0, whole=True), "worker threads in each serving process"
+    )
+    queues: tuple[str, ...] | None = _setting(
+        "OFFLOAD_QUEUES", None, _queues, "the queues this process claims from (None: all)"
+    )
+    eager: bool = _setting(
+        "OFFLOAD_EAGER", False, _flag, "run each job inline at .delay(), for tests"
+    )
+    shutdown_timeout: float = _setting(
+        "OFFLOAD_SHUTDOWN_TIMEOUT", 20.0, _number(0), "seconds running jobs get to finish on exit"
+    )
+    lease: float = _setting(
+        "OFFLOAD_LEASE", 30.0, _number(0.1), "seconds a claimed job is held without a heartbeat"
+    )
+    poll_interval: float = _setting(
+        "OFFLOAD_POLL_INTERVAL", 1.0, _number(0.001), "seconds between looks for others' jobs"
+    )
+    max_payload_bytes: int = _setting(
+        "OFFLOAD_MAX_PAYLOAD_BYTES", 2 << 20, _number(2, whole=True), "the largest arguments"
+    )
+    max_result_bytes: int = _setting(
+        "OFFLOAD_MAX_RESULT_BYTES", 10 << 20, _number(2, whole=True), "the largest result stored"
+    )
+    max_request_bytes: int = _setting(
+        "OFFLOAD_MAX_REQUEST_BYTES",
+        1 << 20,
+        _number(0, whole=True),
+        "the largest request body a background view accepts",
+    )
+    url_prefix: str = _setting(
+        "OFFLOAD_URL_PREFIX", "/offload", _path, "where job status, dashboard and metrics are"
+    )
+    dashboard: bool = _setting("OFFLOAD_DASHBOARD", False, _flag, "serve the dashboard")
+    metrics_token: str | None = _setting(
+        "OFFLOAD_METRICS_TOKEN", None, _token, "the bearer token that lets a scraper in"
+    )
+    dashboard_bulk_limit: int = _setting(
+        "OFFLOAD_DASHBOARD_BULK_LIMIT",
+        1000,
+        _number(1, whole=True),
+        "the most jobs one bulk action of the dashboard changes",
+    )
+    dashboard_mask: tuple[str, ...] = _setting(
+        "OFFLOAD_DASHBOARD_MASK",
+        ("password", "passwd", "secret", "token"),
+        _mask,
+        "names whose values the dashboard masks",
+    )
+
+    @classmethod
+    def read(cls, config: MutableMapping[str, Any]) -> Config:
+        """Fill in the defaults of an app's ``config`` and check every value, raising
+        :class:`~flask_offload.errors.ConfigurationError` naming the first key that is wrong."""
+        values = {}
+        for each in fields(cls):
+            key: Key = each.metadata["key"]
+            config.setdefault(key.name, key.fresh_default())
+            values[each.name] = key.check(key.name, config[key.name])
+        return cls(**values)
+
+    @staticmethod
+    def of(app: Flask) -> Config:
+        """The settings ``init_app`` read for ``app``."""
+        config: Config = app.extensions[EXTENSION_KEY]
+        return config
+
+    def pool(self) -> Settings:
+        """The settings of the app's worker pool."""
+        return Settings(
+            threads=self.workers,
+            queues=self.queues,
+            lease=self.lease,
+            poll_interval=self.poll_interval,
+            shutdown_timeout=self.shutdown_timeout,
+            result_ttl=self.result_ttl,
+            max_payload_bytes=self.max_payload_bytes,
+            max_result_bytes=self.max_result_bytes,
+        )
+
+
+KEYS: tuple[Key, ...] = tuple(each.metadata["key"] for each in fields(Config))
+
+
+def from_environment(config: MutableMapping[str, Any]) -> dict[str, str]:
+    """Fill in ``OFFLOAD_*`` keys from ``FLASK_OFFLOAD_*`` environment variables.
+
+    The variables are the ones ``app.config.from_prefixed_env()`` reads, and their values are
+    read the same way (JSON where they parse, such as ``4`` or ``false``, else strings), so a
+    deployment configures an app that never calls it. A key the app's configuration sets
+    wins: code and config files are explicit, the environment is ambient (a test config's
+    ``memory://`` must never be replaced by a URL exported in the shell). A variable that is
+    overridden so is logged, so it is never ignored silently. Returns the variable of each
+    key that has one, set here or overridden.
+    """
+    variables: dict[str, str] = {}
+    for name, raw in sorted(os.environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len("FLASK_") :]
+        variables[key] = name
+        value = _environment_value(raw)
+        if key not in config:
+            config[key] = value
+        elif config[key] != value:
+            logger.warning(
+                "%s is set in the environment but the app's config sets %s, which wins",
+                name,
+                key,
+            )
+    return variables
+
+
+def _environment_value(raw: str) -> Any:
+    """A ``FLASK_OFFLOAD_*`` variable's value as ``from_prefixed_env`` reads it: JSON where it
+    parses, else the string."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def warn_unknown(given: Iterable[str], variables: dict[str, str]) -> None:
+    """Log a warning for each ``OFFLOAD_*`` key the app's config ``given`` and each
+    ``FLASK_OFFLOAD_*`` variable that is no setting, naming the known one closest to it: a
+    misspelt key would otherwise leave its default in force without a word."""
+    known = {key.name: key for key in KEYS}
+    in_code = {k for k in given if k not in known and k not in variables}  # else: its variable
+    for name in sorted({*in_code, *variables.values()}):
+        key = name.removeprefix("FLASK_")
+        if key in known:
+            continue
+        suffixes = [k.removeprefix(PREFIX) for k in known]
+        close = difflib.get_close_matches(key.removeprefix(PREFIX), suffixes, n=1, cutoff=0.5)
+        if close:
+            meant = known[PREFIX + close[0]]
+            spelt = meant.name if name == key else f"FLASK_{meant.name}"
+            hint = f"did you mean {spelt} ({meant.about})?"
+        else:
+            hint = "'flask offload config' lists every setting"
+        logger.warning("%s is not a Flask-Offload setting and is ignored: %s", name, hint)
+
+
+def sources(
+    config: MutableMapping[str, Any], given: set[str], variables: dict[str, str]
+) -> dict[str, dict[str, Any]]:
+    """Each setting's value in ``config`` and where it came from: the keys the app's config
+    ``given`` before ``init_app``, the environment ``variables``, or else a default."""
+    found: dict[str, dict[str, Any]] = {}
+    for key in KEYS:
+        value = config[key.name]
+        entry: dict[str, Any] = {"value": value, "source": "default"}
+        variable = variables.get(key.name)
+        from_variable = variable is not None and value == _environment_value(
+            os.environ.get(variable, "")
+        )
+        if key.name in given and not from_variable:
+            entry["source"] = "app config"
+            if variable is not None:
+                entry["overrides"] = variable
+        elif variable is not None:  # given too when the app calls config.from_prefixed_env()
+            entry.update(source="environment", variable=variable)
+        found[key.name] = entry
+    return found
+
+
+def eager_changed(value: Any) -> bool:
+    """Deprecated: ``OFFLOAD_EAGER`` changed in ``app.config`` after ``init_app`` still
+    switches inline running, as when it was read at every enqueue, with a warning."""
+    eager = _flag("OFFLOAD_EAGER", value)
+    warnings.warn(
+        "OFFLOAD_EAGER changed after init_app: settings are read once, at init_app, and this "
+        "one will stop being followed; switch a test's mode with flask_offload.testing "
+        '(testing.using("inline", app), or the offload_inline fixture)',
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return eager

@@ -1,0 +1,3 @@
+-- Flask-Offload's postgresql schema: the released migration that upgrades version 1 to 2
+-- (src/flask_offload/backends/postgres.py at f403d91). Frozen: tests build old databases from it.
+ALTER TABLE offload_jobs ADD COLUMN claim text;

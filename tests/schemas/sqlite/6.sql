@@ -1,0 +1,3 @@
+-- Flask-Offload's sqlite schema: the released migration that upgrades version 5 to 6
+-- (src/flask_offload/backends/sqlite.py at f403d91). Frozen: tests build old databases from it.
+ALTER TABLE offload_jobs ADD COLUMN trace_json TEXT;

@@ -18,7 +18,7 @@ from flask import Flask
 from conftest import AppFactory, start_pool, wait_until
 from flask_offload import Cancelled, Offload, Task, current_job, signals
 from flask_offload.backends.base import Backend
-from flask_offload.worker import Worker
+from flask_offload.pool import Pool
 
 ORIGIN = {"Origin": "http://localhost"}
 Heard = list[tuple[str, str]]  # (event, job id), in the order sent
@@ -231,7 +231,7 @@ def test_job_cancel_of_a_queued_job_sends_job_cancelled_once(
 
 
 def test_cancelling_a_running_job_sends_job_cancelled_once_when_its_run_ends(
-    make_app: AppFactory, pools: list[Worker], heard: Heard, monkeypatch: pytest.MonkeyPatch
+    make_app: AppFactory, pools: list[Pool], heard: Heard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """For a running job, ``cancel`` only sets the flag: ``job_cancelled`` comes from the pool
     when the run ends cancelled, and once, even when the run ends before ``cancel`` has its

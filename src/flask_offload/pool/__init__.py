@@ -1,33 +1,33 @@
 """The pool: threads in one process that claim → run → store the outcomes of jobs, and keep
 their leases and the storage in order meanwhile. A worker process runs one pool or more.
 
-Four parts, each a module, around one lock and one object per held job:
+Four parts, each a module, around one lock and one object per held job. The rules they keep
+(each module says how, beside its code):
 
-- ``held.py``, holding claimed jobs: every job the pool holds is one ``Claimed`` that moves
+- **Held jobs** (``held.py``): every job the pool holds is one ``Claimed`` that moves
   ``batched`` → ``running`` → ``storing`` → ``gone`` under the pool's one lock. A claim
   fetches about ``PREFETCH_SECONDS`` of work (one job when jobs are slow, up to ``MAX_BATCH``
   when fast); a batched job not started within ``GIVE_BACK_AFTER`` seconds is put back for
   other processes, so jobs that turn slow are never hoarded.
-- ``running.py``, the run threads: whatever a task returns or raises becomes that job's
-  outcome; nothing a task does ends a loop thread, and a value that cannot be stored fails
-  its job with a clear error. A run past its task's timeout is failed (or retried) at once;
-  Python cannot kill its thread, so a new one takes its place, up to ``threads`` stuck at
-  once (logged when reached); a stuck thread that returns rejoins the pool if it is short.
-- ``finisher.py``, storing outcomes: bounded work in flight. A job counts as running until
-  its outcome is stored, so a crash may run again the jobs of the last milliseconds; the run
-  threads never get more than ``MAX_UNSTORED`` outcomes ahead of the finisher, which stores
-  ``STORE_BATCH`` at most per transaction. A failed store is retried with backoff, alone,
-  while the heartbeat keeps the lease; after ``STORE_TRIES`` failures the job is given up to
-  recovery, which runs it again once its lease runs out.
-- ``upkeep.py``, the maintenance thread: leases renewed by heartbeat for exactly the jobs
-  held, so writes stay fenced by each claim's token; timeouts enforced; jobs of dead workers
-  taken back; old results expired. A failed heartbeat is tried again within ``lease / 10``.
-
-No exception ends a loop thread: each error of the finisher's or the upkeep's is logged and
-the loop goes on; a storage error pauses a run thread with backoff. Drain (``stop``, below):
-claims stop and unstarted jobs go back at once, but heartbeats and timeouts go on until the
-running jobs have finished or the drain time is up; what still runs is then put back without
-counting the attempt, and threads stuck past a timeout are not waited for.
+- **Leases and fencing** (``upkeep.py``): a claimed job is held by a lease that the heartbeat
+  renews for exactly the jobs held (every third of the lease; a failed beat is tried again
+  within ``lease / 10``), and jobs whose worker died are taken back once theirs runs out.
+  Every write about a claimed job carries its claim token, which never repeats: once a lease
+  has lapsed, storage refuses that pool's writes and the finisher drops the outcome.
+- **Bounded work in flight** (``finisher.py``): a job counts as running until its outcome is
+  stored, so a crash may run again the jobs of the last milliseconds; the run threads never
+  get more than ``MAX_UNSTORED`` outcomes ahead of the finisher, which stores ``STORE_BATCH``
+  at most per transaction. A failed store is retried with backoff, alone, while the
+  heartbeat keeps the lease; after ``STORE_TRIES`` failures the job is given up to recovery.
+- **No exception ends a loop thread** (``running.py`` and the others): whatever a task returns
+  or raises becomes its job's outcome; a run past its timeout is failed (or retried) and a
+  new thread takes the stuck one's place, up to ``threads`` stuck at once; a storage error
+  pauses a run thread with backoff; each error of the finisher or the upkeep is logged and
+  its loop goes on.
+- **Drain** (``Pool.stop``): claims stop and unstarted jobs go back at once, but heartbeats
+  and timeouts go on until the running jobs have finished or the drain time is up; what still
+  runs is then put back without counting the attempt, and threads stuck past a timeout are
+  not waited for.
 
 When the queue is empty the threads sleep on a condition: an idle pool costs nothing, a job
 enqueued in this process wakes it at once, and jobs from other processes are found by polling

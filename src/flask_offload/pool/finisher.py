@@ -153,7 +153,7 @@ class Finisher:
         """Log the stored outcome and send its signal; a retry wakes the pool for its time."""
         job, outcome = claimed.job, claimed.outcome
         assert outcome is not None
-        if not stored:
+        if not stored:  # fenced: the claim token is no longer this pool's (lease lapsed)
             logger.warning(
                 "job %s (%s) was no longer held by this worker (lease expired): "
                 "its outcome is dropped",

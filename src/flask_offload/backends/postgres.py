@@ -21,7 +21,6 @@ statements, never from a worker's clock, which may be off.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -43,17 +42,12 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..job import HISTORY_LIMIT, Job, Outcome, WorkerInfo
-from .base import Backend, JobFilter, QueueInfo, Wake, id_in_use
-from .rows import (
-    COLUMNS,
-    finish_rows,
-    page_cursor,
-    queue_infos,
-    search_sql,
-    worker_info,
-    worker_row,
-)
+from ..errors import StorageUnavailable
+from ..job import HISTORY_LIMIT, Job, Outcome
+from .base import Wake, id_in_use
+from .rows import COLUMNS, finish_rows
+from .sqlbase import SQLBackend
+from .statements import SELECT, Dialect, Statements, finish_set
 
 T = TypeVar("T")
 Connection = psycopg.Connection[TupleRow]
@@ -65,7 +59,6 @@ logger = logging.getLogger("flask_offload")
 SCHEMA_VERSION = 5
 CHANNEL = "offload_jobs"
 MIGRATION_LOCK = 0x0FF10AD  # pg_advisory_xact_lock key: one migrating process at a time
-_SELECT = ", ".join(COLUMNS)
 _PRIORITY, _RUN_AT = COLUMNS.index("priority"), COLUMNS.index("run_at")
 
 SCHEMA_TABLE_EXISTS = "SELECT to_regclass('offload_schema') IS NOT NULL"
@@ -172,6 +165,32 @@ MIGRATIONS = [
 # an enqueue, which may run in a caller's long transaction, reads the clock itself.
 _NOW = "date_part('epoch', now())"
 _CLOCK = "date_part('epoch', clock_timestamp())"
+
+
+def _append_history(entry: str) -> str:
+    """history_json with the entry (jsonb_build_object arguments) appended, keeping :keep."""
+    return f"""((CASE WHEN jsonb_array_length(coalesce(history_json, '[]')::jsonb) >= :keep
+                  THEN history_json::jsonb - 0
+                  ELSE coalesce(history_json, '[]')::jsonb END)
+            || jsonb_build_array(jsonb_build_object({entry})))::text"""
+
+
+def _translate(sql: str) -> str:
+    """psycopg's placeholders for the statements' ``?`` and ``:name`` (not ``::type``)."""
+    return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql).replace("?", "%s")
+
+
+DIALECT = Dialect(
+    now=_NOW,
+    task_ttl="CAST(CAST(:ttls AS jsonb) ->> task AS float8)",
+    any_of=lambda column, values: f"{column} = ANY(CAST({values} AS text[]))",
+    append_history=_append_history,
+    minute="floor(finished_at / 60)::bigint",
+    translate=_translate,
+    param="%({})s",
+    like="ILIKE",
+)
+SQL = Statements(DIALECT)
 # A new job's run_at: the server's clock plus what is left of its delay (none, or delay=), or
 # a fixed moment (at=, a periodic tick) as given. CAST, not ::, as SQLAlchemy's text() reads
 # ":name::type" as no parameter.
@@ -211,17 +230,16 @@ INSERT_NEW = f"""
 # earlier try whose reply was lost, and one on the key index means another job holds the
 # key. Either way nothing is stored and no notification is sent.
 ENQUEUE = f"""
-    INSERT INTO offload_jobs ({_SELECT}) VALUES ({_values(COLUMNS)})
+    INSERT INTO offload_jobs ({SELECT}) VALUES ({_values(COLUMNS)})
     ON CONFLICT DO NOTHING
     RETURNING {_NOTIFY}
 """
 HOLDER = f"""
-    SELECT {_SELECT} FROM offload_jobs
+    SELECT {SELECT} FROM offload_jobs
     WHERE id = %(id)s OR (key = %(key)s AND state IN ('queued', 'running'))
     ORDER BY id = %(id)s DESC
     LIMIT 1
 """
-GET = f"SELECT {_SELECT} FROM offload_jobs WHERE id = %s"
 # MATERIALIZED: the locking subquery runs exactly once, so a claim never takes more than limit.
 CLAIM = f"""
     WITH due AS MATERIALIZED (
@@ -237,7 +255,7 @@ CLAIM = f"""
     SET state = 'running', worker = %(worker)s, lease_until = {_NOW} + %(lease)s,
         started_at = {_NOW}, attempts = attempts + 1, claim = %(token)s || '.' || seq
     WHERE seq IN (SELECT seq FROM due)
-    RETURNING {_SELECT}, seq
+    RETURNING {SELECT}, seq
 """
 # Jobs a claim took although its reply never arrived: found by that claim's token. A new
 # token lets only one of the worker's threads adopt each job.
@@ -247,202 +265,46 @@ ADOPT = f"""
         claim = %(token)s || '.' || seq
     WHERE worker = %(worker)s AND state = 'running'
       AND split_part(claim, '.', 1) = ANY(%(tokens)s::text[])
-    RETURNING {_SELECT}, seq
+    RETURNING {SELECT}, seq
 """
-HEARTBEAT = f"""
-    UPDATE offload_jobs SET lease_until = {_NOW} + %(lease)s
-    WHERE id = ANY(%(ids)s::text[]) AND claim = ANY(%(claims)s::text[]) AND state = 'running'
-    RETURNING id, cancel_requested
-"""
-
-
-# The attempt joins the history in the same statement, built from the row as the claim left
-# it (SET reads old values): no second write, and nothing for Python to encode.
-def _append_attempt(outcome: str, error: str, traceback: str) -> str:
-    """SQL for ``history_json`` with the attempt the row holds now appended (the SET reads the
-    row's old values), keeping at most ``%(keep)s`` entries; the arguments are SQL."""
-    return f"""((CASE WHEN jsonb_array_length(coalesce(history_json, '[]')::jsonb) >= %(keep)s
-                  THEN history_json::jsonb - 0
-                  ELSE coalesce(history_json, '[]')::jsonb END)
-            || jsonb_build_array(jsonb_build_object(
-                'attempt', attempts, 'worker', worker, 'claim', claim,
-                'started_at', started_at, 'finished_at', {_NOW},
-                'outcome', {outcome}, 'error', {error}, 'traceback', {traceback})))::text"""
-
-
-# When a job that ends cancelled expires: its task's result_ttl after now (%(ttls)s maps task
-# names to it), as a run that ends cancelled is kept; NULL (OFFLOAD_RESULT_TTL) without one.
-_TASK_TTL = f"{_NOW} + CAST(CAST(%(ttls)s AS jsonb) ->> task AS float8)"
 # A batch of outcomes is stored by one statement: the arrays hold one entry per outcome, in
 # the same order (the columns are named b_... so that the row's own columns read unqualified).
 # A task with result_ttl=0 (ttl 0) keeps nothing of a job that ended: it is deleted instead.
-# A retry of a run whose cancellation was asked for meanwhile ends it cancelled instead, as
-# recovery does for a lost run: running it again would ignore the cancel. A retry's wait and
-# a ttl count from the server's now. Each stored outcome returns its claim.
-_RETRIED = "b_state = 'queued' AND NOT cancel_requested"
-_CANCELLED = "b_state = 'queued' AND cancel_requested"
+# What a stored outcome writes is the rule all SQL storage shares (statements.finish_set); a
+# retry's wait counts from the server's now. Each stored outcome returns its claim.
 _FORGET = "coalesce(b_ttl <= 0, false)"
-FINISH_MANY = f"""
+FINISH_MANY = _translate(f"""
     WITH batch AS (
         SELECT * FROM unnest(
             %(ids)s::text[], %(claims)s::text[], %(states)s::text[], %(results)s::text[],
             %(errors)s::text[], %(tracebacks)s::text[], %(progress)s::text[],
             %(waits)s::float8[], %(outcome_ttls)s::float8[])
-        AS b(b_id, b_claim, b_state, b_result, b_error, b_traceback, b_progress, b_wait, b_ttl)),
+        AS b(b_id, b_claim, b_state, b_result_json, b_error, b_traceback, b_progress_json,
+             b_wait, b_ttl)),
     forgotten AS (
         DELETE FROM offload_jobs USING batch
         WHERE id = b_id AND claim = b_claim AND state = 'running' AND {_FORGET}
         RETURNING b_claim),
     stored AS (
         UPDATE offload_jobs
-        SET state = CASE WHEN {_CANCELLED} THEN 'cancelled' ELSE b_state END,
-            result_json = b_result,
-            error = CASE WHEN {_CANCELLED} THEN 'Cancelled' ELSE b_error END,
-            traceback = CASE WHEN {_CANCELLED} THEN NULL ELSE b_traceback END,
-            progress_json = coalesce(b_progress, progress_json),
-            finished_at = CASE WHEN {_RETRIED} THEN NULL ELSE {_NOW} END,
-            run_at = CASE WHEN {_RETRIED} THEN {_NOW} + coalesce(b_wait, 0) ELSE run_at END,
-            worker = NULL, lease_until = NULL,
-            expires_at = CASE WHEN {_CANCELLED} THEN {_TASK_TTL} ELSE {_NOW} + b_ttl END,
-            history_json = {
-    _append_attempt(
-        outcome="CASE WHEN b_state <> 'queued' THEN b_state"
-        " WHEN cancel_requested THEN 'cancelled' ELSE 'retrying' END",
-        error="b_error",
-        traceback="b_traceback",
-    )
-}
+        SET {finish_set(DIALECT, "b_{}", f"{_NOW} + coalesce(b_wait, 0)")}
         FROM batch
         WHERE id = b_id AND claim = b_claim AND state = 'running' AND NOT {_FORGET}
         RETURNING b_claim)
     SELECT b_claim FROM forgotten UNION ALL SELECT b_claim FROM stored
-"""
+""")
+# What a write's first try did, read after its reply was lost (the confirm= of each verb).
 EXISTING = "SELECT id FROM offload_jobs WHERE id = ANY(%(ids)s::text[])"
 # A finish keeps the claim token, so a finish repeated after a lost reply recognises its work.
 FINISHED_BY = """
     SELECT id FROM offload_jobs
     WHERE id = ANY(%(ids)s::text[]) AND claim = ANY(%(claims)s::text[]) AND state <> 'running'
 """
-RELEASE = """
-    UPDATE offload_jobs
-    SET state = 'queued', worker = NULL, lease_until = NULL, claim = NULL,
-        attempts = attempts - 1
-    WHERE id = %s AND claim = %s AND state = 'running'
-"""
-# A job whose worker died goes back in the queue; it is cancelled if someone asked for that
-# meanwhile, and failed once it has been lost max_lost times (it may be what kills workers).
-# The lost attempt joins the history, built from the row as it was (SET reads old values). The
-# claim becomes this recovery's token (which fences nothing: a run's writes need its state
-# running), so a recovery repeated after a lost reply finds the jobs its first try took back.
-RECOVER = f"""
-    UPDATE offload_jobs
-    SET lost = lost + 1, worker = NULL, lease_until = NULL, claim = %(token)s,
-        expires_at = CASE WHEN cancel_requested THEN {_TASK_TTL} END,
-        history_json = {
-    _append_attempt(
-        outcome="CASE WHEN cancel_requested THEN 'cancelled' ELSE 'lost' END",
-        error="'WorkerLost: the worker stopped renewing its lease'",
-        traceback="NULL",
-    )
-},
-        state = CASE WHEN cancel_requested THEN 'cancelled'
-                     WHEN lost + 1 >= %(max_lost)s THEN 'failed' ELSE 'queued' END,
-        finished_at = CASE WHEN cancel_requested OR lost + 1 >= %(max_lost)s THEN {_NOW} END,
-        error = CASE WHEN cancel_requested THEN 'Cancelled'
-                     WHEN lost + 1 >= %(max_lost)s
-                     THEN 'WorkerLost: worker lost ' || (lost + 1) || ' times' END
-    WHERE state = 'running' AND lease_until < {_NOW}
-    RETURNING id
-"""
-CANCEL_QUEUED = f"""
-    UPDATE offload_jobs
-    SET state = 'cancelled', finished_at = {_NOW}, expires_at = {_TASK_TTL}
-    WHERE id = %(id)s AND state = 'queued'
-"""
-CANCEL_RUNNING = """
-    UPDATE offload_jobs SET cancel_requested = true WHERE id = %s AND state = 'running'
-"""
-SET_PROGRESS = """
-    UPDATE offload_jobs SET progress_json = %s WHERE id = %s AND claim = %s AND state = 'running'
-"""
 STATE = "SELECT state, cancel_requested FROM offload_jobs WHERE id = %s"
-RETRY = f"""
-    UPDATE offload_jobs
-    SET state = 'queued', run_at = {_NOW}, attempts = 0, lost = 0, finished_at = NULL,
-        result_json = NULL, error = NULL, traceback = NULL, cancel_requested = false,
-        expires_at = NULL
-    WHERE id = %(id)s AND state IN ('failed', 'cancelled')
-      AND (key IS NULL OR NOT EXISTS (
-          SELECT 1 FROM offload_jobs AS holder
-          WHERE holder.key = offload_jobs.key AND holder.state IN ('queued', 'running')))
-    RETURNING {_NOTIFY}
-"""
-ADVANCE_TICK = """
-    INSERT INTO offload_schedules AS s (name, last_tick) VALUES (%s, %s)
-    ON CONFLICT (name) DO UPDATE SET last_tick = excluded.last_tick
-    WHERE s.last_tick < excluded.last_tick
-"""
-RECORD_TICK = """
-    INSERT INTO offload_schedules (name, last_tick) VALUES (%s, %s) ON CONFLICT DO NOTHING
-"""
-LIST_JOBS = f"""
-    SELECT {_SELECT} FROM offload_jobs
-    WHERE (%(state)s::text IS NULL OR state = %(state)s)
-      AND (%(task)s::text IS NULL OR task = %(task)s)
-    ORDER BY seq DESC LIMIT %(limit)s
-"""
-# Finished rows through offload_jobs_done, queued and running ones through their own indexes.
-COUNTS = """
-    SELECT task, state, count(*) FROM offload_jobs
-    WHERE state IN ('succeeded', 'failed', 'cancelled') GROUP BY task, state
-    UNION ALL
-    SELECT task, state, count(*) FROM offload_jobs WHERE state = 'queued' GROUP BY task, state
-    UNION ALL
-    SELECT task, state, count(*) FROM offload_jobs WHERE state = 'running' GROUP BY task, state
-"""
-BEAT = """
-    INSERT INTO offload_workers (id, host, pid, queues_json, tasks_json, started_at, last_seen)
-    VALUES (%s, %s, %s, %s, %s, %s, %s)
-    ON CONFLICT (id) DO UPDATE SET tasks_json = excluded.tasks_json,
-        last_seen = excluded.last_seen
-"""
-WORKERS = """
-    SELECT id, host, pid, queues_json, tasks_json, started_at, last_seen
-    FROM offload_workers WHERE last_seen >= %s ORDER BY started_at
-"""
-FORGET_WORKER = "DELETE FROM offload_workers WHERE id = %s OR last_seen < %s"
-# The cut-off is an age (seconds before the server's now), as a worker host's clock may be off.
-PURGE = f"""
-    DELETE FROM offload_jobs
-    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < {_NOW} - %s
-      AND expires_at IS NULL
-"""
-PURGE_EXPIRED = f"DELETE FROM offload_jobs WHERE expires_at < {_NOW}"
-QUEUED_TASK_NAMES = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queued'"
-DELETE = "DELETE FROM offload_jobs WHERE id = %s AND state <> 'running'"
-PAUSE = "INSERT INTO offload_queues (name, paused_at) VALUES (%s, %s) ON CONFLICT DO NOTHING"
-RESUME = "DELETE FROM offload_queues WHERE name = %s"
 PAUSED_AT = "SELECT paused_at FROM offload_queues WHERE name = %s"
 RECOVERED_BY = "SELECT id FROM offload_jobs WHERE claim = %(token)s"
-PAUSED = "SELECT name FROM offload_queues"
-# Queued rows through the claim index, running ones through the lease index.
-QUEUE_STATS = f"""
-    SELECT queue, count(*), count(*) FILTER (WHERE run_at <= {_NOW}),
-        min(run_at) FILTER (WHERE run_at <= {_NOW}), 0
-    FROM offload_jobs WHERE state = 'queued' GROUP BY queue
-    UNION ALL
-    SELECT queue, 0, 0, NULL, count(*) FROM offload_jobs WHERE state = 'running' GROUP BY queue
-"""
-RECENT = """
-    SELECT task, state, finished_at, finished_at - started_at FROM offload_jobs
-    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= %s
-"""
-PER_MINUTE = """
-    SELECT floor(finished_at / 60)::bigint AS minute, state, count(*) FROM offload_jobs
-    WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= %s
-    GROUP BY minute, state
-"""
-TICKS = "SELECT name, last_tick FROM offload_schedules"
+# A job retried tells the listeners, as an enqueue does.
+RETRY = f"{SQL.RETRY} RETURNING {_NOTIFY}"
 LISTEN = f"LISTEN {CHANNEL}"
 
 
@@ -546,13 +408,15 @@ def _execute_on(connection: Any) -> Execute:
     )
 
 
-class PostgresBackend(Backend):
+class PostgresBackend(SQLBackend):
     """Jobs in PostgreSQL tables (``offload_jobs``, ``offload_schedules``, ``offload_workers``).
 
     ``listen=False`` (``OFFLOAD_PG_LISTEN = False``) is for PgBouncer in transaction pooling,
     which cannot hold a ``LISTEN``: workers then find jobs by polling, and statements are not
     prepared, which that mode of PgBouncer does not support either.
     """
+
+    DIALECT, SQL = DIALECT, SQL
 
     def __init__(
         self, url: str, listen: bool = True, pool_size: int = 10, timeout: float = 5.0
@@ -660,7 +524,7 @@ class PostgresBackend(Backend):
             finally:
                 pool.putconn(conn)
         assert lost is not None
-        raise ConnectionError(
+        raise StorageUnavailable(
             f"cannot reach PostgreSQL at {self.where}: {_one_line(lost)}"
         ) from lost
 
@@ -678,7 +542,7 @@ class PostgresBackend(Backend):
             with psycopg.connect(self.url, **self._connect_args) as conn:
                 self._migrate(conn)
         except psycopg.OperationalError as error:
-            raise ConnectionError(
+            raise StorageUnavailable(
                 f"cannot reach PostgreSQL at {self.where} (OFFLOAD_URL): {_one_line(error)}"
             ) from None
 
@@ -687,7 +551,9 @@ class PostgresBackend(Backend):
         try:
             psycopg.connect(self.url, **self._connect_args).close()
         except psycopg.Error as error:
-            return ConnectionError(f"cannot reach PostgreSQL at {self.where}: {_one_line(error)}")
+            return StorageUnavailable(
+                f"cannot reach PostgreSQL at {self.where}: {_one_line(error)}"
+            )
         return TimeoutError(
             f"all {self.pool_size} of this process's connections to PostgreSQL at {self.where} "
             f"stayed busy for {self.timeout:g} s"
@@ -719,11 +585,6 @@ class PostgresBackend(Backend):
             return conn.inserts().execute(sql, params).fetchall()
 
         return execute
-
-    def _job(self, row: tuple[Any, ...]) -> Job:
-        job = Job(*row[: len(COLUMNS)])
-        job.backend = self
-        return job
 
     # -- the verbs -----------------------------------------------------------------------------
 
@@ -770,7 +631,7 @@ class PostgresBackend(Backend):
     def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
         def enqueue_tick(conn: Pooled) -> bool:
             with conn.transaction():
-                if conn.execute(ADVANCE_TICK, (schedule, tick)).rowcount != 1:
+                if conn.execute(SQL.ADVANCE_TICK, (schedule, tick)).rowcount != 1:
                     return False
                 self._insert(self._execute(conn), job)
                 return True
@@ -780,13 +641,6 @@ class PostgresBackend(Backend):
             return done or bool(conn.execute(STATE, (job.id,)).fetchall())
 
         return self._run(enqueue_tick, confirm=confirm)
-
-    def record_tick(self, schedule: str, tick: float) -> None:
-        self._run(lambda conn: conn.execute(RECORD_TICK, (schedule, tick)))
-
-    def get(self, job_id: str) -> Job | None:
-        rows = self._run(lambda conn: conn.execute(GET, (job_id,)).fetchall())
-        return self._job(rows[0]) if rows else None
 
     def claim(
         self,
@@ -830,20 +684,6 @@ class PostgresBackend(Backend):
         rows.sort(key=lambda row: (-row[_PRIORITY], row[_RUN_AT], row[-1]))  # row[-1]: seq
         return [self._job(row) for row in rows]
 
-    def heartbeat(self, held: Collection[Job], lease: float) -> set[str]:
-        if not held:
-            return set()
-        params = {
-            "lease": lease,
-            "ids": [job.id for job in held],
-            "claims": [job.claim for job in held],
-        }
-        rows = self._run(lambda conn: conn.execute(HEARTBEAT, params).fetchall())
-        return {job_id for job_id, cancel in rows if cancel}
-
-    def finish(self, job: Job, outcome: Outcome) -> bool:
-        return self.finish_many([(job, outcome)])[0]
-
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
         if not finished:
             return []
@@ -859,7 +699,7 @@ class PostgresBackend(Backend):
             "waits": [r["wait"] for r in rows],
             "outcome_ttls": [r["ttl"] for r in rows],
             "keep": HISTORY_LIMIT,
-            "ttls": json.dumps(self.result_ttls()),
+            "ttls": self._ttls(),
         }
 
         def store(conn: Connection) -> list[bool]:
@@ -878,40 +718,24 @@ class PostgresBackend(Backend):
 
         return self._run(store, confirm=confirm)
 
-    def release(self, job: Job) -> bool:
-        values = (job.id, job.claim)
-        return self._run(lambda conn: conn.execute(RELEASE, values).rowcount == 1)
-
     def recover(self, max_lost: int) -> list[str]:
-        params = {
-            "max_lost": max_lost,
-            "keep": HISTORY_LIMIT,
-            "token": secrets.token_hex(8),
-            "ttls": json.dumps(self.result_ttls()),
-        }
+        params = self._recovery(max_lost)
 
         def confirm(conn: Pooled, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
             """After a lost reply: the jobs that carry this recovery's token, which the first
             try took back (one claimed again since carries a claim of its own by then)."""
             return rows or conn.execute(RECOVERED_BY, params).fetchall()
 
-        rows = self._run(lambda conn: conn.execute(RECOVER, params).fetchall(), confirm=confirm)
+        rows = self._run(lambda conn: conn.execute(SQL.RECOVER, params).fetchall(), confirm=confirm)
         return [job_id for (job_id,) in rows]
 
     def cancel(self, job_id: str) -> bool:
-        params = {"id": job_id, "ttls": json.dumps(self.result_ttls())}
-
-        def cancel(conn: Connection) -> bool:
-            if conn.execute(CANCEL_QUEUED, params).rowcount == 1:
-                return True
-            return conn.execute(CANCEL_RUNNING, (job_id,)).rowcount == 1
-
         def confirm(conn: Connection, done: bool) -> bool:
             """After a lost reply: cancelled, or asked to stop, by the first try."""
             rows = conn.execute(STATE, (job_id,)).fetchall()
             return done or bool(rows and (rows[0][0] == "cancelled" or rows[0][1]))
 
-        return self._run(cancel, confirm=confirm)
+        return self._run(lambda conn: self._cancel(conn, job_id), confirm=confirm)
 
     def retry(self, job_id: str) -> bool:
         def retry(conn: Connection) -> bool:
@@ -927,41 +751,13 @@ class PostgresBackend(Backend):
 
         return self._run(retry, confirm=confirm)
 
-    def set_progress(self, job: Job, progress_json: str) -> bool:
-        values = (progress_json, job.id, job.claim)
-        return self._run(lambda conn: conn.execute(SET_PROGRESS, values).rowcount == 1)
-
-    def purge(self, finished_before: float) -> int:
-        def purge(conn: Connection) -> int:
-            expired = conn.execute(PURGE_EXPIRED).rowcount
-            return expired + conn.execute(PURGE, (age,)).rowcount
-
-        age = time.time() - finished_before  # on this host's clock, which may be off
-
-        return self._run(purge)
-
-    def queued_task_names(self) -> set[str]:
-        rows = self._run(lambda conn: conn.execute(QUEUED_TASK_NAMES).fetchall())
-        return {name for (name,) in rows}
-
-    def list_jobs(
-        self, state: str | None = None, task: str | None = None, limit: int = 50
-    ) -> list[Job]:
-        params = {"state": state, "task": task, "limit": limit}
-        rows = self._run(lambda conn: conn.execute(LIST_JOBS, params).fetchall())
-        return [self._job(row) for row in rows]
-
-    def counts(self) -> dict[tuple[str, str], int]:
-        rows = self._run(lambda conn: conn.execute(COUNTS).fetchall())
-        return {(task, state): count for task, state, count in rows}
-
     def delete(self, job_id: str) -> bool:
         def confirm(conn: Pooled, done: bool) -> bool:
             """After a lost reply: the job is gone, so the first try deleted it."""
             return done or not conn.execute(STATE, (job_id,)).fetchall()
 
         def delete(conn: Pooled) -> bool:
-            return conn.execute(DELETE, (job_id,)).rowcount == 1
+            return conn.execute(SQL.DELETE, (job_id,)).rowcount == 1
 
         return self._run(delete, confirm=confirm)
 
@@ -974,7 +770,7 @@ class PostgresBackend(Backend):
             return done or rows == [(paused_at,)]
 
         def pause(conn: Pooled) -> bool:
-            return conn.execute(PAUSE, (name, paused_at)).rowcount == 1
+            return conn.execute(SQL.PAUSE, (name, paused_at)).rowcount == 1
 
         return self._run(pause, confirm=confirm)
 
@@ -984,46 +780,9 @@ class PostgresBackend(Backend):
             return done or not conn.execute(PAUSED_AT, (name,)).fetchall()
 
         def resume(conn: Pooled) -> bool:
-            return conn.execute(RESUME, (name,)).rowcount == 1
+            return conn.execute(SQL.RESUME, (name,)).rowcount == 1
 
         return self._run(resume, confirm=confirm)
-
-    def paused_queues(self) -> set[str]:
-        return {name for (name,) in self._run(lambda conn: conn.execute(PAUSED).fetchall())}
-
-    def search_jobs(
-        self, filters: JobFilter, before: int | None = None, limit: int = 50
-    ) -> tuple[list[Job], int | None]:
-        sql, params = search_sql(_SELECT, filters, before, "%({})s", "ILIKE")
-        params["limit"] = limit
-        rows = self._run(lambda conn: conn.execute(sql, params).fetchall())
-        return [self._job(row) for row in rows], page_cursor(rows, limit)
-
-    def queue_stats(self) -> list[QueueInfo]:
-        rows = self._run(lambda conn: conn.execute(QUEUE_STATS).fetchall())
-        return queue_infos(rows, self.paused_queues())
-
-    def recent(self, since: float) -> list[tuple[str, str, float, float | None]]:
-        rows = self._run(lambda conn: conn.execute(RECENT, (since,)).fetchall())
-        return [(task, state, at, seconds) for task, state, at, seconds in rows]
-
-    def finished_per_minute(self, since: float) -> list[tuple[int, str, int]]:
-        rows = self._run(lambda conn: conn.execute(PER_MINUTE, (since,)).fetchall())
-        return [(minute, state, count) for minute, state, count in rows]
-
-    def ticks(self) -> dict[str, float]:
-        return dict(self._run(lambda conn: conn.execute(TICKS).fetchall()))
-
-    def beat(self, info: WorkerInfo) -> None:
-        values = worker_row(info)
-        self._run(lambda conn: conn.execute(BEAT, values))
-
-    def workers(self, seen_since: float) -> list[WorkerInfo]:
-        rows = self._run(lambda conn: conn.execute(WORKERS, (seen_since,)).fetchall())
-        return [worker_info(row) for row in rows]
-
-    def forget_worker(self, worker: str) -> None:
-        self._run(lambda conn: conn.execute(FORGET_WORKER, (worker, time.time() - 86400)))
 
     # -- wake-ups from other processes -----------------------------------------------------------
 

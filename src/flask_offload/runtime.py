@@ -16,12 +16,11 @@ from typing import Any
 
 from . import commits, serializer, tracing
 from .backends.base import Backend
-from .backends.rows import history_entry
+from .backends.rules import store_outcome
 from .execution import LATEST_DUE, ContextFactory, Events, Runnable, Settings, execute
 from .foreground import Foreground
 from .job import (
     CANCELLED,
-    HISTORY_LIMIT,
     QUEUED,
     RUNNING,
     Job,
@@ -163,23 +162,13 @@ class Runtime:
                 f"OFFLOAD_EAGER runs jobs at once, but this app registers no task {job.task!r}"
             )
         job.state = QUEUED
-        history: list[str] = []
         while job.state == QUEUED:
             job.state, job.started_at = RUNNING, time.time()
             job.attempts += 1
             outcome = execute(task, job, Running(job, self.backend), self.context, self.settings)
-            history = [*history[1 - HISTORY_LIMIT :], history_entry(job, outcome, time.time())]
-            job.state, job.result_json = outcome.state, outcome.result_json
-            job.error, job.traceback = outcome.error, outcome.traceback
-            job.progress_json = outcome.progress_json or job.progress_json
-        job.finished_at = time.time()
-        job.history_json = "[" + ",".join(history) + "]"
-        if job.ephemeral:  # stored already final: no storage trigger on finishing forgets it
-            job.args_json, job.kwargs_json = "[]", "{}"
-        if outcome.ttl is not None:
-            if outcome.ttl <= 0:
-                return job
-            job.expires_at = job.finished_at + outcome.ttl
+            store_outcome(job, outcome, time.time(), task.result_ttl)
+        if outcome.ttl is not None and outcome.ttl <= 0:
+            return job
         return self.backend.enqueue(job)
 
     def retry(self, job_id: str) -> Job:

@@ -17,47 +17,40 @@ reply reports the work its first try did (a release's answer only chooses a log 
 
 Time is the server's: leases, due times and cut-offs are read from ``now()`` in the
 statements, never from a worker's clock, which may be off.
+
+This module holds what only PostgreSQL does (its schema, inserting, claiming and adopting, the
+batched finish, the lost-reply confirmations); the statements both SQL backends share are in
+``statements.py``, their shared verbs in ``sqlbase.py``, the pool in ``pgpool.py`` and the
+listener in ``pglisten.py``.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import os
-import random
 import re
 import secrets
-import select
-import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import fields
 from operator import attrgetter
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import TupleRow
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
 from ..errors import StorageUnavailable
 from ..job import HISTORY_LIMIT, Job, Outcome
 from .base import Wake, id_in_use
+from .pglisten import CHANNEL, Listener
+from .pgpool import Connection, Execute, Pooled, PostgresPool, execute_on, one_line
 from .rows import COLUMNS, finish_rows
 from .sqlbase import SQLBackend
 from .statements import SELECT, Dialect, Statements, finish_set
 
-T = TypeVar("T")
-Connection = psycopg.Connection[TupleRow]
-# Runs ENQUEUE or HOLDER (both return rows) on a pooled connection or on a caller's.
-Execute = Callable[[str, Mapping[str, Any]], list[tuple[Any, ...]]]
-
-logger = logging.getLogger("flask_offload")
-
 SCHEMA_VERSION = 5
-CHANNEL = "offload_jobs"
 MIGRATION_LOCK = 0x0FF10AD  # pg_advisory_xact_lock key: one migrating process at a time
 _PRIORITY, _RUN_AT = COLUMNS.index("priority"), COLUMNS.index("run_at")
 
@@ -305,7 +298,6 @@ PAUSED_AT = "SELECT paused_at FROM offload_queues WHERE name = %s"
 RECOVERED_BY = "SELECT id FROM offload_jobs WHERE claim = %(token)s"
 # A job retried tells the listeners, as an enqueue does.
 RETRY = f"{SQL.RETRY} RETURNING {_NOTIFY}"
-LISTEN = f"LISTEN {CHANNEL}"
 
 
 def _wait(job: Job) -> float | None:
@@ -313,102 +305,7 @@ def _wait(job: Job) -> float | None:
     return job.run_at - time.time() if job.relative else None
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-def _due(payload: str) -> float | None:
-    """When the job a notification tells of is due (its run_at), or None (look now) for a
-    payload without a time, such as an older release's bare queue name."""
-    try:
-        at = float(payload.partition(" ")[0])
-    except ValueError:
-        return None
-    return at if math.isfinite(at) else None
-
-
-class Pooled(psycopg.Connection[TupleRow]):
-    """A connection of the pool, with one cursor kept for the enqueue path. A cursor learns
-    how to adapt each Python type the first time it meets it; ``conn.execute`` makes a new
-    cursor per statement, which learns it again for each of an insert's dozen parameters,
-    about a third of that enqueue's time in the client."""
-
-    _inserts: psycopg.Cursor[TupleRow] | None = None
-
-    def inserts(self) -> psycopg.Cursor[TupleRow]:
-        """The cursor for inserts (one thread at a time holds a pooled connection)."""
-        cursor = self._inserts
-        if cursor is None or cursor.closed:
-            cursor = self._inserts = self.cursor()
-        return cursor
-
-
-def _check(conn: Connection) -> None:
-    """Check a pooled connection before use, without a round trip when it looks fine.
-
-    A server that ended the session (restart, shutdown, terminated backend) leaves its last
-    message or the end of the stream waiting on the socket; only then is the connection asked
-    to answer, and a dead one is replaced. Anything else that breaks under a statement is
-    caught by ``_run``.
-    """
-    if _readable(conn.fileno()):
-        ConnectionPool.check_connection(conn)
-
-
-def _readable(fd: int) -> bool:
-    if not hasattr(select, "poll"):  # Windows; select() is fine with its small descriptors
-        return bool(select.select([fd], [], [], 0)[0])
-    poller = select.poll()  # unlike select(), fine with descriptors above 1023
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
-
-
-def _close_abandoned(pool: ConnectionPool[Pooled], pid: int) -> None:
-    """Close the pool of a backend dropped without ``close()`` (an app made per test): in a
-    thread of its own, as the garbage collector may call this from one of the pool's threads,
-    which cannot wait for itself; and never in a forked child, whose pool it is not."""
-    if os.getpid() == pid:
-        threading.Thread(target=pool.close, name="offload-pg-close", daemon=True).start()
-
-
-def _named(sql: str) -> str:
-    """psycopg's ``%(name)s`` placeholders as SQLAlchemy's ``:name``."""
-    return re.sub(r"%\((\w+)\)s", r":\1", sql)
-
-
-def _execute_on(connection: Any) -> Execute:
-    """Run statements through a caller's connection, inside the caller's transaction."""
-    if isinstance(connection, psycopg.Connection):
-        psycopg_connection: Connection = connection
-
-        def execute(sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-            with psycopg_connection.cursor() as cursor:
-                return cursor.execute(sql, params).fetchall()
-
-        return execute
-    if "sqlalchemy" in sys.modules:  # a SQLAlchemy object exists only once it is imported
-        from sqlalchemy import text
-        from sqlalchemy.engine import Connection as SAConnection
-        from sqlalchemy.orm import Session, scoped_session
-
-        if isinstance(connection, scoped_session):  # Flask-SQLAlchemy's db.session
-            connection = connection()
-        if isinstance(connection, (SAConnection, Session)):
-            sa_connection: SAConnection | Session = connection
-
-            def execute(sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-                result = sa_connection.execute(text(_named(sql)), dict(params))
-                return [tuple(row) for row in result]
-
-            return execute
-    raise TypeError(
-        "enqueue(connection=...) takes a psycopg 3 Connection, or a SQLAlchemy Connection or "
-        "Session (Flask-SQLAlchemy's db.session too), open on the same PostgreSQL database; "
-        f"not {type(connection).__module__}.{type(connection).__qualname__}"
-    )
-
-
-class PostgresBackend(SQLBackend):
+class PostgresBackend(PostgresPool, Listener, SQLBackend):
     """Jobs in PostgreSQL tables (``offload_jobs``, ``offload_schedules``, ``offload_workers``).
 
     ``listen=False`` (``OFFLOAD_PG_LISTEN = False``) is for PgBouncer in transaction pooling,
@@ -445,89 +342,6 @@ class PostgresBackend(SQLBackend):
         self._closed = threading.Event()
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
-    # -- connections -------------------------------------------------------------------------
-
-    def _pool_here(self) -> ConnectionPool[Pooled]:
-        """This process's pool, opened on first use (and anew in a forked child)."""
-        pool = self._pool
-        if pool is not None and self._pid == os.getpid():
-            return pool
-        with self._lock:
-            if self._pool is None or self._pid != os.getpid():
-                if self._pool is not None:  # forked without after_fork: see there
-                    self._inherited.append(self._pool)
-                self._pool = ConnectionPool(
-                    self.url,
-                    connection_class=Pooled,
-                    kwargs={
-                        **self._connect_args,
-                        **({} if self.listen else {"prepare_threshold": None}),
-                    },
-                    min_size=1,
-                    max_size=self.pool_size,
-                    timeout=self.timeout,
-                    # Give up a failing reconnection after a few seconds; the next request
-                    # starts a new one, so a server that is back is found again quickly.
-                    reconnect_timeout=2 * self.timeout,
-                    check=_check,
-                    name="flask-offload",
-                    open=False,
-                )
-                self._pool.open(wait=False)
-                self._pid = os.getpid()
-                self._finalizer = weakref.finalize(self, _close_abandoned, self._pool, self._pid)
-                self._finalizer.atexit = False
-                # The first connection before the first request: a request that finds the
-                # pool empty makes it grow to two, and as the pool lends its idle connections
-                # in turn, one thread's statements would then keep two server processes awake
-                # instead of one (an enqueue takes a few per cent longer).
-                self._pool.wait(self.timeout)
-            return self._pool
-
-    def _run(
-        self,
-        operation: Callable[[Pooled], T],
-        retry: bool = True,
-        confirm: Callable[[Pooled, T], T] | None = None,
-    ) -> T:
-        """Run ``operation`` on a pooled connection, migrating the schema on first use.
-
-        A connection that breaks under it (server restart, network cut) is dropped and, if
-        ``retry``, the operation runs once more on a fresh one: every verb but claim is safe
-        to repeat, since a repeat finds the first one's work done and changes nothing. As the
-        first try may have done the work before its reply was lost, ``confirm`` then looks at
-        what is stored and corrects the repeat's answer. An unreachable server raises
-        ``ConnectionError`` within about ``timeout`` seconds.
-        """
-        if not self._ready:
-            self._first_use()
-        lost: psycopg.OperationalError | None = None
-        for _ in range(2 if retry else 1):
-            # getconn/putconn rather than pool.connection(), whose commit on the way out has
-            # nothing to do on our autocommitted connections but costs an enqueue ~5 %.
-            # Statements that need a transaction open one of their own and end it; the pool
-            # rolls back whatever a failure left open, and replaces a broken connection.
-            try:
-                pool = self._pool_here()
-                conn = pool.getconn()
-            except PoolTimeout:
-                raise self._no_connection() from None
-            try:
-                value = operation(conn)
-                if lost is not None and confirm is not None:
-                    value = confirm(conn, value)
-                return value
-            except psycopg.OperationalError as error:
-                if not conn.broken:
-                    raise
-                lost = error
-            finally:
-                pool.putconn(conn)
-        assert lost is not None
-        raise StorageUnavailable(
-            f"cannot reach PostgreSQL at {self.where}: {_one_line(lost)}"
-        ) from lost
-
     def prepare(self) -> None:
         self._run(lambda conn: None)
 
@@ -543,21 +357,8 @@ class PostgresBackend(SQLBackend):
                 self._migrate(conn)
         except psycopg.OperationalError as error:
             raise StorageUnavailable(
-                f"cannot reach PostgreSQL at {self.where} (OFFLOAD_URL): {_one_line(error)}"
+                f"cannot reach PostgreSQL at {self.where} (OFFLOAD_URL): {one_line(error)}"
             ) from None
-
-    def _no_connection(self) -> OSError:
-        """Why the pool gave no connection in time: the server's own answer, or a busy pool."""
-        try:
-            psycopg.connect(self.url, **self._connect_args).close()
-        except psycopg.Error as error:
-            return StorageUnavailable(
-                f"cannot reach PostgreSQL at {self.where}: {_one_line(error)}"
-            )
-        return TimeoutError(
-            f"all {self.pool_size} of this process's connections to PostgreSQL at {self.where} "
-            f"stayed busy for {self.timeout:g} s"
-        )
 
     def _migrate(self, conn: Connection) -> None:
         """Create or upgrade the tables; one process at a time, under an advisory lock."""
@@ -592,7 +393,7 @@ class PostgresBackend(SQLBackend):
         if connection is not None:
             if not self._ready:  # a fresh database: create the tables first, on our own
                 self.prepare()
-            return self._insert(_execute_on(connection), job)
+            return self._insert(execute_on(connection), job)
         if _rest_values(job) == _DEFAULTS:
             return self._run(lambda conn: self._insert_new(conn, job))
         return self._run(lambda conn: self._insert(self._execute(conn), job))
@@ -783,58 +584,6 @@ class PostgresBackend(SQLBackend):
             return conn.execute(SQL.RESUME, (name,)).rowcount == 1
 
         return self._run(resume, confirm=confirm)
-
-    # -- wake-ups from other processes -----------------------------------------------------------
-
-    def subscribe(self, wake: Wake) -> None:
-        if not self.listen:
-            return
-        with self._lock:
-            self._subscribers.append(wake)
-            listener = self._listener
-            if (listener is None or not listener.is_alive()) and not self._closed.is_set():
-                self._listener = threading.Thread(
-                    target=self._listen, name="offload-pg-listen", daemon=True
-                )
-                self._listener.start()
-
-    def unsubscribe(self, wake: Wake) -> None:
-        with self._lock:
-            if wake in self._subscribers:
-                self._subscribers.remove(wake)
-
-    def _wake_all(self, at: float | None = None) -> None:
-        for wake in list(self._subscribers):
-            try:
-                wake(at)
-            except Exception:
-                logger.exception("a wake-up callback failed")
-
-    def _listen(self) -> None:
-        """``LISTEN`` on a connection of its own, waking subscribers per notification; after a
-        lost connection, connect again with backoff (workers poll meanwhile)."""
-        closed, failures = self._closed, 0
-        while not closed.is_set():
-            try:
-                with psycopg.connect(self.url, **self._connect_args) as conn:
-                    self._listening = conn
-                    conn.execute(LISTEN)
-                    if failures:
-                        logger.warning("listening to PostgreSQL at %s again", self.where)
-                    failures = 0
-                    self._wake_all()  # jobs may have come while nobody listened
-                    while not closed.is_set():
-                        for notify in conn.notifies(timeout=1.0):
-                            self._wake_all(_due(notify.payload))
-            except psycopg.Error as error:
-                failures += 1
-                if failures == 1:
-                    logger.warning(
-                        "cannot listen to PostgreSQL at %s (%s): workers poll until it is back",
-                        self.where,
-                        _one_line(error),
-                    )
-                closed.wait(min(10.0, 0.25 * 2**failures) * random.uniform(0.5, 1.0))
 
     # -- process lifecycle -----------------------------------------------------------------------
 

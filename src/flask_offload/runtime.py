@@ -161,12 +161,13 @@ class Runtime:
             raise LookupError(
                 f"OFFLOAD_EAGER runs jobs at once, but this app registers no task {job.task!r}"
             )
-        job.state = QUEUED
+        job.state, due = QUEUED, job.run_at
         while job.state == QUEUED:
             job.state, job.started_at = RUNNING, time.time()
             job.attempts += 1
             outcome = execute(task, job, Running(job, self.backend), self.context, self.settings)
             store_outcome(job, outcome, time.time(), task.result_ttl)
+        job.run_at = due  # its retries ran at once, not when a retry would have been due
         if outcome.ttl is not None and outcome.ttl <= 0:
             return job
         return self.backend.enqueue(job)

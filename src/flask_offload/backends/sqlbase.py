@@ -41,6 +41,7 @@ class SQLBackend(Backend):
         return self._run(operation)
 
     def _job(self, row: Any) -> Job:
+        """The Job a row of COLUMNS holds (SQLite stores booleans as integers)."""
         job = Job(*row[:WIDTH])
         job.backend = self
         job.cancel_requested, job.ephemeral = bool(job.cancel_requested), bool(job.ephemeral)

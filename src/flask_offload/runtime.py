@@ -16,13 +16,12 @@ from typing import Any
 
 from . import commits, serializer, tracing
 from .backends.base import Backend
-from .backends.rows import history_entry
+from .backends.rules import store_outcome
 from .errors import InvalidArgument, InvalidValue, JobNotFound, NotRetryable, UnknownTask
 from .execution import LATEST_DUE, ContextFactory, Events, Runnable, Settings, execute
 from .foreground import Foreground
 from .job import (
     CANCELLED,
-    HISTORY_LIMIT,
     QUEUED,
     RUNNING,
     Job,
@@ -166,24 +165,15 @@ class Runtime:
             raise UnknownTask(
                 f"OFFLOAD_EAGER runs jobs at once, but this app registers no task {job.task!r}"
             )
-        job.state = QUEUED
-        history: list[str] = []
+        job.state, due = QUEUED, job.run_at
         while job.state == QUEUED:
             job.state, job.started_at = RUNNING, time.time()
             job.attempts += 1
             outcome = execute(task, job, Running(job, self.backend), self.context, self.settings)
-            history = [*history[1 - HISTORY_LIMIT :], history_entry(job, outcome, time.time())]
-            job.state, job.result_json = outcome.state, outcome.result_json
-            job.error, job.traceback = outcome.error, outcome.traceback
-            job.progress_json = outcome.progress_json or job.progress_json
-        job.finished_at = time.time()
-        job.history_json = "[" + ",".join(history) + "]"
-        if job.ephemeral:  # stored already final: no storage trigger on finishing forgets it
-            job.args_json, job.kwargs_json = "[]", "{}"
-        if outcome.ttl is not None:
-            if outcome.ttl <= 0:
-                return job
-            job.expires_at = job.finished_at + outcome.ttl
+            store_outcome(job, outcome, time.time(), task.result_ttl)
+        job.run_at = due  # its retries ran at once, not when a retry would have been due
+        if outcome.ttl is not None and outcome.ttl <= 0:
+            return job
         return self.backend.enqueue(job)
 
     def retry(self, job_id: str) -> Job:

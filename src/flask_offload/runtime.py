@@ -21,9 +21,9 @@ from .errors import InvalidArgument, InvalidValue, JobNotFound, NotRetryable, Un
 from .execution import LATEST_DUE, ContextFactory, Events, Runnable, Settings, execute
 from .foreground import Foreground
 from .job import (
-    CANCELLED,
     QUEUED,
     RUNNING,
+    Cancel,
     Job,
     Running,
     new_id,
@@ -204,25 +204,20 @@ class Runtime:
         """The ``result_ttl`` of each registered task that sets one, by name."""
         return {name: t.result_ttl for name, t in self.tasks.items() if t.result_ttl is not None}
 
-    def cancel(self, job_id: str) -> bool:
-        """Cancel a queued job, or ask a running one to stop; False once it has finished.
+    def cancel(self, job_id: str) -> Cancel:
+        """Cancel a queued job, or ask a running one to stop; None once it has finished.
 
-        ``job_cancelled`` is sent here for a queued job. A running one only gets its flag
-        set, and its pool sends ``job_cancelled`` when the run ends cancelled, which may be
-        before the storage answers here: so a job found cancelled was cancelled here if it
-        was queued just before, or if it has no flag (only a run asked to stop sets it; a
-        graceful stop that puts such a run back leaves it on the queued job)."""
-        before = self.get(job_id)
-        if before is None or not self.backend.cancel(job_id):
-            return False
-        job = self.backend.get(job_id)
-        if (
-            job is not None
-            and job.state == CANCELLED
-            and (before.state == QUEUED or not job.cancel_requested)
-        ):
-            self.emit("job_cancelled", job)
-        return True
+        ``job_cancelled`` is sent here for a queued job the storage cancelled. A running one
+        only gets its flag set, and its pool sends ``job_cancelled`` when the run ends
+        cancelled (a run that returns anyway has succeeded)."""
+        if not valid_id(job_id):
+            return None
+        done = self.backend.cancel(job_id)
+        if done == "cancelled":
+            job = self.backend.get(job_id)
+            if job is not None:
+                self.emit("job_cancelled", job)
+        return done
 
     def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
         """Store ``job`` for a periodic tick, unless another process has stored that tick;

@@ -18,6 +18,7 @@ from ..job import (
     FINAL_STATES,
     QUEUED,
     RUNNING,
+    Cancel,
     Job,
     Outcome,
     WorkerInfo,
@@ -155,16 +156,16 @@ class MemoryBackend(Backend):
                 taken.append(job.id)
         return taken
 
-    def cancel(self, job_id: str) -> bool:
+    def cancel(self, job_id: str) -> Cancel:
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None or job.state in FINAL_STATES:
-                return False
+                return None
             if job.state == QUEUED:
                 cancel_queued(job, time.time(), self.result_ttls().get(job.task))
-            else:
-                job.cancel_requested = True
-            return True
+                return "cancelled"
+            job.cancel_requested = True
+            return "asked"
 
     def retry(self, job_id: str) -> bool:
         with self._lock:

@@ -42,7 +42,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from ..errors import StorageUnavailable
-from ..job import HISTORY_LIMIT, Job, Outcome
+from ..job import HISTORY_LIMIT, Cancel, Job, Outcome
 from . import schema
 from .base import Wake, id_in_use
 from .pglisten import CHANNEL, Listener
@@ -412,11 +412,14 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
         rows = self._run(lambda conn: conn.execute(SQL.RECOVER, params).fetchall(), confirm=confirm)
         return [job_id for (job_id,) in rows]
 
-    def cancel(self, job_id: str) -> bool:
-        def confirm(conn: Connection, done: bool) -> bool:
+    def cancel(self, job_id: str) -> Cancel:
+        def confirm(conn: Connection, done: Cancel) -> Cancel:
             """After a lost reply: cancelled, or asked to stop, by the first try."""
             rows = conn.execute(STATE, (job_id,)).fetchall()
-            return done or bool(rows and (rows[0][0] == "cancelled" or rows[0][1]))
+            if done or not rows:
+                return done
+            state, asked = rows[0]
+            return "cancelled" if state == "cancelled" and not asked else "asked" if asked else None
 
         return self._run(lambda conn: self._cancel(conn, job_id), confirm=confirm)
 

@@ -17,7 +17,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Collection
 from typing import Any, ClassVar, TypeVar
 
-from ..job import HISTORY_LIMIT, Job, Outcome, WorkerInfo
+from ..job import HISTORY_LIMIT, Cancel, Job, Outcome, WorkerInfo
 from .base import Backend, JobFilter, QueueInfo
 from .rows import COLUMNS, page_cursor, queue_infos, search_sql, worker_info, worker_row
 from .statements import SELECT, Dialect, Statements
@@ -95,14 +95,14 @@ class SQLBackend(Backend):
         rows = self._run(lambda db: db.execute(self.SQL.RECOVER, params).fetchall())
         return [job_id for (job_id,) in rows]
 
-    def _cancel(self, db: Any, job_id: str) -> bool:
+    def _cancel(self, db: Any, job_id: str) -> Cancel:
         """Cancel a queued job, or ask a running one to stop, on connection ``db``."""
         params = {"id": job_id, "now": time.time(), "ttls": self._ttls()}
         if db.execute(self.SQL.CANCEL_QUEUED, params).rowcount == 1:
-            return True
-        return bool(db.execute(self.SQL.CANCEL_RUNNING, (job_id,)).rowcount == 1)
+            return "cancelled"
+        return "asked" if db.execute(self.SQL.CANCEL_RUNNING, (job_id,)).rowcount == 1 else None
 
-    def cancel(self, job_id: str) -> bool:
+    def cancel(self, job_id: str) -> Cancel:
         return self._run(lambda db: self._cancel(db, job_id))
 
     def set_progress(self, job: Job, progress_json: str) -> bool:

@@ -18,13 +18,22 @@ from . import commits, serializer, tracing
 from .backends.base import Backend
 from .backends.rules import store_outcome
 from .errors import InvalidArgument, InvalidValue, JobNotFound, NotRetryable, UnknownTask
-from .execution import LATEST_DUE, ContextFactory, Events, Runnable, Settings, execute
+from .execution import (
+    LATEST_DUE,
+    OUTCOME_EVENTS,
+    ContextFactory,
+    Events,
+    Runnable,
+    Settings,
+    execute,
+)
 from .foreground import Foreground
 from .job import (
     QUEUED,
     RUNNING,
     Cancel,
     Job,
+    Outcome,
     Running,
     new_id,
     state_words,
@@ -152,25 +161,28 @@ class Runtime:
             self.emit("job_enqueued", job)
         return stored
 
-    def emit(self, event: str, job: Job) -> None:
+    def emit(self, event: str, job: Job, outcome: Outcome | None = None) -> None:
         """Tell the Flask layer (signals) what happened to ``job`` in this process."""
         if self.events is not None:
-            self.events(event, job, None)
+            self.events(event, job, outcome)
 
     def _run_now(self, job: Job) -> Job:
         """EAGER mode: run the job in the caller's thread, retries at once, and store it (or
-        not, for a task with ``result_ttl=0``)."""
+        not, for a task with ``result_ttl=0``), sending the signals a pool would."""
         task = self.tasks.get(job.task)
         if task is None:
             raise UnknownTask(
                 f"OFFLOAD_EAGER runs jobs at once, but this app registers no task {job.task!r}"
             )
         job.state, due = QUEUED, job.run_at
+        self.emit("job_enqueued", job)
         while job.state == QUEUED:
             job.state, job.started_at = RUNNING, time.time()
             job.attempts += 1
+            self.emit("job_started", job)
             outcome = execute(task, job, Running(job, self.backend), self.context, self.settings)
             store_outcome(job, outcome, time.time(), task.result_ttl)
+            self.emit(OUTCOME_EVENTS[job.state], job, outcome)
         job.run_at = due  # its retries ran at once, not when a retry would have been due
         if outcome.ttl is not None and outcome.ttl <= 0:
             return job

@@ -27,7 +27,7 @@ from conftest import AppFactory, free_port, jobapp_env, make_job, process, runs,
 psycopg = pgtest.require_psycopg()
 
 from flask_offload.backends import open_backend, schema  # noqa: E402
-from flask_offload.backends import postgres as queries  # noqa: E402
+from flask_offload.backends import pgsql as queries  # noqa: E402
 from flask_offload.backends.postgres import PostgresBackend  # noqa: E402
 from flask_offload.job import Outcome  # noqa: E402
 

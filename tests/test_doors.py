@@ -321,3 +321,29 @@ def test_a_periodic_tick_sends_job_enqueued_once_across_apps_sharing_the_file(
                 "job_started": 1,
                 "job_succeeded": 1,
             }
+
+
+def test_an_eager_run_sends_the_signals_a_pool_would_in_order(
+    make_app: AppFactory, heard: Heard
+) -> None:
+    """OFFLOAD_EAGER runs a job inside ``.delay()``: the app still hears it enqueued, each
+    attempt start, a retry and the final outcome, once each, in that order."""
+    offload = Offload()
+
+    @offload.task(name="flaky", retries=1)
+    def flaky() -> str:
+        if current_job.attempts == 1:
+            raise OSError("first try fails")
+        return "done"
+
+    app, _ = make_app(offload, OFFLOAD_EAGER=True)
+    with app.app_context():
+        job = flaky.delay()
+    assert job.state == "succeeded"
+    assert [event for event, jid in heard if jid == job.id] == [
+        "job_enqueued",
+        "job_started",
+        "job_retrying",
+        "job_started",
+        "job_succeeded",
+    ]

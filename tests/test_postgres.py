@@ -27,7 +27,7 @@ from conftest import AppFactory, free_port, jobapp_env, make_job, process, runs,
 psycopg = pgtest.require_psycopg()
 
 from flask_offload.backends import open_backend, schema  # noqa: E402
-from flask_offload.backends import postgres as queries  # noqa: E402
+from flask_offload.backends import pgsql as queries  # noqa: E402
 from flask_offload.backends.postgres import PostgresBackend  # noqa: E402
 from flask_offload.job import Outcome  # noqa: E402
 
@@ -300,18 +300,18 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
             ("offload_jobs_claim",),
         ),
         (
-            queries.HEARTBEAT,
+            queries.SQL.HEARTBEAT,
             {"lease": 1.0, "ids": ["x"], "claims": ["c"]},
             ("offload_jobs_id_key", "offload_jobs_lease"),
         ),
         (
-            queries.RECOVER,
+            queries.SQL.RECOVER,
             {"max_lost": 3, "keep": 20, "token": "r", "ttls": "{}"},
             ("offload_jobs_lease",),
         ),
-        (queries.PURGE, (1.0,), ("offload_jobs_finished",)),
-        (queries.PURGE_EXPIRED, (), ("offload_jobs_expires",)),
-        (queries.GET, ("x",), ("offload_jobs_id_key",)),
+        (queries.SQL.PURGE, {"age": 1.0}, ("offload_jobs_finished",)),
+        (queries.SQL.PURGE_EXPIRED, (), ("offload_jobs_expires",)),
+        (queries.SQL.GET, ("x",), ("offload_jobs_id_key",)),
         (
             queries.FINISH_MANY,
             {
@@ -321,9 +321,9 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
             },
             ("offload_jobs_id_key", "offload_jobs_lease"),
         ),
-        (queries.RECENT, (1.0,), ("offload_jobs_finished",)),
-        (queries.QUEUE_STATS, (), ("offload_jobs_claim",)),
-        (queries.COUNTS, (), ("offload_jobs_claim",)),
+        (queries.SQL.RECENT, (1.0,), ("offload_jobs_finished",)),
+        (queries.SQL.QUEUE_STATS, (), ("offload_jobs_claim",)),
+        (queries.SQL.COUNTS, (), ("offload_jobs_claim",)),
     ],
     ids=[
         "claim",

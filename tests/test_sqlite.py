@@ -19,7 +19,7 @@ def plan(backend: SQLiteBackend, sql: str, params: object) -> str:
 
 finish_params = {
     **dict.fromkeys(
-        ["state", "result_json", "error", "traceback", "progress_json", "run_at", "expires_at"]
+        ["state", "result_json", "error", "traceback", "progress_json", "run_at", "ttl"]
     ),
     "now": 1.0,
     "id": "x",
@@ -38,22 +38,22 @@ finish_params = {
             "offload_jobs_claim",
         ),
         (
-            queries.HEARTBEAT,
-            {"until": 1.0, "ids": '["x"]', "claims": '["c"]'},
+            queries.SQL.HEARTBEAT,
+            {"now": 1.0, "lease": 1.0, "ids": '["x"]', "claims": '["c"]'},
             "sqlite_autoindex_offload_jobs_1",
         ),
         (
-            queries.RECOVER,
-            {"max_lost": 3, "now": 1.0, "keep": 20, "ttls": "{}"},
+            queries.SQL.RECOVER,
+            {"max_lost": 3, "now": 1.0, "keep": 20, "token": "r", "ttls": "{}"},
             "offload_jobs_lease",
         ),
-        (queries.QUEUE_STATS, {"now": 1.0}, "offload_jobs_claim"),
-        (queries.QUEUE_STATS, {"now": 1.0}, "offload_jobs_lease"),
-        (queries.RECENT, (1.0,), "offload_jobs_finished"),
-        (queries.COUNTS, (), "offload_jobs_claim"),
-        (queries.PURGE, (1.0,), "offload_jobs_finished"),
-        (queries.PURGE_EXPIRED, (1.0,), "offload_jobs_expires"),
-        (queries.GET, ("x",), "sqlite_autoindex_offload_jobs_1"),
+        (queries.SQL.QUEUE_STATS, {"now": 1.0}, "offload_jobs_claim"),
+        (queries.SQL.QUEUE_STATS, {"now": 1.0}, "offload_jobs_lease"),
+        (queries.SQL.RECENT, (1.0,), "offload_jobs_finished"),
+        (queries.SQL.COUNTS, (), "offload_jobs_claim"),
+        (queries.SQL.PURGE, {"now": 1.0, "age": 1.0}, "offload_jobs_finished"),
+        (queries.SQL.PURGE_EXPIRED, {"now": 1.0}, "offload_jobs_expires"),
+        (queries.SQL.GET, ("x",), "sqlite_autoindex_offload_jobs_1"),
         (queries.FINISH, finish_params, "sqlite_autoindex_offload_jobs_1"),
     ],
 )

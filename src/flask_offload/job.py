@@ -196,17 +196,22 @@ class Job:
         Through the runtime that owns its storage, so ``job_cancelled`` is sent as for any
         other way to cancel."""
         storage = self._storage()
-        done = (storage if storage.door is None else storage.door).cancel(self.id)
+        done = (storage if storage.door is None else storage.door).cancel(self.id) is not None
         self.refresh()
         return done
+
+
+# What a cancel did: cancelled a queued job, or asked a running one to stop (None: nothing,
+# the job has finished or is unknown). job_cancelled is sent at once for the first only.
+Cancel = Literal["cancelled", "asked"] | None
 
 
 class Door(Protocol):
     """Where a job's state is changed so that the app hears of it (its signals): the runtime
     that owns the storage. A bare ``Backend`` is one too, that tells nobody."""
 
-    def cancel(self, job_id: str) -> bool:
-        """Cancel a queued job, or ask a running one to stop; False once it has finished."""
+    def cancel(self, job_id: str) -> Cancel:
+        """Cancel a queued job, or ask a running one to stop; None once it has finished."""
 
     def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
         """Store ``job`` for a periodic tick, unless another process has; True if stored."""

@@ -16,16 +16,24 @@ from typing import Any
 
 from . import commits, serializer, tracing
 from .backends.base import Backend
-from .backends.rows import history_entry
+from .backends.rules import store_outcome
 from .errors import InvalidArgument, InvalidValue, JobNotFound, NotRetryable, UnknownTask
-from .execution import LATEST_DUE, ContextFactory, Events, Runnable, Settings, execute
+from .execution import (
+    LATEST_DUE,
+    OUTCOME_EVENTS,
+    ContextFactory,
+    Events,
+    Runnable,
+    Settings,
+    execute,
+)
 from .foreground import Foreground
 from .job import (
-    CANCELLED,
-    HISTORY_LIMIT,
     QUEUED,
     RUNNING,
+    Cancel,
     Job,
+    Outcome,
     Running,
     new_id,
     state_words,
@@ -153,37 +161,31 @@ class Runtime:
             self.emit("job_enqueued", job)
         return stored
 
-    def emit(self, event: str, job: Job) -> None:
+    def emit(self, event: str, job: Job, outcome: Outcome | None = None) -> None:
         """Tell the Flask layer (signals) what happened to ``job`` in this process."""
         if self.events is not None:
-            self.events(event, job, None)
+            self.events(event, job, outcome)
 
     def _run_now(self, job: Job) -> Job:
         """EAGER mode: run the job in the caller's thread, retries at once, and store it (or
-        not, for a task with ``result_ttl=0``)."""
+        not, for a task with ``result_ttl=0``), sending the signals a pool would."""
         task = self.tasks.get(job.task)
         if task is None:
             raise UnknownTask(
                 f"OFFLOAD_EAGER runs jobs at once, but this app registers no task {job.task!r}"
             )
-        job.state = QUEUED
-        history: list[str] = []
+        job.state, due = QUEUED, job.run_at
+        self.emit("job_enqueued", job)
         while job.state == QUEUED:
             job.state, job.started_at = RUNNING, time.time()
             job.attempts += 1
+            self.emit("job_started", job)
             outcome = execute(task, job, Running(job, self.backend), self.context, self.settings)
-            history = [*history[1 - HISTORY_LIMIT :], history_entry(job, outcome, time.time())]
-            job.state, job.result_json = outcome.state, outcome.result_json
-            job.error, job.traceback = outcome.error, outcome.traceback
-            job.progress_json = outcome.progress_json or job.progress_json
-        job.finished_at = time.time()
-        job.history_json = "[" + ",".join(history) + "]"
-        if job.ephemeral:  # stored already final: no storage trigger on finishing forgets it
-            job.args_json, job.kwargs_json = "[]", "{}"
-        if outcome.ttl is not None:
-            if outcome.ttl <= 0:
-                return job
-            job.expires_at = job.finished_at + outcome.ttl
+            store_outcome(job, outcome, time.time(), task.result_ttl)
+            self.emit(OUTCOME_EVENTS[job.state], job, outcome)
+        job.run_at = due  # its retries ran at once, not when a retry would have been due
+        if outcome.ttl is not None and outcome.ttl <= 0:
+            return job
         return self.backend.enqueue(job)
 
     def retry(self, job_id: str) -> Job:
@@ -214,25 +216,20 @@ class Runtime:
         """The ``result_ttl`` of each registered task that sets one, by name."""
         return {name: t.result_ttl for name, t in self.tasks.items() if t.result_ttl is not None}
 
-    def cancel(self, job_id: str) -> bool:
-        """Cancel a queued job, or ask a running one to stop; False once it has finished.
+    def cancel(self, job_id: str) -> Cancel:
+        """Cancel a queued job, or ask a running one to stop; None once it has finished.
 
-        ``job_cancelled`` is sent here for a queued job. A running one only gets its flag
-        set, and its pool sends ``job_cancelled`` when the run ends cancelled, which may be
-        before the storage answers here: so a job found cancelled was cancelled here if it
-        was queued just before, or if it has no flag (only a run asked to stop sets it; a
-        graceful stop that puts such a run back leaves it on the queued job)."""
-        before = self.get(job_id)
-        if before is None or not self.backend.cancel(job_id):
-            return False
-        job = self.backend.get(job_id)
-        if (
-            job is not None
-            and job.state == CANCELLED
-            and (before.state == QUEUED or not job.cancel_requested)
-        ):
-            self.emit("job_cancelled", job)
-        return True
+        ``job_cancelled`` is sent here for a queued job the storage cancelled. A running one
+        only gets its flag set, and its pool sends ``job_cancelled`` when the run ends
+        cancelled (a run that returns anyway has succeeded)."""
+        if not valid_id(job_id):
+            return None
+        done = self.backend.cancel(job_id)
+        if done == "cancelled":
+            job = self.backend.get(job_id)
+            if job is not None:
+                self.emit("job_cancelled", job)
+        return done
 
     def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
         """Store ``job`` for a periodic tick, unless another process has stored that tick;

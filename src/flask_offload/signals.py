@@ -8,7 +8,8 @@ raises is logged and skipped: it never fails a job nor stops a worker.
 
 Each event is sent once, whichever way it came: ``task.delay()``, ``offload.enqueue()``, a
 background view, a periodic tick, ``job.cancel()``, ``offload.retry()``, ``flask offload``
-and the dashboard all change jobs through the app's runtime, which sends them.
+and the dashboard all change jobs through the app's runtime, which sends them; in
+``OFFLOAD_EAGER`` mode the run inside ``.delay()`` sends them as a pool would.
 
 ``job_enqueued``
     stored (not sent when ``key=`` returned the job holding the key; with ``connection=``,

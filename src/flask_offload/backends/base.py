@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import JobIdInUse, StorageCorrupt
-from ..job import Door, Job, Outcome, WorkerInfo
+from ..job import Cancel, Door, Job, Outcome, WorkerInfo
 
 __all__ = [
     "Backend",
+    "Cancel",
     "JobFilter",
     "QueueInfo",
     "StorageCorrupt",
@@ -121,9 +122,10 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def cancel(self, job_id: str) -> bool:
-        """Cancel a queued job (it expires after its task's entry in ``result_ttls``, if
-        any), or flag a running one; False if it has already finished."""
+    def cancel(self, job_id: str) -> Cancel:
+        """Cancel a queued job (``"cancelled"``; it expires after its task's entry in
+        ``result_ttls``, if any), or flag a running one (``"asked"``); None if it has already
+        finished or is unknown."""
 
     @abstractmethod
     def retry(self, job_id: str) -> bool:

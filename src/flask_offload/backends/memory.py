@@ -6,7 +6,6 @@ Nothing survives the process, and other processes cannot see it; use SQLite for 
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 import time
 from collections.abc import Collection
@@ -17,16 +16,16 @@ from ..job import (
     CANCELLED,
     FAILED,
     FINAL_STATES,
-    HISTORY_LIMIT,
     QUEUED,
     RUNNING,
+    Cancel,
     Job,
     Outcome,
-    State,
     WorkerInfo,
 )
 from .base import Backend, JobFilter, QueueInfo, id_in_use, refuse_connection
-from .rows import history_entry, queue_infos
+from .rows import queue_infos
+from .rules import cancel_queued, lose, reset_for_retry, store_outcome
 
 
 class MemoryBackend(Backend):
@@ -42,18 +41,6 @@ class MemoryBackend(Backend):
 
     def _copy(self, job: Job) -> Job:
         return replace(job, backend=self)
-
-    def _settle(self, job: Job, state: State) -> None:
-        """Enter a final state; an ephemeral job's arguments go with it."""
-        job.state, job.finished_at = state, time.time()
-        if job.ephemeral:
-            job.args_json, job.kwargs_json = "[]", "{}"
-
-    def _expire(self, job: Job) -> None:
-        """A job that ended cancelled expires after its task's result_ttl, if it has one."""
-        ttl = self.result_ttls().get(job.task)
-        if ttl is not None and job.finished_at is not None:
-            job.expires_at = job.finished_at + ttl
 
     def _insert(self, job: Job) -> Job:
         if job.id in self._jobs:
@@ -146,27 +133,7 @@ class MemoryBackend(Backend):
                 del self._jobs[held.id]
                 del self._order[held.id]
                 return True
-            if outcome.state == QUEUED and held.cancel_requested:  # cancelled, not retried
-                outcome = replace(outcome, state=CANCELLED)
-            held.state = outcome.state  # a retry; _settle below for final states
-            held.expires_at = None if outcome.ttl is None else time.time() + outcome.ttl
-            held.result_json, held.error, held.traceback = (
-                outcome.result_json,
-                outcome.error,
-                outcome.traceback,
-            )
-            if outcome.progress_json is not None:
-                held.progress_json = outcome.progress_json
-            _remember(held, history_entry(held, outcome, time.time()))
-            if outcome.state == QUEUED:
-                held.run_at = outcome.run_at if outcome.run_at is not None else time.time()
-            else:
-                self._settle(held, outcome.state)
-                if outcome.state == CANCELLED:
-                    held.error = "Cancelled"
-                    if outcome.ttl is None:  # a retry that ended so
-                        self._expire(held)
-            held.worker = held.lease_until = None
+            store_outcome(held, outcome, time.time(), self.result_ttls().get(held.task))
             return True
 
     def release(self, job: Job) -> bool:
@@ -185,38 +152,20 @@ class MemoryBackend(Backend):
             for job in self._jobs.values():
                 if job.state != RUNNING or job.lease_until is None or job.lease_until >= now:
                     continue
-                lost = Outcome(
-                    CANCELLED if job.cancel_requested else FAILED,
-                    error="WorkerLost: the worker stopped renewing its lease",
-                )
-                entry = json.loads(history_entry(job, lost, now))
-                entry["outcome"] = "cancelled" if job.cancel_requested else "lost"
-                _remember(job, json.dumps(entry))
-                job.lost += 1
-                job.worker = job.lease_until = job.claim = None
-                if job.cancel_requested:
-                    self._settle(job, CANCELLED)
-                    self._expire(job)
-                    job.error = "Cancelled"
-                elif job.lost >= max_lost:
-                    self._settle(job, FAILED)
-                    job.error = f"WorkerLost: worker lost {job.lost} times"
-                else:
-                    job.state = QUEUED
+                lose(job, max_lost, now, self.result_ttls().get(job.task))
                 taken.append(job.id)
         return taken
 
-    def cancel(self, job_id: str) -> bool:
+    def cancel(self, job_id: str) -> Cancel:
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None or job.state in FINAL_STATES:
-                return False
+                return None
             if job.state == QUEUED:
-                self._settle(job, CANCELLED)
-                self._expire(job)
-            else:
-                job.cancel_requested = True
-            return True
+                cancel_queued(job, time.time(), self.result_ttls().get(job.task))
+                return "cancelled"
+            job.cancel_requested = True
+            return "asked"
 
     def retry(self, job_id: str) -> bool:
         with self._lock:
@@ -228,10 +177,7 @@ class MemoryBackend(Backend):
                 for other in self._jobs.values()
             ):
                 return False
-            job.state, job.run_at = QUEUED, time.time()
-            job.attempts = job.lost = 0
-            job.finished_at = job.result_json = job.error = job.traceback = None
-            job.cancel_requested, job.expires_at = False, None
+            reset_for_retry(job, time.time())
             return True
 
     def set_progress(self, job: Job, progress_json: str) -> bool:
@@ -384,9 +330,3 @@ class MemoryBackend(Backend):
         with self._lock:
             for key in [k for k, w in self._workers.items() if k == worker or w.last_seen < stale]:
                 del self._workers[key]
-
-
-def _remember(job: Job, entry: str) -> None:
-    """Append an attempt to ``job``'s history, keeping the last HISTORY_LIMIT."""
-    history = json.loads(job.history_json or "[]")[-(HISTORY_LIMIT - 1) :]
-    job.history_json = json.dumps([*history, json.loads(entry)])

@@ -8,8 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
-from ..job import HISTORY_LIMIT, Job, Outcome, WorkerInfo, attempt_entry
-from ..serializer import safe_text
+from ..job import HISTORY_LIMIT, Job, Outcome, WorkerInfo
 from .base import JobFilter, QueueInfo
 
 # The Job fields stored as columns, in the order the SQL backends select them.
@@ -40,17 +39,6 @@ def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]
         }
         for job, outcome in finished
     ]
-
-
-def history_entry(job: Job, outcome: Outcome, now: float) -> str:
-    """The attempt's history entry as JSON text, for storage that builds it in Python (memory,
-    EAGER mode; the SQL backends build it in their FINISH): no NUL and no lone surrogate, as
-    PostgreSQL's jsonb refuses either, whatever the error's text held."""
-    entry = attempt_entry(job, outcome, now)
-    for name, value in entry.items():
-        if isinstance(value, str):
-            entry[name] = safe_text(value)
-    return json.dumps(entry)
 
 
 def worker_row(info: WorkerInfo) -> tuple[Any, ...]:

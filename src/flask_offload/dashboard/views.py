@@ -213,7 +213,7 @@ def _without(args: dict[str, str], name: str) -> dict[str, str]:
 
 def _apply(runtime: Runtime, verb: str, job_id: str) -> bool:
     if verb == "cancel":
-        return runtime.cancel(job_id)
+        return runtime.cancel(job_id) is not None
     if verb == "delete":
         return runtime.delete(job_id)
     try:

@@ -1,0 +1,171 @@
+"""PostgreSQL's statements: its spelling of those both SQL backends share (``statements.py``)
+and the ones only PostgreSQL has (inserting with NOTIFY, claiming with SKIP LOCKED and
+adopting, the batched finish, and what the lost-reply confirmations read), kept together so
+they read as SQL on their own, as the SQLite ones do in ``sqlite.py``'s first half."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import fields
+from operator import attrgetter
+
+from ..job import Job
+from .pglisten import CHANNEL
+from .rows import COLUMNS
+from .statements import SELECT, Dialect, Statements, finish_set
+
+PRIORITY, RUN_AT = COLUMNS.index("priority"), COLUMNS.index("run_at")
+
+# Time is the server's, in epoch seconds: every statement that sets or compares a lease, a due
+# time or a cut-off reads the server's clock, never a worker host's, whose clock may be off.
+# now() is the statement's start (our statements run autocommitted or in short transactions);
+# an enqueue, which may run in a caller's long transaction, reads the clock itself.
+_NOW = "date_part('epoch', now())"
+_CLOCK = "date_part('epoch', clock_timestamp())"
+
+
+def _append_history(entry: str) -> str:
+    """history_json with the entry (jsonb_build_object arguments) appended, keeping :keep."""
+    return f"""((CASE WHEN jsonb_array_length(coalesce(history_json, '[]')::jsonb) >= :keep
+                  THEN history_json::jsonb - 0
+                  ELSE coalesce(history_json, '[]')::jsonb END)
+            || jsonb_build_array(jsonb_build_object({entry})))::text"""
+
+
+def _translate(sql: str) -> str:
+    """psycopg's placeholders for the statements' ``?`` and ``:name`` (not ``::type``)."""
+    return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql).replace("?", "%s")
+
+
+DIALECT = Dialect(
+    now=_NOW,
+    task_ttl="CAST(CAST(:ttls AS jsonb) ->> task AS float8)",
+    any_of=lambda column, values: f"{column} = ANY(CAST({values} AS text[]))",
+    append_history=_append_history,
+    minute="floor(finished_at / 60)::bigint",
+    translate=_translate,
+    param="%({})s",
+    like="ILIKE",
+)
+SQL = Statements(DIALECT)
+# A new job's run_at: the server's clock plus what is left of its delay (none, or delay=), or
+# a fixed moment (at=, a periodic tick) as given. CAST, not ::, as SQLAlchemy's text() reads
+# ":name::type" as no parameter.
+_DUE = f"coalesce(CAST(%(wait)s AS float8) + {_CLOCK}, %(run_at)s)"
+# The notification says when the job is due ("<run_at> <queue>", float8's text being exact
+# since PostgreSQL 12), so a listener that is told of a delayed job sleeps until then instead
+# of a poll interval. pg_notify runs for a stored row only, and listeners hear of it once
+# the transaction commits.
+_NOTIFY = f"pg_notify('{CHANNEL}', run_at::text || ' ' || queue)"
+# A new job as enqueue builds it sets only these columns (the others start at their
+# defaults): fewer parameters to adapt and send on the hot path.
+NEW = (
+    "id", "task", "queue", "priority", "args_json", "kwargs_json", "max_attempts",
+    "created_at", "run_at", "owner_json", "ephemeral", "trace_json",
+)  # fmt: skip
+_REST = [f for f in fields(Job) if f.name in COLUMNS and f.name not in NEW]
+new_values, rest_values = attrgetter(*NEW), attrgetter(*(f.name for f in _REST))
+DEFAULTS = tuple(f.default for f in _REST)  # state "queued", key None, attempts 0, ...
+
+
+def _values(columns: Sequence[str]) -> str:
+    """The VALUES of an insert of ``columns`` (named parameters, run_at set by _DUE)."""
+    return ", ".join(_DUE if name == "run_at" else f"%({name})s" for name in columns)
+
+
+# A new job without a key, on our own autocommitted connection: a plain insert, which costs
+# the server less than ON CONFLICT's speculative insertion. Its only possible conflict is on
+# the id (an earlier try of this insert whose reply was lost, or an id used already), which
+# raises UniqueViolation and is told apart by HOLDER.
+INSERT_NEW = f"""
+    INSERT INTO offload_jobs (state, {", ".join(NEW)})
+    VALUES ('queued', {_values(NEW)})
+    RETURNING {_NOTIFY}
+"""
+# Any other job, or inside a transaction that an error must not abort (the caller's, a
+# tick's). No conflict target: a conflict on the id means this very insert was stored by an
+# earlier try whose reply was lost, and one on the key index means another job holds the
+# key. Either way nothing is stored and no notification is sent.
+ENQUEUE = f"""
+    INSERT INTO offload_jobs ({SELECT}) VALUES ({_values(COLUMNS)})
+    ON CONFLICT DO NOTHING
+    RETURNING {_NOTIFY}
+"""
+HOLDER = f"""
+    SELECT {SELECT} FROM offload_jobs
+    WHERE id = %(id)s OR (key = %(key)s AND state IN ('queued', 'running'))
+    ORDER BY id = %(id)s DESC
+    LIMIT 1
+"""
+# MATERIALIZED: the locking subquery runs exactly once, so a claim never takes more than limit.
+CLAIM = f"""
+    WITH due AS MATERIALIZED (
+        SELECT seq FROM offload_jobs
+        WHERE state = 'queued' AND run_at <= {_NOW}
+          AND task = ANY(%(tasks)s::text[])
+          AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+          AND queue NOT IN (SELECT name FROM offload_queues)
+        ORDER BY priority DESC, run_at, seq
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED)
+    UPDATE offload_jobs
+    SET state = 'running', worker = %(worker)s, lease_until = {_NOW} + %(lease)s,
+        started_at = {_NOW}, attempts = attempts + 1, claim = %(token)s || '.' || seq
+    WHERE seq IN (SELECT seq FROM due)
+    RETURNING {SELECT}, seq
+"""
+# Jobs a claim took although its reply never arrived: found by that claim's token. A new
+# token lets only one of the worker's threads adopt each job.
+ADOPT = f"""
+    UPDATE offload_jobs
+    SET started_at = {_NOW}, lease_until = {_NOW} + %(lease)s,
+        claim = %(token)s || '.' || seq
+    WHERE worker = %(worker)s AND state = 'running'
+      AND split_part(claim, '.', 1) = ANY(%(tokens)s::text[])
+    RETURNING {SELECT}, seq
+"""
+# A batch of outcomes is stored by one statement: the arrays hold one entry per outcome, in
+# the same order (the columns are named b_... so that the row's own columns read unqualified).
+# A task with result_ttl=0 (ttl 0) keeps nothing of a job that ended: it is deleted instead.
+# What a stored outcome writes is the rule all SQL storage shares (statements.finish_set); a
+# retry's wait counts from the server's now. Each stored outcome returns its claim.
+FORGET = "coalesce(b_ttl <= 0, false)"
+FINISH_MANY = _translate(f"""
+    WITH batch AS (
+        SELECT * FROM unnest(
+            %(ids)s::text[], %(claims)s::text[], %(states)s::text[], %(results)s::text[],
+            %(errors)s::text[], %(tracebacks)s::text[], %(progress)s::text[],
+            %(waits)s::float8[], %(outcome_ttls)s::float8[])
+        AS b(b_id, b_claim, b_state, b_result_json, b_error, b_traceback, b_progress_json,
+             b_wait, b_ttl)),
+    forgotten AS (
+        DELETE FROM offload_jobs USING batch
+        WHERE id = b_id AND claim = b_claim AND state = 'running' AND {FORGET}
+        RETURNING b_claim),
+    stored AS (
+        UPDATE offload_jobs
+        SET {finish_set(DIALECT, "b_{}", f"{_NOW} + coalesce(b_wait, 0)")}
+        FROM batch
+        WHERE id = b_id AND claim = b_claim AND state = 'running' AND NOT {FORGET}
+        RETURNING b_claim)
+    SELECT b_claim FROM forgotten UNION ALL SELECT b_claim FROM stored
+""")
+# What a write's first try did, read after its reply was lost (the confirm= of each verb).
+EXISTING = "SELECT id FROM offload_jobs WHERE id = ANY(%(ids)s::text[])"
+# A finish keeps the claim token, so a finish repeated after a lost reply recognises its work.
+FINISHED_BY = """
+    SELECT id FROM offload_jobs
+    WHERE id = ANY(%(ids)s::text[]) AND claim = ANY(%(claims)s::text[]) AND state <> 'running'
+"""
+STATE = "SELECT state, cancel_requested FROM offload_jobs WHERE id = %s"
+PAUSED_AT = "SELECT paused_at FROM offload_queues WHERE name = %s"
+RECOVERED_BY = "SELECT id FROM offload_jobs WHERE claim = %(token)s"
+# A job retried tells the listeners, as an enqueue does.
+RETRY = f"{SQL.RETRY} RETURNING {_NOTIFY}"
+
+
+def delay_left(job: Job) -> float | None:
+    """What is left of a new job's delay, for a job whose run_at is relative (see Job)."""
+    return job.run_at - time.time() if job.relative else None

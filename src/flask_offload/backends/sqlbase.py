@@ -1,0 +1,184 @@
+"""What both SQL backends do alike: every verb whose body is the same given a connection that
+runs statements, and the dialect's ``Statements``.
+
+A backend fills in ``_run`` (run an operation on one of its connections, with its own way of
+waiting out a busy database or a lost connection) and, where reads have a connection of their
+own, ``_read``; it writes itself only what its database does differently: claiming, inserting,
+storing a batch of outcomes, waking other processes, and (PostgreSQL) confirming after a lost
+reply what the first try of a write did.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from abc import abstractmethod
+from collections.abc import Callable, Collection
+from typing import Any, ClassVar, TypeVar
+
+from ..job import HISTORY_LIMIT, Cancel, Job, Outcome, WorkerInfo
+from .base import Backend, JobFilter, QueueInfo
+from .rows import COLUMNS, page_cursor, queue_infos, search_sql, worker_info, worker_row
+from .statements import SELECT, Dialect, Statements
+
+T = TypeVar("T")
+WIDTH = len(COLUMNS)  # a claim's rows also end with seq
+
+
+class SQLBackend(Backend):
+    """A job store in SQL tables, one dialect of which a subclass speaks."""
+
+    DIALECT: ClassVar[Dialect]
+    SQL: ClassVar[Statements]
+
+    @abstractmethod
+    def _run(self, operation: Callable[[Any], T]) -> T:
+        """Run ``operation`` on a connection of this process and return what it returns."""
+
+    def _read(self, operation: Callable[[Any], T]) -> T:
+        """Run a read-only ``operation`` (the dashboard's, the metrics'): as ``_run`` here."""
+        return self._run(operation)
+
+    def _job(self, row: Any) -> Job:
+        """The Job a row of COLUMNS holds (SQLite stores booleans as integers)."""
+        job = Job(*row[:WIDTH])
+        job.backend = self
+        job.cancel_requested, job.ephemeral = bool(job.cancel_requested), bool(job.ephemeral)
+        return job
+
+    def _changed_one(self, sql: str, values: Any) -> bool:
+        """Run a write; True if it changed a row (its condition held)."""
+        return bool(self._run(lambda db: db.execute(sql, values).rowcount == 1))
+
+    def _ttls(self) -> str:
+        """The tasks' result_ttl, as the statements read them (``:ttls``)."""
+        return json.dumps(self.result_ttls())
+
+    def _recovery(self, max_lost: int) -> dict[str, Any]:
+        """The parameters of a RECOVER, with a token of its own."""
+        return {
+            "max_lost": max_lost,
+            "now": time.time(),
+            "keep": HISTORY_LIMIT,
+            "token": secrets.token_hex(8),
+            "ttls": self._ttls(),
+        }
+
+    def record_tick(self, schedule: str, tick: float) -> None:
+        self._run(lambda db: db.execute(self.SQL.RECORD_TICK, (schedule, tick)))
+
+    def get(self, job_id: str) -> Job | None:
+        rows = self._run(lambda db: db.execute(self.SQL.GET, (job_id,)).fetchall())
+        return self._job(rows[0]) if rows else None
+
+    def heartbeat(self, held: Collection[Job], lease: float) -> set[str]:
+        if not held:
+            return set()
+        params = {
+            "now": time.time(),
+            "lease": lease,
+            "ids": self.DIALECT.array([job.id for job in held]),
+            "claims": self.DIALECT.array([job.claim for job in held]),
+        }
+        rows = self._run(lambda db: db.execute(self.SQL.HEARTBEAT, params).fetchall())
+        return {job_id for job_id, cancel in rows if cancel}
+
+    def finish(self, job: Job, outcome: Outcome) -> bool:
+        return self.finish_many([(job, outcome)])[0]
+
+    def release(self, job: Job) -> bool:
+        return self._changed_one(self.SQL.RELEASE, (job.id, job.claim))
+
+    def recover(self, max_lost: int) -> list[str]:
+        params = self._recovery(max_lost)
+        rows = self._run(lambda db: db.execute(self.SQL.RECOVER, params).fetchall())
+        return [job_id for (job_id,) in rows]
+
+    def _cancel(self, db: Any, job_id: str) -> Cancel:
+        """Cancel a queued job, or ask a running one to stop, on connection ``db``."""
+        params = {"id": job_id, "now": time.time(), "ttls": self._ttls()}
+        if db.execute(self.SQL.CANCEL_QUEUED, params).rowcount == 1:
+            return "cancelled"
+        return "asked" if db.execute(self.SQL.CANCEL_RUNNING, (job_id,)).rowcount == 1 else None
+
+    def cancel(self, job_id: str) -> Cancel:
+        return self._run(lambda db: self._cancel(db, job_id))
+
+    def set_progress(self, job: Job, progress_json: str) -> bool:
+        return self._changed_one(self.SQL.SET_PROGRESS, (progress_json, job.id, job.claim))
+
+    def purge(self, finished_before: float) -> int:
+        now = time.time()  # on this host's clock, which may be off: the age is what counts
+        params = {"now": now, "age": now - finished_before}
+
+        def purge(db: Any) -> int:
+            expired = db.execute(self.SQL.PURGE_EXPIRED, params).rowcount
+            return int(expired + db.execute(self.SQL.PURGE, params).rowcount)
+
+        return self._run(purge)
+
+    def queued_task_names(self) -> set[str]:
+        rows = self._run(lambda db: db.execute(self.SQL.QUEUED_TASK_NAMES).fetchall())
+        return {name for (name,) in rows}
+
+    def list_jobs(
+        self, state: str | None = None, task: str | None = None, limit: int = 50
+    ) -> list[Job]:
+        params = {"state": state, "task": task, "limit": limit}
+        rows = self._read(lambda db: db.execute(self.SQL.LIST_JOBS, params).fetchall())
+        return [self._job(row) for row in rows]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        rows = self._read(lambda db: db.execute(self.SQL.COUNTS).fetchall())
+        return {(task, state): count for task, state, count in rows}
+
+    def delete(self, job_id: str) -> bool:
+        return self._changed_one(self.SQL.DELETE, (job_id,))
+
+    def pause_queue(self, name: str) -> bool:
+        return self._changed_one(self.SQL.PAUSE, (name, time.time()))
+
+    def resume_queue(self, name: str) -> bool:
+        return self._changed_one(self.SQL.RESUME, (name,))
+
+    def paused_queues(self) -> set[str]:
+        return {name for (name,) in self._run(lambda db: db.execute(self.SQL.PAUSED).fetchall())}
+
+    def search_jobs(
+        self, filters: JobFilter, before: int | None = None, limit: int = 50
+    ) -> tuple[list[Job], int | None]:
+        d = self.DIALECT
+        sql, params = search_sql(SELECT, filters, before, d.param, d.like, d.search_hints)
+        params["limit"] = limit
+        rows = self._read(lambda db: db.execute(sql, params).fetchall())
+        return [self._job(row) for row in rows], page_cursor(rows, limit)
+
+    def queue_stats(self) -> list[QueueInfo]:
+        params = {"now": time.time()}
+        rows = self._read(lambda db: db.execute(self.SQL.QUEUE_STATS, params).fetchall())
+        paused = {name for (name,) in self._read(lambda db: db.execute(self.SQL.PAUSED).fetchall())}
+        return queue_infos(rows, paused)
+
+    def recent(self, since: float) -> list[tuple[str, str, float, float | None]]:
+        rows = self._read(lambda db: db.execute(self.SQL.RECENT, (since,)).fetchall())
+        return [(task, state, at, seconds) for task, state, at, seconds in rows]
+
+    def finished_per_minute(self, since: float) -> list[tuple[int, str, int]]:
+        rows = self._read(lambda db: db.execute(self.SQL.PER_MINUTE, (since,)).fetchall())
+        return [(minute, state, count) for minute, state, count in rows]
+
+    def ticks(self) -> dict[str, float]:
+        return dict(self._read(lambda db: db.execute(self.SQL.TICKS).fetchall()))
+
+    def beat(self, info: WorkerInfo) -> None:
+        values = worker_row(info)
+        self._run(lambda db: db.execute(self.SQL.BEAT, values))
+
+    def workers(self, seen_since: float) -> list[WorkerInfo]:
+        rows = self._read(lambda db: db.execute(self.SQL.WORKERS, (seen_since,)).fetchall())
+        return [worker_info(row) for row in rows]
+
+    def forget_worker(self, worker: str) -> None:
+        values = (worker, time.time() - 86400)
+        self._run(lambda db: db.execute(self.SQL.FORGET_WORKER, values))

@@ -79,7 +79,7 @@ def test_delay_returns_a_committed_job_with_the_documented_fields(
     stored = other.get(job.id)
     assert stored is not None and stored.args == [2, 3] and stored.task == add.name
     assert add(2, 3) == 5, "a plain call still runs inline"
-    assert offload.drain() == 1
+    assert offload.runtime().run_due() == 1
     assert job.refresh().state == "succeeded" and job.result == 5 and job.attempts == 1
     assert offload.get_job(job.id) is not None
 
@@ -289,7 +289,7 @@ def test_a_corrupt_row_fails_only_its_job(make_app: AppFactory, tmp_path: Path) 
         broken, sound = echo.delay(1), echo.delay(2)
     with sqlite3.connect(tmp_path / "jobs.db") as db:
         db.execute("UPDATE offload_jobs SET args_json = '{not json' WHERE id = ?", (broken.id,))
-    assert offload.drain() == 2
+    assert offload.runtime().run_due() == 2
     assert broken.refresh().state == "failed"
     assert broken.error is not None and broken.error.startswith("CorruptJob")
     assert sound.refresh().result == 2
@@ -306,7 +306,7 @@ def test_cancel_and_wait(make_app: AppFactory) -> None:
     with pytest.raises(TimeoutError):
         queued.wait(timeout=0.05)
     assert queued.cancel() and queued.state == "cancelled"
-    assert offload.drain() == 1
+    assert offload.runtime().run_due() == 1
     assert finished.refresh().state == "succeeded"
     assert not finished.cancel() and finished.state == "succeeded"
 
@@ -400,7 +400,7 @@ def test_one_offload_serves_several_apps(tmp_path: Path) -> None:
         for app in apps:
             with app.app_context():
                 job = where.delay()
-                assert offload.drain() == 1
+                assert offload.runtime().run_due() == 1
                 assert job.refresh().result == app.name
         assert (tmp_path / "one" / "offload.db").exists(), "default: SQLite in the instance folder"
     finally:

@@ -100,7 +100,7 @@ def test_times_are_iso_8601_in_the_local_zone_which_is_named(
 
         with app.app_context():
             job = report.delay()
-        offload.drain()
+        offload.runtime().run_due()
         job.refresh()
         zone = ZoneInfo("America/New_York")
         shown = json.loads(invoke(made, "show", job.id).output)
@@ -131,7 +131,7 @@ def test_messages_use_plain_english_for_states(make_app: AppFactory) -> None:
     with app.app_context():
         done, stopped = noop.delay(), noop.delay()
     stopped.cancel()
-    offload.drain()
+    offload.runtime().run_due()
     outputs = [
         invoke(made, "cancel", done.id).output,
         invoke(made, "cancel", stopped.id).output,

@@ -859,7 +859,7 @@ def test_retry_by_id_never_leaves_two_active_jobs_with_one_key(
 
     with app.app_context():
         first = keyed.enqueue(key="nightly")
-        assert offload.drain() == 1 and first.refresh().state == "failed"
+        assert offload.runtime().run_due() == 1 and first.refresh().state == "failed"
         second = keyed.enqueue(key="nightly")  # the key is free: a new job holds it
     with pytest.raises(ValueError, match="key"):
         offload.retry(first.id)
@@ -906,7 +906,7 @@ def test_cli_jobs_lists_the_newest_first_with_filters(make_app: AppFactory, stor
 
     with app.app_context():
         first, failing, last = ok.delay(), bad.delay(), ok.delay()
-        assert offload.drain() == 3
+        assert offload.runtime().run_due() == 3
     listed = cli(app, "jobs")
     assert listed.exit_code == 0
     header, *rows = listed.output.splitlines()  # a header, then the jobs
@@ -932,7 +932,7 @@ def test_cli_show_prints_one_job_as_json(make_app: AppFactory, storage: str) -> 
 
     with app.app_context():
         job = add.enqueue((2,), {"b": 3}, key="sum", priority=4, queue="math")
-        offload.drain()
+        offload.runtime().run_due()
     shown = cli(app, "show", job.id)
     assert shown.exit_code == 0
     fields = json.loads(shown.output)
@@ -982,7 +982,7 @@ def test_cli_purge_deletes_finished_jobs_only(make_app: AppFactory, storage: str
 
     with app.app_context():
         done = [noop.delay(), noop.delay()]
-        assert offload.drain() == 2
+        assert offload.runtime().run_due() == 2
         waiting = noop.enqueue(delay=3600)
     kept = cli(app, "purge", "--older-than", "3600")
     assert kept.exit_code == 0 and "deleted 0 finished job(s)" in kept.output

@@ -77,7 +77,7 @@ def greet(name):
 
 with app.app_context():
     job = greet.delay("ann")
-    offload.drain()
+    offload.runtime().run_due()
     job.refresh()
 print(tracing.ENABLED, job.trace_json, job.state, job.result)
 """

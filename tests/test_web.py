@@ -92,7 +92,7 @@ def test_a_background_view_answers_202_then_replays_its_own_response(
     assert pending.status_code == 202 and pending.headers["Retry-After"] == "1"
     assert pending.json == {"id": job_id, "state": "queued", "progress": None}
 
-    assert offload.drain() == 1
+    assert offload.runtime().run_due() == 1
     done = client.get(location)
     assert done.status_code == 201 and done.headers["X-Report"] == "7"
     assert done.json == {
@@ -116,7 +116,7 @@ def test_abort_and_errors_in_a_background_view(site: tuple[Flask, Offload, Flask
     app, offload, client = site
     missing = client.post("/reports/404").headers["Location"]
     broken = client.post("/reports/500").headers["Location"]
-    offload.drain()
+    offload.runtime().run_due()
     assert client.get(missing).status_code == 404, "abort(404) is stored as the view's answer"
     failed = client.get(broken)
     assert failed.status_code == 500
@@ -155,7 +155,7 @@ def test_plain_task_status_shows_the_result_only_when_public(
     secret, shared = app.extensions["test.tasks"]
     with app.app_context():
         hidden, shown = secret.delay(), shared.delay()
-    offload.drain()
+    offload.runtime().run_due()
     private = client.get(f"/offload/jobs/{hidden.id}")
     assert private.status_code == 200
     assert private.json["state"] == "succeeded" and private.json["attempts"] == 1
@@ -172,7 +172,7 @@ def test_owner_and_authorize_rules_answer_403(site: tuple[Flask, Offload, FlaskC
         return request.headers.get("X-User", "anonymous")
 
     location = client.post("/reports/1", headers={"X-User": "alice"}).headers["Location"]
-    offload.drain()
+    offload.runtime().run_due()
     assert client.get(location, headers={"X-User": "bob"}).status_code == 403
     assert client.get(location, headers={"X-User": "alice"}).status_code == 201
 
@@ -246,6 +246,6 @@ def test_a_tight_progress_loop_does_not_flood_storage(tmp_path: Path) -> None:
 
     with app.app_context():
         job = busy.delay()
-    offload.drain()
+    offload.runtime().run_due()
     assert job.refresh().progress == {"current": 1999, "total": None, "message": ""}
     assert writes <= 50, f"{writes} progress writes for 20,000 calls"

@@ -63,7 +63,7 @@ def test_a_background_view_is_named_for_its_endpoint(make_app: AppFactory) -> No
         accepted = client.open(path, method=method)
         job = offload.get_job(accepted.json["id"])
         assert job is not None and job.task == name
-        assert offload.runtime(app).drain() == 1
+        assert offload.runtime(app).run_due() == 1
         assert client.get(accepted.headers["Location"]).get_data() == body
 
 
@@ -77,7 +77,7 @@ def test_a_job_stored_under_the_old_name_still_runs(make_app: AppFactory) -> Non
     shot = snapshot.take(environ, 1 << 20)
     runtime = offload.runtime(app)
     job = runtime.enqueue(old_name, [shot], queue="reports", ephemeral=True)
-    assert runtime.drain() == 1
+    assert runtime.run_due() == 1
     assert job.refresh().state == "succeeded"
     assert app.test_client().get(f"/offload/jobs/{job.id}").get_data() == b"built"
 
@@ -108,7 +108,7 @@ def test_a_view_in_main_needs_no_name_now(make_app: AppFactory) -> None:
     app.add_url_rule("/report", view_func=offload.background(report))
     accepted = app.test_client().get("/report")
     assert offload.get_job(accepted.json["id"]).task == "view:report"  # type: ignore[union-attr]
-    assert offload.runtime(app).drain() == 1
+    assert offload.runtime(app).run_due() == 1
 
 
 def test_a_view_that_changes_the_session_warns_once_that_it_is_lost(
@@ -131,7 +131,7 @@ def test_a_view_that_changes_the_session_warns_once_that_it_is_lost(
     client = app.test_client()
     for path in ("/login", "/login", "/quiet"):
         client.post(path)
-    assert offload.runtime(app).drain() == 3
+    assert offload.runtime(app).run_due() == 3
     warnings = [r.getMessage() for r in caplog.records if "session" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert "view:login" in warnings[0] and "lost" in warnings[0]

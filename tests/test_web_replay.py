@@ -32,7 +32,7 @@ def run(site: Site, method: str, path: str, **kwargs: Any) -> Any:
     _app, offload, client = site
     accepted = client.open(path, method=method, **kwargs)
     assert accepted.status_code == 202, accepted.get_data(as_text=True)
-    assert offload.drain() == 1
+    assert offload.runtime().run_due() == 1
     return client.open(accepted.headers["Location"], method="HEAD" if method == "HEAD" else "GET")
 
 
@@ -98,7 +98,7 @@ def test_send_file_and_streamed_responses_are_stored_within_the_result_limit(
 
     pulled.clear()
     endless = client.get("/stream/1000").headers["Location"]
-    offload.drain()
+    offload.runtime().run_due()
     failed = offload.get_job(endless.rsplit("/", 1)[1])
     assert failed is not None and failed.state == "failed"
     assert failed.error is not None and "OFFLOAD_MAX_RESULT_BYTES" in failed.error
@@ -167,7 +167,7 @@ def test_an_app_factory_with_a_background_view_can_be_called_twice(
     for app in (first, second):
         client = app.test_client()
         location = client.post("/build").headers["Location"]
-        assert offload.runtime(app).drain() == 1
+        assert offload.runtime(app).run_due() == 1
         assert client.get(location).get_data(as_text=True) == f"built by {app.name} {id(app)}"
 
 
@@ -266,7 +266,7 @@ def test_redirects_empty_answers_and_head_poll_like_the_foreground(
     location = accepted.headers["Location"]
     pending = client.get(location)
     assert pending.status_code == 202 and pending.headers["Cache-Control"] == "no-store"
-    offload.drain()
+    offload.runtime().run_due()
     background = client.open(location, method=method)
     assert background.headers.pop("Cache-Control") == "no-store"
     assert (background.status, background.get_data()) == (foreground.status, foreground.get_data())

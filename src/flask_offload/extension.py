@@ -308,7 +308,7 @@ class Offload:
             DeprecationWarning,
             stacklevel=2,
         )
-        return self.runtime().drain()
+        return self.runtime().run_due()
 
 
 def _context_of(app: Flask) -> ContextFactory:

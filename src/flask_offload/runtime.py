@@ -323,9 +323,9 @@ class Runtime:
         for pool in self.pools:
             pool.stop(max(0.0, deadline - time.monotonic()))
 
-    def drain(self) -> int:
+    def run_due(self) -> int:
         """Run every due job now, in this thread; for tests. Returns how many ran."""
-        return self.pools[0].drain()
+        return self.pools[0].run_due()
 
     def after_fork(self) -> None:
         """In a forked child (once, however many fork hooks call it): new connections and new,

@@ -147,7 +147,7 @@ class Harness:
 
         runtime = self.runtime
         settings = replace(runtime.settings, queues=None if queues is None else tuple(queues))
-        Pool(runtime.backend, runtime.tasks, _test_context(self.app), settings, record).drain()
+        Pool(runtime.backend, runtime.tasks, _test_context(self.app), settings, record).run_due()
         return list(ran.values())
 
     def enqueued_jobs(

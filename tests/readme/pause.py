@@ -24,7 +24,7 @@ pause_queue = offload.pause_queue
 def paused_then_checked(name: str) -> None:
     pause_queue(name)
     assert backend.paused_queues() == {name}
-    assert offload.drain() == 0, "a paused queue is not claimed"
+    assert offload.runtime().run_due() == 0, "a paused queue is not claimed"
 
 
 offload.pause_queue = paused_then_checked  # type: ignore[method-assign]
@@ -32,5 +32,5 @@ offload.pause_queue = paused_then_checked  # type: ignore[method-assign]
 # README BLOCK
 
 assert backend.paused_queues() == set()
-assert offload.drain() == 1 and job.refresh().state == "succeeded"
+assert offload.runtime().run_due() == 1 and job.refresh().state == "succeeded"
 context.pop()

@@ -156,8 +156,9 @@ class Pool:
             logger.warning("could not remove this worker's heartbeat row (%s)", error)
         logger.info("worker %s stopped", self.id)
 
-    def drain(self) -> int:
-        """Run every due job in the calling thread until none is left; return how many ran."""
+    def run_due(self) -> int:
+        """Run every due job in the calling thread until none is left; return how many ran
+        (for tests: a graceful stop is ``stop``, never this)."""
         count = 0
         while jobs := self.backend.claim(
             self.id, list(self.tasks), self.settings.queues, 1, self.settings.lease

@@ -347,3 +347,26 @@ def test_an_eager_run_sends_the_signals_a_pool_would_in_order(
         "job_started",
         "job_succeeded",
     ]
+
+
+def test_a_job_enqueued_handler_that_exits_never_ends_the_periodic_schedules(
+    make_app: AppFactory,
+) -> None:
+    """A tick's ``job_enqueued`` is sent from the scheduling thread: a handler calling
+    ``sys.exit()`` there is logged, and the next ticks are still enqueued."""
+    offload = Offload()
+    offload.periodic(every=0.5, name="exit-tick")(lambda: "tick")
+    exits = []
+
+    def leave(sender: Any, job: Any) -> None:
+        exits.append(job.id)
+        raise SystemExit(1)
+
+    signals.job_enqueued.connect(leave)
+    try:
+        app, offload = make_app(offload, OFFLOAD_POLL_INTERVAL=0.05)
+        backend = offload.runtime(app).backend
+        wait_until(lambda: len(backend.list_jobs(task="exit-tick")) >= 3, timeout=20)
+    finally:
+        signals.job_enqueued.disconnect(leave)
+    assert len(exits) >= 3

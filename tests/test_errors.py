@@ -4,6 +4,7 @@ so an app's existing ``except ValueError`` (or ``TypeError``, ``LookupError``, .
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from conftest import AppFactory
+from conftest import AppFactory, make_job
 from flask_offload import Offload, OffloadError, current_job, errors
+from flask_offload.backends import SQLiteBackend
 from flask_offload.testing import Harness
 
 Raises = Callable[[AppFactory, Path], object]
@@ -139,6 +141,35 @@ def _harness_on_a_plain_app(make_app: AppFactory, tmp_path: Path) -> object:
     return Harness(Flask(__name__))
 
 
+def _connection_on_memory(make_app: AppFactory, tmp_path: Path) -> object:
+    app, offload = _app(make_app, storage="memory")
+    with app.app_context():
+        return offload.enqueue("send", ["ann"], connection=object())
+
+
+def _connection_not_a_connection(make_app: AppFactory, tmp_path: Path) -> object:
+    app, offload = _app(make_app)
+    with app.app_context():
+        return offload.enqueue("send", ["ann"], connection=object())
+
+
+def _store_locked(make_app: AppFactory, tmp_path: Path) -> object:
+    backend = SQLiteBackend(str(tmp_path / "locked.db"), busy_timeout=0.1)
+    backend.prepare()
+    other = sqlite3.connect(tmp_path / "locked.db")
+    try:
+        other.execute("CREATE TABLE mine (x)")
+        other.execute("INSERT INTO mine VALUES (1)")  # an open write transaction
+        return backend.enqueue(make_job())
+    finally:
+        other.close()
+        backend.close()
+
+
+def _bad_synchronous(make_app: AppFactory, tmp_path: Path) -> object:
+    return SQLiteBackend(str(tmp_path / "jobs.db"), synchronous="SOMETIMES")
+
+
 # What the user did, the built-in type it raised before the family, and its class now.
 CASES: dict[str, tuple[Raises, type[Exception], type[OffloadError]]] = {
     "non-JSON argument at .delay()": (
@@ -180,6 +211,26 @@ CASES: dict[str, tuple[Raises, type[Exception], type[OffloadError]]] = {
         _periodic_without_a_schedule,
         TypeError,
         errors.InvalidArgument,
+    ),
+    "connection= on storage that cannot take one": (
+        _connection_on_memory,
+        TypeError,
+        errors.InvalidArgument,
+    ),
+    "connection= that is no connection": (
+        _connection_not_a_connection,
+        TypeError,
+        errors.InvalidArgument,
+    ),
+    "a SQLite store locked past the busy wait": (
+        _store_locked,
+        sqlite3.OperationalError,
+        errors.StorageLocked,
+    ),
+    "a SQLite synchronous mode that does not exist": (
+        _bad_synchronous,
+        ValueError,
+        errors.ConfigurationError,
     ),
     "the testing harness on an app without Flask-Offload": (
         _harness_on_a_plain_app,

@@ -15,6 +15,7 @@ import difflib
 import json
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field, fields
@@ -366,6 +367,18 @@ def eager_changed(value: Any) -> bool:
         "one will stop being followed; switch a test's mode with flask_offload.testing "
         '(testing.using("inline", app), or the offload_inline fixture)',
         DeprecationWarning,
-        stacklevel=3,
+        stacklevel=_app_level(),
     )
     return eager
+
+
+def _app_level() -> int:
+    """The ``stacklevel`` of the first frame outside Flask-Offload, for a warning raised in
+    the function that calls this: it names the app's own line, where the filters that show
+    a ``DeprecationWarning`` (``__main__``, pytest) look for it."""
+    frame, level = sys._getframe(2), 2
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
+        "flask_offload"
+    ):
+        frame, level = frame.f_back, level + 1
+    return level

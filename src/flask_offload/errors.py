@@ -7,6 +7,8 @@ and an ``except OffloadError`` in a task must not swallow them.
 
 from __future__ import annotations
 
+import sqlite3
+
 
 class OffloadError(Exception):
     """Base of every error Flask-Offload raises itself."""
@@ -55,6 +57,11 @@ class StorageError(OffloadError, RuntimeError):
 
 class StorageCorrupt(StorageError):
     """The storage answers that its data is damaged: running on would only repeat work."""
+
+
+class StorageLocked(StorageError, sqlite3.OperationalError):
+    """SQLite's write lock stayed held past the busy wait, most often by the caller's own
+    write transaction on the job store's file; also the ``sqlite3`` error it was before."""
 
 
 class StorageUnavailable(OffloadError, ConnectionError):

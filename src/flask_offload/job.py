@@ -247,7 +247,8 @@ class Outcome:
 
 @dataclass
 class WorkerInfo:
-    """A live worker process, as its heartbeat row shows it to stats and other processes."""
+    """A live pool, as its heartbeat row shows it to stats and other processes (its worker
+    process is the row's host and pid)."""
 
     id: str
     host: str

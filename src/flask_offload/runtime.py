@@ -16,7 +16,7 @@ from typing import Any
 
 from . import commits, serializer, tracing
 from .backends.base import Backend
-from .backends.rules import store_outcome
+from .backends.rules import reset_for_retry, store_outcome
 from .errors import InvalidArgument, InvalidValue, JobNotFound, NotRetryable, UnknownTask
 from .execution import (
     LATEST_DUE,
@@ -209,8 +209,14 @@ class Runtime:
                 f"job {job_id} {state_words(job.state)}: only failed or cancelled jobs retry"
             )
         self.wake()
-        self.emit("job_enqueued", job.refresh())
-        return job
+        # As stored now: a pool of this process may have run it already, and a task with
+        # result_ttl=0 deleted it, so what this retry queued is told as it was.
+        again = self.backend.get(job_id)
+        if again is None:
+            reset_for_retry(job, time.time())
+            again = job
+        self.emit("job_enqueued", again)
+        return again
 
     def result_ttls(self) -> dict[str, float]:
         """The ``result_ttl`` of each registered task that sets one, by name."""

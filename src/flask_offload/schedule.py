@@ -113,7 +113,7 @@ class Scheduler:
             try:
                 pause = self.tick(time.time())
                 failures = 0
-            except Exception:
+            except BaseException:  # a signal handler's sys.exit() must not end the schedules
                 failures += 1
                 logger.exception("periodic scheduling failed; trying again")
                 pause = min(60.0, 0.25 * 2 ** (failures - 1))  # soon, then backing off

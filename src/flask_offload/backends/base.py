@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import JobIdInUse, StorageCorrupt
+from ..errors import InvalidArgument, JobIdInUse, StorageCorrupt
 from ..job import Cancel, Door, Job, Outcome, WorkerInfo
 
 __all__ = [
@@ -199,15 +199,16 @@ class Backend(ABC):
 
     @abstractmethod
     def beat(self, info: WorkerInfo) -> None:
-        """Record that a worker process is alive (insert or update its row)."""
+        """Record that a pool is alive (insert or update its row; a worker process runs one
+        pool or more, told apart by host and pid: see ``liveness.py``)."""
 
     @abstractmethod
     def workers(self, seen_since: float) -> list[WorkerInfo]:
-        """Worker processes that beat since ``seen_since``."""
+        """The pools that beat since ``seen_since``."""
 
     @abstractmethod
     def forget_worker(self, worker: str) -> None:
-        """Remove a stopped worker's row, and rows of workers silent for a day."""
+        """Remove a stopped pool's row, and rows of pools silent for a day."""
 
     def prepare(self) -> None:  # noqa: B027 - storage in memory is always ready
         """Open the storage and create or upgrade its schema now, not on first use."""
@@ -267,7 +268,7 @@ class QueueInfo:
 def refuse_connection(connection: Any) -> None:
     """Backends without transactional enqueue say so clearly instead of ignoring it."""
     if connection is not None:
-        raise TypeError(
+        raise InvalidArgument(
             "enqueue(connection=...) stores the job in your transaction, which needs the "
             "PostgreSQL backend, or SQLite on your own database's file"
         )

@@ -133,7 +133,9 @@ class MemoryBackend(Backend):
                 del self._jobs[held.id]
                 del self._order[held.id]
                 return True
-            store_outcome(held, outcome, time.time(), self.result_ttls().get(held.task))
+            # The task's result_ttl counts only for a run cancelled meanwhile.
+            task_ttl = self.result_ttls().get(held.task) if held.cancel_requested else None
+            store_outcome(held, outcome, time.time(), task_ttl)
             return True
 
     def release(self, job: Job) -> bool:

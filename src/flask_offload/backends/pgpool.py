@@ -20,7 +20,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..errors import StorageUnavailable
+from ..errors import InvalidArgument, StorageUnavailable
 
 T = TypeVar("T")
 Connection = psycopg.Connection[TupleRow]
@@ -107,7 +107,7 @@ def execute_on(connection: Any) -> Execute:
                 return [tuple(row) for row in result]
 
             return execute
-    raise TypeError(
+    raise InvalidArgument(
         "enqueue(connection=...) takes a psycopg 3 Connection, or a SQLAlchemy Connection or "
         "Session (Flask-SQLAlchemy's db.session too), open on the same PostgreSQL database; "
         f"not {type(connection).__module__}.{type(connection).__qualname__}"

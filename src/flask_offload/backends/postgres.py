@@ -39,7 +39,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
-from ..errors import StorageUnavailable
+from ..errors import StorageError, StorageUnavailable
 from ..job import HISTORY_LIMIT, Cancel, Job, Outcome
 from . import schema
 from .base import Wake, id_in_use
@@ -173,7 +173,7 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
                 return self._job(rows[0])
             # The holder finished between the two statements: the key is free, insert again.
         else:
-            raise RuntimeError(f"key {job.key!r} keeps changing hands; enqueue again")
+            raise StorageError(f"key {job.key!r} keeps changing hands; enqueue again")
         job.backend = self
         return job
 

@@ -21,7 +21,6 @@ def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]
     now = time.time()
     return [
         {
-            "expires_at": None if outcome.ttl is None else now + outcome.ttl,
             "forget": outcome.ttl is not None and outcome.ttl <= 0,
             "state": outcome.state,
             "result_json": outcome.result_json,

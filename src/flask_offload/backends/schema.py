@@ -136,7 +136,7 @@ MIGRATIONS: list[tuple[str | Dialects, ...]] = [
         """,
         # The last tick each periodic schedule enqueued: one run per tick across processes.
         "CREATE TABLE offload_schedules (name text PRIMARY KEY, last_tick {time} NOT NULL)",
-        # One row per live worker process, renewed by its heartbeat.
+        # One row per live pool (a worker process runs one or more), renewed by its heartbeat.
         """
         CREATE TABLE offload_workers (
             id text PRIMARY KEY,

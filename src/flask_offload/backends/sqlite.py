@@ -21,6 +21,7 @@ from collections.abc import Collection, Sequence
 from operator import attrgetter
 from typing import Any
 
+from ..errors import ConfigurationError
 from ..job import QUEUED, Job, Outcome
 from . import schema
 from .base import Wake, id_in_use
@@ -149,7 +150,7 @@ class SQLiteBackend(SQLiteFile, SQLBackend):
         make_folder: bool = False,
     ) -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise ValueError(
+            raise ConfigurationError(
                 "OFFLOAD_SQLITE_SYNCHRONOUS must be OFF, NORMAL, FULL or EXTRA, "
                 f"not {synchronous!r}"
             )

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, TypeVar
 
-from ..errors import StorageError
+from ..errors import InvalidArgument, StorageError, StorageLocked
 from .base import StorageCorrupt
 
 T = TypeVar("T")
@@ -173,11 +173,11 @@ class SQLiteFile:
         db.execute("COMMIT")
         return value
 
-    def _still_locked(self) -> sqlite3.OperationalError:
+    def _still_locked(self) -> StorageLocked:
         """An enqueue's busy wait that ran out, in the caller's terms: most often the
         caller's own write transaction on this very file, which the wait cannot outlast."""
         holder = "a connection of this process" if self.write_locked_here() else "a connection"
-        return sqlite3.OperationalError(
+        return StorageLocked(
             f"database is locked: {holder} kept a write transaction open on the job store "
             f"{self.path} (OFFLOAD_URL) for over {2 * self.busy_timeout:g} s. If it is your "
             "own (your database is the job store's file), enqueue inside it with "
@@ -227,14 +227,14 @@ class SQLiteFile:
             return run_sqlite
         bound = _sqlalchemy_bind(connection)
         if bound is None:
-            raise TypeError(
+            raise InvalidArgument(
                 "enqueue(connection=...) takes a sqlite3 Connection or a SQLAlchemy Connection "
                 "or Session (Flask-SQLAlchemy's db.session too) on the job store's file, not "
                 f"{type(connection).__module__}.{type(connection).__qualname__}"
             )
         executor, engine = bound
         if engine.dialect.name != "sqlite":
-            raise TypeError(
+            raise InvalidArgument(
                 f"enqueue(connection=...) got a {engine.dialect.name} connection, but the job "
                 f"store is the SQLite file {self.path} (OFFLOAD_URL)"
             )
@@ -250,7 +250,7 @@ class SQLiteFile:
 
     def _same_file(self, theirs: str) -> None:
         if not theirs or os.path.realpath(theirs) != os.path.realpath(self.path):
-            raise TypeError(
+            raise InvalidArgument(
                 "enqueue(connection=...) on SQLite stores the job in your transaction only when "
                 f"your database is the job store's own file: OFFLOAD_URL is {self.path}, your "
                 f"connection uses {theirs or 'no file'}. Point OFFLOAD_URL at your database "

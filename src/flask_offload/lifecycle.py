@@ -52,9 +52,13 @@ _under_reloader = False
 _watching_for_reloader = False
 
 # How long after init_app a process may still turn out to run Werkzeug's reloader (a script
-# that sets up more, then calls ``run_with_reloader`` itself), and how often it is looked at.
+# that sets up more, then calls ``run_with_reloader`` itself), and how often it is looked at:
+# often under ``flask run --debug``, whose reloader starts at once, and less often in a plain
+# script, which may never start one: each look wakes a thread, and at 50 a second for the
+# watch's 30 s they cost an idle process 0.7 % of a core (bench: idle).
 RELOADER_WATCH = 30.0
 RELOADER_TICK = 0.02
+SCRIPT_TICK = 0.1
 
 
 def plan(testing: bool, explicit_workers: bool, threads: int, eager: bool) -> Plan:
@@ -92,10 +96,10 @@ def manage(
     caller = servers.setup_caller(sys._getframe(1))
     if how in ("start", "launch", "reloader-child", "watcher"):
         interrupts.install(stop_all, in_flight, runtime.settings.shutdown_timeout + 5)
-    if how in ("reloader-child", "watcher") or (
-        how == "launch" and caller is not None and from_script(caller)
-    ):
-        _watch_for_reloader()
+    if how in ("reloader-child", "watcher"):
+        _watch_for_reloader(RELOADER_TICK)
+    elif how == "launch" and caller is not None and from_script(caller):
+        _watch_for_reloader(SCRIPT_TICK)
     if how in ("off", "watcher") or not _first_on_storage(runtime, app):
         return
     _install_hooks()
@@ -136,10 +140,11 @@ def _launch_later(
         request_started.connect(on_request, sender=app, weak=False)
 
 
-def _watch_for_reloader() -> None:
+def _watch_for_reloader(tick: float) -> None:
     """Until Werkzeug's reloader starts in this process (or ``RELOADER_WATCH`` has passed),
-    whoever starts it: then take SIGTERM back from it (see ``interrupts``), and in its watcher
-    stop any pool started already. The watcher only restarts the server: no job runs there."""
+    whoever starts it, looking every ``tick`` seconds: then take SIGTERM back from it (see
+    ``interrupts``), and in its watcher stop any pool started already. The watcher only
+    restarts the server: no job runs there."""
     global _watching_for_reloader
     if _watching_for_reloader:
         return
@@ -150,7 +155,7 @@ def _watch_for_reloader() -> None:
         while (role := servers.reloader_started()) is None:
             if time.monotonic() > until:
                 return
-            time.sleep(RELOADER_TICK)
+            time.sleep(tick)
         if role == "watcher":
             _stop_in_watcher()
         else:

@@ -1,9 +1,10 @@
 """Flask-Offload: durable background tasks for Flask, with no extra services."""
 
+from .current import current_job
 from .errors import OffloadError
 from .execution import Cancelled, Retry
 from .extension import Offload
-from .job import Job, current_job
+from .job import Job
 from .task import Task
 
 __version__ = "0.1.0"

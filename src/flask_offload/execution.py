@@ -15,8 +15,9 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from . import serializer, tracing
+from .current import Running, _running
 from .errors import RetryDelayError
-from .job import CANCELLED, FAILED, QUEUED, SUCCEEDED, Job, Outcome, Running, _running
+from .job import CANCELLED, FAILED, QUEUED, SUCCEEDED, Job, Outcome
 from .schedule import Periodic
 
 logger = logging.getLogger("flask_offload")

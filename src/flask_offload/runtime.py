@@ -17,6 +17,7 @@ from typing import Any
 from . import commits, serializer, tracing
 from .backends.base import Backend
 from .backends.rules import reset_for_retry, store_outcome
+from .current import Running
 from .errors import InvalidArgument, InvalidValue, JobNotFound, NotRetryable, UnknownTask
 from .execution import (
     LATEST_DUE,
@@ -34,7 +35,6 @@ from .job import (
     Cancel,
     Job,
     Outcome,
-    Running,
     new_id,
     state_words,
     valid_id,

@@ -10,8 +10,9 @@ from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
+from .current import run_detached
 from .errors import ConfigurationError, InvalidArgument
-from .job import Job, run_detached
+from .job import Job
 from .schedule import Schedule
 
 if TYPE_CHECKING:
@@ -147,7 +148,7 @@ class Task(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function now, in the caller's thread; ``current_job`` inside it is a
-        detached handle (see ``job.Detached``), even inside another job."""
+        detached handle (see ``current.Detached``), even inside another job."""
         return run_detached(self.fn, *args, **kwargs)
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:

@@ -42,9 +42,10 @@ import time
 from collections.abc import Mapping
 
 from ..backends.base import Backend
+from ..current import Running
 from ..execution import OUTCOME_EVENTS, ContextFactory, Events, Runnable, Settings
 from ..foreground import Foreground
-from ..job import Door, Job, Outcome, Running
+from ..job import Door, Job, Outcome
 from ..schedule import Scheduler
 from .finisher import Finisher, cancel_asked, cancelled_instead
 from .held import MAX_DUES, Held, new_pool_id

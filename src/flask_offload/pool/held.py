@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..backends.base import Backend, StorageCorrupt
+from ..current import Running
 from ..execution import Runnable, Settings
-from ..job import Job, Outcome, Running
+from ..job import Job, Outcome
 
 logger = logging.getLogger("flask_offload")
 

@@ -16,9 +16,10 @@ import time
 from collections.abc import Mapping
 
 from ..backends.base import StorageCorrupt
+from ..current import Running
 from ..execution import ContextFactory, Events, Runnable, Settings, describe, execute, failure
 from ..foreground import Foreground
-from ..job import FAILED, Job, Outcome, Running
+from ..job import FAILED, Job, Outcome
 from .held import Claimed, Held
 
 logger = logging.getLogger("flask_offload")

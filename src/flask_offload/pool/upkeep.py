@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable
 
 from ..backends.base import StorageCorrupt
+from ..current import PROGRESS_EVERY
 from ..execution import Events
-from ..job import PROGRESS_EVERY, WorkerInfo
+from ..job import WorkerInfo
 from ..liveness import beat_every
 from .held import GIVE_BACK_AFTER, Held
 from .running import Runner

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -66,6 +67,19 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, every: float
             return value
         time.sleep(every)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+@contextmanager
+def write_lock_held(path: Path) -> Iterator[sqlite3.Connection]:
+    """Another connection (a plain sqlite3 one) holding the write lock of the SQLite file at
+    ``path`` in an open transaction, until the block ends or it rolls back."""
+    other = sqlite3.connect(path)
+    try:
+        other.execute("CREATE TABLE IF NOT EXISTS mine (x)")
+        other.execute("INSERT INTO mine VALUES (1)")  # an open write transaction
+        yield other
+    finally:
+        other.close()
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from conftest import AppFactory, make_job
+from conftest import AppFactory, make_job, write_lock_held
 from flask_offload import Offload, OffloadError, current_job, errors
 from flask_offload.backends import SQLiteBackend
 from flask_offload.testing import Harness
@@ -156,13 +156,10 @@ def _connection_not_a_connection(make_app: AppFactory, tmp_path: Path) -> object
 def _store_locked(make_app: AppFactory, tmp_path: Path) -> object:
     backend = SQLiteBackend(str(tmp_path / "locked.db"), busy_timeout=0.1)
     backend.prepare()
-    other = sqlite3.connect(tmp_path / "locked.db")
     try:
-        other.execute("CREATE TABLE mine (x)")
-        other.execute("INSERT INTO mine VALUES (1)")  # an open write transaction
-        return backend.enqueue(make_job())
+        with write_lock_held(tmp_path / "locked.db"):
+            return backend.enqueue(make_job())
     finally:
-        other.close()
         backend.close()
 
 

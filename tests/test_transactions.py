@@ -18,7 +18,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
-from conftest import AppFactory, make_job
+from conftest import AppFactory, make_job, write_lock_held
 from flask_offload import Offload
 from flask_offload.backends import SQLiteBackend
 
@@ -223,17 +223,14 @@ def test_a_store_locked_past_the_busy_wait_says_what_to_do(tmp_path: Path) -> No
     what to do instead of a bare "database is locked"."""
     backend = SQLiteBackend(str(tmp_path / "jobs.db"), busy_timeout=0.2)
     backend.prepare()
-    other = sqlite3.connect(tmp_path / "jobs.db")
     try:
-        other.execute("CREATE TABLE mine (x)")
-        other.execute("INSERT INTO mine VALUES (1)")  # an open write transaction
-        with pytest.raises(sqlite3.OperationalError, match="locked") as caught:
-            backend.enqueue(make_job())
-        assert "connection=" in str(caught.value) and "after_commit=" in str(caught.value)
-        if sys.platform == "linux":  # /proc/locks names the holder
-            assert "a connection of this process" in str(caught.value)
-        other.rollback()
-        assert backend.enqueue(make_job()).state == "queued"
+        with write_lock_held(tmp_path / "jobs.db") as other:
+            with pytest.raises(sqlite3.OperationalError, match="locked") as caught:
+                backend.enqueue(make_job())
+            assert "connection=" in str(caught.value) and "after_commit=" in str(caught.value)
+            if sys.platform == "linux":  # /proc/locks names the holder
+                assert "a connection of this process" in str(caught.value)
+            other.rollback()
+            assert backend.enqueue(make_job()).state == "queued"
     finally:
-        other.close()
         backend.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 import weakref
@@ -15,8 +14,8 @@ import click
 from flask import Flask, current_app, has_app_context
 from flask.ctx import AppContext
 
-from . import commits, dashboard, lifecycle, logs, servers, signals, web
-from .backends import Backend, SQLiteBackend, open_backend
+from . import dashboard, lifecycle, logs, own_lock, servers, signals, web
+from .backends import open_backend
 from .cli import offload_cli
 from .config import EXTENSION_KEY as CONFIG_KEY
 from .config import PREFIX, Config, eager_changed, from_environment, sources, warn_unknown
@@ -95,7 +94,7 @@ class Offload:
             config.pool(),
             eager=config.eager,
             events=_events_of(app),
-            guard=_own_lock_guard(app, backend),
+            guard=own_lock.guard(app, backend),
             before_start=_views_of(app),
         )
         self._runtimes[app] = runtime
@@ -366,43 +365,3 @@ def _events_of(app: Flask) -> Events:
             signals.send(live, event, job, outcome)
 
     return events
-
-
-def _own_lock_guard(app: Flask, backend: Backend) -> Callable[[], None] | None:
-    """Where the job store is also the app's Flask-SQLAlchemy database file: a check before
-    each enqueue that refuses at once one that would wait for the caller's own write
-    transaction (SQLite has one writer, and that transaction cannot end while it waits),
-    saying what to do instead. Costs nothing where the files differ."""
-    if not isinstance(backend, SQLiteBackend):
-        return None
-    ref = weakref.ref(app)
-    shared: list[Any] | None = None  # the app's engines on the job store's file, found once
-
-    def guard() -> None:
-        nonlocal shared
-        if shared == []:
-            return
-        live = ref()
-        db = live.extensions.get("sqlalchemy") if live is not None else None
-        if db is None or not has_app_context():
-            return
-        if shared is None:
-            store = os.path.realpath(backend.path)
-            shared = [
-                engine
-                for engine in db.engines.values()
-                if engine.dialect.name == "sqlite"
-                and os.path.realpath(engine.url.database or "") == store
-            ]
-        for engine in shared:
-            if commits.writing(db.session, engine) and backend.write_locked_here():
-                raise UsageError(
-                    f"db.session holds a write transaction open on {backend.path}, which is "
-                    "also the job store (OFFLOAD_URL), and SQLite has one writer: this "
-                    "enqueue would wait for that transaction, which cannot end meanwhile. "
-                    "Enqueue inside it with enqueue(..., connection=db.session) (the job "
-                    "exists only if it commits), or once it commits with "
-                    "enqueue(..., after_commit=db.session)"
-                )
-
-    return guard

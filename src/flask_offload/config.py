@@ -195,6 +195,12 @@ class Config:
     workers: int = _setting(
         "OFFLOAD_WORKERS", 2, _number(0, whole=True), "worker threads in each serving process"
     )
+    async_concurrency: int = _setting(
+        "OFFLOAD_ASYNC_CONCURRENCY",
+        100,
+        _number(1, whole=True),
+        "async def jobs each pool runs at once on its event loop",
+    )
     queues: tuple[str, ...] | None = _setting(
         "OFFLOAD_QUEUES", None, _queues, "the queues this process claims from (None: all)"
     )
@@ -263,6 +269,7 @@ class Config:
         """The settings of the app's worker pool."""
         return Settings(
             threads=self.workers,
+            async_concurrency=self.async_concurrency,
             queues=self.queues,
             lease=self.lease,
             poll_interval=self.poll_interval,

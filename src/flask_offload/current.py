@@ -4,6 +4,7 @@ called inline as a plain function."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -133,7 +134,10 @@ R = TypeVar("R")
 
 def run_detached(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """``fn(*args, **kwargs)`` now, with ``current_job`` a fresh ``Detached`` handle (also
-    inside a running job, whose own handle is back once it returns)."""
+    inside a running job, whose own handle is back once it returns). For an ``async def``
+    function, the coroutine to await, which sets the handle while it runs."""
+    if inspect.iscoroutinefunction(fn):
+        return _detached_coroutine(fn, args, kwargs)  # type: ignore[return-value]
     token = _running.set(Detached())
     try:
         return fn(*args, **kwargs)
@@ -141,8 +145,19 @@ def run_detached(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         _running.reset(token)
 
 
+async def _detached_coroutine(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    token = _running.set(Detached())
+    try:
+        return await fn(*args, **kwargs)
+    finally:
+        _running.reset(token)
+
+
 class _CurrentJob:
-    """A stand-in for the job the current thread is running; raises outside a task."""
+    """A stand-in for the job the current thread (or asyncio task) is running; raises
+    outside a task."""
 
     def _get(self) -> Running | Detached:
         running = _running.get()

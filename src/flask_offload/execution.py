@@ -4,15 +4,18 @@ success, a retry after a backoff, a failure, or a cancellation. Never raises.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import random
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from . import serializer, tracing
 from .current import Running, _running
@@ -21,6 +24,7 @@ from .job import CANCELLED, FAILED, QUEUED, SUCCEEDED, Job, Outcome
 from .schedule import Periodic
 
 logger = logging.getLogger("flask_offload")
+T = TypeVar("T")
 
 ContextFactory = Callable[[], AbstractContextManager[Any]]
 # What happened to a job, told to the Flask layer (which sends flask_offload.signals): the
@@ -96,6 +100,7 @@ class Settings:
     max_payload_bytes: int = 2 << 20
     max_result_bytes: int = 10 << 20
     max_lost: int = 3
+    async_concurrency: int = 100
 
 
 def backoff(base: float, attempt: int) -> float:
@@ -158,11 +163,20 @@ def settled(job: Job, outcome: Outcome | None) -> Job:
     )
 
 
+def is_async(task: Runnable) -> bool:
+    """Whether ``task`` is an ``async def`` function: a pool runs it on its event loop."""
+    return inspect.iscoroutinefunction(task.fn)
+
+
 def execute(
     task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
 ) -> Outcome:
     """Run one job inside ``context()`` and say how it ended; never raises. Where
-    OpenTelemetry is installed, the run is a span in the trace the job was enqueued in."""
+    OpenTelemetry is installed, the run is a span in the trace the job was enqueued in. An
+    ``async def`` task runs to its end on an event loop of its own (EAGER mode, ``run_due``,
+    the testing modes); a pool runs it on its shared loop instead (``pool/aio.py``)."""
+    if is_async(task):
+        return run_to_end(execute_async(task, job, running, context, settings))
     if not tracing.active():
         return _execute(task, job, running, context, settings)
     with tracing.run_span(job) as outcomes:
@@ -170,9 +184,70 @@ def execute(
     return outcomes[0]
 
 
+async def execute_async(
+    task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
+) -> Outcome:
+    """``execute`` for an ``async def`` task, awaited on an event loop. The context and
+    ``current_job`` are entered inside the coroutine, so each run on the loop has its own
+    (context variables belong to the asyncio task). Never raises but ``CancelledError``, when
+    it is cancelled without its job's cancellation being asked for."""
+    if not tracing.active():
+        return await _execute_async(task, job, running, context, settings)
+    with tracing.run_span(job) as outcomes:
+        outcomes.append(await _execute_async(task, job, running, context, settings))
+    return outcomes[0]
+
+
+def run_to_end(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` to its end on a fresh event loop: in this thread, or in a thread of
+    its own when this one already runs a loop (an ``async def`` view calling ``.delay()`` in
+    EAGER mode), since loops do not nest."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(1, "offload-eager-async") as alone:
+        return alone.submit(asyncio.run, coroutine).result()
+
+
 def _execute(
     task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
 ) -> Outcome:
+    called = _arguments(job, settings)
+    if isinstance(called, Outcome):
+        return called
+    token = _running.set(running)
+    try:
+        with context():
+            value = task.fn(*called[0], **called[1])
+    except BaseException as error:
+        return _raised(task, job, running, error)
+    finally:
+        _running.reset(token)
+    return _returned(task, running, value, settings)
+
+
+async def _execute_async(
+    task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
+) -> Outcome:
+    called = _arguments(job, settings)
+    if isinstance(called, Outcome):
+        return called
+    token = _running.set(running)
+    try:
+        with context():
+            value = await task.fn(*called[0], **called[1])
+    except BaseException as error:
+        if isinstance(error, asyncio.CancelledError) and not running.cancel_flag:
+            raise  # its pool ended it (a drain, or a cancel before it began): the pool says
+        return _raised(task, job, running, error)
+    finally:
+        _running.reset(token)
+    return _returned(task, running, value, settings)
+
+
+def _arguments(job: Job, settings: Settings) -> tuple[list[Any], dict[str, Any]] | Outcome:
+    """The stored job's arguments, or the failure of a job that cannot be run."""
     try:
         size = len(job.args_json) + len(job.kwargs_json)
         if size > settings.max_payload_bytes:
@@ -182,21 +257,27 @@ def _execute(
             raise ValueError("arguments are not a JSON array and object")
     except Exception as error:
         return Outcome(FAILED, error=f"CorruptJob: stored job cannot be run: {error}")
-    token = _running.set(running)
-    try:
-        with context():
-            value = task.fn(*args, **kwargs)
-    except Cancelled:
+    return args, kwargs
+
+
+def _raised(task: Runnable, job: Job, running: Running, error: BaseException) -> Outcome:
+    """What a run that raised ``error`` ended as (called in its ``except``, for the
+    traceback): cancelled on ``Cancelled``, or on a coroutine's ``CancelledError`` once its
+    cancellation was asked for; else a failure, retried while attempts remain."""
+    asked = isinstance(error, asyncio.CancelledError) and running.cancel_flag
+    if isinstance(error, Cancelled) or asked:
         progress = running.last_progress
         return Outcome(CANCELLED, error="Cancelled", progress_json=progress, ttl=task.result_ttl)
-    except BaseException as error:
-        outcome = failure(task, job, error, _format_exc())
-        outcome.progress_json = running.last_progress
-        if outcome.state == FAILED and not isinstance(error, Retry):
-            logger.error("job %s (%s) failed", job.id, job.task, exc_info=True)
-        return outcome
-    finally:
-        _running.reset(token)
+    outcome = failure(task, job, error, _format_exc())
+    outcome.progress_json = running.last_progress
+    if outcome.state == FAILED and not isinstance(error, Retry):
+        logger.error("job %s (%s) failed", job.id, job.task, exc_info=True)
+    return outcome
+
+
+def _returned(task: Runnable, running: Running, value: Any, settings: Settings) -> Outcome:
+    """What a run that returned ``value`` ended as: succeeded, or failed when the value is
+    no JSON or too large to store."""
     try:
         result = serializer.dumps(value, "the result")
     except TypeError as error:

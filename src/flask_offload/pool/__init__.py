@@ -25,9 +25,11 @@ Four parts, each a module, around one lock and one object per held job. The rule
   pauses a run thread with backoff; each error of the finisher or the upkeep is logged and
   its loop goes on.
 - **Drain** (``Pool.stop``): claims stop and unstarted jobs go back at once, but heartbeats
-  and timeouts go on until the running jobs have finished or the drain time is up; what still
-  runs is then put back without counting the attempt, and threads stuck past a timeout are
-  not waited for.
+  and timeouts go on until the running jobs (coroutines too) have finished or the drain time
+  is up; what still runs is then put back without counting the attempt (its coroutine
+  cancelled), and threads stuck past a timeout are not waited for.
+- **Async tasks** (``aio.py``): jobs of ``async def`` tasks run as coroutines on one event loop
+  per pool, up to ``async_concurrency`` at once besides the threads' jobs, under the same rules.
 
 When the queue is empty the threads sleep on a condition: an idle pool costs nothing, a job
 enqueued in this process wakes it at once, and jobs from other processes are found by polling
@@ -141,7 +143,9 @@ class Pool:
         for thread in self.runner.threads():
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
+        self.runner.aio.wait(deadline)
         self.held.put_back(self.held.end_drain(), "still running at shutdown")
+        self.runner.aio.stop()  # cancels the coroutines of the jobs just put back
         # A claim in flight puts its batch back itself when it returns: wait for that.
         claiming = self.held.claiming
         if claiming.acquire(timeout=max(CLAIM_WAIT, deadline - time.monotonic())):

@@ -6,7 +6,8 @@ A claim fetches about ``PREFETCH_SECONDS`` of work (one job when jobs are slow, 
 ``MAX_BATCH`` when fast); a batched job not started within ``GIVE_BACK_AFTER`` seconds is put
 back for other processes, so jobs that turn slow are never hoarded. No claim is made while
 ``MAX_UNSTORED`` outcomes wait for the finisher, so the pool never runs far ahead of what it
-has stored.
+has stored. Jobs of ``async def`` tasks are claimed while fewer than ``async_concurrency`` of
+them run on the pool's event loop (``aio.py``), in addition to the threads' own.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Literal
 
 from ..backends.base import Backend, StorageCorrupt
 from ..current import Running
-from ..execution import Runnable, Settings
+from ..execution import Runnable, Settings, is_async
 from ..job import Job, Outcome
 
 logger = logging.getLogger("flask_offload")
@@ -58,6 +59,7 @@ class Claimed:
     outcome: Outcome | None = None
     seconds: float = 0.0
     timed_out: bool = False
+    aio: bool = False  # an ``async def`` task, run on the pool's event loop (aio.py)
     store_tries: int = 0
     store_after: float = 0.0
 
@@ -90,6 +92,7 @@ class Held:
         self.wakeup = threading.Condition()
         self.wakeups = 0
         self.dues: list[float] = []  # due times of in-process delayed jobs, a heap
+        self.async_running = 0  # under lock: coroutines begun and not yet ended (aio.py)
 
     # -- claiming --------------------------------------------------------------------------------
 
@@ -105,9 +108,20 @@ class Held:
                     self.room.wait()
                 if self.stopping or self.halted:
                     return None
+                room = self.settings.async_concurrency - self.async_running
             size = min(MAX_BATCH, max(1, int(PREFETCH_SECONDS / self.job_seconds)))
+            names = list(self.tasks)
+            if any(is_async(self.tasks[name]) for name in names):
+                # Never more coroutines than ASYNC_CONCURRENCY: while the loop is full, only
+                # jobs of other tasks are claimed (the loop wakes the pool when it has room).
+                if room > 0:
+                    size = min(size, room)
+                else:
+                    names = [name for name in names if not is_async(self.tasks[name])]
+                    if not names:
+                        return None
             jobs = self.backend.claim(
-                self.pool_id, list(self.tasks), self.settings.queues, size, self.settings.lease
+                self.pool_id, names, self.settings.queues, size, self.settings.lease
             )
             now = time.monotonic()
             claimed = [Claimed(job, Running(job, self.backend), now) for job in jobs]
@@ -127,7 +141,11 @@ class Held:
     def _begin(self, claimed: Claimed, me: threading.Thread) -> Claimed:
         """Move a batched job to running in thread ``me`` (with the lock held)."""
         claimed.stage, claimed.thread = "running", me
-        timeout = self.tasks[claimed.job.task].timeout
+        task = self.tasks[claimed.job.task]
+        if is_async(task):
+            claimed.aio = True
+            self.async_running += 1
+        timeout = task.timeout
         if timeout is not None:
             claimed.deadline = time.monotonic() + timeout
             self.maintenance.set()

@@ -20,6 +20,7 @@ from ..current import Running
 from ..execution import ContextFactory, Events, Runnable, Settings, describe, execute, failure
 from ..foreground import Foreground
 from ..job import FAILED, Job, Outcome
+from .aio import Loop
 from .held import Claimed, Held
 
 logger = logging.getLogger("flask_offload")
@@ -46,6 +47,7 @@ class Runner:
         self.emit = emit
         self.loops: set[threading.Thread] = set()  # under held.lock: the pool's size
         self.stuck: set[threading.Thread] = set()  # under held.lock: runs past their timeout
+        self.aio = Loop(held, tasks, context, settings)  # where async def tasks run
 
     def start(self) -> None:
         """Start the pool's ``threads`` claim-and-run threads."""
@@ -92,6 +94,8 @@ class Runner:
                     logger.warning("storage answers again: worker %s resumes", held.pool_id)
             if claimed is None:
                 held.idle(seen)
+            elif claimed.aio:
+                self._hand_off(claimed)
             elif not self._run(claimed, me):
                 return  # it ran past its timeout and the pool has its size without it
 
@@ -131,6 +135,14 @@ class Runner:
         )
         return rejoin
 
+    def _hand_off(self, claimed: Claimed) -> None:
+        """Start an ``async def`` task's job on the pool's event loop, and go on claiming;
+        the time this takes is what the claim's batch is sized by."""
+        began = time.monotonic()
+        self.emit("job_started", claimed.job, None)
+        self.aio.submit(claimed)
+        self.held.job_seconds += (time.monotonic() - began - self.held.job_seconds) / 8
+
     def execute(self, job: Job, running: Running) -> Outcome:
         """Run ``job``; any error of the pool's own becomes the job's failure, never the
         thread's end."""
@@ -144,7 +156,8 @@ class Runner:
 
     def end_overdue(self, now: float) -> None:
         """End runs past their task's timeout. A Python thread cannot be killed: the run is
-        failed (or retried) and asked to cancel, and a new thread takes its place."""
+        failed (or retried) and asked to cancel, and a new thread takes its place; a
+        coroutine is cancelled."""
         held = self.held
         with held.lock:
             if held.drained:  # past the drain: what still runs is put back instead
@@ -162,7 +175,10 @@ class Runner:
                 c.running.cancel_flag = c.timed_out = True
                 c.seconds = task.timeout or 0.0
                 held.store_later(c)
-                self._replace(c.thread)
+                if c.aio:
+                    self.aio.cancel(c)  # a coroutine can be cancelled for real
+                else:
+                    self._replace(c.thread)
         for c in overdue:
             logger.warning("job %s (%s) timed out", c.job.id, c.job.task)
 

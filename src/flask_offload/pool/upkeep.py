@@ -119,6 +119,8 @@ class Upkeep:
             cancelled = self.backend.heartbeat([c.job for c in held.values()], self.settings.lease)
             for job_id in cancelled:
                 held[job_id].running.cancel_flag = True
+                if held[job_id].aio:
+                    self.runner.aio.cancel(held[job_id])
         self.info.tasks = sorted(self.tasks)
         self.info.queues = None if self.settings.queues is None else list(self.settings.queues)
         self.backend.beat(self.info)

@@ -8,13 +8,15 @@ the same storage, as a task module calling ``create_app()`` itself would) and ``
 for the app config (``OFFLOADTEST_OFFLOAD_LEASE=2``).
 
 Run as a script: ``python -m jobapp enqueue N SLEEP`` enqueues N jobs and then idles while its
-pool works; ``python -m jobapp idle`` only idles; ``python -m jobapp fork N SLEEP`` enqueues N
-jobs, then forks a ``multiprocessing`` child and an ``os.fork`` child that live for a while
-(each logs ``child 0 PID``) and idles. Each prints ``ready`` when set up.
+pool works (``enqueue-async``: jobs of the ``async def`` twin of its task); ``python -m jobapp
+idle`` only idles; ``python -m jobapp fork N SLEEP`` enqueues N jobs, then forks a
+``multiprocessing`` child and an ``os.fork`` child that live for a while (each logs ``child 0
+PID``) and idles. Each prints ``ready`` when set up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -41,6 +43,15 @@ def log(line: str) -> None:
 def record(n: int, sleep: float = 0.0) -> int:
     log(f"start {n} {os.getpid()}")
     time.sleep(sleep * float(os.environ.get("JOBAPP_SLEEP_SCALE", "1")))
+    log(f"done {n} {os.getpid()}")
+    return n
+
+
+@offload.task(name="record_async")
+async def record_async(n: int, sleep: float = 0.0) -> int:
+    """``record`` as a coroutine: it awaits its sleep on the pool's event loop."""
+    log(f"start {n} {os.getpid()}")
+    await asyncio.sleep(sleep * float(os.environ.get("JOBAPP_SLEEP_SCALE", "1")))
     log(f"done {n} {os.getpid()}")
     return n
 
@@ -97,11 +108,12 @@ def live_a_while() -> None:
 if __name__ == "__main__":
     command = sys.argv[1]
     application = create_app()
-    if command in ("enqueue", "fork"):
+    if command in ("enqueue", "enqueue-async", "fork"):
         count, sleep = int(sys.argv[2]), float(sys.argv[3])
+        task = record_async if command == "enqueue-async" else record
         with application.app_context():
             for n in range(count):
-                record.delay(n, sleep)
+                task.delay(n, sleep)
     if command == "fork":
         if os.fork() == 0:
             live_a_while()

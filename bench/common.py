@@ -720,7 +720,10 @@ class Context:
         return os.path.join(self.tmp, f"{name}.log")
 
 
-WORKLOADS = ("enqueue", "enqueue_busy", "noop", "sleep", "latency", "idle", "rss", "claim", "due")
+WORKLOADS = (
+    "enqueue", "enqueue_busy", "noop", "sleep", "latency", "idle", "rss", "claim", "due",
+    "async_sleep",
+)  # fmt: skip
 
 
 def main(module_name: str) -> None:

@@ -18,6 +18,7 @@ only a wake-up can start a job on time; lateness is the stored ``started_at - ru
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import time
@@ -37,6 +38,8 @@ CLAIM_ROUNDS = 4  # the claim workload alternates empty and deep tables this man
 # The due workload: the standalone worker's poll interval, in seconds (quick mode bounds the
 # wait for a job that no wake-up started)
 DUE_POLL = {"full": 30.0, "quick": 5.0}
+WAIT = 0.01  # seconds each job of the async_sleep workload waits
+WAIT_ROUNDS = 2  # async_sleep: rounds, each running both kinds, in alternating order
 
 
 @offload.task(name="bench.noop")
@@ -47,6 +50,20 @@ def noop() -> None:
 @offload.task(name="bench.sleep")
 def sleep() -> None:
     common.job_sleep()
+
+
+@offload.task(name="bench.wait_thread")
+def wait_thread() -> None:
+    """A job that waits 10 ms in its thread (I/O a thread waits on)."""
+    time.sleep(WAIT)
+    common.job_done()
+
+
+@offload.task(name="bench.wait_async")
+async def wait_async() -> None:
+    """The same job as a coroutine: it awaits its 10 ms on the pool's event loop."""
+    await asyncio.sleep(WAIT)
+    common.job_done()
 
 
 @offload.task(name="bench.mark")
@@ -212,6 +229,43 @@ class InProcess(_Base):
 
     def sleep(self) -> dict[str, Any]:
         return self._throughput(sleep)
+
+    def async_sleep(self) -> dict[str, Any]:
+        """Jobs that wait 10 ms, run by the in-process pool (2 threads) as threads
+        (``time.sleep``) and as coroutines (``await asyncio.sleep``, ``OFFLOAD_ASYNC_CONCURRENCY``
+        at its default), side by side: ``WAIT_ROUNDS`` rounds alternate which kind goes
+        first. Each run queues its jobs, then starts a pool and times until the last has
+        run (the pool's start-up, a few ms, counted alike for both)."""
+        n = max(100, self.ctx.counts.jobs // 5)
+        rates: dict[str, list[float]] = {"threads": [], "async": []}
+        tasks = {"threads": wait_thread, "async": wait_async}
+        for round in range(WAIT_ROUNDS):
+            for kind in list(tasks)[:: -1 if round % 2 else 1]:
+                with self._enqueuer():
+                    for _ in range(n):
+                        tasks[kind].delay()
+                before = self.ctx.side.done()
+                began = time.monotonic()
+                app = create_app(self.url, workers=THREADS)
+                offload.runtime(app).start()  # now, not once the launcher sees set-up done
+                try:
+                    seen = self.ctx.side.wait_done(before + n, self.ctx.counts.run_timeout, 0)
+                finally:
+                    stop_pool(app)
+                if seen["timed_out"]:
+                    raise RuntimeError(f"{kind}: {seen['done'] - before}/{n} jobs ran in time")
+                rates[kind].append(n / (time.monotonic() - began))
+        best = {kind: max(values) for kind, values in rates.items()}
+        return {
+            "jobs": n,
+            "wait_ms": WAIT * 1000,
+            "threads": THREADS,
+            "rounds": WAIT_ROUNDS,
+            "runs_per_s": rates,
+            "threads_jobs_per_s": best["threads"],
+            "async_jobs_per_s": best["async"],
+            "async_over_threads": best["async"] / best["threads"],
+        }
 
     def latency(self) -> dict[str, Any]:
         app = create_app(self.url, workers=THREADS)

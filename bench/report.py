@@ -91,6 +91,12 @@ def brief(workload: str, outcome: dict[str, Any]) -> str:
             f"lateness p50 {num(s['p50'])} ms, p99 {num(s['p99'])} ms, max {num(s['max'])} ms "
             f"({s['n']}/{data['jobs']} jobs)"
         )
+    elif workload == "async_sleep":
+        text = (
+            f"jobs waiting {num(data['wait_ms'])} ms: {num(data['async_jobs_per_s'])} jobs/s as "
+            f"coroutines, {num(data['threads_jobs_per_s'])} as threads "
+            f"({X}{data['async_over_threads']:.1f})"
+        )
     elif workload == "claim":
         text = (
             f"claim mean {num(data['empty']['claim_us']['mean'])} µs empty, "
@@ -442,6 +448,7 @@ def _offload_only(run: Run) -> list[str]:
     else:
         lines += [f"**Memory.** {_why(rss)}", ""]
     lines += _busy(run)
+    lines += _async(run)
     lines += _due(run)
     for key, name in (("offload-sqlite", "SQLite"), ("offload-postgres", "PostgreSQL")):
         claim = _outcome(run, key, "claim")
@@ -500,6 +507,33 @@ def _busy(run: Run) -> list[str]:
         ratios = [f"{x / raw:.2f}" if x is not None and raw else "—" for x in row[1:]]
         lines.append(f"| {label} | " + " | ".join([*(num(x) for x in row), *ratios]) + " |")
     return [*lines, ""]
+
+
+def _async(run: Run) -> list[str]:
+    """The async_sleep workload: jobs that wait, as coroutines and as threads, side by side."""
+    waits = _outcome(run, "offload-sqlite", "async_sleep")
+    if waits is None:
+        return []
+    if waits.get("status") != "ok":
+        return [f"**Async tasks, SQLite.** {_why(waits)}", ""]
+    d = waits["data"]
+    runs = d["runs_per_s"]
+    return [
+        f"**Async tasks, SQLite** (`async_sleep`). {d['jobs']:,} jobs that each wait "
+        f"{num(d['wait_ms'])} ms, run by the in-process pool of {d['threads']} threads: an "
+        "`async def` task awaiting `asyncio.sleep` (coroutines on the pool's event loop, "
+        "`OFFLOAD_ASYNC_CONCURRENCY` at its default of 100) and a plain task calling "
+        f"`time.sleep` (one job per thread), in {d['rounds']} rounds that alternate which goes "
+        "first; the best round of each, from the pool's start to the last job run.",
+        "",
+        f"| Jobs waiting {num(d['wait_ms'])} ms | jobs/s | each round | {X} threads |",
+        "| --- | --: | --: | --: |",
+        f"| `async def`, `await asyncio.sleep` | {num(d['async_jobs_per_s'])} | "
+        f"{', '.join(num(x) for x in runs['async'])} | {d['async_over_threads']:.1f} |",
+        f"| plain task, `time.sleep` | {num(d['threads_jobs_per_s'])} | "
+        f"{', '.join(num(x) for x in runs['threads'])} | 1.0 |",
+        "",
+    ]
 
 
 def _due(run: Run) -> list[str]:

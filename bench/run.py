@@ -39,9 +39,10 @@ class System:
     quick: tuple[str, ...]
 
 
-# The in-process setup's enqueue is measured with its own pool busy (enqueue_busy); the
-# standalone workers also measure the lateness of delayed jobs stored by another process (due).
-OFFLOAD = ("enqueue_busy", *CORE[1:], "rss", "claim")
+# The in-process setup's enqueue is measured with its own pool busy (enqueue_busy), and jobs
+# waiting 10 ms as coroutines against threads (async_sleep); the standalone workers also
+# measure the lateness of delayed jobs stored by another process (due).
+OFFLOAD = ("enqueue_busy", *CORE[1:], "rss", "claim", "async_sleep")
 PEER = (CORE, CORE[:2])  # peers: the 10k workloads; in quick mode enqueue and no-op only
 
 # fmt: off

@@ -338,15 +338,15 @@ def test_a_drain_past_its_time_cancels_and_puts_back_coroutines(make_app: AppFac
 
 
 def test_a_process_killed_mid_async_job_has_its_jobs_recovered(tmp_path: Path) -> None:
-    """``kill -9`` while coroutines await: once their lease runs out, a new process runs them
-    all; only the ones that had started run twice."""
+    """``kill -9`` while 30 coroutines await in one process: once their lease runs out, a new
+    process runs them all again, each counted as lost once."""
     env = jobapp_env(
         tmp_path, OFFLOADTEST_OFFLOAD_LEASE="2", OFFLOADTEST_OFFLOAD_POLL_INTERVAL="0.2"
     )
     log = tmp_path / "out.log"
     args = [sys.executable, "-m", "jobapp", "enqueue-async", "30", "5"]
     with process(args, env, log) as first:
-        wait_until(lambda: sum(e == "start" for e, _, _ in runs(tmp_path)) >= 10)
+        wait_until(lambda: sum(e == "start" for e, _, _ in runs(tmp_path)) == 30)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     before = runs(tmp_path)
@@ -361,7 +361,8 @@ def test_a_process_killed_mid_async_job_has_its_jobs_recovered(tmp_path: Path) -
     assert {n for e, n, _ in after if e == "done"} == set(range(30))
     with sqlite3.connect(tmp_path / "jobs.db") as db:
         lost = dict(db.execute("SELECT json_extract(args_json, '$[0]'), lost FROM offload_jobs"))
-    assert {n for n, count in lost.items() if count} == started_first
+    assert started_first == set(range(30)), "all awaited at once in one process"
+    assert lost == {n: 1 for n in range(30)}, "each taken back once its lease ran out"
     assert "Traceback" not in log.read_text()
 
 

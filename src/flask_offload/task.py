@@ -81,6 +81,8 @@ def default_name(fn: Callable[..., Any]) -> str:
 
 class Task(Generic[P, R]):
     """A registered function. ``task(...)`` runs it now; ``task.delay(...)`` stores a job.
+    An ``async def`` function is a task too: a pool runs its jobs as coroutines on its event
+    loop (``OFFLOAD_ASYNC_CONCURRENCY`` at once), and ``task(...)`` returns the coroutine.
 
     Options: ``retries`` more attempts after a failure, ``retry_backoff`` seconds before the
     first retry (doubling each time, with jitter), only for exceptions in ``retry_on`` (default

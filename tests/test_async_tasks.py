@@ -370,3 +370,27 @@ def states(tmp_path: Path) -> dict[str, int]:
     with sqlite3.connect(tmp_path / "jobs.db") as db:
         query = "SELECT state, COUNT(*) FROM offload_jobs GROUP BY state"
         return dict(db.execute(query).fetchall())
+
+
+def test_a_coroutine_that_stops_its_own_pool_does_not_break_the_stop(
+    make_app: AppFactory,
+) -> None:
+    """A stop from the loop's own thread neither waits for itself nor joins itself."""
+    offload, seen = Offload(), []
+
+    @offload.task(name="stopper")
+    async def stopper() -> None:
+        try:
+            offload.runtime().stop(1)
+        except BaseException as error:
+            seen.append(repr(error))
+            raise
+        seen.append("stopped")
+
+    app, _ = make_app(offload, OFFLOAD_WORKERS=1)
+    with app.app_context():
+        job = stopper.delay()
+        offload.runtime(app).start()
+        wait_until(lambda: seen)
+        assert seen == ["stopped"]
+        assert job.refresh().state == "queued", "put back by the stop, as a thread's job is"

@@ -58,7 +58,10 @@ class Loop:
             self._loop.call_soon_threadsafe(self._cancel, claimed)
 
     def wait(self, deadline: float) -> None:
-        """Wait until no coroutine runs, or ``deadline`` (``time.monotonic``) passes."""
+        """Wait until no coroutine runs, or ``deadline`` (``time.monotonic``) passes; at once
+        when a coroutine itself stops the pool (its loop cannot end it while it waits)."""
+        if threading.current_thread() is self._thread:
+            return
         with self.held.lock:
             while self.held.async_running and (left := deadline - time.monotonic()) > 0:
                 self.ended.wait(left)
@@ -69,7 +72,8 @@ class Loop:
         if loop is None or thread is None:
             return
         asyncio.run_coroutine_threadsafe(self._shut(), loop)
-        thread.join(STOP_WAIT * 2)
+        if thread is not threading.current_thread():
+            thread.join(STOP_WAIT * 2)
 
     # -- on the loop's thread --------------------------------------------------------------------
 

@@ -394,3 +394,26 @@ def test_a_coroutine_that_stops_its_own_pool_does_not_break_the_stop(
         wait_until(lambda: seen)
         assert seen == ["stopped"]
         assert job.refresh().state == "queued", "put back by the stop, as a thread's job is"
+
+
+def test_a_coroutine_raising_systemexit_fails_only_its_job(make_app: AppFactory) -> None:
+    """SystemExit and KeyboardInterrupt from a coroutine end its job, never the pool's loop
+    (an asyncio task would hand them on to the loop and stop it)."""
+    offload = Offload()
+
+    @offload.task(name="exits")
+    async def exits(how: str) -> None:
+        await asyncio.sleep(0)
+        raise SystemExit(3) if how == "exit" else KeyboardInterrupt()
+
+    @offload.task(name="after")
+    async def after(n: int) -> int:
+        await asyncio.sleep(0.01)
+        return n
+
+    app, _ = make_app(offload, OFFLOAD_WORKERS=1)
+    with app.app_context():
+        bad = [exits.delay("exit"), exits.delay("interrupt")]
+        offload.runtime(app).start()
+        assert [job.wait(30).error for job in bad] == ["SystemExit: 3", "KeyboardInterrupt: "]
+        assert [after.delay(n).wait(30).result for n in range(5)] == list(range(5))

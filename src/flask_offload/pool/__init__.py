@@ -1,7 +1,8 @@
 """The pool: threads in one process that claim → run → store the outcomes of jobs, and keep
-their leases and the storage in order meanwhile. A worker process runs one pool or more.
+their leases and the storage in order meanwhile (jobs of ``async def`` tasks on an event loop
+of its own). A worker process runs one pool or more.
 
-Four parts, each a module, around one lock and one object per held job. The rules they keep
+Five parts, each a module, around one lock and one object per held job. The rules they keep
 (each module says how, beside its code):
 
 - **Held jobs** (``held.py``): every job the pool holds is one ``Claimed`` that moves

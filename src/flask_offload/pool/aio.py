@@ -75,8 +75,6 @@ class Loop:
         if thread is not threading.current_thread():
             thread.join(STOP_WAIT * 2)
 
-    # -- on the loop's thread --------------------------------------------------------------------
-
     def _started(self) -> asyncio.AbstractEventLoop:
         """The loop, started on its thread the first time it is needed."""
         with self._starting:
@@ -88,6 +86,8 @@ class Loop:
                 self._loop = loop
             return self._loop
 
+    # -- on the loop's thread --------------------------------------------------------------------
+
     def _begin(self, claimed: Claimed) -> None:
         task = self.tasks[claimed.job.task]
         coroutine = execute_async(task, claimed.job, claimed.running, self.context, self.settings)
@@ -95,7 +95,7 @@ class Loop:
         self._runs[claimed] = run
         run.add_done_callback(partial(self._end, claimed, time.monotonic()))
         if claimed.running.cancel_flag:  # asked for before the run began
-            run.cancel()
+            self._cancel(claimed)
 
     def _cancel(self, claimed: Claimed) -> None:
         run = self._runs.get(claimed)

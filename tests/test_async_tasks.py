@@ -417,3 +417,15 @@ def test_a_coroutine_raising_systemexit_fails_only_its_job(make_app: AppFactory)
         offload.runtime(app).start()
         assert [job.wait(30).error for job in bad] == ["SystemExit: 3", "KeyboardInterrupt: "]
         assert [after.delay(n).wait(30).result for n in range(5)] == list(range(5))
+
+
+def test_sigterm_waits_for_the_coroutines_of_a_process(tmp_path: Path) -> None:
+    """A real process: SIGTERM while 10 coroutines await lets them all finish, then exits."""
+    env = jobapp_env(tmp_path, OFFLOADTEST_OFFLOAD_SHUTDOWN_TIMEOUT="30")
+    args = [sys.executable, "-m", "jobapp", "enqueue-async", "10", "1"]
+    with process(args, env, tmp_path / "out.log") as proc:
+        wait_until(lambda: sum(e == "start" for e, _, _ in runs(tmp_path)) == 10)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == -signal.SIGTERM
+    assert sorted(n for e, n, _ in runs(tmp_path) if e == "done") == list(range(10))
+    assert states(tmp_path) == {"succeeded": 10}

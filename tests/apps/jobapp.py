@@ -5,8 +5,8 @@ Configuration comes from the environment: ``JOBAPP_LOG`` (the run log), ``JOBAPP
 ``JOBAPP_SETUP_DELAY`` (seconds the factory spends after ``init_app`` before it sets up the
 "mailer" the ``setup`` task needs), ``JOBAPP_FAIL_IN_CHILD`` (the factory exits with status 3
 in a process that a ``--processes`` supervisor started), ``JOBAPP_SECOND_APP`` (the factory
-builds a second app on the same storage, as a task module calling ``create_app()`` itself would) and ``OFFLOADTEST_*``
-for the app config (``OFFLOADTEST_OFFLOAD_LEASE=2``).
+builds a second app on the same storage, as a task module calling ``create_app()`` itself
+would) and ``OFFLOADTEST_*`` for the app config (``OFFLOADTEST_OFFLOAD_LEASE=2``).
 
 Run as a script: ``python -m jobapp enqueue N SLEEP`` enqueues N jobs and then idles while its
 pool works; ``python -m jobapp idle`` only idles; ``python -m jobapp fork N SLEEP`` enqueues N

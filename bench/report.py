@@ -97,6 +97,11 @@ def brief(workload: str, outcome: dict[str, Any]) -> str:
             f"{num(data['deep']['claim_us']['mean'])} µs with {data['deep_rows']:,} finished "
             f"rows ({X}{data['deep_over_empty']:.2f})"
         )
+    elif workload == "cpu_requests":
+        text = ", ".join(
+            f"{setup} p50 {num(data[setup]['ms']['p50'])} ms p95 {num(data[setup]['ms']['p95'])} ms"
+            for setup in ("none", "in_process", "processes")
+        )
     else:
         text = str(data)
     if data.get("note"):
@@ -183,6 +188,14 @@ def targets(run: Run) -> list[Target]:
             v(run, "huey-sqlite", "noop", "jobs_per_s"),
             "jobs/s",
             lambda r: r >= 4,
+        ),
+        _ratio(
+            f"A trivial view's p50 with CPU-bound jobs on `worker --processes 2` ≤ 1.5{X} its "
+            "p50 with no jobs (gunicorn, SQLite; `cpu_requests`)",
+            v(run, "offload-sqlite", "cpu_requests", "processes", "ms", "p50"),
+            v(run, "offload-sqlite", "cpu_requests", "none", "ms", "p50"),
+            "ms",
+            lambda r: r <= 1.5,
         ),
         _ratio(
             "SQLite no-op throughput ≥ the raw per-claim loop (in-process workers)",
@@ -443,6 +456,7 @@ def _offload_only(run: Run) -> list[str]:
         lines += [f"**Memory.** {_why(rss)}", ""]
     lines += _busy(run)
     lines += _due(run)
+    lines += _cpu_requests(run)
     for key, name in (("offload-sqlite", "SQLite"), ("offload-postgres", "PostgreSQL")):
         claim = _outcome(run, key, "claim")
         if claim and claim.get("status") == "ok":
@@ -543,6 +557,42 @@ def _due(run: Run) -> list[str]:
             f"| {label} | {s['n']}/{d['jobs']} | {num(s['p50'])} | {num(s['p99'])} | "
             f"{num(s['max'])} | {', '.join(num(x) for x in d.get('worst_ms', []))} | "
             f"{d['early']} |"
+        )
+    return [*lines, ""]
+
+
+def _cpu_requests(run: Run) -> list[str]:
+    """The cpu_requests workload: a trivial view's latency beside CPU-bound jobs."""
+    outcome = _outcome(run, "offload-sqlite", "cpu_requests")
+    if outcome is None:
+        return []
+    if outcome.get("status") != "ok":
+        return [f"**Requests beside CPU-bound jobs.** {_why(outcome)}", ""]
+    d = outcome["data"]
+    lines = [
+        "**Requests beside CPU-bound jobs** (`cpu_requests`, `python -m bench.cpu_requests`). "
+        "A real gunicorn (one gthread worker, 4 threads, its own pool of 2 threads) serves a "
+        f"trivial view; {d['requests']:,} requests one after the other, timed once two "
+        f"CPU-bound jobs (a pure-Python loop of {d['burn']:,} iterations, about 50 ms) run "
+        f"at once, from a backlog of {d['backlog']:,}. The three setups run side by side, each "
+        "on a fresh SQLite file: no jobs; the jobs in the web process's own pool; the jobs on "
+        "queue `cpu`, run by `flask offload worker --queues cpu --processes 2 --threads 1` "
+        "while the web process's pool serves `default` only.",
+        "",
+        f"| Setup | p50 ms | p95 ms | p50 {X} none | p95 {X} none | CPU jobs/s meanwhile "
+        "| still queued |",
+        "| --- | --: | --: | --: | --: | --: | --: |",
+    ]
+    for setup, label in (
+        ("none", "no jobs"),
+        ("in_process", "in-process pool (2 threads)"),
+        ("processes", "`worker --processes 2`"),
+    ):
+        row = d[setup]
+        ratios = [f"{row[k]:.2f}" if k in row else "1" for k in ("p50_ratio", "p95_ratio")]
+        lines.append(
+            f"| {label} | {num(row['ms']['p50'])} | {num(row['ms']['p95'])} | "
+            f"{' | '.join(ratios)} | {row['cpu_jobs_per_s']:.1f} | {row['cpu_jobs_left']:,} |"
         )
     return [*lines, ""]
 

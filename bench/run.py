@@ -41,7 +41,7 @@ class System:
 
 # The in-process setup's enqueue is measured with its own pool busy (enqueue_busy); the
 # standalone workers also measure the lateness of delayed jobs stored by another process (due).
-OFFLOAD = ("enqueue_busy", *CORE[1:], "rss", "claim")
+OFFLOAD = ("enqueue_busy", *CORE[1:], "rss", "claim", "cpu_requests")
 PEER = (CORE, CORE[:2])  # peers: the 10k workloads; in quick mode enqueue and no-op only
 
 # fmt: off
@@ -77,7 +77,7 @@ PACKAGES = [
 # fmt: on
 
 # Seconds a (workload) subprocess may take before it is killed.
-TIMEOUTS = {"full": {"rss": 1500, "claim": 900}, "quick": {}}
+TIMEOUTS = {"full": {"rss": 1500, "claim": 900, "cpu_requests": 600}, "quick": {}}
 DEFAULT_TIMEOUT = {"full": 400, "quick": 90}
 
 

@@ -57,7 +57,8 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger("flask_offload")
 
-CHILD_ENV = "OFFLOAD_WORKER_CHILD"  # "<number> <fd>": set in a supervised child
+# "<number> <fd>" in a supervised child (not FLASK_OFFLOAD_*, which are settings)
+CHILD_ENV = "FLASKOFFLOAD_CHILD"
 RECYCLE = 75  # a child's exit status for "replace me" (EX_TEMPFAIL)
 STABLE = 10.0  # a child that ran this long was not failing at start: no backoff
 BACKOFF = 1.0  # the first restart delay of a child failing at start; doubles per exit in a row

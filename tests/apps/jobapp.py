@@ -57,7 +57,7 @@ def needs_setup(n: int) -> str:
 
 def create_app(nested: bool = False) -> Flask:
     logging.basicConfig(level=logging.INFO, format="%(process)d %(name)s %(levelname)s %(message)s")
-    if os.environ.get("JOBAPP_FAIL_IN_CHILD") and os.environ.get("OFFLOAD_WORKER_CHILD"):
+    if os.environ.get("JOBAPP_FAIL_IN_CHILD") and os.environ.get("FLASKOFFLOAD_CHILD"):
         sys.exit(3)
     app = Flask(__name__, instance_path=os.environ["JOBAPP_INSTANCE"])
     app.config.from_prefixed_env("OFFLOADTEST")

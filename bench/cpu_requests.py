@@ -196,7 +196,7 @@ def run(tmp: str, requests: int) -> dict[str, Any]:
         ms = found[setup]["ms"]
         found[setup]["p50_ratio"] = ms["p50"] / base["p50"]
         found[setup]["p95_ratio"] = ms["p95"] / base["p95"]
-    found.update(requests=requests, backlog=backlog, burn=BURN)
+    found.update(requests=requests, backlog=backlog, burn=BURN, load=list(os.getloadavg()))
     return found
 
 
@@ -219,6 +219,7 @@ def main() -> int:
             f"cpu jobs during {row['cpu_jobs_during']} ({row['cpu_jobs_per_s']:.1f}/s), "
             f"left {row['cpu_jobs_left']}"
         )
+    print(f"load average at the end: {', '.join(f'{x:.2f}' for x in found['load'])}")
     print(json.dumps(found))
     return 0
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -577,7 +578,8 @@ def _cpu_requests(run: Run) -> list[str]:
         f"at once, from a backlog of {d['backlog']:,}. The three setups run side by side, each "
         "on a fresh SQLite file: no jobs; the jobs in the web process's own pool; the jobs on "
         "queue `cpu`, run by `flask offload worker --queues cpu --processes 2 --threads 1` "
-        "while the web process's pool serves `default` only.",
+        "while the web process's pool serves `default` only. Load average at the end: "
+        f"{', '.join(f'{x:.2f}' for x in d.get('load', []))} ({os.cpu_count()} cores).",
         "",
         f"| Setup | p50 ms | p95 ms | p50 {X} none | p95 {X} none | CPU jobs/s meanwhile "
         "| still queued |",

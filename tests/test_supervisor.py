@@ -200,6 +200,7 @@ def test_max_memory_per_child_recycles_a_child_after_its_job(tmp_path: Path) -> 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     assert "reached --max-memory-per-child" in log.read_text()
+    assert "is below this worker process's size at start" in log.read_text()
     events = runs(tmp_path)
     assert [(event, n) for event, n, _ in events] == [
         ("start", 0),

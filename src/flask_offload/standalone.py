@@ -23,7 +23,14 @@ from flask import Flask
 
 from . import interrupts, lifecycle, signals
 from .runtime import Runtime
-from .supervisor import RECYCLE, Recycling, Supervisor, child_number, watch_supervisor
+from .supervisor import (
+    RECYCLE,
+    Recycling,
+    Supervisor,
+    child_number,
+    resident_bytes,
+    watch_supervisor,
+)
 
 logger = logging.getLogger("flask_offload")
 
@@ -105,6 +112,14 @@ def work(app: Flask, runtime: Runtime, pools: Pools, limits: tuple[int | None, .
 
             for signal_ in FINISHED:
                 signal_.connect(finished, sender=app, weak=False)
+            size = resident_bytes()
+            if max_bytes is not None and size is not None and size > max_bytes:
+                logger.warning(
+                    "--max-memory-per-child (%.0f MiB) is below this worker process's size "
+                    "at start (%.0f MiB): it will be replaced after every job",
+                    max_bytes / 2**20,
+                    size / 2**20,
+                )
         watch_supervisor(_orphaned)
     lifecycle.manage(runtime, "start", pools)
     try:

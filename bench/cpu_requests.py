@@ -13,8 +13,11 @@ side, each on a fresh SQLite file:
   --processes 2 --threads 1``, the web process's pool serving ``default`` only (the README's
   pattern).
 
-The timing starts once two CPU jobs run at once, and each row says how many CPU jobs finished
-during its requests and how many were still queued at the end (so the pressure lasted). Run
+In the two setups with jobs the requests go in ``BLOCKS`` rounds of two blocks, one while
+queue ``cpu`` is paused and no job runs, one while two jobs run (timed once both have started),
+so the machine's other load (it may be shared) weighs on both alike; each loaded figure is
+given as a ratio of its own interleaved no-job figure, with the CPU jobs finished during the
+loaded blocks and those still queued at the end (so the pressure lasted). Run
 alone: ``python -m bench.cpu_requests [--requests 500]``.
 """
 
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
@@ -42,6 +46,7 @@ offload = Offload()
 BURN = 500_000  # loop iterations of one CPU-bound job: about 50 ms of one core
 WARMUP = 20
 SETUPS = ("none", "in_process", "processes")
+BLOCKS = 10  # rounds of (no job running, two jobs running) in a setup with jobs, at most
 
 
 @offload.task(name="bench.burn", queue="cpu")
@@ -135,8 +140,22 @@ def _counts(app: Flask) -> dict[str, int]:
     return found
 
 
+def _wait_running(client: Flask, test: Callable[[int], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not test(_counts(client)["running"]):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} within 60 s")
+        time.sleep(0.02)
+
+
+def _ms(took: list[float]) -> dict[str, float]:
+    return {**common.summary(took, 1000.0), "p95": common.percentile(sorted(took), 0.95) * 1000}
+
+
 def measure_setup(setup: str, tmp: str, requests: int, backlog: int) -> dict[str, Any]:
-    """One setup's latencies (ms) and the CPU jobs it ran meanwhile."""
+    """One setup's latencies (ms) and the CPU jobs it ran meanwhile. With jobs, the requests
+    go in ``BLOCKS`` rounds of two blocks: one while queue ``cpu`` is paused and no job runs
+    (``idle_ms``), one while two jobs run (``ms``), so both see the same machine."""
     url = f"sqlite:///{os.path.join(tmp, setup + '.db')}"
     queues = "cpu,default" if setup == "in_process" else "default"
     env = common.child_env(BENCH_CPU_URL=url, BENCH_CPU_QUEUES=queues)
@@ -146,6 +165,11 @@ def measure_setup(setup: str, tmp: str, requests: int, backlog: int) -> dict[str
     server_args += ["4", "-b", f"127.0.0.1:{port}", "bench.cpu_requests:create_app()"]
     started = [_start(server_args, env, log)]
     client = create_app(url, workers=0)
+    idle: list[float] = []
+    busy: list[float] = []
+    ran, seconds = 0, 0.0
+    blocks = max(1, min(BLOCKS, requests // 10))  # blocks of 10 requests at least
+    block = requests // blocks
     try:
         _wait_serving(port, started[0], log)
         if setup == "processes":
@@ -153,29 +177,38 @@ def measure_setup(setup: str, tmp: str, requests: int, backlog: int) -> dict[str
             worker += ["offload", "worker", "--queues", "cpu", "--processes", "2"]
             worker += ["--threads", "1", "--quiet"]
             started.append(_start(worker, env, os.path.join(tmp, "worker.log")))
-        if setup != "none":
+        _ask(port, WARMUP)
+        if setup == "none":
+            busy = _ask(port, requests)
+        else:
             with client.app_context():
                 for _ in range(backlog):
                     burn.delay()
-            deadline = time.monotonic() + 60
-            while _counts(client)["running"] < 2:  # both threads, or both processes, busy
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"two CPU jobs did not start within 60 s ({setup})")
-                time.sleep(0.05)
-        _ask(port, WARMUP)
-        before, began = _counts(client), time.monotonic()
-        took = sorted(_ask(port, requests))
-        after, window = _counts(client), time.monotonic() - began
+            for _ in range(blocks):
+                with client.app_context():
+                    offload.pause_queue("cpu")
+                _wait_running(client, lambda n: n == 0, "the CPU jobs did not stop")
+                idle += _ask(port, block)
+                with client.app_context():
+                    offload.resume_queue("cpu")
+                _wait_running(client, lambda n: n >= 2, "two CPU jobs did not start")
+                before, began = _counts(client)["succeeded"], time.monotonic()
+                busy += _ask(port, block)
+                ran += _counts(client)["succeeded"] - before
+                seconds += time.monotonic() - began
+        left = _counts(client)["queued"]
     finally:
         for proc in reversed(started):
             _stop(proc)
         offload.runtime(client).backend.close()
-    return {
-        "ms": {**common.summary(took, 1000.0), "p95": common.percentile(took, 0.95) * 1000},
-        "cpu_jobs_during": after["succeeded"] - before["succeeded"],
-        "cpu_jobs_per_s": (after["succeeded"] - before["succeeded"]) / window,
-        "cpu_jobs_left": after["queued"],
-    }
+    found: dict[str, Any] = {"ms": _ms(busy), "cpu_jobs_during": ran, "cpu_jobs_left": left}
+    found["blocks"] = blocks
+    found["cpu_jobs_per_s"] = ran / seconds if seconds else 0.0
+    if idle:
+        found["idle_ms"] = _ms(idle)
+        found["p50_ratio"] = found["ms"]["p50"] / found["idle_ms"]["p50"]
+        found["p95_ratio"] = found["ms"]["p95"] / found["idle_ms"]["p95"]
+    return found
 
 
 def _free_port() -> int:
@@ -185,18 +218,15 @@ def _free_port() -> int:
 
 
 def run(tmp: str, requests: int) -> dict[str, Any]:
-    """The three setups, one after the other; ratios of p50 and p95 against ``none``."""
+    """The three setups, one after the other; each loaded one's p50 and p95 as ratios of its
+    own interleaved figures with no job running."""
     # Enough ~50 ms jobs for two cores to stay busy while the slowest setup is measured.
     backlog = max(200, requests * 8)
     found: dict[str, Any] = {
         setup: measure_setup(setup, tmp, requests, backlog) for setup in SETUPS
     }
-    base = found["none"]["ms"]
-    for setup in SETUPS[1:]:
-        ms = found[setup]["ms"]
-        found[setup]["p50_ratio"] = ms["p50"] / base["p50"]
-        found[setup]["p95_ratio"] = ms["p95"] / base["p95"]
-    found.update(requests=requests, backlog=backlog, burn=BURN, load=list(os.getloadavg()))
+    found.update(requests=requests, blocks=found["processes"]["blocks"], backlog=backlog, burn=BURN)
+    found["load"] = list(os.getloadavg())
     return found
 
 
@@ -209,16 +239,16 @@ def main() -> int:
     for setup in SETUPS:
         row = found[setup]
         ms = row["ms"]
-        ratio = (
-            f"  ({row['p50_ratio']:.2f}x, {row['p95_ratio']:.2f}x of none)"
-            if setup != "none"
-            else ""
-        )
-        print(
-            f"{setup:11} p50 {ms['p50']:.2f} ms  p95 {ms['p95']:.2f} ms{ratio}  "
-            f"cpu jobs during {row['cpu_jobs_during']} ({row['cpu_jobs_per_s']:.1f}/s), "
-            f"left {row['cpu_jobs_left']}"
-        )
+        line = f"{setup:11} p50 {ms['p50']:.2f} ms  p95 {ms['p95']:.2f} ms"
+        if "idle_ms" in row:
+            idle = row["idle_ms"]
+            line += (
+                f"  (no job running: p50 {idle['p50']:.2f} ms, p95 {idle['p95']:.2f} ms; "
+                f"{row['p50_ratio']:.2f}x, {row['p95_ratio']:.2f}x)  cpu jobs during "
+                f"{row['cpu_jobs_during']} ({row['cpu_jobs_per_s']:.1f}/s), "
+                f"left {row['cpu_jobs_left']}"
+            )
+        print(line)
     print(f"load average at the end: {', '.join(f'{x:.2f}' for x in found['load'])}")
     print(json.dumps(found))
     return 0

@@ -77,7 +77,10 @@ PACKAGES = [
 # fmt: on
 
 # Seconds a (workload) subprocess may take before it is killed.
-TIMEOUTS = {"full": {"rss": 1500, "claim": 900, "cpu_requests": 600}, "quick": {"cpu_requests": 240}}
+TIMEOUTS = {
+    "full": {"rss": 1500, "claim": 900, "cpu_requests": 600},
+    "quick": {"cpu_requests": 240},
+}
 DEFAULT_TIMEOUT = {"full": 400, "quick": 90}
 
 

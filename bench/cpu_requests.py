@@ -3,7 +3,7 @@ depending on where they run.
 
 A real gunicorn (one gthread worker, 4 threads, the default in-process pool of 2 threads)
 serves a trivial view, ``GET /ping``; this process asks for it ``requests`` times, one after
-the other over one keep-alive connection, after ``WARMUP`` requests, in four setups side by
+the other over one keep-alive connection, after ``WARMUP`` requests, in three setups side by
 side, each on a fresh SQLite file:
 
 - ``none``: no jobs at all;
@@ -11,11 +11,9 @@ side, each on a fresh SQLite file:
   about 50 ms) run by the web process's own pool (``OFFLOAD_QUEUES = cpu,default``);
 - ``processes``: the same backlog on queue ``cpu``, run by ``flask offload worker --queues cpu
   --processes 2 --threads 1``, the web process's pool serving ``default`` only (the README's
-  pattern);
-- ``processes_nice``: the same, the worker started with ``nice -n 10`` (a lower CPU priority,
-  so the kernel lets a request run first on a machine whose cores are all busy).
+  pattern).
 
-In the setups with jobs the requests go in ``BLOCKS`` rounds of two blocks, one while
+In the two setups with jobs the requests go in ``BLOCKS`` rounds of two blocks, one while
 queue ``cpu`` is paused and no job runs, one while two jobs run (timed once both have started),
 so the machine's other load (it may be shared) weighs on both alike; each loaded figure is
 given as a ratio of its own interleaved no-job figure, with the CPU jobs finished during the
@@ -47,7 +45,7 @@ from flask_offload import Offload
 offload = Offload()
 BURN = 500_000  # loop iterations of one CPU-bound job: about 50 ms of one core
 WARMUP = 20
-SETUPS = ("none", "in_process", "processes", "processes_nice")
+SETUPS = ("none", "in_process", "processes")
 BLOCKS = 10  # rounds of (no job running, two jobs running) in a setup with jobs, at most
 
 
@@ -174,10 +172,8 @@ def measure_setup(setup: str, tmp: str, requests: int, backlog: int) -> dict[str
     block = requests // blocks
     try:
         _wait_serving(port, started[0], log)
-        if setup.startswith("processes"):
-            nice = ["nice", "-n", "10"] if setup == "processes_nice" else []
-            worker = [*nice, sys.executable, "-m", "flask"]
-            worker += ["--app", "bench.cpu_requests:create_app"]
+        if setup == "processes":
+            worker = [sys.executable, "-m", "flask", "--app", "bench.cpu_requests:create_app"]
             worker += ["offload", "worker", "--queues", "cpu", "--processes", "2"]
             worker += ["--threads", "1", "--quiet"]
             started.append(_start(worker, env, os.path.join(tmp, "worker.log")))
@@ -222,7 +218,7 @@ def _free_port() -> int:
 
 
 def run(tmp: str, requests: int) -> dict[str, Any]:
-    """The setups, one after the other; each loaded one's p50 and p95 as ratios of its
+    """The three setups, one after the other; each loaded one's p50 and p95 as ratios of its
     own interleaved figures with no job running."""
     # Enough ~50 ms jobs for two cores to stay busy while the slowest setup is measured.
     backlog = max(200, requests * 8)

@@ -102,8 +102,7 @@ def brief(workload: str, outcome: dict[str, Any]) -> str:
         text = ", ".join(
             f"{setup} p50 {num(data[setup]['ms']['p50'])} ms"
             + (f" ({data[setup]['p50_ratio']:.2f}{X})" if "p50_ratio" in data[setup] else "")
-            for setup in ("none", "in_process", "processes", "processes_nice")
-            if setup in data
+            for setup in ("none", "in_process", "processes")
         )
     else:
         text = str(data)
@@ -576,13 +575,12 @@ def _cpu_requests(run: Run) -> list[str]:
     lines = [
         "**Requests beside CPU-bound jobs** (`cpu_requests`, `python -m bench.cpu_requests`). "
         "A real gunicorn (one gthread worker, 4 threads, its own pool of 2 threads) serves a "
-        f"trivial view, asked {d['requests']:,} times one request after the other, in four "
+        f"trivial view, asked {d['requests']:,} times one request after the other, in three "
         "setups side by side, each on a fresh SQLite file: no jobs; CPU-bound jobs (a "
         f"pure-Python loop of {d['burn']:,} iterations, about 50 ms; a backlog of "
         f"{d['backlog']:,}) in the web process's own pool; the same jobs on queue `cpu`, run "
         "by `flask offload worker --queues cpu --processes 2 --threads 1` while the web "
-        "process's pool serves `default` only; the same started with `nice -n 10`. With jobs, "
-        f"the requests go in {d['blocks']} "
+        f"process's pool serves `default` only. With jobs, the requests go in {d['blocks']} "
         "rounds of two blocks, one with queue `cpu` paused and no job running, one with two "
         "jobs running, so that the machine's other load weighs on both alike; the ratios "
         f"divide the loaded figure by the interleaved no-job one. Load average at the end: "
@@ -596,11 +594,8 @@ def _cpu_requests(run: Run) -> list[str]:
         ("none", "no jobs"),
         ("in_process", "in-process pool (2 threads)"),
         ("processes", "`worker --processes 2`"),
-        ("processes_nice", "`nice -n 10 flask offload worker --processes 2`"),
     ):
-        row = d.get(setup)
-        if row is None:
-            continue
+        row = d[setup]
         idle = row.get("idle_ms", row["ms"])
         ratios = [f"{row[k]:.2f}{X}" if k in row else "—" for k in ("p50_ratio", "p95_ratio")]
         jobs = f"{row['cpu_jobs_per_s']:.1f}" if "idle_ms" in row else "—"

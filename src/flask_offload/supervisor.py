@@ -53,7 +53,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 logger = logging.getLogger("flask_offload")
 
@@ -76,7 +76,6 @@ class Child:
     started: float = 0.0
     quick_exits: int = 0  # exits within STABLE seconds of a start, in a row
     restart_at: float | None = None  # when a dead child's replacement starts
-    pipe: int | None = field(default=None, repr=False)  # the child's end of its pipe
 
 
 class Supervisor:
@@ -124,10 +123,22 @@ class Supervisor:
         """Start the process of ``child``'s place, handing it the read end of the lifeline."""
         env = dict(os.environ)
         env[CHILD_ENV] = f"{child.number} {self._lifeline_read}"
-        child.proc = subprocess.Popen(
-            self.command, env=env, pass_fds=(self._lifeline_read,), start_new_session=True
-        )
         child.started, child.restart_at = time.monotonic(), None
+        try:
+            child.proc = subprocess.Popen(
+                self.command, env=env, pass_fds=(self._lifeline_read,), start_new_session=True
+            )
+        except OSError as error:  # out of processes or memory: try again later
+            child.quick_exits += 1
+            delay = backoff(child.quick_exits)
+            child.restart_at = child.started + delay
+            logger.error(
+                "could not start worker process %d (%s): trying again in %g s",
+                child.number,
+                error,
+                delay,
+            )
+            return
         logger.info("worker process %d started (pid %d)", child.number, child.proc.pid)
 
     def _reap(self) -> None:
@@ -148,8 +159,7 @@ class Supervisor:
                 child.quick_exits, child.restart_at = 0, now
                 continue
             child.quick_exits = child.quick_exits + 1 if ran < STABLE else 0
-            delay = min(MAX_BACKOFF, BACKOFF * 2 ** (child.quick_exits - 1))
-            delay = delay if child.quick_exits else 0.0
+            delay = backoff(child.quick_exits)
             child.restart_at = now + delay
             in_a_row = (
                 f" ({child.quick_exits} quick exit{'s' * (child.quick_exits > 1)} in a row)"
@@ -254,6 +264,12 @@ class Supervisor:
         signal.set_wakeup_fd(previous.pop(-1))  # type: ignore[arg-type]
         for signum, handler in previous.items():
             signal.signal(signum, handler)  # type: ignore[arg-type]
+
+
+def backoff(quick_exits: int) -> float:
+    """Seconds before a child is started again after ``quick_exits`` quick exits in a row:
+    none after a child that ran a while, then 1, 2, 4 … up to ``MAX_BACKOFF``."""
+    return min(MAX_BACKOFF, BACKOFF * 2 ** (quick_exits - 1)) if quick_exits else 0.0
 
 
 def how_it_ended(returncode: int) -> str:

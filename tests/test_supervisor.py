@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -146,6 +147,21 @@ def test_sigterm_drains_every_child_and_loses_nothing(tmp_path: Path, storage: s
     assert query(storage, "SELECT count(*) FROM offload_workers") == [(0,)]
     assert not any(alive(pid) for pid in pids)
     assert "Traceback" not in log.read_text()
+
+
+def test_idle_children_are_woken_by_the_doorbell_or_notify(tmp_path: Path, storage: str) -> None:
+    """With a poll interval of 600 s, only a wake-up (SQLite's doorbell, PostgreSQL's NOTIFY)
+    can start a job another process enqueues in an idle child within the test's bound."""
+    env = storage_env(tmp_path, storage, OFFLOADTEST_OFFLOAD_POLL_INTERVAL="600")
+    with supervised(tmp_path, env, "--processes", "2", "--threads", "1") as (proc, log):
+        wait_until(lambda: len(children(log)) == 2, timeout=60)  # the schema is there now
+        wait_until(lambda: len(query(storage, "SELECT pid FROM offload_workers")) == 2, 60)
+        time.sleep(1.0)  # past their first look at the queue: both children wait now
+        for n in range(2):
+            enqueue(env, range(n, n + 1), 0.0)
+            wait_until(lambda n=n: states(storage) == Counter(succeeded=n + 1), timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
 
 
 def test_max_jobs_per_child_recycles_without_losing_or_repeating_a_job(

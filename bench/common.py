@@ -61,6 +61,7 @@ class Counts:
     settle: float  # seconds a started worker is left alone before its idle CPU is measured
     grace: float  # seconds a worker gets to stop after SIGTERM, before SIGKILL
     due: int  # delayed jobs whose lateness is measured (the due workload)
+    requests: int  # requests timed per setup (the cpu_requests workload)
 
 
 MODES = {
@@ -78,6 +79,7 @@ MODES = {
         settle=2.0,
         grace=10.0,
         due=200,
+        requests=500,
     ),
     "quick": Counts(
         enqueue=200,
@@ -93,6 +95,7 @@ MODES = {
         settle=0.2,
         grace=1.0,
         due=20,
+        requests=50,
     ),
 }
 
@@ -722,7 +725,7 @@ class Context:
 
 WORKLOADS = (
     "enqueue", "enqueue_busy", "noop", "sleep", "latency", "idle", "rss", "claim", "due",
-    "async_sleep",
+    "async_sleep", "cpu_requests",
 )  # fmt: skip
 
 

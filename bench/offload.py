@@ -28,7 +28,7 @@ from typing import Any
 
 from flask import Flask
 
-from bench import common
+from bench import common, cpu_requests
 from bench.common import Context, Skip, WorkerProcess
 from flask_offload import Offload
 
@@ -282,6 +282,11 @@ class InProcess(_Base):
                 return common.run_idle(self.ctx.side, noop.delay, [os.getpid()], self.ctx.counts)
         finally:
             stop_pool(app)
+
+    def cpu_requests(self) -> dict[str, Any]:
+        """A web process's request latency with CPU-bound jobs in its own pool, on worker
+        processes, and with none (see ``bench.cpu_requests``)."""
+        return cpu_requests.run(self.ctx.tmp, self.ctx.counts.requests)
 
     def rss(self) -> dict[str, Any]:
         """RSS of one process that enqueues and runs ``rss_jobs`` no-op jobs with its pool,

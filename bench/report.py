@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,12 @@ def brief(workload: str, outcome: dict[str, Any]) -> str:
             f"{num(data['deep']['claim_us']['mean'])} µs with {data['deep_rows']:,} finished "
             f"rows ({X}{data['deep_over_empty']:.2f})"
         )
+    elif workload == "cpu_requests":
+        text = ", ".join(
+            f"{setup} p50 {num(data[setup]['ms']['p50'])} ms"
+            + (f" ({data[setup]['p50_ratio']:.2f}{X})" if "p50_ratio" in data[setup] else "")
+            for setup in ("none", "in_process", "processes")
+        )
     else:
         text = str(data)
     if data.get("note"):
@@ -189,6 +196,14 @@ def targets(run: Run) -> list[Target]:
             v(run, "huey-sqlite", "noop", "jobs_per_s"),
             "jobs/s",
             lambda r: r >= 4,
+        ),
+        _ratio(
+            f"A trivial view's p50 with CPU-bound jobs on `worker --processes 2` ≤ 1.5{X} its "
+            "p50 with no job running, interleaved (gunicorn, SQLite; `cpu_requests`)",
+            v(run, "offload-sqlite", "cpu_requests", "processes", "ms", "p50"),
+            v(run, "offload-sqlite", "cpu_requests", "processes", "idle_ms", "p50"),
+            "ms",
+            lambda r: r <= 1.5,
         ),
         _ratio(
             "SQLite no-op throughput ≥ the raw per-claim loop (in-process workers)",
@@ -450,6 +465,7 @@ def _offload_only(run: Run) -> list[str]:
     lines += _busy(run)
     lines += _async(run)
     lines += _due(run)
+    lines += _cpu_requests(run)
     for key, name in (("offload-sqlite", "SQLite"), ("offload-postgres", "PostgreSQL")):
         claim = _outcome(run, key, "claim")
         if claim and claim.get("status") == "ok":
@@ -577,6 +593,50 @@ def _due(run: Run) -> list[str]:
             f"| {label} | {s['n']}/{d['jobs']} | {num(s['p50'])} | {num(s['p99'])} | "
             f"{num(s['max'])} | {', '.join(num(x) for x in d.get('worst_ms', []))} | "
             f"{d['early']} |"
+        )
+    return [*lines, ""]
+
+
+def _cpu_requests(run: Run) -> list[str]:
+    """The cpu_requests workload: a trivial view's latency beside CPU-bound jobs."""
+    outcome = _outcome(run, "offload-sqlite", "cpu_requests")
+    if outcome is None:
+        return []
+    if outcome.get("status") != "ok":
+        return [f"**Requests beside CPU-bound jobs.** {_why(outcome)}", ""]
+    d = outcome["data"]
+    load = ", ".join(f"{x:.2f}" for x in d.get("load", []))
+    lines = [
+        "**Requests beside CPU-bound jobs** (`cpu_requests`, `python -m bench.cpu_requests`). "
+        "A real gunicorn (one gthread worker, 4 threads, its own pool of 2 threads) serves a "
+        f"trivial view, asked {d['requests']:,} times one request after the other, in three "
+        "setups side by side, each on a fresh SQLite file: no jobs; CPU-bound jobs (a "
+        f"pure-Python loop of {d['burn']:,} iterations, about 50 ms; a backlog of "
+        f"{d['backlog']:,}) in the web process's own pool; the same jobs on queue `cpu`, run "
+        "by `flask offload worker --queues cpu --processes 2 --threads 1` while the web "
+        f"process's pool serves `default` only. With jobs, the requests go in {d['blocks']} "
+        "rounds of two blocks, one with queue `cpu` paused and no job running, one with two "
+        "jobs running, so that the machine's other load weighs on both alike; the ratios "
+        f"divide the loaded figure by the interleaved no-job one. Load average at the end: "
+        f"{load} ({os.cpu_count()} cores).",
+        "",
+        "| Setup | p50 ms | p95 ms | no job running: p50 ms | p95 ms | p50 ratio | p95 ratio "
+        "| CPU jobs/s meanwhile | still queued |",
+        "| --- | --: | --: | --: | --: | --: | --: | --: | --: |",
+    ]
+    for setup, label in (
+        ("none", "no jobs"),
+        ("in_process", "in-process pool (2 threads)"),
+        ("processes", "`worker --processes 2`"),
+    ):
+        row = d[setup]
+        idle = row.get("idle_ms", row["ms"])
+        ratios = [f"{row[k]:.2f}{X}" if k in row else "—" for k in ("p50_ratio", "p95_ratio")]
+        jobs = f"{row['cpu_jobs_per_s']:.1f}" if "idle_ms" in row else "—"
+        lines.append(
+            f"| {label} | {num(row['ms']['p50'])} | {num(row['ms']['p95'])} | "
+            f"{num(idle['p50'])} | {num(idle['p95'])} | {' | '.join(ratios)} | {jobs} | "
+            f"{row['cpu_jobs_left']:,} |"
         )
     return [*lines, ""]
 

@@ -39,10 +39,11 @@ class System:
     quick: tuple[str, ...]
 
 
-# The in-process setup's enqueue is measured with its own pool busy (enqueue_busy), and jobs
-# waiting 10 ms as coroutines against threads (async_sleep); the standalone workers also
-# measure the lateness of delayed jobs stored by another process (due).
-OFFLOAD = ("enqueue_busy", *CORE[1:], "rss", "claim", "async_sleep")
+# The in-process setup's enqueue is measured with its own pool busy (enqueue_busy), jobs
+# waiting 10 ms as coroutines against threads (async_sleep), and a trivial view's latency
+# while CPU-bound jobs run in it or in worker processes (cpu_requests); the standalone workers
+# also measure the lateness of delayed jobs stored by another process (due).
+OFFLOAD = ("enqueue_busy", *CORE[1:], "rss", "claim", "async_sleep", "cpu_requests")
 PEER = (CORE, CORE[:2])  # peers: the 10k workloads; in quick mode enqueue and no-op only
 
 # fmt: off
@@ -78,7 +79,10 @@ PACKAGES = [
 # fmt: on
 
 # Seconds a (workload) subprocess may take before it is killed.
-TIMEOUTS = {"full": {"rss": 1500, "claim": 900}, "quick": {}}
+TIMEOUTS = {
+    "full": {"rss": 1500, "claim": 900, "cpu_requests": 600},
+    "quick": {"cpu_requests": 240},
+}
 DEFAULT_TIMEOUT = {"full": 400, "quick": 90}
 
 

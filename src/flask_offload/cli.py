@@ -16,11 +16,12 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup
 
-from . import lifecycle, logs
+from . import logs, standalone, supervisor
 from .backends import describe, mask_password
 from .job import FINAL_STATES, Job, state_words
 from .liveness import live_processes
 from .runtime import Runtime
+from .standalone import MemorySize
 
 
 class OffloadGroup(AppGroup):
@@ -36,6 +37,8 @@ class OffloadGroup(AppGroup):
             with suppress(OSError, ValueError):  # no file descriptor (a test runner's stdout)
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             ctx.exit(0)
+        except click.exceptions.Exit:  # an exit status (a worker's), a RuntimeError too
+            raise
         except (OSError, RuntimeError) as error:  # unreachable, unusable or damaged storage
             raise click.ClickException(str(error)) from error
 
@@ -130,23 +133,55 @@ def parse_pools(
     is_flag=True,
     help="No line per job; starts, stops, warnings and failures still show.",
 )
-def worker_command(threads: int, queues: str | None, per_queue: str | None, quiet: bool) -> None:
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    help="Run this many worker processes under a supervisor, each with its own pool "
+    "(for CPU-bound tasks).",
+)
+@click.option(
+    "--max-jobs-per-child",
+    type=click.IntRange(min=1),
+    help="Replace a worker process once it has finished this many jobs (with --processes).",
+)
+@click.option(
+    "--max-memory-per-child",
+    type=MemorySize(),
+    help="Replace a worker process once its resident memory passes this after a job: "
+    "512M, 2G (MiB when no unit; with --processes).",
+)
+def worker_command(
+    threads: int,
+    queues: str | None,
+    per_queue: str | None,
+    quiet: bool,
+    processes: int | None,
+    max_jobs_per_child: int | None,
+    max_memory_per_child: int | None,
+) -> None:
     """Run a standalone worker until SIGTERM or Ctrl-C: the first drains it gracefully, a
-    second stops it at once, leaving running jobs to their lease."""
+    second stops it at once, leaving running jobs to their lease. With --processes, a
+    supervisor runs that many worker processes, restarts any that dies and drains them all."""
     pools = parse_pools(threads, queues, per_queue)
     logs.show_worker(each_job=not quiet)
     runtime = _runtime()
     if not queues and not per_queue:  # OFFLOAD_QUEUES, where the app sets it
         pools = [(threads, runtime.settings.queues)]
+    child = supervisor.child_number()
+    recycling = max_jobs_per_child is not None or max_memory_per_child is not None
+    if child is None and recycling and processes is None:
+        raise click.UsageError(
+            "--max-jobs-per-child and --max-memory-per-child replace worker processes: "
+            "give --processes too"
+        )
     runtime.backend.prepare()  # storage that cannot be used is one error now, not a retry loop
-    click.echo(f"storage: {describe(runtime.backend)}")
-    say_pools(runtime, pools)
-    lifecycle.manage(runtime, "start", pools)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        lifecycle.stop_all()
+    if child is None:  # a supervised child's lines were said by its supervisor
+        click.echo(f"storage: {describe(runtime.backend)}")
+        say_pools(runtime, pools)
+    if processes is not None and child is None:
+        standalone.supervise(runtime, processes)
+    limits = (max_jobs_per_child, max_memory_per_child) if child is not None else None
+    standalone.work(_extension()[1], runtime, pools, limits)
 
 
 def say_pools(runtime: Runtime, pools: list[tuple[int, tuple[str, ...] | None]]) -> None:

@@ -46,6 +46,7 @@ _by_storage: weakref.WeakValueDictionary[tuple[object, ...], Runtime] = (
     weakref.WeakValueDictionary()
 )
 _launcher = Launcher()
+_draining = threading.Lock()  # held by the drain under way; a second stop_all waits for it
 _hooks_installed = False
 _uwsgi_hooked = False
 _under_reloader = False
@@ -207,11 +208,14 @@ def _first_on_storage(runtime: Runtime, app: Flask | None) -> bool:
 
 def stop_all(timeout: float | None = None) -> None:
     """Drain every pool of this process (each within its ``SHUTDOWN_TIMEOUT``, or ``timeout``);
-    nothing once a second signal has said to stop now, leaving running jobs to their lease."""
+    nothing once a second signal has said to stop now, leaving running jobs to their lease.
+    A call during another's drain (SIGTERM while a worker process recycles itself) waits for
+    that drain instead of returning at once, which would end the process under its jobs."""
     if interrupts.abandoned():
         return
-    for runtime in list(_managed):
-        runtime.stop(timeout)
+    with _draining:
+        for runtime in list(_managed):
+            runtime.stop(timeout)
 
 
 def in_flight() -> tuple[int, float]:
@@ -234,7 +238,7 @@ def _after_fork_in_child() -> None:
     """In every forked child: the parent's pools, connections and claimed jobs are not the
     child's. Only a gunicorn worker starts its pools here (uWSGI's start in its own post-fork
     hook); a child the app forks (``multiprocessing``, ``os.fork``) runs none."""
-    global _under_reloader
+    global _under_reloader, _draining
     if servers.about_to_exec():
         return
     try:
@@ -244,7 +248,7 @@ def _after_fork_in_child() -> None:
     serving = servers.forked_by_gunicorn(caller)
     _launcher.forget()
     interrupts.after_fork()
-    _under_reloader = False
+    _under_reloader, _draining = False, threading.Lock()
     for runtime in list(_managed):
         runtime.after_fork()
         if serving:

@@ -3,9 +3,10 @@
 Configuration comes from the environment: ``JOBAPP_LOG`` (the run log), ``JOBAPP_INSTANCE``
 (the instance folder), ``JOBAPP_SLEEP_SCALE`` (multiplies each task's sleep; 0 to skip it),
 ``JOBAPP_SETUP_DELAY`` (seconds the factory spends after ``init_app`` before it sets up the
-"mailer" the ``setup`` task needs), ``JOBAPP_SECOND_APP`` (the factory builds a second app on
-the same storage, as a task module calling ``create_app()`` itself would) and ``OFFLOADTEST_*``
-for the app config (``OFFLOADTEST_OFFLOAD_LEASE=2``).
+"mailer" the ``setup`` task needs), ``JOBAPP_FAIL_IN_CHILD`` (the factory exits with status 3
+in a process that a ``--processes`` supervisor started), ``JOBAPP_SECOND_APP`` (the factory
+builds a second app on the same storage, as a task module calling ``create_app()`` itself
+would) and ``OFFLOADTEST_*`` for the app config (``OFFLOADTEST_OFFLOAD_LEASE=2``).
 
 Run as a script: ``python -m jobapp enqueue N SLEEP`` enqueues N jobs and then idles while its
 pool works (``enqueue-async``: jobs of the ``async def`` twin of its task); ``python -m jobapp
@@ -67,6 +68,8 @@ def needs_setup(n: int) -> str:
 
 def create_app(nested: bool = False) -> Flask:
     logging.basicConfig(level=logging.INFO, format="%(process)d %(name)s %(levelname)s %(message)s")
+    if os.environ.get("JOBAPP_FAIL_IN_CHILD") and os.environ.get("FLASKOFFLOAD_CHILD"):
+        sys.exit(3)
     app = Flask(__name__, instance_path=os.environ["JOBAPP_INSTANCE"])
     app.config.from_prefixed_env("OFFLOADTEST")
     offload.init_app(app)

@@ -32,8 +32,8 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -52,10 +52,13 @@ from .pgsql import (
     DIALECT,
     ENQUEUE,
     EXISTING,
+    FINISH_LINKED,
     FINISH_MANY,
     FINISHED_BY,
+    HELD,
     HOLDER,
     INSERT_NEW,
+    INSERT_QUIET,
     NEW,
     PAUSED_AT,
     PRIORITY,
@@ -64,12 +67,15 @@ from .pgsql import (
     RUN_AT,
     SQL,
     STATE,
+    WAKE,
     delay_left,
     new_values,
     rest_values,
 )
 from .rows import COLUMNS, finish_rows
 from .sqlbase import SQLBackend
+
+T = TypeVar("T")
 
 
 class PostgresBackend(PostgresPool, Listener, SQLBackend):
@@ -177,6 +183,44 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
         job.backend = self
         return job
 
+    def enqueue_many(self, jobs: Sequence[Job], connection: Any = None) -> list[Job]:
+        if connection is not None:
+            if not self._ready:
+                self.prepare()
+            return [self._insert(execute_on(connection), job) for job in jobs]
+
+        def enqueue_many(conn: Pooled) -> list[Job]:
+            with conn.transaction():
+                try:
+                    stored = self._enqueue_batch(conn, jobs)
+                except psycopg.errors.UniqueViolation as error:
+                    raise id_in_use(next(iter(jobs))) from error
+                due: dict[str, float] = {}
+                for job in stored:
+                    if job.state == "queued":
+                        due[job.queue] = min(due.get(job.queue, job.run_at), job.run_at)
+                for queue, run_at in due.items():
+                    conn.execute(WAKE, (f"{run_at!r} {queue}",))
+                return stored
+
+        return self._run(enqueue_many)
+
+    def _insert_batch(self, db: Pooled, jobs: Sequence[Job]) -> list[Job]:
+        plain = [job for job in jobs if job.key is None]
+        values = []
+        for job in plain:
+            values.append(
+                {name: getattr(job, name) for name in COLUMNS} | {"wait": delay_left(job)}
+            )
+            job.backend = self
+        db.cursor().executemany(INSERT_QUIET, values)
+        execute = self._execute(db)
+        return [job if job.key is None else self._insert(execute, job) for job in jobs]
+
+    def _atomic(self, db: Pooled, body: Callable[[], T]) -> T:
+        with db.transaction():
+            return body()
+
     def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
         def enqueue_tick(conn: Pooled) -> bool:
             with conn.transaction():
@@ -251,8 +295,14 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
             "ttls": self._ttls(),
         }
 
+        woken: list[Any] = []
+
         def store(conn: Connection) -> list[bool]:
             done = {claim for (claim,) in conn.execute(FINISH_MANY, batch).fetchall()}
+            left = [n for n, row in enumerate(rows) if row["claim"] not in done]
+            if left:
+                with conn.transaction():
+                    done |= self._finish_linked(conn, batch, left, woken)
             return [row["claim"] in done for row in rows]
 
         def confirm(conn: Connection, stored: list[bool]) -> list[bool]:
@@ -265,7 +315,40 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
                 for ok, row in zip(stored, rows, strict=True)
             ]
 
-        return self._run(store, confirm=confirm)
+        stored = self._run(store, confirm=confirm)
+        if woken:
+            self.on_due(min(run_at for run_at, _ in woken))
+        return stored
+
+    def _finish_linked(
+        self, conn: Connection, batch: dict[str, Any], left: list[int], woken: list[Any]
+    ) -> set[str]:
+        """In the caller's transaction, the outcomes FINISH_MANY left (jobs with dependents,
+        or claims lost): lock the rows still held, store their outcomes, settle their
+        dependents (``woken``: those queued, told to the listeners at commit); the claims
+        stored."""
+        part = {k: [v[n] for n in left] if isinstance(v, list) else v for k, v in batch.items()}
+        held = {r[:2]: r[2:] for r in conn.execute(HELD, {"ids": part["ids"]}).fetchall()}
+        done = {claim for (claim,) in conn.execute(FINISH_LINKED, part).fetchall()}
+        ended = []
+        for n, (job_id, claim) in enumerate(zip(part["ids"], part["claims"], strict=True)):
+            dependents, asked, task = held.get((job_id, claim), (False, False, ""))
+            if dependents and claim in done:
+                state = part["states"][n]
+                ended.append(
+                    (
+                        job_id,
+                        task,
+                        "cancelled" if state == "queued" and asked else state,
+                        part["results"][n],
+                    )
+                )
+        if ended:
+            due = self._settle(conn, ended)
+            for run_at, queue in due:
+                conn.execute(WAKE, (f"{run_at!r} {queue}",))
+            woken.extend(due)
+        return done
 
     def recover(self, max_lost: int) -> list[str]:
         params = self._recovery(max_lost)
@@ -275,8 +358,10 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
             try took back (one claimed again since carries a claim of its own by then)."""
             return rows or conn.execute(RECOVERED_BY, params).fetchall()
 
-        rows = self._run(lambda conn: conn.execute(SQL.RECOVER, params).fetchall(), confirm=confirm)
-        return [job_id for (job_id,) in rows]
+        rows = self._run(
+            lambda conn: self._atomic(conn, lambda: self._recover(conn, params)), confirm=confirm
+        )
+        return [row[0] for row in rows]
 
     def cancel(self, job_id: str) -> Cancel:
         def confirm(conn: Connection, done: Cancel) -> Cancel:
@@ -287,12 +372,18 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
             state, asked = rows[0]
             return "cancelled" if state == "cancelled" and not asked else "asked" if asked else None
 
-        return self._run(lambda conn: self._cancel(conn, job_id), confirm=confirm)
+        return self._run(
+            lambda conn: self._atomic(conn, lambda: self._cancel(conn, job_id)), confirm=confirm
+        )
 
     def retry(self, job_id: str) -> bool:
         def retry(conn: Connection) -> bool:
             try:
-                return conn.execute(RETRY, {"id": job_id}).rowcount == 1
+                with conn.transaction():
+                    if conn.execute(RETRY, {"id": job_id}).rowcount != 1:
+                        return False
+                    self._rearm(conn, job_id)
+                    return True
             except psycopg.errors.UniqueViolation:
                 return False  # a job with its key was queued in the same instant
 

@@ -12,7 +12,7 @@ from ..job import HISTORY_LIMIT, Job, Outcome, WorkerInfo
 from .base import JobFilter, QueueInfo
 
 # The Job fields stored as columns, in the order the SQL backends select them.
-COLUMNS = [f.name for f in fields(Job) if f.name not in ("backend", "relative")]
+COLUMNS = [f.name for f in fields(Job) if f.name not in ("backend", "relative", "after")]
 
 
 def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]:
@@ -62,7 +62,7 @@ def worker_info(row: Sequence[Any]) -> WorkerInfo:
     )
 
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+STATES = ("waiting", "queued", "running", "succeeded", "failed", "cancelled")
 
 
 def search_sql(

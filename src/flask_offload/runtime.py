@@ -16,9 +16,16 @@ from typing import Any
 
 from . import commits, serializer, tracing
 from .backends.base import Backend
-from .backends.rules import reset_for_retry, store_outcome
+from .backends.rules import arm, reset_for_retry, store_outcome
 from .current import Running
-from .errors import InvalidArgument, InvalidValue, JobNotFound, NotRetryable, UnknownTask
+from .errors import (
+    InvalidArgument,
+    InvalidValue,
+    JobNotFound,
+    NotRetryable,
+    UnknownDependency,
+    UnknownTask,
+)
 from .execution import (
     LATEST_DUE,
     OUTCOME_EVENTS,
@@ -60,6 +67,7 @@ class Runtime:
         self.tasks = tasks
         backend.result_ttls = self.result_ttls
         backend.door = self  # a Job's own verbs and the periodic ticks come through here
+        backend.on_due = self.wake  # dependents its finishes queued
         self.context = context
         self.settings = settings
         self.eager = eager
@@ -81,6 +89,83 @@ class Runtime:
         args: Any = (),
         kwargs: Any = None,
         *,
+        connection: Any = None,
+        after_commit: Any = None,
+        **options: Any,
+    ) -> Job:
+        """Validate, store durably and wake the pool; raise before storing anything if the
+        arguments are not strict JSON. With ``after_commit`` (a SQLAlchemy session) the job is
+        stored once that session commits, and the Job returned is not stored yet. Options are
+        ``build``'s."""
+        job = self.build(task_name, args, kwargs, **options)
+        if connection is not None and after_commit is not None:
+            raise InvalidArgument(
+                "give connection= (in your transaction) or after_commit=, not both"
+            )
+        if job.after:
+            return self.enqueue_many([job], connection, after_commit)[0]
+        if after_commit is not None:
+            commits.after_commit(after_commit, lambda: self._store(job, None))
+            return job
+        return self._store(job, connection)
+
+    def enqueue_many(
+        self, jobs: list[Job], connection: Any = None, after_commit: Any = None
+    ) -> list[Job]:
+        """Store built ``jobs`` in one transaction, all or none, and wake the pools once (in
+        EAGER mode, run them in order); as ``enqueue`` for ``connection``/``after_commit``."""
+        if connection is not None and after_commit is not None:
+            raise InvalidArgument(
+                "give connection= (in your transaction) or after_commit=, not both"
+            )
+        if connection is not None and any(job.after for job in jobs):
+            raise InvalidArgument(
+                "jobs with after= (chains, groups) are stored in Flask-Offload's own "
+                "transaction: use after_commit= to store them once yours commits"
+            )
+        if after_commit is not None:
+            commits.after_commit(after_commit, lambda: self._store_many(jobs, None))
+            return jobs
+        return self._store_many(jobs, connection)
+
+    def _store_many(self, jobs: list[Job], connection: Any) -> list[Job]:
+        if connection is None and self.guard is not None:
+            self.guard()
+        if self.eager and connection is None:
+            return [self._eager(job) for job in jobs]
+        with self.foreground:
+            stored = self.backend.enqueue_many(jobs, connection)
+        due = [job.run_at for job, kept in zip(jobs, stored, strict=True) if kept is job]
+        if due:
+            if connection is None:
+                self.wake(min(due))
+            else:
+                commits.after_commit(connection, lambda: self.wake(min(due)), strict=False)
+        for job, kept in zip(jobs, stored, strict=True):
+            if kept is job:
+                self.emit("job_enqueued", job)
+        return stored
+
+    def _eager(self, job: Job) -> Job:
+        """EAGER mode: a job with parents runs now with their results if all have succeeded
+        (they ran at their own enqueue), or is stored cancelled if one has not."""
+        if not job.after:
+            return self._run_now(job)
+        parents = [self.backend.get(parent) for parent in job.after]
+        missing = next((p for p, found in zip(job.after, parents, strict=True) if not found), None)
+        if missing is not None:
+            raise UnknownDependency(f"after= names job {missing}, which is not stored")
+        arm(job, [p for p in parents if p is not None], time.time())
+        if job.state == QUEUED:
+            return self._run_now(job)
+        return self.backend.enqueue(job)
+
+    def build(
+        self,
+        task_name: str,
+        args: Any = (),
+        kwargs: Any = None,
+        *,
         delay: float | timedelta | None = None,
         at: datetime | None = None,
         key: str | None = None,
@@ -88,14 +173,14 @@ class Runtime:
         queue: str = "default",
         max_attempts: int = 1,
         id: str | None = None,
-        connection: Any = None,
-        after_commit: Any = None,
         owner_json: str | None = None,
         ephemeral: bool = False,
+        after: Any = (),
+        feed: str | None = None,
+        group_id: str | None = None,
     ) -> Job:
-        """Validate, store durably and wake the pool; raise before storing anything if the
-        arguments are not strict JSON. With ``after_commit`` (a SQLAlchemy session) the job is
-        stored once that session commits, and the Job returned is not stored yet."""
+        """The Job an enqueue stores, its options checked: raise before anything is stored if
+        the arguments are not strict JSON. ``after``: the jobs (or ids) it waits for."""
         if not isinstance(args, (list, tuple)):
             raise InvalidArgument(f"args must be a tuple or list, not {type(args).__name__}")
         if kwargs is not None and not isinstance(kwargs, dict):
@@ -118,12 +203,8 @@ class Runtime:
             raise InvalidValue(
                 f"id must be 32 lowercase hex characters, as offload.new_id() gives, not {id!r}"
             )
-        if connection is not None and after_commit is not None:
-            raise InvalidArgument(
-                "give connection= (in your transaction) or after_commit=, not both"
-            )
         now = time.time()
-        job = Job(
+        return Job(
             id=new_id() if id is None else id,
             task=task_name,
             queue=queue,
@@ -138,11 +219,10 @@ class Runtime:
             owner_json=owner_json,
             ephemeral=ephemeral,
             trace_json=tracing.carrier() if tracing.ENABLED else None,
+            after=parent_ids(after),
+            feed=feed,
+            group_id=group_id,
         )
-        if after_commit is not None:
-            commits.after_commit(after_commit, lambda: self._store(job, None))
-            return job
-        return self._store(job, connection)
 
     def _store(self, job: Job, connection: Any) -> Job:
         """Store ``job`` (run it, in EAGER mode) and wake the pool; through ``connection``,
@@ -350,6 +430,20 @@ class Runtime:
     def get(self, job_id: str) -> Job | None:
         """The stored job, or None for an unknown or malformed id."""
         return self.backend.get(job_id) if valid_id(job_id) else None
+
+
+def parent_ids(after: Any) -> tuple[str, ...]:
+    """The ids of ``after`` (jobs or ids), each once, in order; a malformed one is an
+    ``UnknownDependency`` at once."""
+    if isinstance(after, (str, Job)):
+        after = [after]
+    ids: dict[str, None] = {}
+    for parent in after or ():
+        parent_id = parent.id if isinstance(parent, Job) else parent
+        if not valid_id(parent_id):
+            raise UnknownDependency(f"after= takes jobs or job ids, not {parent!r}")
+        ids[parent_id] = None
+    return tuple(ids)
 
 
 def _due(now: float, delay: float | timedelta | None, at: datetime | None) -> float:

@@ -178,15 +178,12 @@ class Runtime:
         after: Any = (),
         feed: str | None = None,
         group_id: str | None = None,
+        payload: tuple[str, str] | None = None,
     ) -> Job:
         """The Job an enqueue stores, its options checked: raise before anything is stored if
-        the arguments are not strict JSON. ``after``: the jobs (or ids) it waits for."""
-        if not isinstance(args, (list, tuple)):
-            raise InvalidArgument(f"args must be a tuple or list, not {type(args).__name__}")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise InvalidArgument(f"kwargs must be a dict, not {type(kwargs).__name__}")
-        args_json = serializer.dumps(args, "args")
-        kwargs_json = serializer.dumps(kwargs or {}, "kwargs")
+        the arguments are not strict JSON. ``after``: the jobs (or ids) it waits for;
+        ``payload``: the arguments as ``serializer.call`` encoded them already (a signature)."""
+        args_json, kwargs_json = serializer.call(args, kwargs) if payload is None else payload
         size = len(args_json) + len(kwargs_json)
         if size > self.settings.max_payload_bytes:
             raise InvalidValue(

@@ -156,14 +156,15 @@ class Task(Generic[P, R]):
         """This call, not yet stored, for ``offload.enqueue_many``, ``chain`` and ``group``:
         in a chain it takes the previous step's result as its first argument (a group's
         callback, the list of the members' results). The arguments are checked now."""
-        return Signature(self.name, args, kwargs, True, self._options(), self.max_attempts)
+        return Signature.of(self.name, args, kwargs, True, **self._options())
 
     def si(self, *args: Any, **kwargs: Any) -> Signature:
         """As ``s``, but takes no result from a previous step (an immutable signature)."""
-        return Signature(self.name, args, kwargs, False, self._options(), self.max_attempts)
+        return Signature.of(self.name, args, kwargs, False, **self._options())
 
     def _options(self) -> dict[str, Any]:
-        return {"queue": self.queue, "priority": self.priority}
+        options = {"queue": self.queue, "priority": self.priority}
+        return {"options": options, "max_attempts": self.max_attempts}
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Store a job that runs ``fn(*args, **kwargs)``; returns once it is committed."""

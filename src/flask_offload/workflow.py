@@ -10,7 +10,7 @@ crash between two steps can strand one. A handle (``Flow``) only reads what is s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -33,16 +33,15 @@ class Signature:
     when it was made."""
 
     task: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
+    payload: tuple[str, str]  # the arguments and keyword arguments, as stored JSON
     takes_input: bool
     options: dict[str, Any] = field(default_factory=dict)
     max_attempts: int = 1
-    runtime: Callable[[], Runtime] | None = field(default=None, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        serializer.dumps(list(self.args), "args")
-        serializer.dumps(self.kwargs, "kwargs")
+    @classmethod
+    def of(cls, task: str, args: Any, kwargs: Any, takes_input: bool, **rest: Any) -> Signature:
+        """A signature of ``task(*args, **kwargs)``, its arguments checked as strict JSON."""
+        return cls(task, serializer.call(args, kwargs), takes_input, **rest)
 
     def with_options(
         self,
@@ -63,8 +62,7 @@ class Signature:
         """The Job this call stores, with ``links`` (``after``, ``feed``, ``group_id``)."""
         return runtime.build(
             self.task,
-            self.args,
-            self.kwargs,
+            payload=self.payload,
             max_attempts=self.max_attempts,
             **self.options,
             **links,

@@ -27,6 +27,7 @@ SUCCEEDED: State = "succeeded"
 FAILED: State = "failed"
 CANCELLED: State = "cancelled"
 FINAL_STATES: frozenset[str] = frozenset({SUCCEEDED, FAILED, CANCELLED})
+STATES: tuple[str, ...] = (WAITING, QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)  # life order
 HISTORY_LIMIT = 20  # attempts kept per job: a job retried by id again and again stays small
 
 _ID = re.compile(r"[0-9a-f]{32}")

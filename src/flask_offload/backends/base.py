@@ -261,6 +261,7 @@ class JobFilter:
     queue: str | None = None
     key: str | None = None
     text: str | None = None
+    group_id: str | None = None
 
     def params(self) -> dict[str, Any]:
         """The filter as query parameters; ``text`` as a LIKE pattern (``\\`` escapes)."""

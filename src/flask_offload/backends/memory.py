@@ -383,6 +383,7 @@ class MemoryBackend(Backend):
                             ("task", filters.task),
                             ("queue", filters.queue),
                             ("key", filters.key),
+                            ("group_id", filters.group_id),
                         )
                     )
                     and (

@@ -324,6 +324,24 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
         (queries.SQL.RECENT, (1.0,), ("offload_jobs_finished",)),
         (queries.SQL.QUEUE_STATS, (), ("offload_jobs_claim",)),
         (queries.SQL.COUNTS, (), ("offload_jobs_claim",)),
+        (queries.SQL.UNBLOCK, {"ids": ["x"]}, ("offload_jobs_id_key", "offload_jobs_waiting")),
+        (
+            queries.SQL.DOOM,
+            {"ids": ["x"], "error": "e", "ttls": "{}"},
+            ("offload_jobs_id_key", "offload_jobs_waiting"),
+        ),
+        (queries.SQL.REARM, {"ids": ["x"]}, ("offload_jobs_id_key",)),
+        (queries.SQL.PARENTS, {"ids": ["x"]}, ("offload_jobs_id_key",)),
+        (queries.SQL.GROUP, ("g",), ("offload_jobs_group",)),
+        (
+            queries.FINISH_LINKED,
+            {
+                **{name: [None] for name in ("results", "errors", "tracebacks", "progress")},
+                **{"ids": ["x"], "claims": ["c"], "states": ["succeeded"], "keep": 20},
+                **{"waits": [None], "outcome_ttls": [None], "ttls": "{}"},
+            },
+            ("offload_jobs_id_key", "offload_jobs_lease"),
+        ),
     ],
     ids=[
         "claim",
@@ -336,6 +354,12 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
         "recent",
         "queue-stats",
         "counts",
+        "unblock",
+        "doom",
+        "rearm",
+        "parents",
+        "group",
+        "finish-linked",
     ],
 )
 def test_hot_queries_can_read_partial_indexes_not_the_finished_rows(

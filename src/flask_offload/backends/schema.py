@@ -202,6 +202,8 @@ MIGRATIONS: list[tuple[str | Dialects, ...]] = [
         "ALTER TABLE offload_jobs ADD COLUMN feed text",
         "ALTER TABLE offload_jobs ADD COLUMN group_id text",
         "CREATE INDEX offload_jobs_group ON offload_jobs (group_id) WHERE group_id IS NOT NULL",
+        # Waiting rows are read by the counts and the jobs list, never by a claim.
+        "CREATE INDEX offload_jobs_waiting ON offload_jobs (task) WHERE state = 'waiting'",
         """
         CREATE TABLE offload_deps (
             parent text NOT NULL,

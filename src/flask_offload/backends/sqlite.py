@@ -66,6 +66,7 @@ DIALECT = Dialect(
     search_hints={
         "queued": "INDEXED BY offload_jobs_claim",
         "running": "INDEXED BY offload_jobs_lease",
+        "waiting": "INDEXED BY offload_jobs_waiting",
     },
 )
 SQL = Statements(DIALECT)

@@ -161,3 +161,13 @@ def test_a_retry_of_a_parent_after_a_cancel_asked_meanwhile_cancels_dependents(
     assert backend.cancel(parent.id) == "asked"
     backend.finish_many([(claimed, Outcome("queued", error="E: again"))])
     assert state(backend, parent) == "cancelled" and state(backend, child) == "cancelled"
+
+
+def test_deleting_a_parent_cancels_what_waits_for_it(backend: Backend) -> None:
+    parent = make_job()
+    child = make_job(after=(parent.id,))
+    backend.enqueue_many([parent, child])
+    assert backend.delete(parent.id)
+    stored = backend.get(child.id)
+    assert stored is not None and stored.state == "cancelled"
+    assert stored.error == f"DependencyFailed: t {parent.id} deleted"

@@ -12,7 +12,12 @@ from flask import Flask
 
 from conftest import AppFactory
 from flask_offload import Flow, Offload
-from flask_offload.errors import InvalidArgument, NotSerializable, UnknownDependency
+from flask_offload.errors import (
+    InvalidArgument,
+    NotRetryable,
+    NotSerializable,
+    UnknownDependency,
+)
 
 
 @pytest.fixture
@@ -124,3 +129,24 @@ def test_signatures_and_after_refuse_what_cannot_work(make_app: AppFactory) -> N
             step.enqueue((1,), after=["not an id"])
         assert offload.get_group("b" * 32) is None
         assert offload.runtime().backend.counts() == {}
+
+
+def test_a_job_cancelled_while_waiting_is_not_retried_without_its_inputs(
+    make_app: AppFactory,
+) -> None:
+    offload = Offload()
+
+    @offload.task(name="step")
+    def step(x: int, add: int = 1) -> int:
+        return x + add
+
+    app, _ = make_app(offload, OFFLOAD_WORKERS=0)
+    with app.app_context():
+        chain = offload.chain(step.s(1), step.s(), step.s())
+        first, middle, last = chain.jobs
+        assert middle.cancel() and last.refresh().state == "cancelled"
+        with pytest.raises(NotRetryable, match="enqueue it again"):
+            offload.retry(middle.id)
+        with pytest.raises(NotRetryable, match=f"retry the parent .*{middle.id}"):
+            offload.retry(last.id)
+        assert chain.state == "cancelled" and chain.refresh().jobs[0].state == "queued"

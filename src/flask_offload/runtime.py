@@ -15,7 +15,7 @@ from typing import Any
 
 from . import calls, commits
 from .backends.base import Backend
-from .backends.rules import arm, reset_for_retry, store_outcome
+from .backends.rules import arm, doomed_by, reset_for_retry, store_outcome
 from .current import Running
 from .errors import (
     InvalidArgument,
@@ -34,6 +34,7 @@ from .execution import (
 )
 from .foreground import Foreground
 from .job import (
+    CANCELLED,
     QUEUED,
     RUNNING,
     Cancel,
@@ -214,6 +215,15 @@ class Runtime:
             raise NotRetryable(
                 f"job {job_id} ran a background view, whose request snapshot is deleted when "
                 "it finishes: it cannot run again; make the request again instead"
+            )
+        if job.state == CANCELLED and job.pending:
+            raise NotRetryable(
+                f"job {job_id} was cancelled while waiting for its parents: "
+                + (
+                    f"retry the parent named in its error ({job.error}), which re-arms it"
+                    if doomed_by(job.error)
+                    else "enqueue it again"
+                )
             )
         if not self.backend.retry(job_id):
             if job.state in ("failed", "cancelled") and job.key is not None:

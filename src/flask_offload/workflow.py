@@ -10,6 +10,7 @@ crash between two steps can strand one. A handle (``Flow``) only reads what is s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -177,9 +178,12 @@ class Flow:
         return self.refresh().jobs[-1].result
 
     def wait(self, timeout: float | None = None) -> Flow:
-        """Block until the last job (the callback, or the last step) has finished."""
-        self.jobs[-1].backend = self._runtime.backend
-        self.jobs[-1].wait(timeout)
+        """Block until every job has finished (succeeded, failed or cancelled); raise
+        ``WaitTimeout`` when ``timeout`` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job in self.refresh().jobs:
+            job.backend = self._runtime.backend
+            job.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return self.refresh()
 
     def cancel(self) -> int:

@@ -29,6 +29,7 @@ from .memlinks import MemoryLinks
 from .rows import queue_infos
 from .rules import (
     cancel_queued,
+    dependency_error,
     lose,
     reset_for_retry,
     store_outcome,
@@ -258,6 +259,8 @@ class MemoryBackend(MemoryLinks, Backend):
             job = self._jobs.get(job_id)
             if job is None or job.state == RUNNING:
                 return False
+            if job.dependents:
+                self._doom(job_id, dependency_error(job.task, job_id, "deleted"), time.time())
             del self._jobs[job_id], self._order[job_id]
             return True
 

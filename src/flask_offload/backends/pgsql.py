@@ -174,6 +174,7 @@ INSERT_QUIET = f"INSERT INTO offload_jobs ({SELECT}) VALUES ({_values(COLUMNS)})
 WAKE = f"SELECT pg_notify('{CHANNEL}', %s)"
 # What a write's first try did, read after its reply was lost (the confirm= of each verb).
 EXISTING = "SELECT id FROM offload_jobs WHERE id = ANY(%(ids)s::text[])"
+CREATED = "SELECT id, created_at FROM offload_jobs WHERE id = ANY(%(ids)s::text[])"
 # A finish keeps the claim token, so a finish repeated after a lost reply recognises its work.
 FINISHED_BY = """
     SELECT id FROM offload_jobs

@@ -48,6 +48,7 @@ from .pgpool import Connection, Execute, Pooled, PostgresPool, execute_on, one_l
 from .pgsql import (
     ADOPT,
     CLAIM,
+    CREATED,
     DEFAULTS,
     DIALECT,
     ENQUEUE,
@@ -190,11 +191,21 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
             return [self._insert(execute_on(connection), job) for job in jobs]
 
         def enqueue_many(conn: Pooled) -> list[Job]:
+            try:
+                return store(conn)
+            except psycopg.errors.UniqueViolation as error:
+                # Stored by an earlier try of this very batch whose reply was lost (every id
+                # there, as created here), or an id another job has.
+                found = self._execute(conn)(CREATED, {"ids": [job.id for job in jobs]})
+                if dict(found) == {job.id: job.created_at for job in jobs}:
+                    for job in jobs:
+                        job.backend = self
+                    return list(jobs)
+                raise id_in_use(next(iter(jobs))) from error
+
+        def store(conn: Pooled) -> list[Job]:
             with conn.transaction():
-                try:
-                    stored = self._enqueue_batch(conn, jobs)
-                except psycopg.errors.UniqueViolation as error:
-                    raise id_in_use(next(iter(jobs))) from error
+                stored = self._enqueue_batch(conn, jobs)
                 due: dict[str, float] = {}
                 for job in stored:
                     if job.state == "queued":
@@ -399,10 +410,9 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
             """After a lost reply: the job is gone, so the first try deleted it."""
             return done or not conn.execute(STATE, (job_id,)).fetchall()
 
-        def delete(conn: Pooled) -> bool:
-            return conn.execute(SQL.DELETE, (job_id,)).rowcount == 1
-
-        return self._run(delete, confirm=confirm)
+        return self._run(
+            lambda conn: self._atomic(conn, lambda: self._delete(conn, job_id)), confirm=confirm
+        )
 
     def pause_queue(self, name: str) -> bool:
         paused_at = time.time()  # also tells this pause from an earlier one

@@ -263,7 +263,14 @@ class SQLBackend(Backend):
         return {(task, state): count for task, state, count in rows}
 
     def delete(self, job_id: str) -> bool:
-        return self._changed_one(self.SQL.DELETE, (job_id,))
+        return self._run(lambda db: self._atomic(db, lambda: self._delete(db, job_id)))
+
+    def _delete(self, db: Any, job_id: str) -> bool:
+        """Delete a job that is not running; the jobs waiting for it are cancelled with it."""
+        rows = db.execute(self.SQL.DELETE, (job_id,)).fetchall()
+        if rows and rows[0][1]:
+            self._doom(db, [job_id], dependency_error(rows[0][0], job_id, "deleted"))
+        return bool(rows)
 
     def pause_queue(self, name: str) -> bool:
         return self._changed_one(self.SQL.PAUSE, (name, time.time()))

@@ -204,7 +204,9 @@ class Statements:
             WHERE NOT EXISTS (SELECT 1 FROM offload_jobs WHERE id = offload_deps.job)"""
         self.links(d)
         self.QUEUED_TASK_NAMES = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queued'"
-        self.DELETE = sql("DELETE FROM offload_jobs WHERE id = ? AND state <> 'running'")
+        self.DELETE = sql("""
+            DELETE FROM offload_jobs WHERE id = ? AND state <> 'running'
+            RETURNING task, dependents""")
         self.PAUSE = sql(
             "INSERT INTO offload_queues (name, paused_at) VALUES (?, ?) ON CONFLICT DO NOTHING"
         )

@@ -143,7 +143,7 @@ def test_a_job_cancelled_while_waiting_is_not_retried_without_its_inputs(
     app, _ = make_app(offload, OFFLOAD_WORKERS=0)
     with app.app_context():
         chain = offload.chain(step.s(1), step.s(), step.s())
-        first, middle, last = chain.jobs
+        _, middle, last = chain.jobs
         assert middle.cancel() and last.refresh().state == "cancelled"
         with pytest.raises(NotRetryable, match="enqueue it again"):
             offload.retry(middle.id)

@@ -150,3 +150,21 @@ def test_a_job_cancelled_while_waiting_is_not_retried_without_its_inputs(
         with pytest.raises(NotRetryable, match=f"retry the parent .*{middle.id}"):
             offload.retry(last.id)
         assert chain.state == "cancelled" and chain.refresh().jobs[0].state == "queued"
+
+
+def test_a_key_is_refused_where_a_held_key_would_break_the_links(make_app: AppFactory) -> None:
+    offload = Offload()
+
+    @offload.task(name="step")
+    def step(x: int = 0) -> int:
+        return x
+
+    app, _ = make_app(offload, OFFLOAD_WORKERS=0)
+    with app.app_context():
+        step.enqueue(key="k")
+        with pytest.raises(InvalidArgument, match="key='k'"):
+            offload.chain(step.s().with_options(key="k"), step.s())
+        with pytest.raises(InvalidArgument, match="key='k'"):
+            offload.chain(step.s(), step.s().with_options(key="k"))
+        assert offload.enqueue_many([step.s().with_options(key="k")])[0].args == []
+        assert offload.runtime().backend.counts() == {("step", "queued"): 1}

@@ -115,6 +115,13 @@ class Runtime:
             raise InvalidArgument(
                 "give connection= (in your transaction) or after_commit=, not both"
             )
+        parents = {parent for job in jobs for parent in job.after}
+        keyed = next((j for j in jobs if j.key is not None and (j.after or j.id in parents)), None)
+        if keyed is not None:
+            raise InvalidArgument(
+                f"key={keyed.key!r} cannot be given to a job that waits for others or that "
+                "others wait for: an enqueue with a key held already stores nothing"
+            )
         if connection is not None and any(job.after for job in jobs):
             raise InvalidArgument(
                 "jobs with after= (chains, groups) are stored in Flask-Offload's own "

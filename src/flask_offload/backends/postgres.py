@@ -32,7 +32,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -43,23 +43,20 @@ from ..errors import StorageError, StorageUnavailable
 from ..job import HISTORY_LIMIT, Cancel, Job, Outcome
 from . import schema
 from .base import Wake, id_in_use
+from .pgflows import PostgresFlows
 from .pglisten import Listener
 from .pgpool import Connection, Execute, Pooled, PostgresPool, execute_on, one_line
 from .pgsql import (
     ADOPT,
     CLAIM,
-    CREATED,
     DEFAULTS,
     DIALECT,
     ENQUEUE,
     EXISTING,
-    FINISH_LINKED,
     FINISH_MANY,
     FINISHED_BY,
-    HELD,
     HOLDER,
     INSERT_NEW,
-    INSERT_QUIET,
     NEW,
     PAUSED_AT,
     PRIORITY,
@@ -68,18 +65,16 @@ from .pgsql import (
     RUN_AT,
     SQL,
     STATE,
-    WAKE,
     delay_left,
     new_values,
     rest_values,
 )
 from .rows import COLUMNS, finish_rows
-from .sqlbase import SQLBackend
 
 T = TypeVar("T")
 
 
-class PostgresBackend(PostgresPool, Listener, SQLBackend):
+class PostgresBackend(PostgresPool, Listener, PostgresFlows):
     """Jobs in PostgreSQL tables (``offload_jobs``, ``offload_schedules``, ``offload_workers``).
 
     ``listen=False`` (``OFFLOAD_PG_LISTEN = False``) is for PgBouncer in transaction pooling,
@@ -184,54 +179,6 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
         job.backend = self
         return job
 
-    def enqueue_many(self, jobs: Sequence[Job], connection: Any = None) -> list[Job]:
-        if connection is not None:
-            if not self._ready:
-                self.prepare()
-            return [self._insert(execute_on(connection), job) for job in jobs]
-
-        def enqueue_many(conn: Pooled) -> list[Job]:
-            try:
-                return store(conn)
-            except psycopg.errors.UniqueViolation as error:
-                # Stored by an earlier try of this very batch whose reply was lost (every id
-                # there, as created here), or an id another job has.
-                found = self._execute(conn)(CREATED, {"ids": [job.id for job in jobs]})
-                if dict(found) == {job.id: job.created_at for job in jobs}:
-                    for job in jobs:
-                        job.backend = self
-                    return list(jobs)
-                raise id_in_use(next(iter(jobs))) from error
-
-        def store(conn: Pooled) -> list[Job]:
-            with conn.transaction():
-                stored = self._enqueue_batch(conn, jobs)
-                due: dict[str, float] = {}
-                for job in stored:
-                    if job.state == "queued":
-                        due[job.queue] = min(due.get(job.queue, job.run_at), job.run_at)
-                for queue, run_at in due.items():
-                    conn.execute(WAKE, (f"{run_at!r} {queue}",))
-                return stored
-
-        return self._run(enqueue_many)
-
-    def _insert_batch(self, db: Pooled, jobs: Sequence[Job]) -> list[Job]:
-        plain = [job for job in jobs if job.key is None]
-        values = []
-        for job in plain:
-            values.append(
-                {name: getattr(job, name) for name in COLUMNS} | {"wait": delay_left(job)}
-            )
-            job.backend = self
-        db.cursor().executemany(INSERT_QUIET, values)
-        execute = self._execute(db)
-        return [job if job.key is None else self._insert(execute, job) for job in jobs]
-
-    def _atomic(self, db: Pooled, body: Callable[[], T]) -> T:
-        with db.transaction():
-            return body()
-
     def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
         def enqueue_tick(conn: Pooled) -> bool:
             with conn.transaction():
@@ -330,36 +277,6 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
         if woken:
             self.on_due(min(run_at for run_at, _ in woken))
         return stored
-
-    def _finish_linked(
-        self, conn: Connection, batch: dict[str, Any], left: list[int], woken: list[Any]
-    ) -> set[str]:
-        """In the caller's transaction, the outcomes FINISH_MANY left (jobs with dependents,
-        or claims lost): lock the rows still held, store their outcomes, settle their
-        dependents (``woken``: those queued, told to the listeners at commit); the claims
-        stored."""
-        part = {k: [v[n] for n in left] if isinstance(v, list) else v for k, v in batch.items()}
-        held = {r[:2]: r[2:] for r in conn.execute(HELD, {"ids": part["ids"]}).fetchall()}
-        done = {claim for (claim,) in conn.execute(FINISH_LINKED, part).fetchall()}
-        ended = []
-        for n, (job_id, claim) in enumerate(zip(part["ids"], part["claims"], strict=True)):
-            dependents, asked, task = held.get((job_id, claim), (False, False, ""))
-            if dependents and claim in done:
-                state = part["states"][n]
-                ended.append(
-                    (
-                        job_id,
-                        task,
-                        "cancelled" if state == "queued" and asked else state,
-                        part["results"][n],
-                    )
-                )
-        if ended:
-            due = self._settle(conn, ended)
-            for run_at, queue in due:
-                conn.execute(WAKE, (f"{run_at!r} {queue}",))
-            woken.extend(due)
-        return done
 
     def recover(self, max_lost: int) -> list[str]:
         params = self._recovery(max_lost)

@@ -672,3 +672,16 @@ def test_a_worker_whose_clock_runs_ahead_takes_back_no_live_job_and_starts_none_
 def rows(url: str, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
     with pgtest.connect(url) as conn:
         return list(conn.execute(sql, params))
+
+
+def test_enqueue_many_notifies_once_per_queue_however_many_jobs(
+    pg: PostgresBackend, url: str
+) -> None:
+    with pgtest.connect(url) as listener:
+        listener.autocommit = True
+        listener.execute("LISTEN offload_jobs")
+        jobs = [make_job(queue="mail" if n % 2 else "default") for n in range(100)]
+        assert len(pg.enqueue_many(jobs)) == 100
+        heard = [n.payload for n in listener.notifies(timeout=2.0)]
+    assert sorted(payload.split()[1] for payload in heard) == ["default", "mail"], heard
+    assert pg.counts() == {("t", "queued"): 100}

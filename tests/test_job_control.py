@@ -1015,7 +1015,8 @@ def test_cli_stats_counts_jobs_and_live_workers_and_warns_of_unknown_tasks(
 
     lines = wait_until(stats_with_the_pool_seen, timeout=10).splitlines()
     assert lines[0].startswith("storage: ")
-    assert lines[2].split() == ["task", "queued", "running", "succeeded", "failed", "cancelled"]
-    assert ["count", "0", "0", "2", "1", "0"] in [line.split() for line in lines]
-    assert ["ghost", "1", "0", "0", "0", "0"] in [line.split() for line in lines]
+    header = ["task", "waiting", "queued", "running", "succeeded", "failed", "cancelled"]
+    assert lines[2].split() == header
+    assert ["count", "0", "0", "0", "2", "1", "0"] in [line.split() for line in lines]
+    assert ["ghost", "0", "1", "0", "0", "0", "0"] in [line.split() for line in lines]
     assert "warning: jobs of task 'ghost' are queued but no live worker knows it" in lines

@@ -324,6 +324,24 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
         (queries.SQL.RECENT, (1.0,), ("offload_jobs_finished",)),
         (queries.SQL.QUEUE_STATS, (), ("offload_jobs_claim",)),
         (queries.SQL.COUNTS, (), ("offload_jobs_claim",)),
+        (queries.SQL.UNBLOCK, {"ids": ["x"]}, ("offload_jobs_id_key", "offload_jobs_waiting")),
+        (
+            queries.SQL.DOOM,
+            {"ids": ["x"], "error": "e", "ttls": "{}"},
+            ("offload_jobs_id_key", "offload_jobs_waiting"),
+        ),
+        (queries.SQL.REARM, {"ids": ["x"]}, ("offload_jobs_id_key",)),
+        (queries.SQL.PARENTS, {"ids": ["x"]}, ("offload_jobs_id_key",)),
+        (queries.SQL.GROUP, ("g",), ("offload_jobs_group",)),
+        (
+            queries.FINISH_LINKED,
+            {
+                **{name: [None] for name in ("results", "errors", "tracebacks", "progress")},
+                **{"ids": ["x"], "claims": ["c"], "states": ["succeeded"], "keep": 20},
+                **{"waits": [None], "outcome_ttls": [None], "ttls": "{}"},
+            },
+            ("offload_jobs_id_key", "offload_jobs_lease"),
+        ),
     ],
     ids=[
         "claim",
@@ -336,6 +354,12 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
         "recent",
         "queue-stats",
         "counts",
+        "unblock",
+        "doom",
+        "rearm",
+        "parents",
+        "group",
+        "finish-linked",
     ],
 )
 def test_hot_queries_can_read_partial_indexes_not_the_finished_rows(
@@ -648,3 +672,16 @@ def test_a_worker_whose_clock_runs_ahead_takes_back_no_live_job_and_starts_none_
 def rows(url: str, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
     with pgtest.connect(url) as conn:
         return list(conn.execute(sql, params))
+
+
+def test_enqueue_many_notifies_once_per_queue_however_many_jobs(
+    pg: PostgresBackend, url: str
+) -> None:
+    with pgtest.connect(url) as listener:
+        listener.autocommit = True
+        listener.execute("LISTEN offload_jobs")
+        jobs = [make_job(queue="mail" if n % 2 else "default") for n in range(100)]
+        assert len(pg.enqueue_many(jobs)) == 100
+        heard = [n.payload for n in listener.notifies(timeout=2.0)]
+    assert sorted(payload.split()[1] for payload in heard) == ["default", "mail"], heard
+    assert pg.counts() == {("t", "queued"): 100}

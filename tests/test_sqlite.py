@@ -55,6 +55,16 @@ finish_params = {
         (queries.SQL.PURGE_EXPIRED, {"now": 1.0}, "offload_jobs_expires"),
         (queries.SQL.GET, ("x",), "sqlite_autoindex_offload_jobs_1"),
         (queries.FINISH, finish_params, "sqlite_autoindex_offload_jobs_1"),
+        (queries.SQL.COUNTS, (), "offload_jobs_waiting"),
+        (queries.SQL.UNBLOCK, {"ids": '["x"]', "now": 1.0}, "sqlite_autoindex_offload_jobs_1"),
+        (
+            queries.SQL.DOOM,
+            {"ids": '["x"]', "now": 1.0, "error": "e", "ttls": "{}"},
+            "sqlite_autoindex_offload_jobs_1",
+        ),
+        (queries.SQL.REARM, {"ids": '["x"]'}, "sqlite_autoindex_offload_jobs_1"),
+        (queries.SQL.PARENTS, {"ids": '["x"]'}, "sqlite_autoindex_offload_jobs_1"),
+        (queries.SQL.GROUP, ("g",), "offload_jobs_group"),
     ],
 )
 def test_hot_queries_read_partial_indexes_not_the_finished_rows(

@@ -234,3 +234,29 @@ def test_a_store_locked_past_the_busy_wait_says_what_to_do(tmp_path: Path) -> No
             assert backend.enqueue(make_job()).state == "queued"
     finally:
         backend.close()
+
+
+# --- enqueue_many and workflows in the app's transaction ------------------------------------
+
+
+def test_enqueue_many_after_commit_stores_all_once_the_session_commits(shop: Shop) -> None:
+    shop.add("a")
+    jobs = shop.offload.enqueue_many([shop.task.s(), shop.task.s()], after_commit=shop.db.session)
+    assert shop.stored(*(job.id for job in jobs)) == [False, False]
+    shop.db.session.commit()
+    assert shop.stored(*(job.id for job in jobs)) == [True, True]
+    flow_jobs = shop.offload.chain(shop.task.si(), shop.task.si()).jobs
+    assert [job.state for job in flow_jobs] == ["queued", "waiting"]
+
+
+def test_enqueue_many_in_the_apps_transaction_goes_with_it(shared: Shop) -> None:
+    shared.add("a")
+    kept = shared.offload.enqueue_many([shared.task.s()] * 3, connection=shared.db.session)
+    shared.db.session.commit()
+    shared.add("b")
+    dropped = shared.offload.enqueue_many([shared.task.s()] * 2, connection=shared.db.session)
+    shared.db.session.rollback()
+    assert shared.stored(*(job.id for job in kept + dropped)) == [True] * 3 + [False] * 2
+    first = shared.task.delay()
+    with pytest.raises(TypeError, match="after_commit="):
+        shared.task.enqueue(after=[first], connection=shared.db.session)

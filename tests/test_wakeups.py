@@ -66,6 +66,21 @@ def test_a_job_stored_by_one_backend_rings_the_others(tmp_path: Path) -> None:
         listening.close()
 
 
+def test_enqueue_many_rings_the_others_once_however_many_jobs(tmp_path: Path) -> None:
+    storing, listening = (SQLiteBackend(str(tmp_path / "jobs.db")) for _ in range(2))
+    rings = Rings()
+    try:
+        listening.subscribe(rings)
+        rings.event.clear()
+        assert len(storing.enqueue_many([make_job() for _ in range(100)])) == 100
+        assert rings.event.wait(10)
+        time.sleep(0.3)  # any further ring would have arrived by now
+        assert rings.seen[1:] == [None]
+    finally:
+        storing.close()
+        listening.close()
+
+
 def test_a_socket_left_by_a_dead_process_is_removed_by_the_next_ring(tmp_path: Path) -> None:
     folder = tmp_path / "jobs.db-wake"
     folder.mkdir()

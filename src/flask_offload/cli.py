@@ -18,7 +18,7 @@ from flask.cli import AppGroup
 
 from . import logs, standalone, supervisor
 from .backends import describe, mask_password
-from .job import FINAL_STATES, Job, state_words
+from .job import STATES, Job, state_words
 from .liveness import live_processes
 from .runtime import Runtime
 from .standalone import MemorySize
@@ -194,7 +194,7 @@ def say_pools(runtime: Runtime, pools: list[tuple[int, tuple[str, ...] | None]])
 
 
 @offload_cli.command("jobs")
-@click.option("--state", type=click.Choice(["queued", "running", *sorted(FINAL_STATES)]))
+@click.option("--state", type=click.Choice(STATES))
 @click.option("--task", help="Only jobs of this task name.")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 def jobs_command(state: str | None, task: str | None, limit: int) -> None:
@@ -250,8 +250,10 @@ def show_command(job_id: str) -> None:
             "worker",
             "error",
             "traceback",
+            "group_id",
         )
     }
+    fields["parents"], fields["dependents"] = _runtime().backend.links(job.id)
     fields.update(args=job.args, kwargs=job.kwargs, result=job.result, progress=job.progress)
     fields.update(history=job.history, time_zone=zone_name())
     for entry in [fields, *fields["history"]]:
@@ -305,7 +307,7 @@ def stats_command() -> None:
     runtime = _runtime()
     click.echo(f"storage: {describe(runtime.backend)}\n")
     counts = runtime.backend.counts()
-    states = ["queued", "running", "succeeded", "failed", "cancelled"]
+    states = STATES
     tasks = sorted({task for task, _ in counts})
     width = max([len("task"), *map(len, tasks)])
     click.echo(f"{'task':<{width}} " + " ".join(f"{s:>9}" for s in states))

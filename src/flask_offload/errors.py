@@ -39,6 +39,16 @@ class UnknownTask(OffloadError, LookupError):
     """No task of this app is registered under this name."""
 
 
+class DependencyFailed(OffloadError, RuntimeError):
+    """A job's parent (``after=``) failed or was cancelled: the job is cancelled with an error
+    naming that parent (``DependencyFailed: <task> <id> failed``). ``offload.retry(parent)``
+    re-arms it."""
+
+
+class UnknownDependency(JobNotFound):
+    """``after=`` names a job that is not stored (unknown, or expired and purged)."""
+
+
 class JobIdInUse(OffloadError, ValueError):
     """``enqueue(id=...)`` with an id another job has."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar, overload
@@ -14,7 +14,7 @@ import click
 from flask import Flask, current_app, has_app_context
 from flask.ctx import AppContext
 
-from . import dashboard, lifecycle, logs, own_lock, servers, signals, web
+from . import dashboard, lifecycle, logs, own_lock, servers, signals, web, workflow
 from .backends import open_backend
 from .cli import offload_cli
 from .config import EXTENSION_KEY as CONFIG_KEY
@@ -31,6 +31,7 @@ from .job import Job, Outcome, new_id
 from .runtime import Runtime
 from .schedule import Schedule
 from .task import ENQUEUE_OPTIONS, TASK_OPTIONS, Task, check_options
+from .workflow import Flow, Signature, signatures
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 P = ParamSpec("P")
@@ -284,6 +285,29 @@ class Offload:
             max_attempts=(known.max_attempts if known else 1) if retries is None else retries + 1,
             **options,
         )
+
+    def enqueue_many(
+        self, sigs: Sequence[Signature], connection: Any = None, after_commit: Any = None
+    ) -> list[Job]:
+        """Store every call (``task.s(...)``) in one transaction, all or none, waking the
+        workers once; ``connection``/``after_commit`` as for one job. Returns the jobs."""
+        runtime = self.runtime()
+        jobs = [sig.build(runtime) for sig in signatures(sigs, "offload.enqueue_many()")]
+        return runtime.enqueue_many(jobs, connection, after_commit)
+
+    def chain(self, *sigs: Signature) -> Flow:
+        """Store every step at once, each after the previous one, taking its result as its
+        first argument (unless made with ``.si``); returns the chain's handle."""
+        return workflow.chain(self.runtime(), sigs)
+
+    def group(self, sigs: Sequence[Signature], then: Signature | None = None) -> Flow:
+        """Store the members and the callback ``then`` at once; the callback runs once all
+        members have succeeded, with the list of their results (in order) first."""
+        return workflow.group(self.runtime(), sigs, then)
+
+    def get_group(self, group_id: str) -> Flow | None:
+        """The group (or chain) with this id, from any process; None if none is stored."""
+        return workflow.get_group(self.runtime(), group_id)
 
     def status_format(
         self, fn: Callable[[Job, dict[str, Any]], Any]

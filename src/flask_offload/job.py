@@ -19,13 +19,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flask_offload")
 
-State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+State = Literal["waiting", "queued", "running", "succeeded", "failed", "cancelled"]
+WAITING: State = "waiting"  # for its parents (``after=``) to succeed
 QUEUED: State = "queued"
 RUNNING: State = "running"
 SUCCEEDED: State = "succeeded"
 FAILED: State = "failed"
 CANCELLED: State = "cancelled"
 FINAL_STATES: frozenset[str] = frozenset({SUCCEEDED, FAILED, CANCELLED})
+STATES: tuple[str, ...] = (WAITING, QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)  # life order
 HISTORY_LIMIT = 20  # attempts kept per job: a job retried by id again and again stays small
 
 _ID = re.compile(r"[0-9a-f]{32}")
@@ -113,11 +115,21 @@ class Job:
     expires_at: float | None = None
     history_json: str | None = None
     trace_json: str | None = None
+    # Workflows: how many parents a waiting job still waits for; whether some job waits for
+    # this one (a finish without dependents stays one statement); what a step takes from its
+    # parents' results ("one": the previous step's, "list": a group's, in member order); the
+    # group it belongs to (its members and its callback).
+    pending: int = 0
+    dependents: bool = False
+    feed: str | None = None
+    group_id: str | None = None
     backend: Backend | None = field(default=None, repr=False)
     # Not stored: True when ``run_at`` is the enqueuing process's now plus a delay (none, or
     # ``delay=``) rather than a fixed moment (``at=``, a periodic tick). Storage that keeps
     # time by a clock of its own (PostgreSQL's) counts what is left of the delay on it.
     relative: bool = field(default=False, repr=False)
+    # Not stored as a column: the ids of the jobs this one waits for, in order, as enqueued.
+    after: tuple[str, ...] = field(default=(), repr=False)
 
     @property
     def args(self) -> list[Any]:

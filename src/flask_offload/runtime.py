@@ -11,16 +11,20 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from datetime import datetime, timedelta
 from typing import Any
 
-from . import commits, serializer, tracing
+from . import calls, commits
 from .backends.base import Backend
-from .backends.rules import reset_for_retry, store_outcome
+from .backends.rules import arm, doomed_by, reset_for_retry, store_outcome
 from .current import Running
-from .errors import InvalidArgument, InvalidValue, JobNotFound, NotRetryable, UnknownTask
+from .errors import (
+    InvalidArgument,
+    JobNotFound,
+    NotRetryable,
+    UnknownDependency,
+    UnknownTask,
+)
 from .execution import (
-    LATEST_DUE,
     OUTCOME_EVENTS,
     ContextFactory,
     Events,
@@ -30,12 +34,12 @@ from .execution import (
 )
 from .foreground import Foreground
 from .job import (
+    CANCELLED,
     QUEUED,
     RUNNING,
     Cancel,
     Job,
     Outcome,
-    new_id,
     state_words,
     valid_id,
 )
@@ -60,6 +64,7 @@ class Runtime:
         self.tasks = tasks
         backend.result_ttls = self.result_ttls
         backend.door = self  # a Job's own verbs and the periodic ticks come through here
+        backend.on_due = self.wake  # dependents its finishes queued
         self.context = context
         self.settings = settings
         self.eager = eager
@@ -81,68 +86,87 @@ class Runtime:
         args: Any = (),
         kwargs: Any = None,
         *,
-        delay: float | timedelta | None = None,
-        at: datetime | None = None,
-        key: str | None = None,
-        priority: int = 0,
-        queue: str = "default",
-        max_attempts: int = 1,
-        id: str | None = None,
         connection: Any = None,
         after_commit: Any = None,
-        owner_json: str | None = None,
-        ephemeral: bool = False,
+        **options: Any,
     ) -> Job:
         """Validate, store durably and wake the pool; raise before storing anything if the
         arguments are not strict JSON. With ``after_commit`` (a SQLAlchemy session) the job is
-        stored once that session commits, and the Job returned is not stored yet."""
-        if not isinstance(args, (list, tuple)):
-            raise InvalidArgument(f"args must be a tuple or list, not {type(args).__name__}")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise InvalidArgument(f"kwargs must be a dict, not {type(kwargs).__name__}")
-        args_json = serializer.dumps(args, "args")
-        kwargs_json = serializer.dumps(kwargs or {}, "kwargs")
-        size = len(args_json) + len(kwargs_json)
-        if size > self.settings.max_payload_bytes:
-            raise InvalidValue(
-                f"the arguments take {size} bytes, over OFFLOAD_MAX_PAYLOAD_BYTES "
-                f"({self.settings.max_payload_bytes}); store large data elsewhere and pass its id"
-            )
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidArgument(f"priority must be an int, not {priority!r}")
-        if not isinstance(queue, str) or not queue:
-            raise InvalidArgument(f"queue must be a non-empty str, not {queue!r}")
-        if key is not None and not isinstance(key, str):
-            raise InvalidArgument(f"key must be a str, not {type(key).__name__}")
-        if id is not None and not valid_id(id):
-            raise InvalidValue(
-                f"id must be 32 lowercase hex characters, as offload.new_id() gives, not {id!r}"
-            )
+        stored once that session commits, and the Job returned is not stored yet. Options are
+        ``build``'s."""
+        job = self.build(task_name, args, kwargs, **options)
         if connection is not None and after_commit is not None:
             raise InvalidArgument(
                 "give connection= (in your transaction) or after_commit=, not both"
             )
-        now = time.time()
-        job = Job(
-            id=new_id() if id is None else id,
-            task=task_name,
-            queue=queue,
-            priority=priority,
-            args_json=args_json,
-            kwargs_json=kwargs_json,
-            key=key,
-            max_attempts=max_attempts,
-            created_at=now,
-            run_at=_due(now, delay, at),
-            relative=at is None,
-            owner_json=owner_json,
-            ephemeral=ephemeral,
-            trace_json=tracing.carrier() if tracing.ENABLED else None,
-        )
+        if job.after:
+            return self.enqueue_many([job], connection, after_commit)[0]
         if after_commit is not None:
             commits.after_commit(after_commit, lambda: self._store(job, None))
             return job
         return self._store(job, connection)
+
+    def enqueue_many(
+        self, jobs: list[Job], connection: Any = None, after_commit: Any = None
+    ) -> list[Job]:
+        """Store built ``jobs`` in one transaction, all or none, and wake the pools once (in
+        EAGER mode, run them in order); as ``enqueue`` for ``connection``/``after_commit``."""
+        if connection is not None and after_commit is not None:
+            raise InvalidArgument(
+                "give connection= (in your transaction) or after_commit=, not both"
+            )
+        parents = {parent for job in jobs for parent in job.after}
+        keyed = next((j for j in jobs if j.key is not None and (j.after or j.id in parents)), None)
+        if keyed is not None:
+            raise InvalidArgument(
+                f"key={keyed.key!r} cannot be given to a job that waits for others or that "
+                "others wait for: an enqueue with a key held already stores nothing"
+            )
+        if connection is not None and any(job.after for job in jobs):
+            raise InvalidArgument(
+                "jobs with after= (chains, groups) are stored in Flask-Offload's own "
+                "transaction: use after_commit= to store them once yours commits"
+            )
+        if after_commit is not None:
+            commits.after_commit(after_commit, lambda: self._store_many(jobs, None))
+            return jobs
+        return self._store_many(jobs, connection)
+
+    def _store_many(self, jobs: list[Job], connection: Any) -> list[Job]:
+        if connection is None and self.guard is not None:
+            self.guard()
+        if self.eager and connection is None:
+            return [self._eager(job) for job in jobs]
+        with self.foreground:
+            stored = self.backend.enqueue_many(jobs, connection)
+        due = [job.run_at for job, kept in zip(jobs, stored, strict=True) if kept is job]
+        if due:
+            if connection is None:
+                self.wake(min(due))
+            else:
+                commits.after_commit(connection, lambda: self.wake(min(due)), strict=False)
+        for job, kept in zip(jobs, stored, strict=True):
+            if kept is job:
+                self.emit("job_enqueued", job)
+        return stored
+
+    def _eager(self, job: Job) -> Job:
+        """EAGER mode: a job with parents runs now with their results if all have succeeded
+        (they ran at their own enqueue), or is stored cancelled if one has not."""
+        if not job.after:
+            return self._run_now(job)
+        parents = [self.backend.get(parent) for parent in job.after]
+        missing = next((p for p, found in zip(job.after, parents, strict=True) if not found), None)
+        if missing is not None:
+            raise UnknownDependency(f"after= names job {missing}, which is not stored")
+        arm(job, [p for p in parents if p is not None], time.time())
+        if job.state == QUEUED:
+            return self._run_now(job)
+        return self.backend.enqueue(job)
+
+    def build(self, task_name: str, args: Any = (), kwargs: Any = None, **options: Any) -> Job:
+        """The Job an enqueue of ``task_name`` stores, its options checked (``calls.build``)."""
+        return calls.build(self.settings.max_payload_bytes, task_name, args, kwargs, **options)
 
     def _store(self, job: Job, connection: Any) -> Job:
         """Store ``job`` (run it, in EAGER mode) and wake the pool; through ``connection``,
@@ -198,6 +222,15 @@ class Runtime:
             raise NotRetryable(
                 f"job {job_id} ran a background view, whose request snapshot is deleted when "
                 "it finishes: it cannot run again; make the request again instead"
+            )
+        if job.state == CANCELLED and job.pending:
+            raise NotRetryable(
+                f"job {job_id} was cancelled while waiting for its parents: "
+                + (
+                    f"retry the parent named in its error ({job.error}), which re-arms it"
+                    if doomed_by(job.error)
+                    else "enqueue it again"
+                )
             )
         if not self.backend.retry(job_id):
             if job.state in ("failed", "cancelled") and job.key is not None:
@@ -350,32 +383,3 @@ class Runtime:
     def get(self, job_id: str) -> Job | None:
         """The stored job, or None for an unknown or malformed id."""
         return self.backend.get(job_id) if valid_id(job_id) else None
-
-
-def _due(now: float, delay: float | timedelta | None, at: datetime | None) -> float:
-    """When a job may start, from ``delay`` (seconds or a timedelta) or an aware ``at``."""
-    if delay is not None and at is not None:
-        raise InvalidArgument("give delay= or at=, not both")
-    if isinstance(delay, timedelta):
-        delay = delay.total_seconds()
-    if delay is not None:
-        if (
-            isinstance(delay, bool)
-            or not isinstance(delay, (int, float))
-            or not 0 <= delay < LATEST_DUE - now
-        ):
-            raise InvalidValue(
-                f"delay must be a number of seconds >= 0 that falls before 9999-12-31, "
-                f"not {delay!r}"
-            )
-        return now + delay
-    if at is not None:
-        if not isinstance(at, datetime):
-            raise InvalidArgument(f"at must be a datetime, not {type(at).__name__}")
-        if at.tzinfo is None or at.utcoffset() is None:
-            raise InvalidValue(
-                "at must be an aware datetime (with tzinfo), e.g. "
-                "datetime.now(timezone.utc) + timedelta(minutes=5)"
-            )
-        return at.timestamp()
-    return now

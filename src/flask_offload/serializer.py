@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any
 
-from .errors import NotSerializable
+from .errors import InvalidArgument, NotSerializable
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _plain = (str, int, bool, type(None))
@@ -76,6 +76,15 @@ def dumps(value: Any, what: str = "value") -> str:
     except ValueError as error:  # e.g. an int beyond Python's int-to-str digit limit
         raise NotSerializable(f"{what} cannot be written as JSON: {error}") from None
     return text
+
+
+def call(args: Any, kwargs: Any) -> tuple[str, str]:
+    """A call's positional and keyword arguments as the JSON a job stores, checked."""
+    if not isinstance(args, (list, tuple)):
+        raise InvalidArgument(f"args must be a tuple or list, not {type(args).__name__}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise InvalidArgument(f"kwargs must be a dict, not {type(kwargs).__name__}")
+    return dumps(args, "args"), dumps(kwargs or {}, "kwargs")
 
 
 def safe_text(text: str) -> str:

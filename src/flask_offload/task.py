@@ -14,6 +14,7 @@ from .current import run_detached
 from .errors import ConfigurationError, InvalidArgument
 from .job import Job
 from .schedule import Schedule
+from .workflow import Signature
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -28,7 +29,7 @@ TASK_OPTIONS = (
 )  # fmt: skip
 ENQUEUE_OPTIONS = (
     "args", "kwargs", "delay", "at", "key", "priority", "queue", "id", "connection",
-    "after_commit",
+    "after_commit", "after",
 )  # fmt: skip
 # What Celery and RQ call an option, and how Flask-Offload says it.
 SPELLINGS = {
@@ -153,6 +154,20 @@ class Task(Generic[P, R]):
         detached handle (see ``current.Detached``), even inside another job."""
         return run_detached(self.fn, *args, **kwargs)
 
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """This call, not yet stored, for ``offload.enqueue_many``, ``chain`` and ``group``:
+        in a chain it takes the previous step's result as its first argument (a group's
+        callback, the list of the members' results). The arguments are checked now."""
+        return Signature.of(self.name, args, kwargs, True, **self._options())
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """As ``s``, but takes no result from a previous step (an immutable signature)."""
+        return Signature.of(self.name, args, kwargs, False, **self._options())
+
+    def _options(self) -> dict[str, Any]:
+        options = {"queue": self.queue, "priority": self.priority}
+        return {"options": options, "max_attempts": self.max_attempts}
+
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Store a job that runs ``fn(*args, **kwargs)``; returns once it is committed."""
         return self.enqueue(args, kwargs)
@@ -170,6 +185,7 @@ class Task(Generic[P, R]):
         id: str | None = None,
         connection: Any = None,
         after_commit: Any = None,
+        after: Any = (),
         **unknown: Any,
     ) -> Job:
         """Store a job with options: start after ``delay`` (seconds or a timedelta) or ``at``
@@ -177,7 +193,9 @@ class Task(Generic[P, R]):
         adding one; ``id`` one reserved with ``offload.new_id()``; ``connection`` (a psycopg
         connection, or a SQLAlchemy connection or session; on SQLite, one on the job store's
         own file) stores it in the caller's transaction, so a rollback leaves no job;
-        ``after_commit`` (a SQLAlchemy session) stores it once that session commits."""
+        ``after_commit`` (a SQLAlchemy session) stores it once that session commits;
+        ``after`` (jobs or ids) stores it ``waiting`` until every one of them has succeeded,
+        and cancels it if one fails or is cancelled."""
         check_options(unknown, ENQUEUE_OPTIONS, f"{self.name}.enqueue()")
         return self._runtime().enqueue(
             self.name,
@@ -192,6 +210,7 @@ class Task(Generic[P, R]):
             id=id,
             connection=connection,
             after_commit=after_commit,
+            after=after,
         )
 
     def __repr__(self) -> str:

@@ -48,6 +48,10 @@ class Backend(ABC):
     # The runtime that owns this handle: a Job's own verbs (``job.cancel()``) go through it,
     # so its signals are sent. None for a handle used on its own.
     door: Door | None = None
+    # Told of jobs this handle's own writes made due (a dependent queued by its parent's
+    # finish), after they are committed: the runtime wakes its pools. Other processes hear of
+    # them as of any enqueue.
+    on_due: Wake = staticmethod(lambda at: None)
 
     @abstractmethod
     def enqueue(self, job: Job, connection: Any = None) -> Job:
@@ -58,6 +62,25 @@ class Backend(ABC):
         instead, inside the caller's transaction: the job exists only if that commits. Backends
         that cannot do this raise ``TypeError``. An id another job has raises ``ValueError``.
         """
+
+    @abstractmethod
+    def enqueue_many(self, jobs: Sequence[Job], connection: Any = None) -> list[Job]:
+        """Store every job of ``jobs`` in one transaction, all or none, and wake other
+        processes once; return each job as ``enqueue`` would.
+
+        A job with ``after`` (parent ids, stored already or earlier in ``jobs``) is stored
+        ``waiting`` until every parent has succeeded, ``queued`` if they all have (with its
+        inputs, see ``Job.feed``), ``cancelled`` if one failed or was cancelled; an unknown
+        parent raises ``UnknownDependency``. From then on the parents' ends move it, in the
+        transactions that store them (``finish``, ``recover``, ``cancel``, ``retry``)."""
+
+    @abstractmethod
+    def group(self, group_id: str) -> list[Job]:
+        """The jobs of a group, in the order they were stored (members, then callback)."""
+
+    @abstractmethod
+    def links(self, job_id: str) -> tuple[list[str], list[str]]:
+        """The ids of a job's parents (in their order) and of its dependents."""
 
     @abstractmethod
     def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
@@ -238,6 +261,7 @@ class JobFilter:
     queue: str | None = None
     key: str | None = None
     text: str | None = None
+    group_id: str | None = None
 
     def params(self) -> dict[str, Any]:
         """The filter as query parameters; ``text`` as a LIKE pattern (``\\`` escapes)."""

@@ -18,17 +18,25 @@ from ..job import (
     FINAL_STATES,
     QUEUED,
     RUNNING,
+    WAITING,
     Cancel,
     Job,
     Outcome,
     WorkerInfo,
 )
 from .base import Backend, JobFilter, QueueInfo, id_in_use, refuse_connection
+from .memlinks import MemoryLinks
 from .rows import queue_infos
-from .rules import cancel_queued, lose, reset_for_retry, store_outcome
+from .rules import (
+    cancel_queued,
+    dependency_error,
+    lose,
+    reset_for_retry,
+    store_outcome,
+)
 
 
-class MemoryBackend(Backend):
+class MemoryBackend(MemoryLinks, Backend):
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
         self._order: dict[str, int] = {}
@@ -38,6 +46,8 @@ class MemoryBackend(Backend):
         self._workers: dict[str, WorkerInfo] = {}
         self._paused: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._parents = {}
+        self._children = {}
 
     def _copy(self, job: Job) -> Job:
         return replace(job, backend=self)
@@ -130,12 +140,19 @@ class MemoryBackend(Backend):
             if held is None:
                 return False
             if outcome.ttl is not None and outcome.ttl <= 0:  # result_ttl=0: keep nothing
+                if held.dependents:
+                    ended = replace(held, result_json=outcome.result_json)
+                    store_outcome(ended, outcome, time.time(), None)
+                    self._settle(ended, time.time())
                 del self._jobs[held.id]
                 del self._order[held.id]
                 return True
             # The task's result_ttl counts only for a run cancelled meanwhile.
             task_ttl = self.result_ttls().get(held.task) if held.cancel_requested else None
-            store_outcome(held, outcome, time.time(), task_ttl)
+            now = time.time()
+            store_outcome(held, outcome, now, task_ttl)
+            if held.dependents:
+                self._settle(held, now)
             return True
 
     def release(self, job: Job) -> bool:
@@ -156,6 +173,8 @@ class MemoryBackend(Backend):
                     continue
                 lose(job, max_lost, now, self.result_ttls().get(job.task))
                 taken.append(job.id)
+                if job.dependents:
+                    self._settle(job, now)
         return taken
 
     def cancel(self, job_id: str) -> Cancel:
@@ -163,8 +182,9 @@ class MemoryBackend(Backend):
             job = self._jobs.get(job_id)
             if job is None or job.state in FINAL_STATES:
                 return None
-            if job.state == QUEUED:
+            if job.state in (QUEUED, WAITING):
                 cancel_queued(job, time.time(), self.result_ttls().get(job.task))
+                self._settle(job, time.time())
                 return "cancelled"
             job.cancel_requested = True
             return "asked"
@@ -180,6 +200,7 @@ class MemoryBackend(Backend):
             ):
                 return False
             reset_for_retry(job, time.time())
+            self._rearm(job_id)
             return True
 
     def set_progress(self, job: Job, progress_json: str) -> bool:
@@ -207,6 +228,7 @@ class MemoryBackend(Backend):
             for job_id in old:
                 del self._jobs[job_id]
                 del self._order[job_id]
+                self._parents.pop(job_id, None)
             return len(old)
 
     def queued_task_names(self) -> set[str]:
@@ -237,6 +259,8 @@ class MemoryBackend(Backend):
             job = self._jobs.get(job_id)
             if job is None or job.state == RUNNING:
                 return False
+            if job.dependents:
+                self._doom(job_id, dependency_error(job.task, job_id, "deleted"), time.time())
             del self._jobs[job_id], self._order[job_id]
             return True
 
@@ -272,6 +296,7 @@ class MemoryBackend(Backend):
                             ("task", filters.task),
                             ("queue", filters.queue),
                             ("key", filters.key),
+                            ("group_id", filters.group_id),
                         )
                     )
                     and (

@@ -48,6 +48,7 @@ DIALECT = Dialect(
     translate=_translate,
     param="%({})s",
     like="ILIKE",
+    for_update=" FOR UPDATE",
 )
 SQL = Statements(DIALECT)
 # A new job's run_at: the server's clock plus what is left of its delay (none, or delay=), or
@@ -132,7 +133,11 @@ ADOPT = f"""
 # What a stored outcome writes is the rule all SQL storage shares (statements.finish_set); a
 # retry's wait counts from the server's now. Each stored outcome returns its claim.
 FORGET = "coalesce(b_ttl <= 0, false)"
-FINISH_MANY = _translate(f"""
+
+
+def _finish_many(only: str) -> str:
+    """The batched finish of the rows that also meet ``only``."""
+    return _translate(f"""
     WITH batch AS (
         SELECT * FROM unnest(
             %(ids)s::text[], %(claims)s::text[], %(states)s::text[], %(results)s::text[],
@@ -142,18 +147,34 @@ FINISH_MANY = _translate(f"""
              b_wait, b_ttl)),
     forgotten AS (
         DELETE FROM offload_jobs USING batch
-        WHERE id = b_id AND claim = b_claim AND state = 'running' AND {FORGET}
+        WHERE id = b_id AND claim = b_claim AND state = 'running' AND {FORGET} {only}
         RETURNING b_claim),
     stored AS (
         UPDATE offload_jobs
         SET {finish_set(DIALECT, "b_{}", f"{_NOW} + coalesce(b_wait, 0)")}
         FROM batch
-        WHERE id = b_id AND claim = b_claim AND state = 'running' AND NOT {FORGET}
+        WHERE id = b_id AND claim = b_claim AND state = 'running' AND NOT {FORGET} {only}
         RETURNING b_claim)
     SELECT b_claim FROM forgotten UNION ALL SELECT b_claim FROM stored
 """)
+
+
+# Autocommitted, the outcomes of jobs no other job waits for: the common finish, one
+# statement. The others (and lost claims, told apart there) are stored by FINISH_LINKED in a
+# transaction with what their ends do to their dependents, after HELD has locked them.
+FINISH_MANY = _finish_many("AND NOT dependents")
+FINISH_LINKED = _finish_many("")
+HELD = """
+    SELECT id, claim, dependents, cancel_requested, task FROM offload_jobs
+    WHERE id = ANY(%(ids)s::text[]) AND state = 'running'
+    FOR UPDATE
+"""
+# A batch of new jobs (enqueue_many), told to the listeners once per queue by WAKE.
+INSERT_QUIET = f"INSERT INTO offload_jobs ({SELECT}) VALUES ({_values(COLUMNS)})"
+WAKE = f"SELECT pg_notify('{CHANNEL}', %s)"
 # What a write's first try did, read after its reply was lost (the confirm= of each verb).
 EXISTING = "SELECT id FROM offload_jobs WHERE id = ANY(%(ids)s::text[])"
+CREATED = "SELECT id, created_at FROM offload_jobs WHERE id = ANY(%(ids)s::text[])"
 # A finish keeps the claim token, so a finish repeated after a lost reply recognises its work.
 FINISHED_BY = """
     SELECT id FROM offload_jobs
@@ -161,7 +182,7 @@ FINISHED_BY = """
 """
 STATE = "SELECT state, cancel_requested FROM offload_jobs WHERE id = %s"
 PAUSED_AT = "SELECT paused_at FROM offload_queues WHERE name = %s"
-RECOVERED_BY = "SELECT id FROM offload_jobs WHERE claim = %(token)s"
+RECOVERED_BY = "SELECT id, task, state, dependents FROM offload_jobs WHERE claim = %(token)s"
 # A job retried tells the listeners, as an enqueue does.
 RETRY = f"{SQL.RETRY} RETURNING {_NOTIFY}"
 

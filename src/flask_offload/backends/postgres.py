@@ -33,7 +33,7 @@ import threading
 import time
 import weakref
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -43,6 +43,7 @@ from ..errors import StorageError, StorageUnavailable
 from ..job import HISTORY_LIMIT, Cancel, Job, Outcome
 from . import schema
 from .base import Wake, id_in_use
+from .pgflows import PostgresFlows
 from .pglisten import Listener
 from .pgpool import Connection, Execute, Pooled, PostgresPool, execute_on, one_line
 from .pgsql import (
@@ -69,10 +70,11 @@ from .pgsql import (
     rest_values,
 )
 from .rows import COLUMNS, finish_rows
-from .sqlbase import SQLBackend
+
+T = TypeVar("T")
 
 
-class PostgresBackend(PostgresPool, Listener, SQLBackend):
+class PostgresBackend(PostgresPool, Listener, PostgresFlows):
     """Jobs in PostgreSQL tables (``offload_jobs``, ``offload_schedules``, ``offload_workers``).
 
     ``listen=False`` (``OFFLOAD_PG_LISTEN = False``) is for PgBouncer in transaction pooling,
@@ -251,8 +253,14 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
             "ttls": self._ttls(),
         }
 
+        woken: list[Any] = []
+
         def store(conn: Connection) -> list[bool]:
             done = {claim for (claim,) in conn.execute(FINISH_MANY, batch).fetchall()}
+            left = [n for n, row in enumerate(rows) if row["claim"] not in done]
+            if left:
+                with conn.transaction():
+                    done |= self._finish_linked(conn, batch, left, woken)
             return [row["claim"] in done for row in rows]
 
         def confirm(conn: Connection, stored: list[bool]) -> list[bool]:
@@ -265,7 +273,10 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
                 for ok, row in zip(stored, rows, strict=True)
             ]
 
-        return self._run(store, confirm=confirm)
+        stored = self._run(store, confirm=confirm)
+        if woken:
+            self.on_due(min(run_at for run_at, _ in woken))
+        return stored
 
     def recover(self, max_lost: int) -> list[str]:
         params = self._recovery(max_lost)
@@ -275,8 +286,10 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
             try took back (one claimed again since carries a claim of its own by then)."""
             return rows or conn.execute(RECOVERED_BY, params).fetchall()
 
-        rows = self._run(lambda conn: conn.execute(SQL.RECOVER, params).fetchall(), confirm=confirm)
-        return [job_id for (job_id,) in rows]
+        rows = self._run(
+            lambda conn: self._atomic(conn, lambda: self._recover(conn, params)), confirm=confirm
+        )
+        return [row[0] for row in rows]
 
     def cancel(self, job_id: str) -> Cancel:
         def confirm(conn: Connection, done: Cancel) -> Cancel:
@@ -287,12 +300,18 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
             state, asked = rows[0]
             return "cancelled" if state == "cancelled" and not asked else "asked" if asked else None
 
-        return self._run(lambda conn: self._cancel(conn, job_id), confirm=confirm)
+        return self._run(
+            lambda conn: self._atomic(conn, lambda: self._cancel(conn, job_id)), confirm=confirm
+        )
 
     def retry(self, job_id: str) -> bool:
         def retry(conn: Connection) -> bool:
             try:
-                return conn.execute(RETRY, {"id": job_id}).rowcount == 1
+                with conn.transaction():
+                    if conn.execute(RETRY, {"id": job_id}).rowcount != 1:
+                        return False
+                    self._rearm(conn, job_id)
+                    return True
             except psycopg.errors.UniqueViolation:
                 return False  # a job with its key was queued in the same instant
 
@@ -308,10 +327,9 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
             """After a lost reply: the job is gone, so the first try deleted it."""
             return done or not conn.execute(STATE, (job_id,)).fetchall()
 
-        def delete(conn: Pooled) -> bool:
-            return conn.execute(SQL.DELETE, (job_id,)).rowcount == 1
-
-        return self._run(delete, confirm=confirm)
+        return self._run(
+            lambda conn: self._atomic(conn, lambda: self._delete(conn, job_id)), confirm=confirm
+        )
 
     def pause_queue(self, name: str) -> bool:
         paused_at = time.time()  # also tells this pause from an earlier one

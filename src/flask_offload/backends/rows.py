@@ -8,11 +8,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
-from ..job import HISTORY_LIMIT, Job, Outcome, WorkerInfo
+from ..job import HISTORY_LIMIT, STATES, Job, Outcome, WorkerInfo
 from .base import JobFilter, QueueInfo
 
 # The Job fields stored as columns, in the order the SQL backends select them.
-COLUMNS = [f.name for f in fields(Job) if f.name not in ("backend", "relative")]
+COLUMNS = [f.name for f in fields(Job) if f.name not in ("backend", "relative", "after")]
 
 
 def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]:
@@ -62,9 +62,6 @@ def worker_info(row: Sequence[Any]) -> WorkerInfo:
     )
 
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-
-
 def search_sql(
     select: str,
     filters: JobFilter,
@@ -82,7 +79,7 @@ def search_sql(
     params = {**filters.params(), "before": before}
     where = [
         f"{name} = {param.format(name)}"
-        for name in ("task", "queue", "key")
+        for name in ("task", "queue", "key", "group_id")
         if params[name] is not None
     ]
     if params["state"] in STATES:

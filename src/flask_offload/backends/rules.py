@@ -7,9 +7,21 @@ writes, what recovery does, what a retry resets); the conformance suite holds bo
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
-from ..job import CANCELLED, FAILED, HISTORY_LIMIT, QUEUED, Job, Outcome, State, attempt_entry
+from ..job import (
+    CANCELLED,
+    FAILED,
+    HISTORY_LIMIT,
+    QUEUED,
+    SUCCEEDED,
+    WAITING,
+    Job,
+    Outcome,
+    State,
+    attempt_entry,
+)
 from ..serializer import safe_text
 
 LOST = "WorkerLost: the worker stopped renewing its lease"
@@ -97,3 +109,65 @@ def reset_for_retry(job: Job, now: float) -> None:
     job.attempts = job.lost = 0
     job.finished_at = job.result_json = job.error = job.traceback = None
     job.cancel_requested, job.expires_at = False, None
+
+
+# -- workflows: what a job's parents do to it (offload_deps and statements.links in SQL) -----
+
+
+@dataclass
+class Link:
+    """One parent of a job: its id, its place among the job's parents, whether it has
+    succeeded, and then its result (the job's input)."""
+
+    parent: str
+    position: int
+    done: bool = False
+    result_json: str | None = None
+
+
+def dependency_error(task: str, job_id: str, state: str) -> str:
+    """The error of a job cancelled because a parent of it (or theirs) ended ``state``."""
+    return f"DependencyFailed: {task} {job_id} {state}"
+
+
+def doomed_by(error: str | None) -> bool:
+    """True for a job a parent's failure cancelled (``offload.retry(parent)`` re-arms it)."""
+    return error is not None and error.startswith("DependencyFailed:")
+
+
+def feed_args(feed: str | None, args_json: str, inputs: Sequence[str | None]) -> str:
+    """A step's arguments once its parents have succeeded: the previous step's result first
+    (feed ``one``, a chain), or the list of its parents' results in their order (``list``, a
+    group's callback); unchanged without a feed (``.si``, ``after=``)."""
+    if feed is None:
+        return args_json
+    values = ["null" if value is None else value for value in inputs]
+    first = values[0] if feed == "one" else "[" + ", ".join(values) + "]"
+    rest = args_json.strip()[1:-1].strip()
+    return f"[{first}, {rest}]" if rest else f"[{first}]"
+
+
+def arm(job: Job, parents: Sequence[Job], now: float) -> list[Link]:
+    """Set the state of a new job that waits for ``parents`` (stored, in its ``after``
+    order) and return its links: ``waiting`` for those not yet succeeded, ``queued`` (with its
+    inputs) if all have, ``cancelled`` if one failed or was cancelled (with that one's
+    ``DependencyFailed`` error if a parent of its own failed first)."""
+    links = [
+        Link(p.id, n, p.state == SUCCEEDED, p.result_json if p.state == SUCCEEDED else None)
+        for n, p in enumerate(parents)
+    ]
+    failed = next((p for p in parents if p.state in (FAILED, CANCELLED)), None)
+    job.pending = sum(not link.done for link in links)
+    if failed is not None:
+        settle(job, CANCELLED, now)
+        job.error = (
+            failed.error
+            if doomed_by(failed.error)
+            else dependency_error(failed.task, failed.id, failed.state)
+        )
+    elif job.pending:
+        job.state = WAITING
+    else:
+        job.state = QUEUED
+        job.args_json = feed_args(job.feed, job.args_json, [link.result_json for link in links])
+    return links

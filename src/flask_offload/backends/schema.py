@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 Dialect = Literal["sqlite", "postgresql"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,30 @@ MIGRATIONS: list[tuple[str | Dialects, ...]] = [
     ),
     # Version 6: the trace context a job was enqueued in (OpenTelemetry, where installed).
     ("ALTER TABLE offload_jobs ADD COLUMN trace_json text",),
+    # Version 7: workflows. A waiting job counts the parents it still waits for (pending); a
+    # parent knows it has dependents, so a finish without any stays one statement; one row per
+    # (parent, child) keeps the order of a child's parents and, once a parent succeeded, its
+    # result, which the child takes as its first argument (feed). Groups by group_id.
+    (
+        "ALTER TABLE offload_jobs ADD COLUMN pending integer NOT NULL DEFAULT 0",
+        "ALTER TABLE offload_jobs ADD COLUMN dependents {flag}",
+        "ALTER TABLE offload_jobs ADD COLUMN feed text",
+        "ALTER TABLE offload_jobs ADD COLUMN group_id text",
+        "CREATE INDEX offload_jobs_group ON offload_jobs (group_id) WHERE group_id IS NOT NULL",
+        # Waiting rows are read by the counts and the jobs list, never by a claim.
+        "CREATE INDEX offload_jobs_waiting ON offload_jobs (task) WHERE state = 'waiting'",
+        """
+        CREATE TABLE offload_deps (
+            parent text NOT NULL,
+            job text NOT NULL,
+            position integer NOT NULL,
+            done {flag},
+            result_json text,
+            PRIMARY KEY (parent, job)
+        )
+        """,
+        "CREATE INDEX offload_deps_job ON offload_deps (job, position)",
+    ),
 ]
 
 # Versions a backend recorded under its own numbering, where the number means another

@@ -14,12 +14,24 @@ import json
 import secrets
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from ..job import HISTORY_LIMIT, Cancel, Job, Outcome, WorkerInfo
+from ..errors import UnknownDependency
+from ..job import (
+    CANCELLED,
+    FAILED,
+    HISTORY_LIMIT,
+    QUEUED,
+    SUCCEEDED,
+    Cancel,
+    Job,
+    Outcome,
+    WorkerInfo,
+)
 from .base import Backend, JobFilter, QueueInfo
 from .rows import COLUMNS, page_cursor, queue_infos, search_sql, worker_info, worker_row
+from .rules import arm, dependency_error, feed_args
 from .statements import SELECT, Dialect, Statements
 
 T = TypeVar("T")
@@ -35,6 +47,15 @@ class SQLBackend(Backend):
     @abstractmethod
     def _run(self, operation: Callable[[Any], T]) -> T:
         """Run ``operation`` on a connection of this process and return what it returns."""
+
+    @abstractmethod
+    def _atomic(self, db: Any, body: Callable[[], T]) -> T:
+        """Run ``body`` in one transaction on connection ``db``: all of its writes or none."""
+
+    @abstractmethod
+    def _insert_batch(self, db: Any, jobs: Sequence[Job]) -> list[Job]:
+        """Insert ``jobs`` in the caller's transaction, in order; each, or the queued or
+        running job that holds its key."""
 
     def _read(self, operation: Callable[[Any], T]) -> T:
         """Run a read-only ``operation`` (the dashboard's, the metrics'): as ``_run`` here."""
@@ -92,18 +113,123 @@ class SQLBackend(Backend):
 
     def recover(self, max_lost: int) -> list[str]:
         params = self._recovery(max_lost)
-        rows = self._run(lambda db: db.execute(self.SQL.RECOVER, params).fetchall())
-        return [job_id for (job_id,) in rows]
+        rows = self._run(lambda db: self._atomic(db, lambda: self._recover(db, params)))
+        return [row[0] for row in rows]
+
+    def _recover(self, db: Any, params: dict[str, Any]) -> list[Any]:
+        """RECOVER, and cancel the dependents of the jobs it failed or cancelled for good."""
+        rows: list[Any] = db.execute(self.SQL.RECOVER, params).fetchall()
+        for job_id, task, state, dependents in rows:
+            if dependents and state in (FAILED, CANCELLED):
+                self._doom(db, [job_id], dependency_error(task, job_id, state))
+        return rows
 
     def _cancel(self, db: Any, job_id: str) -> Cancel:
-        """Cancel a queued job, or ask a running one to stop, on connection ``db``."""
+        """Cancel a queued or waiting job (and its dependents), or ask a running one to stop,
+        on connection ``db``, in the caller's transaction."""
         params = {"id": job_id, "now": time.time(), "ttls": self._ttls()}
-        if db.execute(self.SQL.CANCEL_QUEUED, params).rowcount == 1:
+        rows = db.execute(self.SQL.CANCEL_QUEUED, params).fetchall()
+        if rows:
+            task, dependents = rows[0]
+            if dependents:
+                self._doom(db, [job_id], dependency_error(task, job_id, CANCELLED))
             return "cancelled"
         return "asked" if db.execute(self.SQL.CANCEL_RUNNING, (job_id,)).rowcount == 1 else None
 
     def cancel(self, job_id: str) -> Cancel:
-        return self._run(lambda db: self._cancel(db, job_id))
+        return self._run(lambda db: self._atomic(db, lambda: self._cancel(db, job_id)))
+
+    # -- workflows: the rules of statements.links, run in the caller's transaction ---------------
+
+    def _enqueue_batch(self, db: Any, jobs: Sequence[Job]) -> list[Job]:
+        """Store ``jobs`` in the caller's transaction: each job with ``after`` armed against
+        its parents (stored already, or earlier in ``jobs``), its links and its parents'
+        ``dependents`` flag written with it. An unknown parent raises, and so stores nothing."""
+        now, ids = time.time(), {job.id for job in jobs}
+        outside = sorted({parent for job in jobs for parent in job.after} - ids)
+        known: dict[str, Job] = {}
+        if outside:
+            rows = db.execute(self.SQL.PARENTS, {"ids": self.DIALECT.array(outside)}).fetchall()
+            known = {
+                row[0]: Job(row[0], row[1], state=row[2], result_json=row[3], error=row[4])
+                for row in rows
+            }
+        links: list[tuple[Any, ...]] = []
+        for job in jobs:
+            if not job.after:
+                known[job.id] = job
+                continue
+            parents = []
+            for parent in job.after:
+                if parent not in known:
+                    raise UnknownDependency(
+                        f"after= names job {parent}, which is not stored (unknown, or expired "
+                        "and purged) nor earlier in the same enqueue"
+                    )
+                parents.append(known[parent])
+            for link in arm(job, parents, now):
+                links.append((link.parent, job.id, link.position, link.done, link.result_json))
+            known[job.id] = job
+        stored = self._insert_batch(db, jobs)
+        if links:
+            db.cursor().executemany(self.SQL.ADD_DEP, links)
+            parents = sorted({link[0] for link in links})
+            db.execute(self.SQL.HAS_DEPENDENTS, {"ids": self.DIALECT.array(parents)})
+        return stored
+
+    def _settle(self, db: Any, ended: Sequence[tuple[str, str, str, str | None]]) -> list[Any]:
+        """What jobs that just ended, ``(id, task, state, result_json)``, do to their
+        dependents, in the transaction that stored their ends: a success takes one off each
+        dependent's count and queues (with its inputs) those it was the last parent of; a
+        failure or a cancel cancels them, generation by generation. Returns the ``(run_at,
+        queue)`` of the jobs queued, to wake their workers once committed."""
+        now, woken = time.time(), []
+        for job_id, task, state, result_json in ended:
+            if state in (FAILED, CANCELLED):
+                self._doom(db, [job_id], dependency_error(task, job_id, state))
+                continue
+            if state != SUCCEEDED:
+                continue
+            done = {"id": job_id, "result": result_json}
+            children = [child for (child,) in db.execute(self.SQL.PARENT_DONE, done).fetchall()]
+            if not children:
+                continue
+            params = {"ids": self.DIALECT.array(children), "now": now}
+            for child, child_state, feed, args_json, run_at, queue in db.execute(
+                self.SQL.UNBLOCK, params
+            ).fetchall():
+                if child_state != QUEUED:
+                    continue
+                if feed is not None:
+                    inputs = [value for (value,) in db.execute(self.SQL.INPUTS, (child,))]
+                    db.execute(self.SQL.SET_ARGS, (feed_args(feed, args_json, inputs), child))
+                woken.append((run_at, queue))
+        return woken
+
+    def _doom(self, db: Any, ids: list[str], error: str) -> None:
+        """Cancel the waiting dependents of ``ids`` and theirs, with ``error``."""
+        params = {"now": time.time(), "ttls": self._ttls(), "error": error}
+        while ids:
+            params["ids"] = self.DIALECT.array(ids)
+            rows = db.execute(self.SQL.DOOM, params).fetchall()
+            ids = [job_id for job_id, dependents in rows if dependents]
+
+    def _rearm(self, db: Any, job_id: str) -> None:
+        """After a retry of ``job_id``: its dependents that its failure cancelled wait again,
+        and theirs, generation by generation."""
+        ids = [job_id]
+        while ids:
+            rows = db.execute(self.SQL.REARM, {"ids": self.DIALECT.array(ids)}).fetchall()
+            ids = [child for child, dependents in rows if dependents]
+
+    def group(self, group_id: str) -> list[Job]:
+        rows = self._read(lambda db: db.execute(self.SQL.GROUP, (group_id,)).fetchall())
+        return [self._job(row) for row in rows]
+
+    def links(self, job_id: str) -> tuple[list[str], list[str]]:
+        rows = self._read(lambda db: db.execute(self.SQL.LINKS, {"id": job_id}).fetchall())
+        parents = sorted((row for row in rows if row[0] == "parent"), key=lambda row: row[2])
+        return [row[1] for row in parents], [other for kind, other, _ in rows if kind != "parent"]
 
     def set_progress(self, job: Job, progress_json: str) -> bool:
         return self._changed_one(self.SQL.SET_PROGRESS, (progress_json, job.id, job.claim))
@@ -114,7 +240,10 @@ class SQLBackend(Backend):
 
         def purge(db: Any) -> int:
             expired = db.execute(self.SQL.PURGE_EXPIRED, params).rowcount
-            return int(expired + db.execute(self.SQL.PURGE, params).rowcount)
+            count = int(expired + db.execute(self.SQL.PURGE, params).rowcount)
+            if count:
+                db.execute(self.SQL.PURGE_DEPS)
+            return count
 
         return self._run(purge)
 
@@ -134,7 +263,14 @@ class SQLBackend(Backend):
         return {(task, state): count for task, state, count in rows}
 
     def delete(self, job_id: str) -> bool:
-        return self._changed_one(self.SQL.DELETE, (job_id,))
+        return self._run(lambda db: self._atomic(db, lambda: self._delete(db, job_id)))
+
+    def _delete(self, db: Any, job_id: str) -> bool:
+        """Delete a job that is not running; the jobs waiting for it are cancelled with it."""
+        rows = db.execute(self.SQL.DELETE, (job_id,)).fetchall()
+        if rows and rows[0][1]:
+            self._doom(db, [job_id], dependency_error(rows[0][0], job_id, "deleted"))
+        return bool(rows)
 
     def pause_queue(self, name: str) -> bool:
         return self._changed_one(self.SQL.PAUSE, (name, time.time()))

@@ -17,9 +17,9 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import ConfigurationError
 from ..job import QUEUED, Job, Outcome
@@ -30,6 +30,8 @@ from .rows import COLUMNS, finish_rows
 from .sqlbase import SQLBackend
 from .sqlitefile import Connection, SQLiteFile, busy
 from .statements import SELECT, Dialect, Statements, finish_set
+
+T = TypeVar("T")
 
 # SQLite's spelling of what the statements write once (statements.py). The clock is this
 # host's, bound as :now: every process on one machine shares it.
@@ -64,6 +66,7 @@ DIALECT = Dialect(
     search_hints={
         "queued": "INDEXED BY offload_jobs_claim",
         "running": "INDEXED BY offload_jobs_lease",
+        "waiting": "INDEXED BY offload_jobs_waiting",
     },
 )
 SQL = Statements(DIALECT)
@@ -123,9 +126,14 @@ FINISH = f"""
 """
 # A task with result_ttl=0 keeps nothing of a job that ended: it is deleted instead.
 FORGET = "DELETE FROM offload_jobs WHERE id = :id AND claim = :claim AND state = 'running'"
-# The claims that hold their jobs, read in a batch's transaction before its outcomes are stored.
+# One outcome on its own, autocommitted: only for a job no other job waits for, whose finish
+# is this one statement; one with dependents is stored in a transaction with what its end
+# does to them (_finish_batch).
+FINISH_ALONE, FORGET_ALONE = (f"{sql} AND NOT dependents" for sql in (FINISH, FORGET))
+# The claims that hold their jobs, read in a batch's transaction before its outcomes are
+# stored, with what the workflows' rules need of those with dependents.
 HELD = """
-    SELECT id, claim FROM offload_jobs
+    SELECT id, claim, dependents, cancel_requested, task FROM offload_jobs
     WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'running'
 """
 
@@ -272,6 +280,37 @@ class SQLiteBackend(SQLiteFile, SQLBackend):
             return job
         return self._job(db.execute(GET_BY_KEY, (job.key,)).fetchone())
 
+    def enqueue_many(self, jobs: Sequence[Job], connection: Any = None) -> list[Job]:
+        if connection is not None:
+            return [self._enqueue_through(connection, job) for job in jobs]
+        try:
+            stored = self._run(
+                lambda db: self._transaction(db, lambda: self._enqueue_batch(db, jobs))
+            )
+        except sqlite3.IntegrityError as error:
+            raise id_in_use(next(iter(jobs))) from error
+        except sqlite3.OperationalError as error:
+            if not busy(error):
+                raise
+            raise self._still_locked() from error
+        due = [job.run_at for job, kept in zip(jobs, stored, strict=True) if kept is job]
+        if due:
+            self._doorbell.ring(min(due) if min(due) > time.time() else None)
+        return stored
+
+    def _insert_batch(self, db: sqlite3.Connection, jobs: Sequence[Job]) -> list[Job]:
+        plain = [job for job in jobs if job.key is None]
+        new = [_new_values(job) for job in plain if _insert_of(job)[0] is INSERT_NEW]
+        whole = [_whole_values(job) for job in plain if _insert_of(job)[0] is INSERT_WHOLE]
+        db.executemany(INSERT_NEW, new)
+        db.executemany(INSERT_WHOLE, whole)
+        for job in plain:
+            job.backend = self
+        return [job if job.key is None else self._insert_unique(db, job) for job in jobs]
+
+    def _atomic(self, db: sqlite3.Connection, body: Callable[[], T]) -> T:
+        return self._transaction(db, body)
+
     def enqueue_tick(self, schedule: str, tick: float, job: Job) -> bool:
         def body(db: sqlite3.Connection) -> bool:
             if db.execute(SQL.ADVANCE_TICK, (schedule, tick)).rowcount != 1:
@@ -314,16 +353,51 @@ class SQLiteBackend(SQLiteFile, SQLBackend):
         ttls = self._ttls()
         rows = [{**row, "ttls": ttls} for row in finish_rows(finished)]
 
-        def store(db: sqlite3.Connection) -> list[bool]:
-            if len(rows) == 1:
-                return [_finish(db, rows[0])]
-            return self._transaction(db, lambda: _finish_batch(db, rows))
+        woken: list[Any] = []
 
-        return self._run(store) if rows else []
+        def store(db: sqlite3.Connection) -> list[bool]:
+            if len(rows) == 1 and _finish_alone(db, rows[0]):
+                return [True]
+            return self._transaction(db, lambda: self._finish_batch(db, rows, woken))
+
+        stored = self._run(store) if rows else []
+        if woken:
+            due = min(run_at for run_at, _ in woken)
+            self._doorbell.ring(due if due > time.time() else None)
+            self.on_due(due)
+        return stored
+
+    def _finish_batch(
+        self, db: sqlite3.Connection, rows: list[dict[str, Any]], woken: list[Any]
+    ) -> list[bool]:
+        """Store a batch of outcomes, in the caller's transaction: which claims hold their
+        jobs is read first (nothing else writes meanwhile), then one executemany per
+        statement, then what the ends of jobs with dependents do to those (``woken``: the
+        dependents queued)."""
+        ids = json.dumps([row["id"] for row in rows])
+        held = {row[:2]: row[2:] for row in db.execute(HELD, {"ids": ids})}
+        db.executemany(FINISH, [row for row in rows if not row["forget"]])
+        db.executemany(FORGET, [row for row in rows if row["forget"]])
+        ended = []
+        for row in rows:
+            dependents, cancel_requested, task = held.get((row["id"], row["claim"]), (0, 0, ""))
+            if dependents:
+                state = "cancelled" if row["state"] == QUEUED and cancel_requested else row["state"]
+                ended.append((row["id"], task, state, row["result_json"]))
+        if ended:
+            woken.extend(self._settle(db, ended))
+        return [(row["id"], row["claim"]) in held for row in rows]
 
     def retry(self, job_id: str) -> bool:
         params = {"id": job_id, "now": time.time()}
-        done = self._run(lambda db: db.execute(SQL.RETRY, params).rowcount == 1)
+
+        def retry(db: sqlite3.Connection) -> bool:
+            if db.execute(SQL.RETRY, params).rowcount != 1:
+                return False
+            self._rearm(db, job_id)
+            return True
+
+        done = self._run(lambda db: self._transaction(db, lambda: retry(db)))
         if done:
             self._doorbell.ring()
         return done
@@ -340,23 +414,14 @@ class SQLiteBackend(SQLiteFile, SQLBackend):
         self._reader.close()
 
 
-def _finish(db: sqlite3.Connection, row: dict[str, Any]) -> bool:
-    """Store one outcome (or forget the job); True if the claim still held it."""
-    return bool(db.execute(FORGET if row["forget"] else FINISH, row).rowcount == 1)
-
-
-def _finish_batch(db: sqlite3.Connection, rows: list[dict[str, Any]]) -> list[bool]:
-    """Store a batch of outcomes, in the caller's transaction: which claims hold their jobs
-    is read first (nothing else writes meanwhile), then one executemany per statement."""
-    ids = json.dumps([row["id"] for row in rows])
-    held = {(job_id, claim) for job_id, claim in db.execute(HELD, {"ids": ids})}
-    db.executemany(FINISH, [row for row in rows if not row["forget"]])
-    db.executemany(FORGET, [row for row in rows if row["forget"]])
-    return [(row["id"], row["claim"]) in held for row in rows]
+def _finish_alone(db: sqlite3.Connection, row: dict[str, Any]) -> bool:
+    """Store one outcome (or forget the job) of a job without dependents; True if stored.
+    False also for a lost claim, which the batch's path then tells apart."""
+    return bool(db.execute(FORGET_ALONE if row["forget"] else FINISH_ALONE, row).rowcount == 1)
 
 
 def _insert_of(job: Job) -> tuple[str, tuple[Any, ...]]:
     """The INSERT that stores ``job`` and its values: a new job's, or every column."""
-    if job.state == QUEUED:
+    if job.state == QUEUED and job.group_id is None and job.feed is None:
         return INSERT_NEW, _new_values(job)
     return INSERT_WHOLE, _whole_values(job)

@@ -45,6 +45,9 @@ class Dialect:
     param: str = ":{}"
     like: str = "LIKE"
     search_hints: Mapping[str, str] = field(default_factory=dict)
+    # What makes a read of rows lock them until the transaction ends (PostgreSQL's FOR
+    # UPDATE; SQLite's BEGIN IMMEDIATE already holds the only write lock).
+    for_update: str = ""
 
 
 def attempt(now: str, outcome: str, error: str, traceback: str) -> str:
@@ -127,12 +130,14 @@ class Statements:
                              WHEN lost + 1 >= :max_lost
                              THEN 'WorkerLost: worker lost ' || (lost + 1) || ' times' END
             WHERE state = 'running' AND lease_until < {now}
-            RETURNING id""")
-        # A queued job cancelled expires after its task's result_ttl, as a run that ends so.
+            RETURNING id, task, state, dependents""")
+        # A queued or waiting job cancelled expires after its task's result_ttl, as a run
+        # that ends so; its dependents are cancelled with it (see DOOM).
         self.CANCEL_QUEUED = sql(f"""
             UPDATE offload_jobs
             SET state = 'cancelled', finished_at = {now}, expires_at = {now} + {d.task_ttl}
-            WHERE id = :id AND state = 'queued'""")
+            WHERE id = :id AND state IN ('queued', 'waiting')
+            RETURNING task, dependents""")
         self.CANCEL_RUNNING = sql(
             "UPDATE offload_jobs SET cancel_requested = true WHERE id = ? AND state = 'running'"
         )
@@ -166,6 +171,9 @@ class Statements:
             ORDER BY seq DESC LIMIT :limit""")
         # Finished rows through the finished index, queued and running ones through their own.
         self.COUNTS = f"""
+            SELECT task, state, count(*) FROM offload_jobs WHERE state = 'waiting'
+            GROUP BY task, state
+            UNION ALL
             SELECT task, state, count(*) FROM offload_jobs {d.finished_index}
             WHERE state IN ('succeeded', 'failed', 'cancelled') GROUP BY task, state
             UNION ALL
@@ -190,8 +198,15 @@ class Statements:
             WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < {now} - :age
               AND expires_at IS NULL""")
         self.PURGE_EXPIRED = sql(f"DELETE FROM offload_jobs WHERE expires_at < {now}")
+        # A purged job's own parents go with it (its parents' rows are its inputs).
+        self.PURGE_DEPS = """
+            DELETE FROM offload_deps
+            WHERE NOT EXISTS (SELECT 1 FROM offload_jobs WHERE id = offload_deps.job)"""
+        self.links(d)
         self.QUEUED_TASK_NAMES = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queued'"
-        self.DELETE = sql("DELETE FROM offload_jobs WHERE id = ? AND state <> 'running'")
+        self.DELETE = sql("""
+            DELETE FROM offload_jobs WHERE id = ? AND state <> 'running'
+            RETURNING task, dependents""")
         self.PAUSE = sql(
             "INSERT INTO offload_queues (name, paused_at) VALUES (?, ?) ON CONFLICT DO NOTHING"
         )
@@ -213,3 +228,66 @@ class Statements:
             SELECT {d.minute} AS minute, state, count(*) FROM offload_jobs {d.finished_index}
             WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at >= ?
             GROUP BY minute, state""")
+
+    def links(self, d: Dialect) -> None:
+        """Workflows: the statements of a job's parents and dependents (``offload_deps``).
+
+        A waiting job counts the parents it still waits for (``pending``): the parent's
+        success takes one off, and the last one queues it, in the transaction that stores that
+        success. A counter, not a recount of the parents, so two parents finishing at once in
+        two transactions cannot each see the other unfinished (PostgreSQL's read committed
+        re-reads a row it waited for, and so decrements the value the other one wrote). A
+        parent that ends failed or cancelled cancels its waiting dependents (DOOM, repeated a
+        generation at a time); a retry of that parent re-arms those it cancelled (REARM).
+        """
+        now, sql = d.now, d.translate
+        # Read and locked before a child of theirs is stored: a parent's finish then waits
+        # for the child's transaction, and sees that it has a dependent (or the child sees
+        # that it has finished).
+        self.PARENTS = sql(f"""
+            SELECT id, task, state, result_json, error FROM offload_jobs
+            WHERE {d.any_of("id", ":ids")}{d.for_update}""")
+        self.ADD_DEP = sql("""
+            INSERT INTO offload_deps (parent, job, position, done, result_json)
+            VALUES (?, ?, ?, ?, ?)""")
+        self.HAS_DEPENDENTS = sql(f"""
+            UPDATE offload_jobs SET dependents = true
+            WHERE {d.any_of("id", ":ids")} AND NOT dependents""")
+        self.PARENT_DONE = sql("""
+            UPDATE offload_deps SET done = true, result_json = :result
+            WHERE parent = :id AND NOT done
+            RETURNING job""")
+        self.UNBLOCK = sql(f"""
+            UPDATE offload_jobs
+            SET pending = pending - 1,
+                state = CASE WHEN pending <= 1 THEN 'queued' ELSE state END,
+                run_at = CASE WHEN pending <= 1 AND run_at < {now} THEN {now} ELSE run_at END
+            WHERE {d.any_of("id", ":ids")} AND state = 'waiting'
+            RETURNING id, state, feed, args_json, run_at, queue""")
+        self.INPUTS = sql("SELECT result_json FROM offload_deps WHERE job = ? ORDER BY position")
+        self.SET_ARGS = sql("UPDATE offload_jobs SET args_json = ? WHERE id = ?")
+        self.DOOM = sql(f"""
+            UPDATE offload_jobs
+            SET state = 'cancelled', finished_at = {now}, error = :error,
+                expires_at = {now} + {d.task_ttl}
+            WHERE state = 'waiting' AND id IN (
+                SELECT job FROM offload_deps WHERE {d.any_of("parent", ":ids")})
+            RETURNING id, dependents""")
+        # Only the dependents a parent's failure cancelled, and only while no other parent of
+        # theirs is failed or cancelled (that one's retry re-arms them).
+        self.REARM = sql(f"""
+            UPDATE offload_jobs
+            SET state = 'waiting', finished_at = NULL, error = NULL, expires_at = NULL,
+                pending = (SELECT count(*) FROM offload_deps AS d
+                           WHERE d.job = offload_jobs.id AND NOT d.done)
+            WHERE state = 'cancelled' AND substr(error, 1, 17) = 'DependencyFailed:'
+              AND id IN (SELECT job FROM offload_deps WHERE {d.any_of("parent", ":ids")})
+              AND NOT EXISTS (
+                  SELECT 1 FROM offload_deps AS d JOIN offload_jobs AS p ON p.id = d.parent
+                  WHERE d.job = offload_jobs.id AND p.state IN ('failed', 'cancelled'))
+            RETURNING id, dependents""")
+        self.GROUP = sql(f"SELECT {SELECT} FROM offload_jobs WHERE group_id = ? ORDER BY seq")
+        self.LINKS = sql("""
+            SELECT 'parent', parent, position FROM offload_deps WHERE job = :id
+            UNION ALL
+            SELECT 'dependent', job, position FROM offload_deps WHERE parent = :id""")

@@ -21,12 +21,11 @@ from typing import Any, TypeVar
 from flask import abort
 
 from ..backends.base import JobFilter, QueueInfo
-from ..job import FINAL_STATES, Job
+from ..job import FINAL_STATES, STATES, Job
 from ..liveness import live_processes
 from ..runtime import Runtime
 from .masks import Mask
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 PAGE_SIZE = 50
 CHART_MINUTES = 60
 MAX_FILTER = 200
@@ -149,6 +148,9 @@ def live_workers(runtime: Runtime) -> list[dict[str, Any]]:
     ]
 
 
+LINKS_SHOWN = 200  # parents, dependents or group members listed on a job's page
+
+
 def job_filter(args: Mapping[str, str]) -> JobFilter:
     """The filters of the jobs list, from its query string (bookmarkable); a malformed one
     (an unknown state, a value over ``MAX_FILTER`` characters or with a control character)
@@ -169,6 +171,7 @@ def job_filter(args: Mapping[str, str]) -> JobFilter:
         queue=field("queue"),
         key=field("key"),
         text=field("q"),
+        group_id=field("group"),
     )
 
 
@@ -227,7 +230,20 @@ def job_detail(runtime: Runtime, job: Job, mask: Mask) -> dict[str, Any]:
         "result": result,
         "history": job.history[::-1],
         "final": job.state in FINAL_STATES,
+        **links(runtime, job),
     }
+
+
+def links(runtime: Runtime, job: Job) -> dict[str, Any]:
+    """A job's parents and dependents (as stored jobs, or their ids once purged), and the
+    other jobs of its group."""
+    parents, dependents = runtime.backend.links(job.id)
+
+    def jobs(ids: list[str]) -> list[Job | str]:
+        return [runtime.backend.get(job_id) or job_id for job_id in ids[:LINKS_SHOWN]]
+
+    group = runtime.backend.group(job.group_id)[:LINKS_SHOWN] if job.group_id else []
+    return {"parents": jobs(parents), "dependents": jobs(dependents), "group": group}
 
 
 def periodic(runtime: Runtime) -> list[dict[str, Any]]:

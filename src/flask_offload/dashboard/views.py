@@ -167,9 +167,11 @@ def bulk() -> Any:
             poll=False,
         )
     done = sum(_apply(runtime, verb, job.id) for job in jobs)
-    query = {k: v for k, v in vars(filters).items() if v and k != "text"}
+    query = {k: v for k, v in vars(filters).items() if v and k not in ("text", "group_id")}
     if filters.text:
         query["q"] = filters.text
+    if filters.group_id:
+        query["group"] = filters.group_id
     return _back(url_for(".jobs", **query), f"{verb}: {done} of {len(jobs)} job(s)")
 
 

@@ -1,0 +1,114 @@
+"""PostgreSQL's side of workflows: a batch of new jobs stored in one transaction and told to
+the listeners once per queue (``enqueue_many``), and the outcomes of jobs with dependents
+stored in one transaction with what their ends do to those (``_finish_linked``, for what
+``FINISH_MANY``, the autocommitted finish of jobs without dependents, left)."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+
+from ..job import Job
+from .base import id_in_use
+from .pgpool import Connection, Execute, Pooled, execute_on
+from .pgsql import CREATED, FINISH_LINKED, HELD, INSERT_QUIET, WAKE, delay_left
+from .rows import COLUMNS
+from .sqlbase import SQLBackend
+
+T = TypeVar("T")
+
+
+class PostgresFlows(SQLBackend):
+    """The workflow verbs of ``PostgresBackend``, which fills in the rest."""
+
+    _ready: bool
+
+    @staticmethod
+    @abstractmethod
+    def _execute(conn: Pooled) -> Execute:
+        """Run a statement on ``conn`` and return its rows."""
+
+    @abstractmethod
+    def _insert(self, execute: Execute, job: Job) -> Job:
+        """Insert ``job``, or return the queued or running job that holds its key."""
+
+    def enqueue_many(self, jobs: Sequence[Job], connection: Any = None) -> list[Job]:
+        if connection is not None:
+            if not self._ready:
+                self.prepare()
+            return [self._insert(execute_on(connection), job) for job in jobs]
+
+        def enqueue_many(conn: Pooled) -> list[Job]:
+            try:
+                return store(conn)
+            except psycopg.errors.UniqueViolation as error:
+                # Stored by an earlier try of this very batch whose reply was lost (every id
+                # there, as created here), or an id another job has.
+                found = self._execute(conn)(CREATED, {"ids": [job.id for job in jobs]})
+                if dict(found) == {job.id: job.created_at for job in jobs}:
+                    for job in jobs:
+                        job.backend = self
+                    return list(jobs)
+                raise id_in_use(next(iter(jobs))) from error
+
+        def store(conn: Pooled) -> list[Job]:
+            with conn.transaction():
+                stored = self._enqueue_batch(conn, jobs)
+                due: dict[str, float] = {}
+                for job in stored:
+                    if job.state == "queued":
+                        due[job.queue] = min(due.get(job.queue, job.run_at), job.run_at)
+                for queue, run_at in due.items():
+                    conn.execute(WAKE, (f"{run_at!r} {queue}",))
+                return stored
+
+        return self._run(enqueue_many)
+
+    def _insert_batch(self, db: Pooled, jobs: Sequence[Job]) -> list[Job]:
+        plain = [job for job in jobs if job.key is None]
+        values = []
+        for job in plain:
+            values.append(
+                {name: getattr(job, name) for name in COLUMNS} | {"wait": delay_left(job)}
+            )
+            job.backend = self
+        db.cursor().executemany(INSERT_QUIET, values)
+        execute = self._execute(db)
+        return [job if job.key is None else self._insert(execute, job) for job in jobs]
+
+    def _atomic(self, db: Pooled, body: Callable[[], T]) -> T:
+        with db.transaction():
+            return body()
+
+    def _finish_linked(
+        self, conn: Connection, batch: dict[str, Any], left: list[int], woken: list[Any]
+    ) -> set[str]:
+        """In the caller's transaction, the outcomes FINISH_MANY left (jobs with dependents,
+        or claims lost): lock the rows still held, store their outcomes, settle their
+        dependents (``woken``: those queued, told to the listeners at commit); the claims
+        stored."""
+        part = {k: [v[n] for n in left] if isinstance(v, list) else v for k, v in batch.items()}
+        held = {r[:2]: r[2:] for r in conn.execute(HELD, {"ids": part["ids"]}).fetchall()}
+        done = {claim for (claim,) in conn.execute(FINISH_LINKED, part).fetchall()}
+        ended = []
+        for n, (job_id, claim) in enumerate(zip(part["ids"], part["claims"], strict=True)):
+            dependents, asked, task = held.get((job_id, claim), (False, False, ""))
+            if dependents and claim in done:
+                state = part["states"][n]
+                ended.append(
+                    (
+                        job_id,
+                        task,
+                        "cancelled" if state == "queued" and asked else state,
+                        part["results"][n],
+                    )
+                )
+        if ended:
+            due = self._settle(conn, ended)
+            for run_at, queue in due:
+                conn.execute(WAKE, (f"{run_at!r} {queue}",))
+            woken.extend(due)
+        return done

@@ -59,6 +59,7 @@ from .pgsql import (
     NEW,
     PAUSED_AT,
     PRIORITY,
+    QUEUED_TASK_NAMES,
     RECOVERED_BY,
     RETRY,
     RUN_AT,
@@ -277,6 +278,9 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
 
         rows = self._run(lambda conn: conn.execute(SQL.RECOVER, params).fetchall(), confirm=confirm)
         return [job_id for (job_id,) in rows]
+
+    def queued_task_names(self) -> set[str]:
+        return {name for (name,) in self._run(lambda c: c.execute(QUEUED_TASK_NAMES).fetchall())}
 
     def cancel(self, job_id: str) -> Cancel:
         def confirm(conn: Connection, done: Cancel) -> Cancel:

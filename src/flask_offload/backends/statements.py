@@ -183,13 +183,31 @@ class Statements:
         self.WORKERS = sql("""
             SELECT id, host, pid, queues_json, tasks_json, started_at, last_seen
             FROM offload_workers WHERE last_seen >= ? ORDER BY started_at""")
-        self.FORGET_WORKER = sql("DELETE FROM offload_workers WHERE id = ? OR last_seen < ?")
-        # The cut-off is an age before the statement's clock, which may not be this host's.
+        self.FORGET_WORKER = sql("DELETE FROM offload_workers WHERE id = ?")
+        # A purge deletes at most :batch rows a statement, so it never holds a million row
+        # locks and writes its WAL in one transaction. The cut-off is an age before the
+        # statement's clock, which may not be this host's. The condition is said again
+        # outside the subquery: a row retried meanwhile is read again and kept.
+        old = f"""state IN ('succeeded', 'failed', 'cancelled') AND finished_at < {now} - :age
+              AND expires_at IS NULL"""
         self.PURGE = sql(f"""
-            DELETE FROM offload_jobs
-            WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < {now} - :age
-              AND expires_at IS NULL""")
-        self.PURGE_EXPIRED = sql(f"DELETE FROM offload_jobs WHERE expires_at < {now}")
+            DELETE FROM offload_jobs WHERE seq IN (
+                SELECT seq FROM offload_jobs WHERE {old} LIMIT :batch) AND {old}""")
+        self.PURGE_EXPIRED = sql(f"""
+            DELETE FROM offload_jobs WHERE seq IN (
+                SELECT seq FROM offload_jobs WHERE expires_at < {now} LIMIT :batch)
+              AND expires_at < {now}""")
+        # The maintenance lease: taken if free or lapsed, renewed by its holder; one row.
+        self.LEAD = sql(f"""
+            INSERT INTO offload_leases AS lease (name, holder, until)
+            VALUES ('maintenance', :holder, {now} + :ttl)
+            ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until
+            WHERE lease.holder = excluded.holder OR lease.until < {now}
+            RETURNING holder""")
+        self.STEP_DOWN = sql(
+            "DELETE FROM offload_leases WHERE name = 'maintenance' AND holder = :holder"
+        )
+        self.FORGET_SILENT = sql("DELETE FROM offload_workers WHERE last_seen < ?")
         self.QUEUED_TASK_NAMES = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queued'"
         self.DELETE = sql("DELETE FROM offload_jobs WHERE id = ? AND state <> 'running'")
         self.PAUSE = sql(

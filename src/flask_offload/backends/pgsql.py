@@ -16,8 +16,6 @@ from .pglisten import CHANNEL
 from .rows import COLUMNS
 from .statements import SELECT, Dialect, Statements, finish_set
 
-PRIORITY, RUN_AT = COLUMNS.index("priority"), COLUMNS.index("run_at")
-
 # Time is the server's, in epoch seconds: every statement that sets or compares a lease, a due
 # time or a cut-off reads the server's clock, never a worker host's, whose clock may be off.
 # now() is the statement's start (our statements run autocommitted or in short transactions);

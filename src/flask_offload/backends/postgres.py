@@ -58,18 +58,16 @@ from .pgsql import (
     INSERT_NEW,
     NEW,
     PAUSED_AT,
-    PRIORITY,
     QUEUED_TASK_NAMES,
     RECOVERED_BY,
     RETRY,
-    RUN_AT,
     SQL,
     STATE,
     delay_left,
     new_values,
     rest_values,
 )
-from .rows import COLUMNS, finish_rows
+from .rows import COLUMNS, finish_rows, in_claim_order
 from .sqlbase import SQLBackend
 
 
@@ -231,8 +229,7 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
 
         # Not repeated here: the worker's loop claims again after a pause, and adopts.
         rows = self._run(claim, retry=False)
-        rows.sort(key=lambda row: (-row[PRIORITY], row[RUN_AT], row[-1]))  # row[-1]: seq
-        return [self._job(row) for row in rows]
+        return [self._job(row) for row in in_claim_order(rows)]
 
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
         if not finished:

@@ -68,11 +68,12 @@ REGISTRY = [System(*row) for row in [
     ("dramatiq-rabbitmq", "peer_dramatiq", "rabbitmq", "Dramatiq, RabbitMQ broker", "peer",
      *PEER),
     ("procrastinate", "peer_procrastinate", "procrastinate", "procrastinate", "peer", *PEER),
+    ("pgqueuer", "peer_pgqueuer", "pgqueuer", "PgQueuer", "peer", *PEER),
 ]]
 
 PACKAGES = [
     "Flask-Offload", "Flask", "huey", "rq", "celery", "kombu", "dramatiq", "procrastinate",
-    "psycopg", "psycopg-pool", "redis", "pika", "amqp", "matplotlib",
+    "pgqueuer", "psycopg", "psycopg-pool", "redis", "pika", "amqp", "matplotlib",
 ]
 # fmt: on
 

@@ -34,6 +34,9 @@ class Dialect:
     append_history: Callable[[str], str]
     # finished_at's whole minutes since the epoch.
     minute: str
+    # "column is one of the values the subquery returns", from (column, subquery): PostgreSQL
+    # plans IN (subquery) of a DELETE as a hash join over the whole table.
+    among: Callable[[str, str], str] = "{} IN ({})".format
     # Statement text with ``?`` and ``:name`` placeholders as the driver wants them.
     translate: Callable[[str], str] = str
     # A Python list as the driver binds it to an array parameter.
@@ -190,13 +193,13 @@ class Statements:
         # outside the subquery: a row retried meanwhile is read again and kept.
         old = f"""state IN ('succeeded', 'failed', 'cancelled') AND finished_at < {now} - :age
               AND expires_at IS NULL"""
-        self.PURGE = sql(f"""
-            DELETE FROM offload_jobs WHERE seq IN (
-                SELECT seq FROM offload_jobs WHERE {old} LIMIT :batch) AND {old}""")
-        self.PURGE_EXPIRED = sql(f"""
-            DELETE FROM offload_jobs WHERE seq IN (
-                SELECT seq FROM offload_jobs WHERE expires_at < {now} LIMIT :batch)
-              AND expires_at < {now}""")
+        batch = f"SELECT seq FROM offload_jobs WHERE {old} LIMIT :batch"
+        self.PURGE = sql(f"DELETE FROM offload_jobs WHERE {d.among('seq', batch)} AND {old}")
+        expired = f"expires_at < {now}"
+        batch = f"SELECT seq FROM offload_jobs WHERE {expired} LIMIT :batch"
+        self.PURGE_EXPIRED = sql(
+            f"DELETE FROM offload_jobs WHERE {d.among('seq', batch)} AND {expired}"
+        )
         # The maintenance lease: taken if free or lapsed, renewed by its holder; one row.
         self.LEAD = sql(f"""
             INSERT INTO offload_leases AS lease (name, holder, until)

@@ -1,10 +1,10 @@
 """PgQueuer on PostgreSQL (a database of its own, created and dropped per run), run by one
-worker process: what ``pgq run bench.peer_pgqueuer:factory`` starts, with its defaults (batches
-of 10, LISTEN/NOTIFY on), started as ``python -m bench.peer_pgqueuer worker`` since the
-``pgq run`` command of PgQueuer 1.6 fails setting up its logging; on asyncpg, the driver its
-documentation starts with and its fastest. Enqueued through its synchronous ``SyncQueries`` on psycopg. The worker reads its
-database from $BENCH_PGQUEUER_URL. Its entrypoints are coroutines that call the bench's job
-bodies, as PgQueuer runs async functions on its event loop (a sync one goes to a thread)."""
+worker process: what ``pgq run bench.peer_pgqueuer:factory`` starts, with its defaults
+(batches of 10, LISTEN/NOTIFY on), started as ``python -m bench.peer_pgqueuer worker`` since
+the ``pgq run`` command of PgQueuer 1.6 fails setting up its logging; on asyncpg, the driver
+its documentation starts with. Enqueued through its synchronous ``SyncQueries`` on psycopg.
+The worker reads its database from $BENCH_PGQUEUER_URL. Its entrypoints are coroutines that
+call the bench's job bodies, as PgQueuer runs async functions on its event loop."""
 
 from __future__ import annotations
 

@@ -69,11 +69,12 @@ REGISTRY = [System(*row) for row in [
      *PEER),
     ("procrastinate", "peer_procrastinate", "procrastinate", "procrastinate", "peer", *PEER),
     ("pgqueuer", "peer_pgqueuer", "pgqueuer", "PgQueuer", "peer", *PEER),
+    ("chancy", "peer_chancy", "chancy", "Chancy (thread executor, concurrency 2)", "peer", *PEER),
 ]]
 
 PACKAGES = [
     "Flask-Offload", "Flask", "huey", "rq", "celery", "kombu", "dramatiq", "procrastinate",
-    "pgqueuer", "psycopg", "psycopg-pool", "redis", "pika", "amqp", "matplotlib",
+    "pgqueuer", "chancy", "psycopg", "psycopg-pool", "redis", "pika", "amqp", "matplotlib",
 ]
 # fmt: on
 

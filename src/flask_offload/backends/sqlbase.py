@@ -112,19 +112,22 @@ class SQLBackend(Backend):
 
     def purge(self, finished_before: float, most: int | None = None) -> int:
         now = time.time()  # on this host's clock, which may be off: the age is what counts
-        params = {"now": now, "age": now - finished_before, "batch": PURGE_BATCH}
+        params = {"now": now, "age": now - finished_before}
         purged = 0
 
-        def delete(sql: str) -> int:
-            return int(self._run(lambda db: db.execute(sql, params).rowcount))
+        def delete(sql: str, after: int, batch: int) -> list[int]:
+            values = {**params, "after": after, "batch": batch}
+            return [seq for (seq,) in self._run(lambda db: db.execute(sql, values).fetchall())]
 
         for sql in (self.SQL.PURGE_EXPIRED, self.SQL.PURGE):
+            after = 0
             while most is None or purged < most:
-                params["batch"] = PURGE_BATCH if most is None else min(PURGE_BATCH, most - purged)
-                deleted = delete(sql)
-                purged += deleted
-                if deleted < params["batch"]:
+                batch = PURGE_BATCH if most is None else min(PURGE_BATCH, most - purged)
+                deleted = delete(sql, after, batch)
+                purged += len(deleted)
+                if len(deleted) < batch:
                     break
+                after = max(deleted)
                 time.sleep(PURGE_PAUSE)  # let other writers in between two batches
         return purged
 

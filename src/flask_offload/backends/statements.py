@@ -34,9 +34,6 @@ class Dialect:
     append_history: Callable[[str], str]
     # finished_at's whole minutes since the epoch.
     minute: str
-    # "column is one of the values the subquery returns", from (column, subquery): PostgreSQL
-    # plans IN (subquery) of a DELETE as a hash join over the whole table.
-    among: Callable[[str, str], str] = "{} IN ({})".format
     # Statement text with ``?`` and ``:name`` placeholders as the driver wants them.
     translate: Callable[[str], str] = str
     # A Python list as the driver binds it to an array parameter.
@@ -88,6 +85,13 @@ def finish_set(d: Dialect, value: str, run_at: str) -> str:
         expires_at = CASE WHEN {cancelled} THEN {d.now} + {d.task_ttl}
                           ELSE {d.now} + {value.format("ttl")} END,
         history_json = {d.append_history(attempt(d.now, outcome, error, traceback))}"""
+
+
+def _batch(rows: str) -> str:
+    """The next batch of a purge: the rows matching ``rows`` after :after, up to the
+    :batch-th of them, read as one range of the key."""
+    upto = f"SELECT seq FROM offload_jobs WHERE {rows} AND seq > :after ORDER BY seq LIMIT :batch"
+    return f"seq > :after AND seq <= (SELECT max(seq) FROM ({upto}) AS batch) AND {rows}"
 
 
 class Statements:
@@ -188,17 +192,18 @@ class Statements:
             FROM offload_workers WHERE last_seen >= ? ORDER BY started_at""")
         self.FORGET_WORKER = sql("DELETE FROM offload_workers WHERE id = ?")
         # A purge deletes at most :batch rows a statement, so it never holds a million row
-        # locks and writes its WAL in one transaction. The cut-off is an age before the
-        # statement's clock, which may not be this host's. The condition is said again
-        # outside the subquery: a row retried meanwhile is read again and kept.
+        # locks and writes its WAL in one transaction; each batch starts after the last row
+        # the one before deleted (:after), so none reads again what was deleted. The cut-off
+        # is an age before the statement's clock, which may not be this host's. The
+        # condition is said again outside the subquery: a row retried meanwhile is kept.
+        # One range of the key, not IN (subquery), which PostgreSQL plans as a hash join
+        # over the whole table, nor = ANY(ARRAY(...)), a probe per row (bench/pg_table.py).
         old = f"""state IN ('succeeded', 'failed', 'cancelled') AND finished_at < {now} - :age
               AND expires_at IS NULL"""
-        batch = f"SELECT seq FROM offload_jobs WHERE {old} LIMIT :batch"
-        self.PURGE = sql(f"DELETE FROM offload_jobs WHERE {d.among('seq', batch)} AND {old}")
         expired = f"expires_at < {now}"
-        batch = f"SELECT seq FROM offload_jobs WHERE {expired} LIMIT :batch"
-        self.PURGE_EXPIRED = sql(
-            f"DELETE FROM offload_jobs WHERE {d.among('seq', batch)} AND {expired}"
+        self.PURGE, self.PURGE_EXPIRED = (
+            sql(f"DELETE FROM offload_jobs WHERE {_batch(rows)} RETURNING seq")
+            for rows in (old, expired)
         )
         # The maintenance lease: taken if free or lapsed, renewed by its holder; one row.
         self.LEAD = sql(f"""

@@ -43,6 +43,7 @@ DIALECT = Dialect(
     any_of=lambda column, values: f"{column} = ANY(CAST({values} AS text[]))",
     append_history=_append_history,
     minute="floor(finished_at / 60)::bigint",
+    among="{} = ANY(ARRAY({}))".format,
     translate=_translate,
     param="%({})s",
     like="ILIKE",

@@ -115,19 +115,17 @@ class SQLBackend(Backend):
         params = {"now": now, "age": now - finished_before}
         purged = 0
 
-        def delete(sql: str, after: int, batch: int) -> list[int]:
-            values = {**params, "after": after, "batch": batch}
-            return [seq for (seq,) in self._run(lambda db: db.execute(sql, values).fetchall())]
+        def delete(sql: str, batch: int) -> int:
+            values = {**params, "batch": batch}
+            return int(self._run(lambda db: db.execute(sql, values).rowcount))
 
         for sql in (self.SQL.PURGE_EXPIRED, self.SQL.PURGE):
-            after = 0
             while most is None or purged < most:
                 batch = PURGE_BATCH if most is None else min(PURGE_BATCH, most - purged)
-                deleted = delete(sql, after, batch)
-                purged += len(deleted)
-                if len(deleted) < batch:
+                deleted = delete(sql, batch)
+                purged += deleted
+                if deleted < batch:
                     break
-                after = max(deleted)
                 time.sleep(PURGE_PAUSE)  # let other writers in between two batches
         return purged
 

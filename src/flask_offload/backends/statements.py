@@ -34,6 +34,9 @@ class Dialect:
     append_history: Callable[[str], str]
     # finished_at's whole minutes since the epoch.
     minute: str
+    # "column is one of the values the subquery returns", from (column, subquery): PostgreSQL
+    # plans IN (subquery) of a DELETE as a hash join over the whole table.
+    among: Callable[[str, str], str] = "{} IN ({})".format
     # Statement text with ``?`` and ``:name`` placeholders as the driver wants them.
     translate: Callable[[str], str] = str
     # A Python list as the driver binds it to an array parameter.
@@ -87,11 +90,9 @@ def finish_set(d: Dialect, value: str, run_at: str) -> str:
         history_json = {d.append_history(attempt(d.now, outcome, error, traceback))}"""
 
 
-def _batch(rows: str) -> str:
-    """The next batch of a purge: the rows matching ``rows`` after :after, up to the
-    :batch-th of them, read as one range of the key."""
-    upto = f"SELECT seq FROM offload_jobs WHERE {rows} AND seq > :after ORDER BY seq LIMIT :batch"
-    return f"seq > :after AND seq <= (SELECT max(seq) FROM ({upto}) AS batch) AND {rows}"
+def _oldest(rows: str, by: str) -> str:
+    """A purge's batch: the seq of the :batch rows matching ``rows`` first in ``by``."""
+    return f"SELECT seq FROM offload_jobs WHERE {rows} ORDER BY {by} LIMIT :batch"
 
 
 class Statements:
@@ -192,18 +193,17 @@ class Statements:
             FROM offload_workers WHERE last_seen >= ? ORDER BY started_at""")
         self.FORGET_WORKER = sql("DELETE FROM offload_workers WHERE id = ?")
         # A purge deletes at most :batch rows a statement, so it never holds a million row
-        # locks and writes its WAL in one transaction; each batch starts after the last row
-        # the one before deleted (:after), so none reads again what was deleted. The cut-off
-        # is an age before the statement's clock, which may not be this host's. The
-        # condition is said again outside the subquery: a row retried meanwhile is kept.
-        # One range of the key, not IN (subquery), which PostgreSQL plans as a hash join
-        # over the whole table, nor = ANY(ARRAY(...)), a probe per row (bench/pg_table.py).
+        # locks and writes its WAL in one transaction; each batch reads the oldest rows of
+        # the finished or the expiry index, so its cost follows the rows it deletes, not the
+        # table's. The cut-off is an age before the statement's clock, which may not be this
+        # host's. The condition is said again outside the subquery: a row retried meanwhile
+        # is kept.
         old = f"""state IN ('succeeded', 'failed', 'cancelled') AND finished_at < {now} - :age
               AND expires_at IS NULL"""
         expired = f"expires_at < {now}"
         self.PURGE, self.PURGE_EXPIRED = (
-            sql(f"DELETE FROM offload_jobs WHERE {_batch(rows)} RETURNING seq")
-            for rows in (old, expired)
+            sql(f"DELETE FROM offload_jobs WHERE {rows} AND {d.among('seq', _oldest(rows, by))}")
+            for rows, by in ((old, "finished_at"), (expired, "expires_at"))
         )
         # The maintenance lease: taken if free or lapsed, renewed by its holder; one row.
         self.LEAD = sql(f"""

@@ -69,7 +69,9 @@ REGISTRY = [System(*row) for row in [
      *PEER),
     ("procrastinate", "peer_procrastinate", "procrastinate", "procrastinate", "peer", *PEER),
     ("pgqueuer", "peer_pgqueuer", "pgqueuer", "PgQueuer", "peer", *PEER),
-    ("chancy", "peer_chancy", "chancy", "Chancy (thread executor, concurrency 2)", "peer", *PEER),
+    # quick: enqueue only, as Chancy pulls at most its concurrency per 1 s poll from a backlog
+    ("chancy", "peer_chancy", "chancy", "Chancy (thread executor, concurrency 2)", "peer",
+     CORE, CORE[:1]),
 ]]
 
 PACKAGES = [

@@ -70,11 +70,15 @@ REGISTRY = [System(*row) for row in [
     ("dramatiq-rabbitmq", "peer_dramatiq", "rabbitmq", "Dramatiq, RabbitMQ broker", "peer",
      *PEER),
     ("procrastinate", "peer_procrastinate", "procrastinate", "procrastinate", "peer", *PEER),
+    ("pgqueuer", "peer_pgqueuer", "pgqueuer", "PgQueuer", "peer", *PEER),
+    # quick: enqueue only, as Chancy pulls at most its concurrency per 1 s poll from a backlog
+    ("chancy", "peer_chancy", "chancy", "Chancy (thread executor, concurrency 2)", "peer",
+     CORE, CORE[:1]),
 ]]
 
 PACKAGES = [
     "Flask-Offload", "Flask", "huey", "rq", "celery", "kombu", "dramatiq", "procrastinate",
-    "psycopg", "psycopg-pool", "redis", "pika", "amqp", "matplotlib",
+    "pgqueuer", "chancy", "psycopg", "psycopg-pool", "redis", "pika", "amqp", "matplotlib",
 ]
 # fmt: on
 

@@ -138,7 +138,8 @@ def _squeeze(sql: str | None) -> str:
 
 
 def tables_of(url: str) -> list[tuple[Any, ...]]:
-    """Every table, column, index, trigger and function of the database, comparable."""
+    """Every table, column, index, trigger, function and table option (fillfactor, autovacuum)
+    of the database, comparable."""
     if url.startswith("sqlite:"):
         rows = execute(url, "SELECT type, name, tbl_name, sql FROM sqlite_master")
         return sorted((kind, name, table, _squeeze(sql)) for kind, name, table, sql in rows)
@@ -152,6 +153,8 @@ def tables_of(url: str) -> list[tuple[Any, ...]]:
         " FROM pg_trigger WHERE NOT tgisinternal",
         "SELECT 'function', '', proname, prosrc FROM pg_proc"
         " WHERE pronamespace = 'public'::regnamespace",
+        "SELECT 'options', relname, '', array_to_string(reloptions, ',') FROM pg_class"
+        " WHERE reloptions IS NOT NULL AND relnamespace = 'public'::regnamespace",
     ]
     rows = [row for sql in parts for row in execute(url, sql)]
     return sorted((kind, table, name, _squeeze(text)) for kind, table, name, text in rows)

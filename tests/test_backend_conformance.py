@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 import threading
 import time
 from dataclasses import replace
 
 from conftest import make_job
-from flask_offload.backends import Backend
+from flask_offload.backends import Backend, MemoryBackend
 from flask_offload.backends.base import JobFilter
-from flask_offload.job import HISTORY_LIMIT, Outcome, WorkerInfo
+from flask_offload.job import HISTORY_LIMIT, Job, Outcome, WorkerInfo
 
 
 def test_enqueue_then_get_returns_every_field(backend: Backend) -> None:
@@ -73,6 +75,81 @@ def test_claim_takes_only_due_jobs_of_known_tasks_and_chosen_queues(backend: Bac
     assert [j.id for j in backend.claim("w", ["t"], None, 10, 30)] == [other_queue.id]
     assert backend.claim("w", ["t"], None, 10, 30) == []
     assert backend.queued_task_names() == {"t", "unknown"}
+
+
+def test_claims_across_queues_tasks_and_priorities_take_the_best_they_may(
+    backend: Backend,
+) -> None:
+    """Jobs of several queues, tasks and priorities, some delayed, some paused, some of a task
+    this worker does not run: claims take exactly the due ones of its tasks outside paused
+    queues, in claim order across all of them (ties of due time by enqueue order)."""
+    now = time.time()
+    lanes = itertools.product(("b", "a", "held"), ("u", "t", "x"), (0, 3), (-20, -10, 60))
+    jobs = [
+        make_job(task, queue=queue, priority=priority, run_at=now + delay)
+        for queue, task, priority, delay in lanes
+    ]
+    random.Random(7).shuffle(jobs)
+    for job in jobs:
+        backend.enqueue(job)
+    backend.pause_queue("held")
+    order = {job.id: n for n, job in enumerate(jobs)}
+
+    def best(job: Job) -> tuple[float, float, int]:
+        return (-job.priority, job.run_at, order[job.id])
+
+    def takes(tasks: list[str], queues: list[str] | None, limit: int) -> list[str]:
+        taken: list[str] = []
+        while claimed := backend.claim("w", tasks, queues, limit, 30):
+            assert claimed == sorted(claimed, key=best) and len(claimed) <= limit
+            taken += [job.id for job in claimed]
+        return taken
+
+    def due(tasks: list[str], queues: list[str]) -> list[str]:
+        mine = [j for j in jobs if j.task in tasks and j.queue in queues and j.run_at <= now]
+        return [job.id for job in sorted(mine, key=best)]
+
+    assert takes(["t", "u"], ["b"], 5) == due(["t", "u"], ["b"])
+    assert takes(["t", "u"], None, 4) == due(["t", "u"], ["a"])
+    assert takes(["x"], None, 100) == due(["x"], ["a", "b"])
+    backend.resume_queue("held")
+    assert takes(["t", "u", "x"], None, 3) == due(["t", "u", "x"], ["held"])
+    assert {j.state for j in map(backend.get, order) if j and j.run_at > now} == {"queued"}
+
+
+def test_the_maintenance_lease_has_one_holder_until_it_steps_down_or_lapses(
+    backend: Backend,
+) -> None:
+    """One process of those sharing the storage leads its table-wide upkeep (a process's own
+    memory storage is led by each of its pools)."""
+    shared = not isinstance(backend, MemoryBackend)
+    assert backend.lead("p1", 30) and backend.lead("p1", 30)  # taken, then renewed
+    assert backend.lead("p2", 30) is not shared
+    backend.step_down("p2")  # not the holder: no change
+    assert backend.lead("p2", 30) is not shared
+    backend.step_down("p1")
+    assert backend.lead("p2", 30)
+    assert backend.lead("p1", 30) is not shared
+    assert backend.lead("p2", -1)  # renewed to have lapsed already: anyone takes it
+    assert backend.lead("p1", 30)
+
+
+def test_a_purge_stops_after_most_rows_and_the_next_goes_on(backend: Backend) -> None:
+    for _ in range(7):
+        backend.enqueue(make_job())
+    for job in backend.claim("w", ["t"], None, 7, 30):
+        backend.finish(job, Outcome("succeeded"))
+    assert backend.purge(time.time() + 1, most=3) == 3
+    assert backend.purge(time.time() + 1, most=3) == 3
+    assert backend.purge(time.time() + 1) == 1
+    assert backend.list_jobs() == []
+
+
+def test_silent_workers_are_forgotten_and_live_ones_kept(backend: Backend) -> None:
+    backend.beat(WorkerInfo("w1", "host", 42, None, ["t"], started_at=time.time()))
+    assert backend.forget_silent(time.time() - 60) == 0
+    assert backend.forget_silent(time.time() + 60) == 1
+    assert backend.workers(0) == []
 
 
 def test_claim_marks_the_job_running_for_the_worker_with_a_lease(backend: Backend) -> None:

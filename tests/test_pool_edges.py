@@ -7,6 +7,7 @@ where said), with real pools and real worker processes.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import signal
@@ -26,6 +27,7 @@ from faults import Faulty
 from flask_offload import Offload, Retry, signals
 from flask_offload.backends import Backend, SQLiteBackend
 from flask_offload.execution import LATEST_DUE
+from flask_offload.job import WorkerInfo
 from flask_offload.pool import Pool
 from flask_offload.pool.held import MAX_BATCH, MAX_UNSTORED
 
@@ -278,3 +280,26 @@ def test_a_huge_error_and_traceback_are_stored_cut_to_their_bound(
         assert error.startswith("ValueError: éé") and error.endswith("é the end"), error
         assert "bytes cut" in error and "bytes cut" in trace
         assert trace.startswith("Traceback") and trace.endswith("é the end\n")
+
+
+# --- 6. The maintainer reports the tasks no live worker registers ------------------------------
+
+
+def test_the_maintainer_reports_only_queued_tasks_no_live_worker_registers(
+    make_app: AppFactory, pools: list[Pool], caplog: pytest.LogCaptureFixture
+) -> None:
+    offload = Offload()
+
+    @offload.task(name="edges.known")
+    def known() -> None:
+        pass
+
+    app, _ = make_app(offload, OFFLOAD_WORKERS=0)
+    backend = offload.runtime(app).backend
+    for task in ("edges.elsewhere", "edges.nowhere"):
+        backend.enqueue(make_job(task))
+    backend.beat(WorkerInfo("other-pool", "host", 1, None, ["edges.elsewhere"], time.time()))
+    with caplog.at_level(logging.WARNING, logger="flask_offload"):
+        start_pool(pools, app, offload, threads=1)
+        wait_until(lambda: "'edges.nowhere'" in caplog.text)
+    assert "'edges.elsewhere'" not in caplog.text, "a live worker elsewhere runs it"

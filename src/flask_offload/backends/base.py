@@ -159,9 +159,10 @@ class Backend(ABC):
         """Store progress of a claimed job while that claim holds it."""
 
     @abstractmethod
-    def purge(self, finished_before: float) -> int:
+    def purge(self, finished_before: float, most: int | None = None) -> int:
         """Delete finished jobs that finished before this time, and those whose own
-        ``expires_at`` (a task's ``result_ttl``) has passed; return how many."""
+        ``expires_at`` (a task's ``result_ttl``) has passed; return how many. SQL storage
+        deletes a bounded batch per statement; ``most`` stops after that many rows."""
 
     @abstractmethod
     def queued_task_names(self) -> set[str]:
@@ -231,7 +232,20 @@ class Backend(ABC):
 
     @abstractmethod
     def forget_worker(self, worker: str) -> None:
-        """Remove a stopped pool's row, and rows of pools silent for a day."""
+        """Remove a stopped pool's row."""
+
+    @abstractmethod
+    def forget_silent(self, seen_before: float) -> int:
+        """Remove the rows of pools that have not beaten since ``seen_before``; how many."""
+
+    def lead(self, holder: str, ttl: float) -> bool:
+        """Take or renew for ``ttl`` seconds the maintenance lease, which one process of all
+        sharing the storage holds at a time; True if ``holder`` holds it now. Storage private
+        to one process is always led by it."""
+        return True
+
+    def step_down(self, holder: str) -> None:  # noqa: B027 - see lead
+        """Give up the maintenance lease if ``holder`` holds it, so another takes it now."""
 
     def prepare(self) -> None:  # noqa: B027 - storage in memory is always ready
         """Open the storage and create or upgrade its schema now, not on first use."""

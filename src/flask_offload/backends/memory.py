@@ -211,7 +211,7 @@ class MemoryBackend(MemoryLinks, Backend):
             held.progress_json = progress_json
             return True
 
-    def purge(self, finished_before: float) -> int:
+    def purge(self, finished_before: float, most: int | None = None) -> int:
         now = time.time()
         with self._lock:
             old = [
@@ -225,6 +225,7 @@ class MemoryBackend(MemoryLinks, Backend):
                     else job.expires_at < now
                 )
             ]
+            old = old[:most]
             for job_id in old:
                 del self._jobs[job_id]
                 del self._order[job_id]
@@ -353,7 +354,12 @@ class MemoryBackend(MemoryLinks, Backend):
             return [replace(w) for w in self._workers.values() if w.last_seen >= seen_since]
 
     def forget_worker(self, worker: str) -> None:
-        stale = time.time() - 86400
         with self._lock:
-            for key in [k for k, w in self._workers.items() if k == worker or w.last_seen < stale]:
+            self._workers.pop(worker, None)
+
+    def forget_silent(self, seen_before: float) -> int:
+        with self._lock:
+            silent = [k for k, w in self._workers.items() if w.last_seen < seen_before]
+            for key in silent:
                 del self._workers[key]
+            return len(silent)

@@ -59,17 +59,16 @@ from .pgsql import (
     INSERT_NEW,
     NEW,
     PAUSED_AT,
-    PRIORITY,
+    QUEUED_TASK_NAMES,
     RECOVERED_BY,
     RETRY,
-    RUN_AT,
     SQL,
     STATE,
     delay_left,
     new_values,
     rest_values,
 )
-from .rows import COLUMNS, finish_rows
+from .rows import COLUMNS, finish_rows, in_claim_order
 
 T = TypeVar("T")
 
@@ -232,8 +231,7 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
 
         # Not repeated here: the worker's loop claims again after a pause, and adopts.
         rows = self._run(claim, retry=False)
-        rows.sort(key=lambda row: (-row[PRIORITY], row[RUN_AT], row[-1]))  # row[-1]: seq
-        return [self._job(row) for row in rows]
+        return [self._job(row) for row in in_claim_order(rows)]
 
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
         if not finished:
@@ -290,6 +288,9 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
             lambda conn: self._atomic(conn, lambda: self._recover(conn, params)), confirm=confirm
         )
         return [row[0] for row in rows]
+
+    def queued_task_names(self) -> set[str]:
+        return {name for (name,) in self._run(lambda c: c.execute(QUEUED_TASK_NAMES).fetchall())}
 
     def cancel(self, job_id: str) -> Cancel:
         def confirm(conn: Connection, done: Cancel) -> Cancel:

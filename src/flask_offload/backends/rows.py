@@ -13,6 +13,13 @@ from .base import JobFilter, QueueInfo
 
 # The Job fields stored as columns, in the order the SQL backends select them.
 COLUMNS = [f.name for f in fields(Job) if f.name not in ("backend", "relative", "after")]
+_PRIORITY, _RUN_AT = COLUMNS.index("priority"), COLUMNS.index("run_at")
+
+
+def in_claim_order(rows: list[Any]) -> list[Any]:
+    """A claim's rows (COLUMNS, then seq) in claim order: higher priority, earlier due time,
+    then enqueue order."""
+    return sorted(rows, key=lambda row: (-row[_PRIORITY], row[_RUN_AT], row[-1]))
 
 
 def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]:

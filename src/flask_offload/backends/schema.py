@@ -192,11 +192,12 @@ MIGRATIONS: list[tuple[str | Dialects, ...]] = [
     ),
     # Version 6: the trace context a job was enqueued in (OpenTelemetry, where installed).
     ("ALTER TABLE offload_jobs ADD COLUMN trace_json text",),
-    # Version 7: workflows. A waiting job counts the parents it still waits for (pending); a
-    # parent knows it has dependents, so a finish without any stays one statement; one row per
-    # (parent, child) keeps the order of a child's parents and, once a parent succeeded, its
-    # result, which the child takes as its first argument (feed). Groups by group_id.
+    # Version 7: workflows, and a fleet on one database.
     (
+        # A waiting job counts the parents it still waits for (pending); a parent knows it has
+        # dependents, so a finish without any stays one statement; one row per (parent, child)
+        # keeps the order of a child's parents and, once a parent succeeded, its result, which
+        # the child takes as its first argument (feed). Groups by group_id.
         "ALTER TABLE offload_jobs ADD COLUMN pending integer NOT NULL DEFAULT 0",
         "ALTER TABLE offload_jobs ADD COLUMN dependents {flag}",
         "ALTER TABLE offload_jobs ADD COLUMN feed text",
@@ -215,6 +216,38 @@ MIGRATIONS: list[tuple[str | Dialects, ...]] = [
         )
         """,
         "CREATE INDEX offload_deps_job ON offload_deps (job, position)",
+        # Table-wide upkeep (purge, the unknown-task report, silent workers' rows) is done by
+        # the one process holding the "maintenance" lease, renewed while it lives.
+        "CREATE TABLE offload_leases (name text PRIMARY KEY, holder text NOT NULL, "
+        "until {time} NOT NULL)",
+        # PostgreSQL: a claim reads only rows it can take (bench/pg_table.py). The ready index
+        # is walked lane by lane, a lane being a (queue, task, priority): a claim skips a
+        # paused queue's or an unknown task's lane in one probe, and reads a lane's due rows
+        # as a range of run_at, never its delayed ones. Running rows are found by state
+        # alone (they are few), so a heartbeat, which writes only lease_until, changes no
+        # indexed column and is a HOT update in the page room fillfactor leaves. Autovacuum
+        # starts after 1% of the rows are dead or new, not 20%: a queue table turns over.
+        Dialects(
+            postgresql=(
+                "DROP INDEX offload_jobs_claim",
+                """
+                CREATE INDEX offload_jobs_ready
+                    ON offload_jobs (queue, task, priority, run_at, seq) WHERE state = 'queued'
+                """,
+                "DROP INDEX offload_jobs_lease",
+                "CREATE INDEX offload_jobs_running ON offload_jobs (queue) WHERE state = 'running'",
+                """
+                ALTER TABLE offload_jobs SET (
+                    fillfactor = 80,
+                    autovacuum_vacuum_scale_factor = 0.01,
+                    autovacuum_vacuum_threshold = 1000,
+                    autovacuum_vacuum_insert_scale_factor = 0.01,
+                    autovacuum_vacuum_insert_threshold = 1000,
+                    autovacuum_analyze_scale_factor = 0.02,
+                    autovacuum_vacuum_cost_delay = 1)
+                """,
+            ),
+        ),
     ),
 ]
 

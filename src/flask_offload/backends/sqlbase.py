@@ -36,6 +36,8 @@ from .statements import SELECT, Dialect, Statements
 
 T = TypeVar("T")
 WIDTH = len(COLUMNS)  # a claim's rows also end with seq
+PURGE_BATCH = 1000  # rows a purge deletes per statement (bench/pg_table.py: purge)
+PURGE_PAUSE = 0.01  # seconds between two of a purge's statements
 
 
 class SQLBackend(Backend):
@@ -234,18 +236,26 @@ class SQLBackend(Backend):
     def set_progress(self, job: Job, progress_json: str) -> bool:
         return self._changed_one(self.SQL.SET_PROGRESS, (progress_json, job.id, job.claim))
 
-    def purge(self, finished_before: float) -> int:
+    def purge(self, finished_before: float, most: int | None = None) -> int:
         now = time.time()  # on this host's clock, which may be off: the age is what counts
         params = {"now": now, "age": now - finished_before}
+        purged = 0
 
-        def purge(db: Any) -> int:
-            expired = db.execute(self.SQL.PURGE_EXPIRED, params).rowcount
-            count = int(expired + db.execute(self.SQL.PURGE, params).rowcount)
-            if count:
-                db.execute(self.SQL.PURGE_DEPS)
-            return count
+        def delete(sql: str, batch: int) -> int:
+            values = {**params, "batch": batch}
+            return int(self._run(lambda db: db.execute(sql, values).rowcount))
 
-        return self._run(purge)
+        for sql in (self.SQL.PURGE_EXPIRED, self.SQL.PURGE):
+            while most is None or purged < most:
+                batch = PURGE_BATCH if most is None else min(PURGE_BATCH, most - purged)
+                deleted = delete(sql, batch)
+                purged += deleted
+                if deleted < batch:
+                    break
+                time.sleep(PURGE_PAUSE)  # let other writers in between two batches
+        if purged:
+            self._run(lambda db: db.execute(self.SQL.PURGE_DEPS))
+        return purged
 
     def queued_task_names(self) -> set[str]:
         rows = self._run(lambda db: db.execute(self.SQL.QUEUED_TASK_NAMES).fetchall())
@@ -316,5 +326,15 @@ class SQLBackend(Backend):
         return [worker_info(row) for row in rows]
 
     def forget_worker(self, worker: str) -> None:
-        values = (worker, time.time() - 86400)
-        self._run(lambda db: db.execute(self.SQL.FORGET_WORKER, values))
+        self._run(lambda db: db.execute(self.SQL.FORGET_WORKER, (worker,)))
+
+    def forget_silent(self, seen_before: float) -> int:
+        forget = self.SQL.FORGET_SILENT
+        return int(self._run(lambda db: db.execute(forget, (seen_before,)).rowcount))
+
+    def lead(self, holder: str, ttl: float) -> bool:
+        params = {"holder": holder, "ttl": ttl, "now": time.time()}
+        return bool(self._run(lambda db: db.execute(self.SQL.LEAD, params).fetchall()))
+
+    def step_down(self, holder: str) -> None:
+        self._run(lambda db: db.execute(self.SQL.STEP_DOWN, {"holder": holder}))

@@ -26,7 +26,7 @@ from ..job import QUEUED, Job, Outcome
 from . import schema
 from .base import Wake, id_in_use
 from .doorbell import Doorbell
-from .rows import COLUMNS, finish_rows
+from .rows import COLUMNS, finish_rows, in_claim_order
 from .sqlbase import SQLBackend
 from .sqlitefile import Connection, SQLiteFile, busy
 from .statements import SELECT, Dialect, Statements, finish_set
@@ -116,7 +116,7 @@ CLAIM_TAKE = f"""
     SET state = 'running', worker = :worker, lease_until = :now + :lease, started_at = :now,
         attempts = attempts + 1, claim = :token || '.' || seq
     WHERE seq IN (SELECT value FROM json_each(:seqs))
-    RETURNING {SELECT}
+    RETURNING {SELECT}, seq
 """
 # One outcome a statement, the batch by executemany (see _finish_batch); finish_rows gives
 # the values, a retry's due time as this host's clock tells it.
@@ -345,9 +345,7 @@ class SQLiteBackend(SQLiteFile, SQLBackend):
             return db.execute(CLAIM_TAKE, {**params, "seqs": json.dumps(seqs)}).fetchall()
 
         rows = self._run(lambda db: self._transaction(db, lambda: pick_and_take(db)))
-        jobs = [self._job(row) for row in rows]
-        jobs.sort(key=lambda job: (-job.priority, job.run_at, job.created_at))
-        return jobs
+        return [self._job(row) for row in in_claim_order(rows)]
 
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
         ttls = self._ttls()

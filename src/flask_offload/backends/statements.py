@@ -34,6 +34,9 @@ class Dialect:
     append_history: Callable[[str], str]
     # finished_at's whole minutes since the epoch.
     minute: str
+    # "column is one of the values the subquery returns", from (column, subquery): PostgreSQL
+    # plans IN (subquery) of a DELETE as a hash join over the whole table.
+    among: Callable[[str, str], str] = "{} IN ({})".format
     # Statement text with ``?`` and ``:name`` placeholders as the driver wants them.
     translate: Callable[[str], str] = str
     # A Python list as the driver binds it to an array parameter.
@@ -88,6 +91,11 @@ def finish_set(d: Dialect, value: str, run_at: str) -> str:
         expires_at = CASE WHEN {cancelled} THEN {d.now} + {d.task_ttl}
                           ELSE {d.now} + {value.format("ttl")} END,
         history_json = {d.append_history(attempt(d.now, outcome, error, traceback))}"""
+
+
+def _oldest(rows: str, by: str) -> str:
+    """A purge's batch: the seq of the :batch rows matching ``rows`` first in ``by``."""
+    return f"SELECT seq FROM offload_jobs WHERE {rows} ORDER BY {by} LIMIT :batch"
 
 
 class Statements:
@@ -191,13 +199,31 @@ class Statements:
         self.WORKERS = sql("""
             SELECT id, host, pid, queues_json, tasks_json, started_at, last_seen
             FROM offload_workers WHERE last_seen >= ? ORDER BY started_at""")
-        self.FORGET_WORKER = sql("DELETE FROM offload_workers WHERE id = ? OR last_seen < ?")
-        # The cut-off is an age before the statement's clock, which may not be this host's.
-        self.PURGE = sql(f"""
-            DELETE FROM offload_jobs
-            WHERE state IN ('succeeded', 'failed', 'cancelled') AND finished_at < {now} - :age
-              AND expires_at IS NULL""")
-        self.PURGE_EXPIRED = sql(f"DELETE FROM offload_jobs WHERE expires_at < {now}")
+        self.FORGET_WORKER = sql("DELETE FROM offload_workers WHERE id = ?")
+        # A purge deletes at most :batch rows a statement, so it never holds a million row
+        # locks and writes its WAL in one transaction; each batch reads the oldest rows of
+        # the finished or the expiry index, so its cost follows the rows it deletes, not the
+        # table's. The cut-off is an age before the statement's clock, which may not be this
+        # host's. The condition is said again outside the subquery: a row retried meanwhile
+        # is kept.
+        old = f"""state IN ('succeeded', 'failed', 'cancelled') AND finished_at < {now} - :age
+              AND expires_at IS NULL"""
+        expired = f"expires_at < {now}"
+        self.PURGE, self.PURGE_EXPIRED = (
+            sql(f"DELETE FROM offload_jobs WHERE {rows} AND {d.among('seq', _oldest(rows, by))}")
+            for rows, by in ((old, "finished_at"), (expired, "expires_at"))
+        )
+        # The maintenance lease: taken if free or lapsed, renewed by its holder; one row.
+        self.LEAD = sql(f"""
+            INSERT INTO offload_leases AS lease (name, holder, until)
+            VALUES ('maintenance', :holder, {now} + :ttl)
+            ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until
+            WHERE lease.holder = excluded.holder OR lease.until < {now}
+            RETURNING holder""")
+        self.STEP_DOWN = sql(
+            "DELETE FROM offload_leases WHERE name = 'maintenance' AND holder = :holder"
+        )
+        self.FORGET_SILENT = sql("DELETE FROM offload_workers WHERE last_seen < ?")
         # A purged job's own parents go with it (its parents' rows are its inputs).
         self.PURGE_DEPS = """
             DELETE FROM offload_deps

@@ -157,9 +157,10 @@ class Pool:
         self.upkeep.done = True
         self.held.maintenance.set()
         try:
+            self.backend.step_down(self.id)
             self.backend.forget_worker(self.id)
-        except Exception as error:  # it ages out of `flask offload stats` by itself
-            logger.warning("could not remove this worker's heartbeat row (%s)", error)
+        except Exception as error:  # both age out by themselves
+            logger.warning("could not remove this worker's heartbeat row and lease (%s)", error)
         logger.info("worker %s stopped", self.id)
 
     def run_due(self) -> int:

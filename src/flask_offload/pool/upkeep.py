@@ -1,6 +1,13 @@
 """Upkeep: the pool's maintenance thread. It renews the leases of exactly the jobs held, beats
-this pool's heartbeat row, ends runs past their timeout, gives back stale batches, takes back
-the jobs of dead workers, expires old results and reports task names nobody here knows.
+this pool's heartbeat row, ends runs past their timeout, gives back stale batches and takes
+back the jobs of dead workers; and, in the one process that holds the maintenance lease,
+expires old results (in bounded batches), forgets pools silent for a day and reports task
+names no live worker knows.
+
+Every process recovers (a dead worker's jobs come back within a lease wherever the leader is);
+table-wide work runs once for the fleet, not once per process. The lease is renewed with each
+beat and runs out a lease after its holder dies (``kill -9``), when another process takes it;
+a pool that stops gracefully gives it up at once.
 
 It runs until the pool's threads are joined, so a drain never lets a lease lapse under a job
 it still runs. Nothing ends it: each step's error is logged and the loop goes on, and a
@@ -19,13 +26,16 @@ from ..backends.base import StorageCorrupt
 from ..current import PROGRESS_EVERY
 from ..execution import Events
 from ..job import WorkerInfo
-from ..liveness import beat_every
+from ..liveness import beat_every, live_window
 from .held import GIVE_BACK_AFTER, Held
 from .running import Runner
 
 logger = logging.getLogger("flask_offload")
 
 BEAT_RETRY = 0.25  # seconds before a failed heartbeat is tried again, doubling up to lease / 10
+PURGE_ROUND = 20_000  # rows a round of the purge deletes at most, so beats are never late
+PURGE_AGAIN = 1.0  # seconds before the next round, while a round finds that many
+SILENT_FOR = 86400.0  # seconds after which a pool's row is forgotten
 
 
 class Upkeep:
@@ -41,15 +51,18 @@ class Upkeep:
         self.signals = signals  # whether the Flask layer hears of recovered jobs
         self.done = False  # set, with held.maintenance, once the pool's threads are joined
         self.reported: set[str] = set()
+        self.leading = False  # whether this pool holds the maintenance lease
+        self.next_purge = 0.0
         host, pid = socket.gethostname(), os.getpid()
         self.info = WorkerInfo(held.pool_id, host, pid, None, [], time.time())  # its row
 
     def run(self) -> None:
         """Renew leases, end overdue runs, give back stale batches, take back jobs of dead
-        workers, expire old results; until the pool's threads are joined. Each step fails
-        alone: a failed heartbeat is tried again soon, the others at their next turn."""
+        workers; if this process leads, expire old results and report unknown tasks; until
+        the pool's threads are joined. Each step fails alone: a failed heartbeat is tried
+        again soon, the others at their next turn."""
         held, lease = self.held, self.settings.lease
-        next_beat = next_purge = next_report = 0.0
+        next_beat = self.next_purge = next_report = 0.0
         beat_failures = 0
         while not self.done:
             now = time.monotonic()
@@ -63,19 +76,28 @@ class Upkeep:
                     retry = BEAT_RETRY * 2 ** min(beat_failures - 1, 16)
                     pause = min(lease / 10, retry)
                 next_beat = now + pause
-            if now >= next_purge and not held.halted:
-                next_purge = now + min(60.0, self.settings.result_ttl)
-                self._step("purge", self.backend.purge, time.time() - self.settings.result_ttl)
-            if now >= next_report and not held.halted:
+            leads = self.leading and not held.halted
+            if leads and now >= self.next_purge:
+                self.next_purge = now + min(60.0, self.settings.result_ttl)
+                self._step("purge", self._purge, now)
+            if leads and now >= next_report:
                 next_report = now + 60.0
                 self._step("report", self._report_unknown_tasks)
+                self._step("silent workers", self.backend.forget_silent, time.time() - SILENT_FOR)
             try:
-                wake = self._next_round(next_beat)
+                wake = min(self._next_round(next_beat), self.next_purge if leads else next_beat)
             except BaseException:
                 logger.exception("worker maintenance could not plan its next round")
                 wake = now + BEAT_RETRY
             held.maintenance.wait(max(0.01, wake - time.monotonic()))
             held.maintenance.clear()
+
+    def _purge(self, now: float) -> None:
+        """Expire old results, a bounded round of them: another round follows soon while
+        rounds find that many (a backlog), so the heartbeats of this thread are never late."""
+        cut = time.time() - self.settings.result_ttl
+        if self.backend.purge(cut, most=PURGE_ROUND) >= PURGE_ROUND:
+            self.next_purge = now + PURGE_AGAIN
 
     def _step(self, what: str, step: Callable[..., object], *args: float) -> bool:
         """Run one maintenance step; False if it failed, which is logged and never ends the
@@ -124,6 +146,8 @@ class Upkeep:
         self.info.tasks = sorted(self.tasks)
         self.info.queues = None if self.settings.queues is None else list(self.settings.queues)
         self.backend.beat(self.info)
+        self.leading = False  # until renewed: a failed renewal must not leave two leaders
+        self.leading = self.backend.lead(self.held.pool_id, self.settings.lease)
         if self.held.halted:
             return
         recovered = self.backend.recover(self.settings.max_lost)
@@ -136,11 +160,13 @@ class Upkeep:
                 self.emit("job_cancelled" if job.state == "cancelled" else "job_lost", job, None)
 
     def _report_unknown_tasks(self) -> None:
-        """Warn once per name of the queued jobs whose task this app does not register."""
-        for name in sorted(self.backend.queued_task_names() - set(self.tasks) - self.reported):
+        """Warn once per name of the queued jobs whose task no live pool registers."""
+        live = self.backend.workers(time.time() - live_window(self.settings.lease))
+        known = set(self.tasks).union(*(w.tasks for w in live))
+        for name in sorted(self.backend.queued_task_names() - known - self.reported):
             self.reported.add(name)
             logger.warning(
-                "jobs of task %r are waiting, but this app registers no such task; "
+                "jobs of task %r are waiting, but no running worker registers such a task; "
                 "a worker that knows it will run them",
                 name,
             )

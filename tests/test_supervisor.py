@@ -302,3 +302,21 @@ def test_a_size_that_is_none_is_refused() -> None:
 
     done = CliRunner().invoke(command, ["--size", "lots"])
     assert done.exit_code == 2 and "not a size such as 512M" in done.output
+
+
+def test_sigterm_to_every_process_at_once_still_drains(tmp_path: Path) -> None:
+    """systemd (KillMode=control-group, its default) and Heroku send SIGTERM to every process
+    of the service at once: the supervisor and each child. The child then gets the signal
+    twice (once from the service manager, once passed on by its supervisor); that is one
+    request to drain, not a second signal, so its running job must still finish."""
+    env = jobapp_env(tmp_path)
+    with supervised(tmp_path, env, "--processes", "1", "--threads", "1") as (proc, log):
+        wait_until(lambda: len(children(log)) == 1, timeout=60)
+        enqueue(env, range(1), 3.0)
+        wait_until(lambda: runs(tmp_path))
+        [(_, child)] = children(log)
+        os.kill(child, signal.SIGTERM)  # the service manager signals the whole cgroup
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    assert [event for event, _, _ in runs(tmp_path)] == ["start", "done"], log.read_text()
+    assert states(f"sqlite:///{tmp_path / 'jobs.db'}") == Counter(succeeded=1)

@@ -121,6 +121,7 @@ def work(app: Flask, runtime: Runtime, pools: Pools, limits: tuple[int | None, .
                     size / 2**20,
                 )
         watch_supervisor(_orphaned)
+        interrupts.watched_by_parent()  # a repeated SIGTERM is the service manager's copy
     lifecycle.manage(runtime, "start", pools)
     try:
         while not done.wait(3600):

@@ -150,9 +150,18 @@ class Loop:
 
 
 def _serve(loop: asyncio.AbstractEventLoop) -> None:
-    """The loop's thread: run it until ``Loop.stop``, then close it."""
+    """The loop's thread: run it until ``Loop.stop``, then close it. No exception ends it:
+    ``SystemExit`` or ``KeyboardInterrupt`` raised outside a job's own asyncio task (in one it
+    spawned, or a callback it scheduled) leaves ``run_forever``, which then runs again, or
+    every coroutine of the pool would stay held, its lease renewed, for ever."""
     asyncio.set_event_loop(loop)
     try:
-        loop.run_forever()
+        while True:
+            try:
+                loop.run_forever()
+            except BaseException:
+                logger.exception("code run on the event loop raised out of it; it goes on")
+                continue
+            return
     finally:
         loop.close()

@@ -16,6 +16,7 @@ the loop meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -49,8 +50,11 @@ class Loop:
         self._cancelled: set[Claimed] = set()  # on the loop only: cancelled once, not again
 
     def submit(self, claimed: Claimed) -> None:
-        """Start ``claimed``'s coroutine on the loop; returns at once."""
-        self._started().call_soon_threadsafe(self._begin, claimed)
+        """Start ``claimed``'s coroutine on the loop; returns at once. It starts from an
+        empty context, not a copy of the run thread's, which holds whatever context variables
+        the plain jobs run in that thread have set."""
+        loop = self._started()
+        loop.call_soon_threadsafe(self._begin, claimed, context=contextvars.Context())
 
     def cancel(self, claimed: Claimed) -> None:
         """Cancel ``claimed``'s coroutine (its timeout, or its job's cancellation), once."""

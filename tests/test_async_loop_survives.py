@@ -59,3 +59,35 @@ def test_a_coroutine_does_not_inherit_context_variables_a_plain_job_set(
         offload.runtime(app).start()
         assert first.wait(30).state == "succeeded"
         assert coro.delay().wait(30).result is None
+
+
+def test_a_coroutine_that_ignores_its_timeout_gives_up_its_place(make_app: AppFactory) -> None:
+    """Past its timeout a coroutine's job is over (failed, its outcome stored); if the
+    coroutine ignores the cancellation it runs on, as a stuck thread does, but no longer takes
+    one of the OFFLOAD_ASYNC_CONCURRENCY places, nor holds up a drain."""
+    offload, release = Offload(), asyncio.Event()
+    loop_of: list[asyncio.AbstractEventLoop] = []
+
+    @offload.task(name="stubborn", timeout=0.2)
+    async def stubborn() -> None:
+        loop_of.append(asyncio.get_running_loop())
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await release.wait()  # a cleanup that takes long, or a swallowed cancel
+
+    @offload.task(name="after")
+    async def after(n: int) -> int:
+        await asyncio.sleep(0)
+        return n
+
+    app, _ = make_app(offload, OFFLOAD_WORKERS=1, OFFLOAD_ASYNC_CONCURRENCY=1)
+    runtime = offload.runtime(app)
+    with app.app_context():
+        late = stubborn.delay()
+        runtime.start()
+        assert late.wait(30).state == "failed"
+        try:
+            assert [after.delay(n).wait(10).result for n in range(3)] == [0, 1, 2]
+        finally:
+            loop_of[0].call_soon_threadsafe(release.set)

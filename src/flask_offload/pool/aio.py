@@ -7,8 +7,9 @@ enters its own app context and ``current_job`` inside its asyncio task (``execut
 
 The rules of held jobs are the threads' ones: a coroutine's job stays ``running`` (its lease
 renewed) until its outcome is handed to the finisher; one past its timeout is failed by the
-upkeep as a thread's is, and its coroutine is cancelled for real, as is one whose job is
-cancelled; a drain waits for running coroutines, then cancels those it puts back. Code that
+upkeep as a thread's is, and its coroutine is cancelled for real (and gives up its place at
+once: one that ignores the cancellation runs on, as a stuck thread does, but holds back no other
+job nor the drain), as is one whose job is cancelled; a drain waits for running coroutines, then cancels those it puts back. Code that
 blocks (a synchronous storage call: ``.delay()``, ``set_progress``) blocks every coroutine of
 the loop meanwhile.
 """
@@ -115,8 +116,7 @@ class Loop:
         outcome = self._outcome(claimed, run)
         held = self.held
         with held.lock:
-            was_full = held.async_running >= self.settings.async_concurrency
-            held.async_running -= 1
+            was_full = held.leave_place(claimed)
             self.ended.notify_all()
             kept = claimed.stage == "running"
             if kept:

@@ -159,6 +159,7 @@ class Runner:
         failed (or retried) and asked to cancel, and a new thread takes its place; a
         coroutine is cancelled."""
         held = self.held
+        room = False  # a coroutine past its timeout gave up its place in a full loop
         with held.lock:
             if held.drained:  # past the drain: what still runs is put back instead
                 return
@@ -177,8 +178,12 @@ class Runner:
                 held.store_later(c)
                 if c.aio:
                     self.aio.cancel(c)  # a coroutine can be cancelled for real
+                    room = held.leave_place(c) or room
+                    self.aio.ended.notify_all()  # a drain does not wait for it either
                 else:
                     self._replace(c.thread)
+        if room:
+            held.wake()
         for c in overdue:
             logger.warning("job %s (%s) timed out", c.job.id, c.job.task)
 

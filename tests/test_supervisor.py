@@ -320,3 +320,22 @@ def test_sigterm_to_every_process_at_once_still_drains(tmp_path: Path) -> None:
         assert proc.wait(60) == 0
     assert [event for event, _, _ in runs(tmp_path)] == ["start", "done"], log.read_text()
     assert states(f"sqlite:///{tmp_path / 'jobs.db'}") == Counter(succeeded=1)
+
+
+def test_a_recycle_lets_a_job_longer_than_the_shutdown_timeout_finish(tmp_path: Path) -> None:
+    """A recycle is no shutdown that something waits on: the child finishes its running jobs
+    however long they take ("finish its jobs, then replace it"), instead of putting back, after
+    OFFLOAD_SHUTDOWN_TIMEOUT, a job it then abandons by exiting, to be run again from the start."""
+    env = jobapp_env(tmp_path, OFFLOADTEST_OFFLOAD_SHUTDOWN_TIMEOUT="1")
+    options = ("--processes", "1", "--threads", "2", "--max-jobs-per-child", "1")
+    with supervised(tmp_path, env, *options) as (proc, log):
+        wait_until(lambda: len(children(log)) == 1, timeout=60)
+        enqueue(env, range(1), 4.0)
+        wait_until(lambda: runs(tmp_path))
+        enqueue(env, range(1, 2), 0.0)  # the child's first finished job: it recycles
+        db = f"sqlite:///{tmp_path / 'jobs.db'}"
+        wait_until(lambda: states(db) == Counter(succeeded=2), timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    starts = Counter(n for event, n, _ in runs(tmp_path) if event == "start")
+    assert starts == Counter({0: 1, 1: 1}), log.read_text()

@@ -8,10 +8,10 @@ enters its own app context and ``current_job`` inside its asyncio task (``execut
 The rules of held jobs are the threads' ones: a coroutine's job stays ``running`` (its lease
 renewed) until its outcome is handed to the finisher; one past its timeout is failed by the
 upkeep as a thread's is, and its coroutine is cancelled for real (and gives up its place at
-once: one that ignores the cancellation runs on, as a stuck thread does, but holds back no other
-job nor the drain), as is one whose job is cancelled; a drain waits for running coroutines, then cancels those it puts back. Code that
-blocks (a synchronous storage call: ``.delay()``, ``set_progress``) blocks every coroutine of
-the loop meanwhile.
+once: one that ignores the cancellation runs on, as a stuck thread does, but holds back no
+other job nor the drain), as is one whose job is cancelled; a drain waits for running
+coroutines, then cancels those it puts back. Code that blocks (a synchronous storage call:
+``.delay()``, ``set_progress``) blocks every coroutine of the loop meanwhile.
 """
 
 from __future__ import annotations

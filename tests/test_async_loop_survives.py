@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 
+import pytest
+
 from conftest import AppFactory
 from flask_offload import Offload
 
@@ -91,3 +93,35 @@ def test_a_coroutine_that_ignores_its_timeout_gives_up_its_place(make_app: AppFa
             assert [after.delay(n).wait(10).result for n in range(3)] == [0, 1, 2]
         finally:
             loop_of[0].call_soon_threadsafe(release.set)
+
+
+def test_a_loop_that_cannot_start_fails_the_job_not_the_thread(
+    make_app: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event loop that cannot be made (out of file descriptors) is the job's failure; the
+    run thread goes on, and the job is not held, its lease renewed, for ever."""
+    from flask_offload.pool import aio
+
+    offload, made = Offload(), []
+    real = asyncio.new_event_loop
+
+    def new_event_loop() -> asyncio.AbstractEventLoop:
+        made.append(1)
+        if len(made) == 1:
+            raise OSError(24, "Too many open files")
+        return real()
+
+    monkeypatch.setattr(aio.asyncio, "new_event_loop", new_event_loop)
+
+    @offload.task(name="after")
+    async def after(n: int) -> int:
+        await asyncio.sleep(0)
+        return n
+
+    app, _ = make_app(offload, OFFLOAD_WORKERS=1)
+    with app.app_context():
+        first = after.delay(0)
+        offload.runtime(app).start()
+        assert first.wait(10).state == "failed"
+        assert "Too many open files" in (first.error or "")
+        assert after.delay(1).wait(10).result == 1

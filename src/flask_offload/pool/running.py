@@ -140,7 +140,16 @@ class Runner:
         the time this takes is what the claim's batch is sized by."""
         began = time.monotonic()
         self.emit("job_started", claimed.job, None)
-        self.aio.submit(claimed)
+        try:
+            self.aio.submit(claimed)
+        except Exception as error:  # no event loop to be had (out of file descriptors)
+            logger.exception("job %s (%s) could not be run", claimed.job.id, claimed.job.task)
+            held = self.held
+            with held.lock:
+                if claimed.stage == "running":
+                    held.leave_place(claimed)
+                    claimed.outcome = Outcome(FAILED, error=f"WorkerError: {describe(error)}")
+                    held.store_later(claimed)
         self.held.job_seconds += (time.monotonic() - began - self.held.job_seconds) / 8
 
     def execute(self, job: Job, running: Running) -> Outcome:

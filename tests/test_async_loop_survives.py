@@ -125,3 +125,38 @@ def test_a_loop_that_cannot_start_fails_the_job_not_the_thread(
         assert first.wait(10).state == "failed"
         assert "Too many open files" in (first.error or "")
         assert after.delay(1).wait(10).result == 1
+
+
+def test_a_job_put_back_before_its_coroutine_began_never_begins(make_app: AppFactory) -> None:
+    """A drain puts back a job handed to the loop while a blocking call held the loop: once
+    the loop is free, that job's coroutine must not begin (another worker may run it now)."""
+    import threading
+    import time
+
+    offload, began, seen = Offload(), threading.Event(), []
+
+    @offload.task(name="blocks")
+    async def blocks() -> None:
+        began.set()
+        time.sleep(1.5)  # a blocking call: the loop runs nothing else meanwhile
+
+    @offload.task(name="side")
+    async def side() -> None:
+        seen.append("began")  # e.g. an HTTP POST sent
+        await asyncio.sleep(0)
+
+    app, _ = make_app(offload, OFFLOAD_WORKERS=1)
+    runtime = offload.runtime(app)
+    with app.app_context():
+        blocks.delay()
+        runtime.start()
+        assert began.wait(10)
+        job = side.delay()
+        deadline = time.monotonic() + 10
+        while job.refresh().state != "running" and time.monotonic() < deadline:
+            time.sleep(0.01)  # claimed and handed to the busy loop
+    runtime.stop(0.2)
+    time.sleep(0.5)
+    with app.app_context():
+        assert job.refresh().state == "queued"
+    assert seen == []

@@ -94,6 +94,9 @@ class Loop:
     # -- on the loop's thread --------------------------------------------------------------------
 
     def _begin(self, claimed: Claimed) -> None:
+        with self.held.lock:
+            if claimed.stage != "running":  # put back by a drain, or timed out, meanwhile
+                return
         task = self.tasks[claimed.job.task]
         coroutine = execute_async(task, claimed.job, claimed.running, self.context, self.settings)
         run = asyncio.get_running_loop().create_task(coroutine)

@@ -302,3 +302,40 @@ def test_a_size_that_is_none_is_refused() -> None:
 
     done = CliRunner().invoke(command, ["--size", "lots"])
     assert done.exit_code == 2 and "not a size such as 512M" in done.output
+
+
+def test_sigterm_to_every_process_at_once_still_drains(tmp_path: Path) -> None:
+    """systemd (KillMode=control-group, its default) and Heroku send SIGTERM to every process
+    of the service at once: the supervisor and each child. The child then gets the signal
+    twice (once from the service manager, once passed on by its supervisor); that is one
+    request to drain, not a second signal, so its running job must still finish."""
+    env = jobapp_env(tmp_path)
+    with supervised(tmp_path, env, "--processes", "1", "--threads", "1") as (proc, log):
+        wait_until(lambda: len(children(log)) == 1, timeout=60)
+        enqueue(env, range(1), 3.0)
+        wait_until(lambda: runs(tmp_path))
+        [(_, child)] = children(log)
+        os.kill(child, signal.SIGTERM)  # the service manager signals the whole cgroup
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    assert [event for event, _, _ in runs(tmp_path)] == ["start", "done"], log.read_text()
+    assert states(f"sqlite:///{tmp_path / 'jobs.db'}") == Counter(succeeded=1)
+
+
+def test_a_recycle_lets_a_job_longer_than_the_shutdown_timeout_finish(tmp_path: Path) -> None:
+    """A recycle is no shutdown that something waits on: the child finishes its running jobs
+    however long they take ("finish its jobs, then replace it"), instead of putting back, after
+    OFFLOAD_SHUTDOWN_TIMEOUT, a job it then abandons by exiting, to be run again from the start."""
+    env = jobapp_env(tmp_path, OFFLOADTEST_OFFLOAD_SHUTDOWN_TIMEOUT="1")
+    options = ("--processes", "1", "--threads", "2", "--max-jobs-per-child", "1")
+    with supervised(tmp_path, env, *options) as (proc, log):
+        wait_until(lambda: len(children(log)) == 1, timeout=60)
+        enqueue(env, range(1), 4.0)
+        wait_until(lambda: runs(tmp_path))
+        enqueue(env, range(1, 2), 0.0)  # the child's first finished job: it recycles
+        db = f"sqlite:///{tmp_path / 'jobs.db'}"
+        wait_until(lambda: states(db) == Counter(succeeded=2), timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    starts = Counter(n for event, n, _ in runs(tmp_path) if event == "start")
+    assert starts == Counter({0: 1, 1: 1}), log.read_text()

@@ -83,8 +83,11 @@ def abandoned() -> bool:
     return _state == "abandoned"
 
 
-def watched_by_reloader() -> None:
-    """This process is the reloader's serving child (its watcher forwards SIGINT)."""
+def watched_by_parent() -> None:
+    """This process is the reloader's serving child (its watcher forwards SIGINT) or a
+    ``--processes`` supervisor's child (it passes SIGTERM on, which systemd and Heroku may
+    have sent the child too): a repeat during the drain is that copy, not a second signal;
+    the parent stops the child at once itself when a second signal reaches it."""
     global _watched_by_reloader
     _watched_by_reloader = True
 

@@ -182,7 +182,7 @@ def _stop_in_watcher() -> None:
 def _serve_under_reloader() -> None:
     global _under_reloader
     _under_reloader = True
-    interrupts.watched_by_reloader()
+    interrupts.watched_by_parent()
 
 
 def _first_on_storage(runtime: Runtime, app: Flask | None) -> bool:

@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from typing import Any, NoReturn
 
 import click
@@ -38,6 +39,7 @@ logger = logging.getLogger("flask_offload")
 # (their start, if a signal came during it, and their last outcomes' store) before it kills them.
 DRAIN_MARGIN = 15.0
 FINISHED = (signals.job_succeeded, signals.job_failed, signals.job_cancelled, signals.job_retrying)
+RECYCLE_POLL = 0.1  # seconds between looks at a recycling child's running jobs
 UNITS = {"": 2**20, "K": 2**10, "M": 2**20, "G": 2**30}  # of --max-memory-per-child
 Pools = list[tuple[int, tuple[str, ...] | None]]
 
@@ -97,6 +99,14 @@ def work(app: Flask, runtime: Runtime, pools: Pools, limits: tuple[int | None, .
                 child_number(),
                 reason,
             )
+            # Nothing waits on a recycle, so it finishes the running jobs however long they
+            # take (leases renewed, timeouts enforced), instead of putting back at
+            # SHUTDOWN_TIMEOUT a job that this exit would then cut short, to be run again from
+            # its start. A signal meanwhile drains as usual, within SHUTDOWN_TIMEOUT.
+            for pool in runtime.pools:
+                pool.begin_stop()  # claim no more; put back what has not started
+            while not interrupts.interrupted() and any(p.running_jobs() for p in runtime.pools):
+                time.sleep(RECYCLE_POLL)
             lifecycle.stop_all()
             done.set()
 
@@ -121,6 +131,7 @@ def work(app: Flask, runtime: Runtime, pools: Pools, limits: tuple[int | None, .
                     size / 2**20,
                 )
         watch_supervisor(_orphaned)
+        interrupts.watched_by_parent()  # a repeated SIGTERM is the service manager's copy
     lifecycle.manage(runtime, "start", pools)
     try:
         while not done.wait(3600):

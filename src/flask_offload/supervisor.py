@@ -31,10 +31,12 @@ supervisor, which passes each signal on exactly once. The first SIGTERM or SIGIN
 restarts and sends SIGTERM to every child, which drains as a single worker does (within
 ``OFFLOAD_SHUTDOWN_TIMEOUT``); the supervisor exits 0 once all have exited (a child still
 there ``grace`` seconds later is killed, and the exit status is then 1). A second SIGTERM or
-SIGINT during that drain stops at once: the supervisor says so, sends SIGTERM again (each
-child then stops at once, leaving its running jobs to their lease), kills what is left after
-``KILL_AFTER`` seconds, and hands the signal on (it ends by that signal, as a single worker
-does).
+SIGINT during that drain stops at once: the supervisor says so, kills its children (their
+running jobs are left to their lease; the unstarted ones were put back by the first), and hands
+the signal on (it ends by that signal, as a single worker does). It kills them rather than
+signalling again because a child ignores a repeated SIGTERM or SIGINT while it drains: systemd
+(``KillMode=control-group``) and Heroku send SIGTERM to every process of a service at once, so
+a child gets the service manager's copy and its supervisor's, which are one request to drain.
 
 **A child outlives no supervisor.** Each child holds the read end of a pipe whose only write
 end is the supervisor's; when the supervisor dies, even by ``kill -9``, the child reads the
@@ -63,7 +65,6 @@ RECYCLE = 75  # a child's exit status for "replace me" (EX_TEMPFAIL)
 STABLE = 10.0  # a child that ran this long was not failing at start: no backoff
 BACKOFF = 1.0  # the first restart delay of a child failing at start; doubles per exit in a row
 MAX_BACKOFF = 60.0
-KILL_AFTER = 5.0  # after a second signal, seconds before children still there are killed
 STOP_NOW = "stopping now: worker processes leave their running jobs to their lease"
 
 
@@ -214,22 +215,22 @@ class Supervisor:
         deadline = time.monotonic() + self.grace
         second: int | None = None
         while self._alive():
-            if second is None and self._signals:
+            if self._signals:  # a second signal: no child may wait for its jobs any more
                 second = self._signals.pop(0)
                 _say(STOP_NOW)
-                self._send(signal.SIGTERM)
-                deadline = min(deadline, time.monotonic() + KILL_AFTER)
+                break
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             self._sleep(min(left, 1.0))
         killed = self._alive()
         for child in killed:
-            logger.warning(
-                "worker process %d (pid %d) did not stop in time: killed",
-                child.number,
-                child.proc.pid,  # type: ignore[union-attr]
-            )
+            if second is None:
+                logger.warning(
+                    "worker process %d (pid %d) did not stop in time: killed",
+                    child.number,
+                    child.proc.pid,  # type: ignore[union-attr]
+                )
             child.proc.kill()  # type: ignore[union-attr]
             child.proc.wait()  # type: ignore[union-attr]
         if second is not None:

@@ -7,15 +7,17 @@ enters its own app context and ``current_job`` inside its asyncio task (``execut
 
 The rules of held jobs are the threads' ones: a coroutine's job stays ``running`` (its lease
 renewed) until its outcome is handed to the finisher; one past its timeout is failed by the
-upkeep as a thread's is, and its coroutine is cancelled for real, as is one whose job is
-cancelled; a drain waits for running coroutines, then cancels those it puts back. Code that
-blocks (a synchronous storage call: ``.delay()``, ``set_progress``) blocks every coroutine of
-the loop meanwhile.
+upkeep as a thread's is, and its coroutine is cancelled for real (and gives up its place at
+once: one that ignores the cancellation runs on, as a stuck thread does, but holds back no
+other job nor the drain), as is one whose job is cancelled; a drain waits for running
+coroutines, then cancels those it puts back. Code that blocks (a synchronous storage call:
+``.delay()``, ``set_progress``) blocks every coroutine of the loop meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -49,8 +51,11 @@ class Loop:
         self._cancelled: set[Claimed] = set()  # on the loop only: cancelled once, not again
 
     def submit(self, claimed: Claimed) -> None:
-        """Start ``claimed``'s coroutine on the loop; returns at once."""
-        self._started().call_soon_threadsafe(self._begin, claimed)
+        """Start ``claimed``'s coroutine on the loop; returns at once. It starts from an
+        empty context, not a copy of the run thread's, which holds whatever context variables
+        the plain jobs run in that thread have set."""
+        loop = self._started()
+        loop.call_soon_threadsafe(self._begin, claimed, context=contextvars.Context())
 
     def cancel(self, claimed: Claimed) -> None:
         """Cancel ``claimed``'s coroutine (its timeout, or its job's cancellation), once."""
@@ -89,6 +94,9 @@ class Loop:
     # -- on the loop's thread --------------------------------------------------------------------
 
     def _begin(self, claimed: Claimed) -> None:
+        with self.held.lock:
+            if claimed.stage != "running":  # put back by a drain, or timed out, meanwhile
+                return
         task = self.tasks[claimed.job.task]
         coroutine = execute_async(task, claimed.job, claimed.running, self.context, self.settings)
         run = asyncio.get_running_loop().create_task(coroutine)
@@ -111,8 +119,7 @@ class Loop:
         outcome = self._outcome(claimed, run)
         held = self.held
         with held.lock:
-            was_full = held.async_running >= self.settings.async_concurrency
-            held.async_running -= 1
+            was_full = held.leave_place(claimed)
             self.ended.notify_all()
             kept = claimed.stage == "running"
             if kept:
@@ -150,9 +157,18 @@ class Loop:
 
 
 def _serve(loop: asyncio.AbstractEventLoop) -> None:
-    """The loop's thread: run it until ``Loop.stop``, then close it."""
+    """The loop's thread: run it until ``Loop.stop``, then close it. No exception ends it:
+    ``SystemExit`` or ``KeyboardInterrupt`` raised outside a job's own asyncio task (in one it
+    spawned, or a callback it scheduled) leaves ``run_forever``, which then runs again, or
+    every coroutine of the pool would stay held, its lease renewed, for ever."""
     asyncio.set_event_loop(loop)
     try:
-        loop.run_forever()
+        while True:
+            try:
+                loop.run_forever()
+            except BaseException:
+                logger.exception("code run on the event loop raised out of it; it goes on")
+                continue
+            return
     finally:
         loop.close()

@@ -60,6 +60,7 @@ class Claimed:
     seconds: float = 0.0
     timed_out: bool = False
     aio: bool = False  # an ``async def`` task, run on the pool's event loop (aio.py)
+    in_place: bool = False  # its coroutine takes one of the ``async_concurrency`` places
     store_tries: int = 0
     store_after: float = 0.0
 
@@ -143,13 +144,24 @@ class Held:
         claimed.stage, claimed.thread = "running", me
         task = self.tasks[claimed.job.task]
         if is_async(task):
-            claimed.aio = True
+            claimed.aio = claimed.in_place = True
             self.async_running += 1
         timeout = task.timeout
         if timeout is not None:
             claimed.deadline = time.monotonic() + timeout
             self.maintenance.set()
         return claimed
+
+    def leave_place(self, claimed: Claimed) -> bool:
+        """``claimed``'s coroutine gives up its place (with the lock held): it ended, or its
+        job timed out and it no longer counts, as a stuck thread does not. True if the loop
+        was full until now, so the pool may claim async jobs again."""
+        if not claimed.in_place:
+            return False
+        claimed.in_place = False
+        was_full = self.async_running >= self.settings.async_concurrency
+        self.async_running -= 1
+        return was_full
 
     def store_later(self, claimed: Claimed) -> None:
         """Queue an outcome for the finisher (with the lock held)."""

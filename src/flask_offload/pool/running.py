@@ -140,7 +140,16 @@ class Runner:
         the time this takes is what the claim's batch is sized by."""
         began = time.monotonic()
         self.emit("job_started", claimed.job, None)
-        self.aio.submit(claimed)
+        try:
+            self.aio.submit(claimed)
+        except Exception as error:  # no event loop to be had (out of file descriptors)
+            logger.exception("job %s (%s) could not be run", claimed.job.id, claimed.job.task)
+            held = self.held
+            with held.lock:
+                if claimed.stage == "running":
+                    held.leave_place(claimed)
+                    claimed.outcome = Outcome(FAILED, error=f"WorkerError: {describe(error)}")
+                    held.store_later(claimed)
         self.held.job_seconds += (time.monotonic() - began - self.held.job_seconds) / 8
 
     def execute(self, job: Job, running: Running) -> Outcome:
@@ -159,6 +168,7 @@ class Runner:
         failed (or retried) and asked to cancel, and a new thread takes its place; a
         coroutine is cancelled."""
         held = self.held
+        room = False  # a coroutine past its timeout gave up its place in a full loop
         with held.lock:
             if held.drained:  # past the drain: what still runs is put back instead
                 return
@@ -177,8 +187,12 @@ class Runner:
                 held.store_later(c)
                 if c.aio:
                     self.aio.cancel(c)  # a coroutine can be cancelled for real
+                    room = held.leave_place(c) or room
+                    self.aio.ended.notify_all()  # a drain does not wait for it either
                 else:
                     self._replace(c.thread)
+        if room:
+            held.wake()
         for c in overdue:
             logger.warning("job %s (%s) timed out", c.job.id, c.job.task)
 

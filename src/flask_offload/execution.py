@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from . import serializer, tracing
+from .backends.limits import Limits
 from .current import Running, _running
 from .errors import RetryDelayError
 from .job import CANCELLED, FAILED, QUEUED, SUCCEEDED, Job, Outcome
@@ -80,6 +81,9 @@ class Runnable(Periodic, Protocol):
     retry_unless: tuple[type[BaseException], ...]
     timeout: float | None
     result_ttl: float | None
+    limits: Limits | None
+
+    def limit_keys(self, args: Any, kwargs: Any) -> tuple[str | None, str | None]: ...
 
 
 @dataclass(frozen=True)

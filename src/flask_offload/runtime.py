@@ -122,6 +122,8 @@ class Runtime:
             raise InvalidArgument(
                 "give connection= (in your transaction) or after_commit=, not both"
             )
+        task = self.tasks.get(task_name)
+        limit_key, rate_key = (None, None) if task is None else task.limit_keys(args, kwargs)
         now = time.time()
         job = Job(
             id=new_id() if id is None else id,
@@ -138,6 +140,8 @@ class Runtime:
             owner_json=owner_json,
             ephemeral=ephemeral,
             trace_json=tracing.carrier() if tracing.ENABLED else None,
+            limit_key=limit_key,
+            rate_key=rate_key,
         )
         if after_commit is not None:
             commits.after_commit(after_commit, lambda: self._store(job, None))

@@ -17,10 +17,13 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgument, JobIdInUse, StorageCorrupt
 from ..job import Cancel, Door, Job, Outcome, WorkerInfo
+
+if TYPE_CHECKING:
+    from .limits import Limits
 
 __all__ = [
     "Backend",
@@ -88,6 +91,22 @@ class Backend(ABC):
         in ``queues``, and never from a paused queue. Order: higher priority, then earlier due
         time, then enqueue order. Each claim counts as an attempt, holds the job for ``lease``
         seconds and gives it a new ``claim`` token.
+        """
+
+    @abstractmethod
+    def claim_limited(
+        self,
+        worker: str,
+        limits: Mapping[str, Limits],
+        queues: Collection[str] | None,
+        limit: int,
+        lease: float,
+    ) -> tuple[list[Job], float | None]:
+        """``claim`` for the tasks named in ``limits`` (which ``claim`` is never given), taking
+        only jobs that fit: at most ``concurrency`` running per (task, ``limit_key``) and
+        ``rate`` claims per ``period`` seconds per (task, ``rate_key``), across every process.
+        Jobs of a full key are skipped, never waited for. Also returns, when a rate window is
+        full, the seconds until it lets a job start again (else None). See ``limits.py``.
         """
 
     @abstractmethod

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..backends.base import Backend, StorageCorrupt
+from ..backends.limits import Limits
 from ..current import Running
 from ..execution import Runnable, Settings
 from ..job import Job, Outcome
@@ -90,6 +91,10 @@ class Held:
         self.wakeup = threading.Condition()
         self.wakeups = 0
         self.dues: list[float] = []  # due times of in-process delayed jobs, a heap
+        # Under ``claiming``: the wake-ups seen when a limited claim last found nothing, and
+        # when to try again without one (see _claim_limited).
+        self.limited_seen = -1
+        self.limited_after = 0.0
 
     # -- claiming --------------------------------------------------------------------------------
 
@@ -106,9 +111,12 @@ class Held:
                 if self.stopping or self.halted:
                     return None
             size = min(MAX_BATCH, max(1, int(PREFETCH_SECONDS / self.job_seconds)))
-            jobs = self.backend.claim(
-                self.pool_id, list(self.tasks), self.settings.queues, size, self.settings.lease
-            )
+            plain, limits = self._tasks()
+            jobs = self._claim_limited(limits) if limits else []
+            if plain:
+                jobs += self.backend.claim(
+                    self.pool_id, plain, self.settings.queues, size, self.settings.lease
+                )
             now = time.monotonic()
             claimed = [Claimed(job, Running(job, self.backend), now) for job in jobs]
             with self.lock:
@@ -123,6 +131,38 @@ class Held:
             if len(claimed) > 1:
                 self.maintenance.set()  # to give back what is still batched in time
             return first
+
+    def _tasks(self) -> tuple[list[str], dict[str, Limits]]:
+        """The names of the tasks claimed plainly, and the limits of those with limits."""
+        plain, limits = [], {}
+        for name, task in self.tasks.items():
+            if task.limits is None:
+                plain.append(name)
+            else:
+                limits[name] = task.limits
+        return plain, limits
+
+    def _claim_limited(self, limits: dict[str, Limits]) -> list[Job]:
+        """Claim one job of a limited task (under ``claiming``), unless the last try found
+        none and nothing since could have changed that: no wake-up, and neither the poll
+        interval nor the wait storage named (a rate window freeing) has passed. One at a time,
+        so no slot or start is spent on a job that waits in a batch."""
+        seen = self.wakeups
+        if seen == self.limited_seen and time.monotonic() < self.limited_after:
+            return []
+        jobs, wait = self.backend.claim_limited(
+            self.pool_id, limits, self.settings.queues, 1, self.settings.lease
+        )
+        if jobs:
+            self.limited_seen = -1
+            return jobs
+        pause = (
+            self.settings.poll_interval if wait is None else min(wait, self.settings.poll_interval)
+        )
+        self.limited_seen, self.limited_after = seen, time.monotonic() + pause
+        if wait is not None:
+            self.wake(time.time() + wait)
+        return []
 
     def _begin(self, claimed: Claimed, me: threading.Thread) -> Claimed:
         """Move a batched job to running in thread ``me`` (with the lock held)."""

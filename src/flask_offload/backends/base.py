@@ -110,6 +110,16 @@ class Backend(ABC):
         """
 
     @abstractmethod
+    def unmarked(self, tasks: Collection[str], limit: int) -> list[Job]:
+        """Up to ``limit`` queued jobs of ``tasks`` stored without limit keys (enqueued by a
+        process that does not register their task, or before it had limits), oldest first."""
+
+    @abstractmethod
+    def mark_limited(self, keys: Sequence[tuple[str, str | None, str | None]]) -> int:
+        """Give each ``(job id, limit_key, rate_key)`` still queued without keys those keys,
+        so ``claim_limited`` takes it; how many were marked."""
+
+    @abstractmethod
     def heartbeat(self, held: Collection[Job], lease: float) -> set[str]:
         """Extend by ``lease`` seconds the lease of each claimed job in ``held`` that its claim
         still holds (and of no other job); return the ids of those asked to cancel."""

@@ -162,4 +162,14 @@ class LimitStatements:
                 started_at = :now, attempts = attempts + 1, claim = :token || '.' || seq
             WHERE {d.any_of("id", ":ids")} AND state = 'queued'
             RETURNING {SELECT}""")
+        # Queued jobs of limited tasks stored without keys: enqueued by name in a process that
+        # does not register the task, or before its limits were added (see Upkeep).
+        self.UNMARKED = sql(f"""
+            SELECT {SELECT} FROM offload_jobs
+            WHERE state = 'queued' AND limit_key IS NULL AND rate_key IS NULL
+              AND {d.any_of("task", ":tasks")}
+            ORDER BY seq LIMIT :limit""")
+        self.MARK = sql("""
+            UPDATE offload_jobs SET limit_key = ?, rate_key = ?
+            WHERE id = ? AND state = 'queued' AND limit_key IS NULL AND rate_key IS NULL""")
         self.LOG_START = sql("INSERT INTO offload_rate_starts (task, key, at) VALUES (?, ?, ?)")

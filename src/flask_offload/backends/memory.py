@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -145,6 +145,25 @@ class MemoryBackend(Backend):
                 if limits[job.task].rate is not None:
                     self._starts.append((job.task, job.rate_key or "", now))
             return claimed, room.wait
+
+    def unmarked(self, tasks: Collection[str], limit: int) -> list[Job]:
+        with self._lock:
+            jobs = [
+                self._copy(job)
+                for job in sorted(self._jobs.values(), key=lambda job: self._order[job.id])
+                if job.state == QUEUED and job.task in tasks and not limited(job)
+            ]
+        return jobs[:limit]
+
+    def mark_limited(self, keys: Sequence[tuple[str, str | None, str | None]]) -> int:
+        marked = 0
+        with self._lock:
+            for job_id, limit_key, rate_key in keys:
+                job = self._jobs.get(job_id)
+                if job is not None and job.state == QUEUED and not limited(job):
+                    job.limit_key, job.rate_key = limit_key, rate_key
+                    marked += 1
+        return marked
 
     def heartbeat(self, held: Collection[Job], lease: float) -> set[str]:
         until = time.time() + lease

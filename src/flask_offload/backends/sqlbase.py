@@ -14,7 +14,7 @@ import json
 import secrets
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from ..job import HISTORY_LIMIT, Cancel, Job, Outcome, WorkerInfo
@@ -117,6 +117,17 @@ class SQLBackend(Backend):
                 db.execute(sql.LOG_START, (job.task, job.rate_key or "", now))
         jobs.sort(key=lambda job: (-job.priority, job.run_at, job.created_at))
         return jobs, None
+
+    def unmarked(self, tasks: Collection[str], limit: int) -> list[Job]:
+        params = {"tasks": self.DIALECT.array(list(tasks)), "limit": limit}
+        rows = self._run(lambda db: db.execute(self.LIMITS.UNMARKED, params).fetchall())
+        return [self._job(row) for row in rows]
+
+    def mark_limited(self, keys: Sequence[tuple[str, str | None, str | None]]) -> int:
+        def mark(db: Any) -> int:
+            return sum(db.execute(self.LIMITS.MARK, (lk, rk, i)).rowcount for i, lk, rk in keys)
+
+        return self._run(mark)
 
     def record_tick(self, schedule: str, tick: float) -> None:
         self._run(lambda db: db.execute(self.SQL.RECORD_TICK, (schedule, tick)))

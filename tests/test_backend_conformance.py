@@ -740,3 +740,15 @@ def test_limited_claims_in_parallel_never_exceed_the_limit(backend: Backend) -> 
     for thread in threads:
         thread.join()
     assert sorted(job.limit_key or "" for job in taken) == ["0", "0", "1", "1"]
+
+
+def test_jobs_stored_without_limit_keys_are_found_and_marked_once(backend: Backend) -> None:
+    old = backend.enqueue(make_job(args_json="[1]"))
+    backend.enqueue(make_job(limit_key="k"))
+    backend.enqueue(make_job("other"))
+    assert [job.id for job in backend.unmarked(["t"], 10)] == [old.id]
+    assert backend.claim_limited("w", ONE_AT_A_TIME, None, 5, 30)[0][0].limit_key == "k"
+    assert backend.mark_limited([(old.id, "n:1", None)]) == 1
+    assert backend.mark_limited([(old.id, "again", None)]) == 0
+    assert backend.unmarked(["t"], 10) == []
+    assert backend.claim_limited("w", ONE_AT_A_TIME, None, 5, 30)[0][0].id == old.id

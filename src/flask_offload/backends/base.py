@@ -112,7 +112,7 @@ class Backend(ABC):
     @abstractmethod
     def unmarked(self, tasks: Collection[str], limit: int) -> list[Job]:
         """Up to ``limit`` queued jobs of ``tasks`` stored without limit keys (enqueued by a
-        process that does not register their task, or before it had limits), oldest first."""
+        process that does not register their task, or before it had limits), in claim order."""
 
     @abstractmethod
     def mark_limited(self, keys: Sequence[tuple[str, str | None, str | None]]) -> int:

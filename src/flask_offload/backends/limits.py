@@ -163,12 +163,13 @@ class LimitStatements:
             WHERE {d.any_of("id", ":ids")} AND state = 'queued'
             RETURNING {SELECT}""")
         # Queued jobs of limited tasks stored without keys: enqueued by name in a process that
-        # does not register the task, or before its limits were added (see Upkeep).
+        # does not register the task, or before its limits were added (see Upkeep). In claim
+        # order, so read through the claim index, never the finished rows.
         self.UNMARKED = sql(f"""
             SELECT {SELECT} FROM offload_jobs
             WHERE state = 'queued' AND limit_key IS NULL AND rate_key IS NULL
               AND {d.any_of("task", ":tasks")}
-            ORDER BY seq LIMIT :limit""")
+            ORDER BY priority DESC, run_at, seq LIMIT :limit""")
         self.MARK = sql("""
             UPDATE offload_jobs SET limit_key = ?, rate_key = ?
             WHERE id = ? AND state = 'queued' AND limit_key IS NULL AND rate_key IS NULL""")

@@ -150,9 +150,10 @@ class MemoryBackend(Backend):
         with self._lock:
             jobs = [
                 self._copy(job)
-                for job in sorted(self._jobs.values(), key=lambda job: self._order[job.id])
+                for job in self._jobs.values()
                 if job.state == QUEUED and job.task in tasks and not limited(job)
             ]
+            jobs.sort(key=lambda job: (-job.priority, job.run_at, self._order[job.id]))
         return jobs[:limit]
 
     def mark_limited(self, keys: Sequence[tuple[str, str | None, str | None]]) -> int:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 SERVER_URL = os.environ.get(
     "OFFLOAD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-TABLES = "offload_jobs, offload_schedules, offload_workers, offload_queues"
+TABLES = "offload_jobs, offload_schedules, offload_workers, offload_queues, offload_rate_starts"
 
 _created: list[str] = []
 _session: list[str] = []

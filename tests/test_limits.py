@@ -142,3 +142,24 @@ def test_eager_mode_runs_limited_tasks_at_once(make_app: AppFactory) -> None:
 
     with app.app_context():
         assert [once.delay(n).result for n in range(3)] == [0, 1, 2]
+
+
+def test_the_cli_and_the_dashboard_show_limits_and_keys(make_app: AppFactory) -> None:
+    app, offload = make_app(DEBUG=True, OFFLOAD_DASHBOARD=True, OFFLOAD_WORKERS=0)
+
+    @offload.task(name="sync", concurrency=2, concurrency_key=lambda account: f"a:{account}")
+    def sync(account: int) -> None: ...
+
+    @offload.task(name="ping", rate_limit="5/m")
+    def ping() -> None: ...
+
+    with app.app_context():
+        job, pinged = sync.delay(7), ping.delay()
+    page = app.test_client().get(f"/offload/dashboard/jobs/{job.id}").text
+    assert "concurrency key" in page and "a:7" in page and "rate limit key" not in page
+    page = app.test_client().get(f"/offload/dashboard/jobs/{pinged.id}").text
+    assert "rate limit key" in page and "(the whole task)" in page
+    stats = app.test_cli_runner().invoke(args=["offload", "stats"]).output
+    assert "limits of ping: rate_limit=5/m" in stats and "limits of sync: concurrency=2" in stats
+    shown = app.test_cli_runner().invoke(args=["offload", "show", job.id]).output
+    assert '"limit_key": "a:7"' in shown and "rate_key" not in shown

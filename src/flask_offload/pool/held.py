@@ -156,12 +156,11 @@ class Held:
         if jobs:
             self.limited_seen = -1
             return jobs
-        pause = (
-            self.settings.poll_interval if wait is None else min(wait, self.settings.poll_interval)
-        )
-        self.limited_seen, self.limited_after = seen, time.monotonic() + pause
-        if wait is not None:
+        pause = self.settings.poll_interval
+        if wait is not None and wait < pause:  # a window frees before the next poll
+            pause = wait
             self.wake(time.time() + wait)
+        self.limited_seen, self.limited_after = seen, time.monotonic() + pause
         return []
 
     def _begin(self, claimed: Claimed, me: threading.Thread) -> Claimed:

@@ -257,7 +257,9 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
                     claim = (worker, token, lease)
                     return self._claim_limited(conn, now, claim, limits, queues, limit)
             except psycopg.OperationalError:
-                if conn.broken:  # the claim may have been committed: adopt its jobs next time
+                # The claim may have been committed: the worker's next plain claim adopts its
+                # jobs (a pool of limited tasks only leaves them to recovery, after the lease).
+                if conn.broken:
                     with self._lock:
                         self._unconfirmed.setdefault(worker, []).append(token)
                 raise

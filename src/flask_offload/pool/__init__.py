@@ -143,11 +143,13 @@ class Pool:
                 thread.join(max(0.0, deadline - time.monotonic()))
         self.held.put_back(self.held.end_drain(), "still running at shutdown")
         # A claim in flight puts its batch back itself when it returns: wait for that.
-        claiming = self.held.claiming
-        if claiming.acquire(timeout=max(CLAIM_WAIT, deadline - time.monotonic())):
-            claiming.release()
-        else:
-            logger.warning("a claim was still waiting for storage: its jobs wait for their lease")
+        for claiming in (self.held.claiming, self.held.limited_claiming):
+            if claiming.acquire(timeout=max(CLAIM_WAIT, deadline - time.monotonic())):
+                claiming.release()
+            else:
+                logger.warning(
+                    "a claim was still waiting for storage: its jobs wait for their lease"
+                )
         self._helpers[0].join(max(1.0, deadline - time.monotonic()))  # the finisher
         self.upkeep.done = True
         self.held.maintenance.set()

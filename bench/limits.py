@@ -7,11 +7,12 @@ Each measurement stores its jobs first (``OFFLOAD_WORKERS = 0``), then starts an
 pool of 2 threads and times until the last job has run, on fresh storage every time:
 
 1. **A task without limits, beside limited ones.** The no-op throughput of ``noop`` in an app
-   that has no limited task (``plain``) and in one that also has limited tasks with jobs
-   queued (``beside_limits``): 20 of a ``concurrency=1`` task, which run meanwhile, one at a
-   time, and 100 of a ``rate_limit="1/h"`` task, which cannot start after the first. Timed
-   until the last ``noop`` job has run. Rounds alternate which goes first; the ratio is the
-   median of each round's ``beside_limits / plain``.
+   that has no limited task (``plain``, and ``plain_again``: the same, for the noise), and in
+   one that also has limited tasks with jobs queued: 100 of a ``rate_limit="1/h"`` task, which
+   cannot start after the first (``beside_waiting``), and also 20 of a ``concurrency=1`` task,
+   which run meanwhile, one at a time (``beside_running``). Timed until the last ``noop`` job
+   has run. The order turns every round; each ratio is the median of the rounds' ratios to
+   ``plain``.
 2. **``concurrency=1``.** Its no-op jobs, one at a time across the pool, against the limit
    itself: the same no-op jobs on a pool of one thread (one at a time, without a limit).
 3. **``rate_limit="R/s"``.** Starts per second from the stored ``started_at`` (the jobs are
@@ -155,30 +156,38 @@ def rate_measured(kind: str, jobs: int) -> tuple[float, int]:
 
 
 def measure(kind: str, rounds: int, jobs: int) -> dict[str, Any]:
-    def noops(task: Any, blocked: bool) -> Callable[[], int]:
+    def noops(task: Any, waiting: int = 0, running: int = 0) -> Callable[[], int]:
         def enqueue() -> int:
-            if blocked:  # limited jobs that wait: one start this hour, then none
-                for _ in range(100):
-                    hourly.delay()
-                for _ in range(20):
-                    one_at_a_time.delay()
+            for _ in range(waiting):  # one starts this hour, then none
+                hourly.delay()
+            for _ in range(running):  # they run meanwhile, one at a time
+                one_at_a_time.delay()
             for _ in range(jobs):
                 task.delay()
             return jobs
 
         return enqueue
 
-    ratios, speeds = [], {"plain": [], "beside_limits": []}
+    systems = {
+        "plain": lambda: run(kind, plain, noops(plain_noop), "noop"),
+        "plain_again": lambda: run(kind, plain, noops(plain_noop), "noop"),
+        "beside_waiting": lambda: run(kind, mixed, noops(mixed_noop, waiting=100), "noop"),
+        "beside_running": lambda: run(
+            kind, mixed, noops(mixed_noop, waiting=100, running=20), "noop"
+        ),
+    }
+    names = list(systems)
+    speeds: dict[str, list[float]] = {name: [] for name in names}
     for turn in range(rounds):
-        pair = {
-            "plain": lambda: run(kind, plain, noops(plain_noop, False), "noop"),
-            "beside_limits": lambda: run(kind, mixed, noops(mixed_noop, True), "noop"),
-        }
-        order = list(pair) if turn % 2 == 0 else list(pair)[::-1]
-        took = {name: pair[name]() for name in order}
-        speeds["plain"].append(jobs / took["plain"])
-        speeds["beside_limits"].append(jobs / took["beside_limits"])
-        ratios.append(speeds["beside_limits"][-1] / speeds["plain"][-1])
+        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+            speeds[name].append(jobs / systems[name]())
+    ratio = {
+        name: round(
+            statistics.median(a / b for a, b in zip(speeds[name], speeds["plain"], strict=True)),
+            3,
+        )
+        for name in names[1:]
+    }
     few = max(200, jobs // 10)
     limited, alone = [], []
     for _ in range(rounds):
@@ -186,9 +195,8 @@ def measure(kind: str, rounds: int, jobs: int) -> dict[str, Any]:
         alone.append(few / run(kind, plain, lambda: _many(plain_noop, few), "noop", threads=1))
     measured, busiest = rate_measured(kind, 4 * RATE)
     return {
-        "noop_plain": round(statistics.median(speeds["plain"])),
-        "noop_beside_limits": round(statistics.median(speeds["beside_limits"])),
-        "noop_ratio": round(statistics.median(ratios), 3),
+        **{f"noop_{name}": round(statistics.median(speeds[name])) for name in names},
+        **{f"noop_ratio_{name}": value for name, value in ratio.items()},
         "concurrency_1": round(statistics.median(limited)),
         "one_thread_no_limit": round(statistics.median(alone)),
         "concurrency_1_ratio": round(statistics.median(limited) / statistics.median(alone), 3),

@@ -144,7 +144,6 @@ class LimitStatements:
         self.STARTS = sql("""
             SELECT task, key, count(*), min(at) FROM offload_rate_starts
             WHERE task = ? AND at >= ? GROUP BY task, key""")
-        self.PRUNE_ALL = sql("DELETE FROM offload_rate_starts WHERE at < ?")
         self.PICK = sql(f"""
             SELECT id, task, coalesce(limit_key, ''), coalesce(rate_key, '')
             FROM offload_jobs

@@ -54,10 +54,10 @@ SQL = Statements(DIALECT)
 LIMITS = LimitStatements(DIALECT)
 # Limited claims take turns, across every process on the server: SKIP LOCKED lets two
 # claims each see a free slot and both take it. Held to the end of the claim's transaction;
-# the clock is read once it is held, so the windows' starts are logged in order.
+# the clock is read once it is held (the subquery runs first), so the windows' starts are
+# logged in order.
 LIMITS_LOCK = 0x0FF1717
-LOCK_LIMITS = f"SELECT pg_advisory_xact_lock({LIMITS_LOCK})"
-CLOCK = f"SELECT {_CLOCK}"
+LOCK_LIMITS = f"SELECT {_CLOCK} FROM (SELECT pg_advisory_xact_lock({LIMITS_LOCK})) AS locked"
 # A new job's run_at: the server's clock plus what is left of its delay (none, or delay=), or
 # a fixed moment (at=, a periodic tick) as given. CAST, not ::, as SQLAlchemy's text() reads
 # ":name::type" as no parameter.

@@ -49,7 +49,6 @@ from .pgpool import Connection, Execute, Pooled, PostgresPool, execute_on, one_l
 from .pgsql import (
     ADOPT,
     CLAIM,
-    CLOCK,
     DEFAULTS,
     DIALECT,
     ENQUEUE,
@@ -252,8 +251,7 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
                 return [], None
             try:
                 with conn.transaction():
-                    conn.execute(LOCK_LIMITS)
-                    now = float(conn.execute(CLOCK).fetchall()[0][0])
+                    now = float(conn.execute(LOCK_LIMITS).fetchall()[0][0])
                     claim = (worker, token, lease)
                     return self._claim_limited(conn, now, claim, limits, queues, limit)
             except psycopg.OperationalError:

@@ -84,7 +84,8 @@ class SQLBackend(Backend):
     ) -> tuple[list[Job], float | None]:
         """A limited claim on ``db``, in a transaction that holds this storage's lock for
         limited claims, at ``now`` as read under that lock; ``claim`` is (worker, token,
-        lease). Reads what is full, picks what fits, takes it and logs its starts."""
+        lease). Reads what is full, picks what fits, takes it and logs its starts (pruning
+        those past their window, in a claim that writes anyway)."""
         sql, array = self.LIMITS, self.DIALECT.array
         room = Room(limits)
         concurrent = [task for task, lim in limits.items() if lim.concurrency is not None]
@@ -93,9 +94,8 @@ class SQLBackend(Backend):
             room.running.update({(task, key): int(n) for task, key, n in running})
         for task, lim in limits.items():
             if lim.rate is not None:
-                cut = now - lim.period
-                db.execute(sql.PRUNE, (task, cut))
-                room.count_starts(db.execute(sql.STARTS, (task, cut)).fetchall(), now)
+                starts = db.execute(sql.STARTS, (task, now - lim.period)).fetchall()
+                room.count_starts(starts, now)
         busy, spent = room.full()
         pick = {
             "now": now,
@@ -115,6 +115,8 @@ class SQLBackend(Backend):
         for job in jobs:
             if limits[job.task].rate is not None:
                 db.execute(sql.LOG_START, (job.task, job.rate_key or "", now))
+        for task in {job.task for job in jobs if limits[job.task].rate is not None}:
+            db.execute(sql.PRUNE, (task, now - limits[task].period))  # starts past the window
         jobs.sort(key=lambda job: (-job.priority, job.run_at, job.created_at))
         return jobs, None
 

@@ -106,6 +106,9 @@ class Held:
         ``limited_claiming``), which the stop waits for."""
         plain, limits = self._tasks()
         if limits:
+            with self.lock:
+                if self.batch and not self.stopping:
+                    return self._begin(self.batch.popleft(), me)
             first = self._next_limited(me, limits, wait=not plain)
             if first is not None:
                 return first
@@ -175,13 +178,15 @@ class Held:
     def _claim_limited(self, limits: dict[str, Limits]) -> list[Job]:
         """Claim one job of a limited task (under ``limited_claiming``), unless the last try found
         none and nothing since could have changed that: no wake-up, and neither the poll
-        interval nor the wait storage named (a rate window freeing) has passed. One at a time,
-        so no slot or start is spent on a job that waits in a batch."""
+        interval nor the wait storage named (a rate window freeing) has passed. Up to one job
+        per thread: one claim at a time (each waits for storage's lock on limits) would
+        otherwise cap a rate below its limit; a job left waiting in the batch is given back
+        after ``GIVE_BACK_AFTER``, freeing its slot (its start stays spent)."""
         seen = self.wakeups
         if seen == self.limited_seen and time.monotonic() < self.limited_after:
             return []
         jobs, wait = self.backend.claim_limited(
-            self.pool_id, limits, self.settings.queues, 1, self.settings.lease
+            self.pool_id, limits, self.settings.queues, self.settings.threads, self.settings.lease
         )
         if jobs:
             self.limited_seen = -1

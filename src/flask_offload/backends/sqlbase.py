@@ -122,7 +122,8 @@ class SQLBackend(Backend):
 
     def unmarked(self, tasks: Collection[str], limit: int) -> list[Job]:
         params = {"tasks": self.DIALECT.array(list(tasks)), "limit": limit}
-        rows = self._run(lambda db: db.execute(self.LIMITS.UNMARKED, params).fetchall())
+        # A read of every queued row, once a minute: beside the writer, as the dashboard's.
+        rows = self._read(lambda db: db.execute(self.LIMITS.UNMARKED, params).fetchall())
         return [self._job(row) for row in rows]
 
     def mark_limited(self, keys: Sequence[tuple[str, str | None, str | None]]) -> int:

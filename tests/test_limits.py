@@ -163,3 +163,18 @@ def test_the_cli_and_the_dashboard_show_limits_and_keys(make_app: AppFactory) ->
     assert "limits of ping: rate_limit=5/m" in stats and "limits of sync: concurrency=2" in stats
     shown = app.test_cli_runner().invoke(args=["offload", "show", job.id]).output
     assert '"limit_key": "a:7"' in shown and "rate_key" not in shown
+
+
+def test_a_periodic_task_with_a_concurrency_limit_is_stored_with_its_key(
+    make_app: AppFactory,
+) -> None:
+    app, offload = make_app(storage="memory", OFFLOAD_WORKERS=0)
+
+    @offload.periodic(every=3600, name="nightly", concurrency=1)
+    def nightly() -> None: ...
+
+    runtime = offload.runtime(app)
+    runtime.backend.record_tick("nightly", 0.0)  # its last tick long ago: one is due now
+    runtime.start([(1, None)])
+    done = wait_until(lambda: [j for j in runtime.backend.list_jobs(task="nightly") if j.finished])
+    assert [(job.state, job.limit_key) for job in done] == [("succeeded", "")]

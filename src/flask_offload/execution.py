@@ -83,8 +83,6 @@ class Runnable(Periodic, Protocol):
     result_ttl: float | None
     limits: Limits | None
 
-    def limit_keys(self, args: Any, kwargs: Any) -> tuple[str | None, str | None]: ...
-
 
 @dataclass(frozen=True)
 class Settings:

@@ -1,7 +1,8 @@
 """The storage interface: every verb a backend fills in, named for what happens to a job.
 
 A job's life is ``enqueue`` → ``claim`` (held by a lease the worker renews with ``heartbeat``) →
-``finish`` (done, or back in the queue for a retry); a worker that stops gracefully
+``finish`` (done, or back in the queue for a retry); jobs of tasks with rate or concurrency
+limits are claimed by ``claim_limited`` instead (``limits.py``); a worker that stops gracefully
 ``release``-s what it still holds, and ``recover`` takes back jobs whose lease ran out because
 their worker died. The claimed ``Job`` is the worker's ticket: ``finish``, ``release`` and
 ``set_progress`` write only while the job is still held by that claim (its ``claim`` token,

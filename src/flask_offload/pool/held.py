@@ -176,12 +176,12 @@ class Held:
         return plain, limits
 
     def _claim_limited(self, limits: dict[str, Limits]) -> list[Job]:
-        """Claim one job of a limited task (under ``limited_claiming``), unless the last try found
+        """Claim jobs of limited tasks (under ``limited_claiming``), unless the last try found
         none and nothing since could have changed that: no wake-up, and neither the poll
         interval nor the wait storage named (a rate window freeing) has passed. Up to one job
-        per thread: one claim at a time (each waits for storage's lock on limits) would
-        otherwise cap a rate below its limit; a job left waiting in the batch is given back
-        after ``GIVE_BACK_AFTER``, freeing its slot (its start stays spent)."""
+        per thread: one job a claim (each waits for storage's lock on limits) capped a rate
+        below its limit; a job left waiting in the batch is given back after
+        ``GIVE_BACK_AFTER``, freeing its slot (its start stays spent)."""
         seen = self.wakeups
         if seen == self.limited_seen and time.monotonic() < self.limited_after:
             return []

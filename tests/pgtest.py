@@ -22,7 +22,8 @@ SERVER_URL = os.environ.get(
     "OFFLOAD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 TABLES = (
-    "offload_jobs, offload_schedules, offload_workers, offload_queues, offload_deps, offload_leases"
+    "offload_jobs, offload_schedules, offload_workers, offload_queues, offload_deps,"
+    " offload_leases, offload_rate_starts"
 )
 
 _created: list[str] = []

@@ -11,6 +11,7 @@ from dataclasses import replace
 from conftest import make_job
 from flask_offload.backends import Backend, MemoryBackend
 from flask_offload.backends.base import JobFilter
+from flask_offload.backends.limits import Limits
 from flask_offload.job import HISTORY_LIMIT, Job, Outcome, WorkerInfo
 
 
@@ -697,3 +698,134 @@ def test_every_way_of_ending_cancelled_expires_after_the_tasks_result_ttl(
         assert stored is not None and stored.state == "cancelled"
         assert stored.finished_at is not None and stored.expires_at is not None
         assert round(stored.expires_at - stored.finished_at) == 60
+
+
+# --- rate and concurrency limits (backends/limits.py) -------------------------------------------
+
+ONE_AT_A_TIME = {"t": Limits(concurrency=1)}
+
+
+def test_a_limited_claim_runs_at_most_concurrency_jobs_per_key(backend: Backend) -> None:
+    for key in ("a", "a", "a", "b", "b"):
+        backend.enqueue(make_job(limit_key=key))
+    two = {"t": Limits(concurrency=2)}
+    jobs, wait = backend.claim_limited("w", two, None, 10, 30)
+    assert sorted(job.limit_key for job in jobs) == ["a", "a", "b", "b"] and wait is None
+    assert all(job.state == "running" and job.claim for job in jobs)
+    assert backend.claim_limited("w", two, None, 10, 30) == ([], None)
+    first_a = next(job for job in jobs if job.limit_key == "a")
+    assert backend.finish(first_a, Outcome("succeeded", result_json="1"))
+    [last_a], _ = backend.claim_limited("w", two, None, 10, 30)
+    assert last_a.limit_key == "a"
+
+
+def test_a_full_key_never_holds_back_the_jobs_of_another(backend: Backend) -> None:
+    now = time.time()
+    for n in range(40):  # earlier, and more than a claim reads at once
+        backend.enqueue(make_job(limit_key="busy", run_at=now - 100 + n))
+    other = backend.enqueue(make_job(limit_key="free"))
+    [first], _ = backend.claim_limited("w", ONE_AT_A_TIME, None, 1, 30)
+    assert first.limit_key == "busy"
+    [second], _ = backend.claim_limited("w", ONE_AT_A_TIME, None, 1, 30)
+    assert second.id == other.id
+
+
+def test_a_slot_is_freed_by_recovery_release_and_a_retry(backend: Backend) -> None:
+    for _ in range(4):
+        backend.enqueue(make_job(limit_key="k"))
+    [lost], _ = backend.claim_limited("w", ONE_AT_A_TIME, None, 1, 0.05)
+    assert backend.claim_limited("w", ONE_AT_A_TIME, None, 1, 30)[0] == []
+    time.sleep(0.1)
+    assert backend.recover(max_lost=3) == [lost.id]
+    [held], _ = backend.claim_limited("w", ONE_AT_A_TIME, None, 1, 30)
+    assert backend.release(held)
+    [again], _ = backend.claim_limited("w", ONE_AT_A_TIME, None, 1, 30)
+    assert backend.finish(again, Outcome("queued", error="E: again", run_at=time.time()))
+    assert len(backend.claim_limited("w", ONE_AT_A_TIME, None, 1, 30)[0]) == 1
+
+
+def test_a_rate_limit_starts_at_most_rate_jobs_per_window_and_says_when_more_may(
+    backend: Backend,
+) -> None:
+    jobs = [backend.enqueue(make_job(rate_key="")) for _ in range(3)]
+    per_hour = {"t": Limits(rate=2, period=3600.0)}
+    taken, _ = backend.claim_limited("w", per_hour, None, 10, 30)
+    assert len(taken) == 2
+    for job in taken:  # a start counts for its window even once the job has finished
+        assert backend.finish(job, Outcome("succeeded", result_json="1"))
+    assert backend.claim_limited("w", per_hour, None, 10, 30)[0] == []
+    _, wait = backend.claim_limited("w", per_hour, None, 10, 30)
+    assert wait is not None and 3500 < wait <= 3600
+    left = {job.id for job in jobs} - {job.id for job in taken}
+    assert [backend.get(job_id).state for job_id in left] == ["queued"]  # type: ignore[union-attr]
+    per_key = {"t": Limits(rate=1, period=3600.0)}
+    backend.enqueue(make_job(rate_key="a"))
+    backend.enqueue(make_job(rate_key="b"))
+    assert sorted(j.rate_key for j in backend.claim_limited("w", per_key, None, 9, 30)[0]) == [
+        "a",
+        "b",
+    ]
+
+
+def test_a_short_rate_window_lets_the_next_start_through_once_it_has_passed(
+    backend: Backend,
+) -> None:
+    for _ in range(2):
+        backend.enqueue(make_job(rate_key=""))
+    per_second = {"t": Limits(rate=1, period=1.0)}
+    [first], _ = backend.claim_limited("w", per_second, None, 5, 30)
+    none, wait = backend.claim_limited("w", per_second, None, 5, 30)
+    assert none == [] and wait is not None and 0 < wait <= 1.0
+    time.sleep(wait + 0.01)
+    [second], _ = backend.claim_limited("w", per_second, None, 5, 30)
+    assert second.started_at is not None and first.started_at is not None
+    assert second.started_at - first.started_at >= 1.0
+
+
+def test_a_limited_claim_takes_only_limited_jobs_of_its_tasks_queues_and_due(
+    backend: Backend,
+) -> None:
+    backend.enqueue(make_job())  # no keys: the plain claim's
+    backend.enqueue(make_job("other", limit_key=""))
+    backend.enqueue(make_job(limit_key="", run_at=time.time() + 60))
+    backend.enqueue(make_job(limit_key="", queue="mail"))
+    mine = backend.enqueue(make_job(limit_key=""))
+    many = {"t": Limits(concurrency=10)}
+    assert [j.id for j in backend.claim_limited("w", many, ["default"], 10, 30)[0]] == [mine.id]
+    backend.pause_queue("mail")
+    assert backend.claim_limited("w", many, None, 10, 30)[0] == []
+
+
+def test_limited_claims_in_parallel_never_exceed_the_limit(backend: Backend) -> None:
+    for n in range(30):
+        backend.enqueue(make_job(limit_key=str(n % 2)))
+    two = {"t": Limits(concurrency=2)}
+    taken: list[Job] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def claim() -> None:
+        start.wait()
+        for _ in range(10):
+            jobs, _ = backend.claim_limited("w", two, None, 1, 30)
+            with lock:
+                taken.extend(jobs)
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(job.limit_key or "" for job in taken) == ["0", "0", "1", "1"]
+
+
+def test_jobs_stored_without_limit_keys_are_found_and_marked_once(backend: Backend) -> None:
+    old = backend.enqueue(make_job(args_json="[1]"))
+    backend.enqueue(make_job(limit_key="k"))
+    backend.enqueue(make_job("other"))
+    assert [job.id for job in backend.unmarked(["t"], 10)] == [old.id]
+    assert backend.claim_limited("w", ONE_AT_A_TIME, None, 5, 30)[0][0].limit_key == "k"
+    assert backend.mark_limited([(old.id, "n:1", None)]) == 1
+    assert backend.mark_limited([(old.id, "again", None)]) == 0
+    assert backend.unmarked(["t"], 10) == []
+    assert backend.claim_limited("w", ONE_AT_A_TIME, None, 5, 30)[0][0].id == old.id

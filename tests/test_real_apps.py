@@ -330,7 +330,6 @@ def test_a_finish_with_a_ttl_of_zero_deletes_the_job(backend: Backend) -> None:
 @pytest.mark.parametrize(
     ("option", "hint"),
     [
-        ("rate_limit", "no rate limits"),
         ("ignore_result", "result_ttl=0"),
         ("max_retries", "retries="),
         ("retrys", "did you mean retries="),

@@ -226,6 +226,9 @@ def _suggest_task(runtime: Runtime, name: str) -> None:
         raise click.ClickException(f"no task {name!r}; did you mean {near[0]!r}?")
 
 
+LIMIT_KEYS = ("limit_key", "rate_key")  # shown for a job under limits
+
+
 @offload_cli.command("show")
 @click.argument("job_id")
 def show_command(job_id: str) -> None:
@@ -255,6 +258,9 @@ def show_command(job_id: str) -> None:
     }
     fields["parents"], fields["dependents"] = _runtime().backend.links(job.id)
     fields.update(args=job.args, kwargs=job.kwargs, result=job.result, progress=job.progress)
+    fields.update(
+        {name: getattr(job, name) for name in LIMIT_KEYS if getattr(job, name) is not None}
+    )
     fields.update(history=job.history, time_zone=zone_name())
     for entry in [fields, *fields["history"]]:
         for name in times:
@@ -315,6 +321,9 @@ def stats_command() -> None:
         click.echo(f"{task:<{width}} " + " ".join(f"{counts.get((task, s), 0):>9}" for s in states))
     if not tasks:
         click.echo("(no jobs)")
+    limited = {name: task.limits for name, task in runtime.tasks.items() if task.limits}
+    for name, limits in sorted(limited.items()):
+        click.echo(f"limits of {name}: {limits.describe()}")
     paused = runtime.backend.paused_queues()
     if paused:
         click.echo(f"\npaused queues: {', '.join(sorted(paused))}")

@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
 from . import serializer, tracing
+from .backends.limits import Limits
 from .current import Running, _running
 from .errors import RetryDelayError
 from .job import CANCELLED, FAILED, QUEUED, SUCCEEDED, Job, Outcome
@@ -84,6 +85,7 @@ class Runnable(Periodic, Protocol):
     retry_unless: tuple[type[BaseException], ...]
     timeout: float | None
     result_ttl: float | None
+    limits: Limits | None
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,10 @@ class Offload:
         timeout: float | None = None,
         public: bool = False,
         result_ttl: float | None = None,
+        rate_limit: str | None = None,
+        rate_limit_key: Callable[..., object] | None = None,
+        concurrency: int | None = None,
+        concurrency_key: Callable[..., object] | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:

@@ -85,6 +85,9 @@ class Job:
     are deleted by the storage as soon as the job reaches a final state. ``owner_json`` is who
     may read it, as ``@offload.owner`` said when it was enqueued. ``trace_json`` is the trace
     context it was enqueued in, where OpenTelemetry is installed (see ``tracing``).
+    ``limit_key`` and ``rate_key`` are the keys its task's ``concurrency`` and ``rate_limit``
+    count it under (``""``: the task as a whole), computed at enqueue; None without that limit
+    (see ``backends/limits.py``).
     """
 
     id: str
@@ -123,6 +126,8 @@ class Job:
     dependents: bool = False
     feed: str | None = None
     group_id: str | None = None
+    limit_key: str | None = None
+    rate_key: str | None = None
     backend: Backend | None = field(default=None, repr=False)
     # Not stored: True when ``run_at`` is the enqueuing process's now plus a delay (none, or
     # ``delay=``) rather than a fixed moment (``at=``, a periodic tick). Storage that keeps

@@ -6,6 +6,7 @@ context each job runs in.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -165,8 +166,16 @@ class Runtime:
         return self.backend.enqueue(job)
 
     def build(self, task_name: str, args: Any = (), kwargs: Any = None, **options: Any) -> Job:
-        """The Job an enqueue of ``task_name`` stores, its options checked (``calls.build``)."""
-        return calls.build(self.settings.max_payload_bytes, task_name, args, kwargs, **options)
+        """The Job an enqueue of ``task_name`` stores, its options checked (``calls.build``),
+        with the keys of its task's limits. A step fed by its parents gets them once its input
+        is known (the pools' upkeep gives keys to limited jobs stored without)."""
+        job = calls.build(self.settings.max_payload_bytes, task_name, args, kwargs, **options)
+        task = self.tasks.get(task_name)
+        if task is not None and task.limits is not None and job.feed is None:
+            if options.get("payload") is not None:
+                args, kwargs = json.loads(job.args_json), json.loads(job.kwargs_json)
+            job.limit_key, job.rate_key = task.limit_keys(args, kwargs)
+        return job
 
     def _store(self, job: Job, connection: Any) -> Job:
         """Store ``job`` (run it, in EAGER mode) and wake the pool; through ``connection``,

@@ -78,6 +78,8 @@ class Periodic(Protocol):
     max_attempts: int
     schedule: Schedule | None
 
+    def limit_keys(self, args: Any, kwargs: Any) -> tuple[str | None, str | None]: ...
+
 
 class Scheduler:
     """Enqueues the due tick of every periodic task, then sleeps until the next one. Each tick
@@ -139,6 +141,10 @@ class Scheduler:
                 created_at=now,
                 run_at=latest,
             )
+            try:  # a tick is called with no arguments; without keys, upkeep gives them
+                job.limit_key, job.rate_key = task.limit_keys((), None)
+            except Exception as error:
+                logger.warning("periodic task %s: its limit keys failed (%s)", task.name, error)
             if self.door.enqueue_tick(task.name, latest, job):
                 self.wake_pool(latest)
             upcoming = min(upcoming, task.schedule.next(now))

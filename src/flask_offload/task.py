@@ -10,6 +10,7 @@ from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
+from .backends.limits import Limits, parse_rate
 from .current import run_detached
 from .errors import ConfigurationError, InvalidArgument
 from .job import Job
@@ -25,7 +26,8 @@ R = TypeVar("R")
 
 TASK_OPTIONS = (
     "name", "queue", "priority", "retries", "retry_backoff", "retry_on", "retry_unless",
-    "timeout", "public", "result_ttl",
+    "timeout", "public", "result_ttl", "rate_limit", "rate_limit_key", "concurrency",
+    "concurrency_key",
 )  # fmt: skip
 ENQUEUE_OPTIONS = (
     "args", "kwargs", "delay", "at", "key", "priority", "queue", "id", "connection",
@@ -46,7 +48,6 @@ SPELLINGS = {
     "soft_time_limit": "timeout=",
     "job_timeout": "timeout=",
     "bind": "current_job inside the task (no self argument)",
-    "rate_limit": None,
 }
 
 
@@ -57,13 +58,7 @@ def check_options(given: Collection[str], known: Collection[str], where: str) ->
         if option in known:
             continue
         if option in SPELLINGS:
-            spelling = SPELLINGS[option]
-            hint = (
-                f"Flask-Offload spells this {spelling}"
-                if spelling
-                else "Flask-Offload has no rate limits; limit the queue's threads instead "
-                "(flask offload worker --concurrency-per-queue)"
-            )
+            hint = f"Flask-Offload spells this {SPELLINGS[option]}"
         else:
             near = difflib.get_close_matches(option, known, n=1)
             hint = f"did you mean {near[0]}=?" if near else f"it takes {', '.join(known)}"
@@ -92,6 +87,12 @@ class Task(Generic[P, R]):
     HTTP; ``result_ttl`` seconds to keep a succeeded or cancelled job instead of
     ``OFFLOAD_RESULT_TTL`` (0: delete it at once, Celery's ``ignore_result``; failed jobs are
     kept for inspection); ``schedule`` for a periodic task.
+
+    Limits, enforced by storage across every process (``backends/limits.py``):
+    ``rate_limit="10/s"`` (or ``/m``, ``/h``) starts at most that many jobs in any window of
+    that length, and ``concurrency=2`` runs at most two at once; ``rate_limit_key`` and
+    ``concurrency_key``, functions of the task's arguments called at enqueue, make one limit
+    per key they return.
     """
 
     def __init__(
@@ -110,6 +111,10 @@ class Task(Generic[P, R]):
         public: bool = False,
         result_ttl: float | None = None,
         schedule: Schedule | None = None,
+        rate_limit: str | None = None,
+        rate_limit_key: Callable[..., object] | None = None,
+        concurrency: int | None = None,
+        concurrency_key: Callable[..., object] | None = None,
     ) -> None:
         if name is not None and (not isinstance(name, str) or not name):
             raise InvalidArgument(f"a task name must be a non-empty str, not {name!r}")
@@ -146,6 +151,9 @@ class Task(Generic[P, R]):
         self.public = bool(public)
         self.result_ttl = None if result_ttl is None else float(result_ttl)
         self.schedule = schedule
+        self.limits = _limits(rate_limit, rate_limit_key, concurrency, concurrency_key)
+        self.rate_limit_key = rate_limit_key
+        self.concurrency_key = concurrency_key
         self._runtime = runtime
         functools.update_wrapper(self, fn)
 
@@ -213,8 +221,57 @@ class Task(Generic[P, R]):
             after=after,
         )
 
+    def limit_keys(self, args: Any, kwargs: Any) -> tuple[str | None, str | None]:
+        """The ``(limit_key, rate_key)`` a job is stored under: what the key functions return
+        for these arguments, ``""`` for a limit without one, None where there is no limit.
+        Called at enqueue, in the caller's frame, before anything is stored."""
+        limits = self.limits
+        if limits is None:
+            return None, None
+        keys: list[str | None] = []
+        for limit, fn, option in (
+            (limits.concurrency, self.concurrency_key, "concurrency_key"),
+            (limits.rate, self.rate_limit_key, "rate_limit_key"),
+        ):
+            if limit is None:
+                keys.append(None)
+                continue
+            key = "" if fn is None else fn(*args, **(kwargs or {}))
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise InvalidArgument(
+                    f"{option} of task {self.name!r} must return a str or an int, not {key!r}"
+                )
+            keys.append(str(key))
+        return keys[0], keys[1]
+
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
+
+
+def _limits(
+    rate_limit: object, rate_key: object, concurrency: object, concurrency_key: object
+) -> Limits | None:
+    """The task's limits from its options, or None; a clear error for a bad one."""
+    if rate_limit is not None and not isinstance(rate_limit, str):
+        raise InvalidArgument(
+            f"rate_limit must be a string like '10/s', '100/m' or '1000/h', not {rate_limit!r}"
+        )
+    if concurrency is not None and (
+        isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+    ):
+        raise ConfigurationError(f"concurrency must be a whole number >= 1, not {concurrency!r}")
+    for option, key, limit in (
+        ("rate_limit_key", rate_key, rate_limit),
+        ("concurrency_key", concurrency_key, concurrency),
+    ):
+        if key is not None and not callable(key):
+            raise InvalidArgument(f"{option} must be a function of the task's arguments")
+        if key is not None and limit is None:
+            raise ConfigurationError(f"{option}= needs {option.removesuffix('_key')}= too")
+    if rate_limit is None and concurrency is None:
+        return None
+    rate, period = parse_rate(rate_limit) if rate_limit is not None else (None, 1.0)
+    return Limits(concurrency=concurrency, rate=rate, period=period)
 
 
 def _exceptions(value: object, option: str) -> tuple[type[BaseException], ...]:

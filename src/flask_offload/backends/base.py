@@ -1,7 +1,8 @@
 """The storage interface: every verb a backend fills in, named for what happens to a job.
 
 A job's life is ``enqueue`` → ``claim`` (held by a lease the worker renews with ``heartbeat``) →
-``finish`` (done, or back in the queue for a retry); a worker that stops gracefully
+``finish`` (done, or back in the queue for a retry); jobs of tasks with rate or concurrency
+limits are claimed by ``claim_limited`` instead (``limits.py``); a worker that stops gracefully
 ``release``-s what it still holds, and ``recover`` takes back jobs whose lease ran out because
 their worker died. The claimed ``Job`` is the worker's ticket: ``finish``, ``release`` and
 ``set_progress`` write only while the job is still held by that claim (its ``claim`` token,
@@ -17,10 +18,13 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgument, JobIdInUse, StorageCorrupt
 from ..job import Cancel, Door, Job, Outcome, WorkerInfo
+
+if TYPE_CHECKING:
+    from .limits import Limits
 
 __all__ = [
     "Backend",
@@ -112,6 +116,32 @@ class Backend(ABC):
         time, then enqueue order. Each claim counts as an attempt, holds the job for ``lease``
         seconds and gives it a new ``claim`` token.
         """
+
+    @abstractmethod
+    def claim_limited(
+        self,
+        worker: str,
+        limits: Mapping[str, Limits],
+        queues: Collection[str] | None,
+        limit: int,
+        lease: float,
+    ) -> tuple[list[Job], float | None]:
+        """``claim`` for the tasks named in ``limits`` (which ``claim`` is never given), taking
+        only jobs that fit: at most ``concurrency`` running per (task, ``limit_key``) and
+        ``rate`` claims per ``period`` seconds per (task, ``rate_key``), across every process.
+        Jobs of a full key are skipped, never waited for. Also returns, when a rate window is
+        full, the seconds until it lets a job start again (else None). See ``limits.py``.
+        """
+
+    @abstractmethod
+    def unmarked(self, tasks: Collection[str], limit: int) -> list[Job]:
+        """Up to ``limit`` queued jobs of ``tasks`` stored without limit keys (enqueued by a
+        process that does not register their task, or before it had limits), in claim order."""
+
+    @abstractmethod
+    def mark_limited(self, keys: Sequence[tuple[str, str | None, str | None]]) -> int:
+        """Give each ``(job id, limit_key, rate_key)`` still queued without keys those keys,
+        so ``claim_limited`` takes it; how many were marked."""
 
     @abstractmethod
     def heartbeat(self, held: Collection[Job], lease: float) -> set[str]:

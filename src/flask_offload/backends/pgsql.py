@@ -12,6 +12,7 @@ from dataclasses import fields
 from operator import attrgetter
 
 from ..job import Job
+from .limits import LimitStatements
 from .pglisten import CHANNEL
 from .rows import COLUMNS
 from .statements import SELECT, Dialect, Statements, finish_set
@@ -50,6 +51,13 @@ DIALECT = Dialect(
     for_update=" FOR UPDATE",
 )
 SQL = Statements(DIALECT)
+LIMITS = LimitStatements(DIALECT)
+# Limited claims take turns, across every process on the server: SKIP LOCKED lets two
+# claims each see a free slot and both take it. Held to the end of the claim's transaction;
+# the clock is read once it is held (the subquery runs first), so the windows' starts are
+# logged in order.
+LIMITS_LOCK = 0x0FF1717
+LOCK_LIMITS = f"SELECT {_CLOCK} FROM (SELECT pg_advisory_xact_lock({LIMITS_LOCK})) AS locked"
 # A new job's run_at: the server's clock plus what is left of its delay (none, or delay=), or
 # a fixed moment (at=, a periodic tick) as given. CAST, not ::, as SQLAlchemy's text() reads
 # ":name::type" as no parameter.

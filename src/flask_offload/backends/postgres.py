@@ -43,6 +43,7 @@ from ..errors import StorageError, StorageUnavailable
 from ..job import HISTORY_LIMIT, Cancel, Job, Outcome
 from . import schema
 from .base import Wake, id_in_use
+from .limits import Limits
 from .pgflows import PostgresFlows
 from .pglisten import Listener
 from .pgpool import Connection, Execute, Pooled, PostgresPool, execute_on, one_line
@@ -57,6 +58,8 @@ from .pgsql import (
     FINISHED_BY,
     HOLDER,
     INSERT_NEW,
+    LIMITS,
+    LOCK_LIMITS,
     NEW,
     PAUSED_AT,
     QUEUED_TASK_NAMES,
@@ -81,7 +84,7 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
     prepared, which that mode of PgBouncer does not support either.
     """
 
-    DIALECT, SQL = DIALECT, SQL
+    DIALECT, SQL, LIMITS = DIALECT, SQL, LIMITS
 
     def __init__(
         self, url: str, listen: bool = True, pool_size: int = 10, timeout: float = 5.0
@@ -232,6 +235,34 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
         # Not repeated here: the worker's loop claims again after a pause, and adopts.
         rows = self._run(claim, retry=False)
         return [self._job(row) for row in in_claim_order(rows)]
+
+    def claim_limited(
+        self,
+        worker: str,
+        limits: Mapping[str, Limits],
+        queues: Collection[str] | None,
+        limit: int,
+        lease: float,
+    ) -> tuple[list[Job], float | None]:
+        token = secrets.token_hex(8)
+
+        def claim_limited(conn: Pooled) -> tuple[list[Job], float | None]:
+            if not self._limited_due(conn, limits):
+                return [], None
+            try:
+                with conn.transaction():
+                    now = float(conn.execute(LOCK_LIMITS).fetchall()[0][0])
+                    claim = (worker, token, lease)
+                    return self._claim_limited(conn, now, claim, limits, queues, limit)
+            except psycopg.OperationalError:
+                # The claim may have been committed: the worker's next plain claim adopts its
+                # jobs (a pool of limited tasks only leaves them to recovery, after the lease).
+                if conn.broken:
+                    with self._lock:
+                        self._unconfirmed.setdefault(worker, []).append(token)
+                raise
+
+        return self._run(claim_limited, retry=False)
 
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
         if not finished:

@@ -192,7 +192,7 @@ MIGRATIONS: list[tuple[str | Dialects, ...]] = [
     ),
     # Version 6: the trace context a job was enqueued in (OpenTelemetry, where installed).
     ("ALTER TABLE offload_jobs ADD COLUMN trace_json text",),
-    # Version 7: workflows, and a fleet on one database.
+    # Version 7: workflows, rate and concurrency limits, and a fleet on one database.
     (
         # A waiting job counts the parents it still waits for (pending); a parent knows it has
         # dependents, so a finish without any stays one statement; one row per (parent, child)
@@ -248,6 +248,21 @@ MIGRATIONS: list[tuple[str | Dialects, ...]] = [
                 """,
             ),
         ),
+        # Rate and concurrency limits (backends/limits.py): a job's keys under its task's
+        # limits; queued jobs that have one are claimed through their own small index, so
+        # jobs of other tasks never enter it. Each limited start is logged for its rate window.
+        "ALTER TABLE offload_jobs ADD COLUMN limit_key text",
+        "ALTER TABLE offload_jobs ADD COLUMN rate_key text",
+        """
+        CREATE INDEX offload_jobs_limited ON offload_jobs (priority DESC, run_at, seq)
+            WHERE state = 'queued' AND (limit_key IS NOT NULL OR rate_key IS NOT NULL)
+        """,
+        """
+        CREATE TABLE offload_rate_starts (
+            task text NOT NULL, key text NOT NULL, at {time} NOT NULL
+        )
+        """,
+        "CREATE INDEX offload_rate_starts_window ON offload_rate_starts (task, at)",
     ),
 ]
 

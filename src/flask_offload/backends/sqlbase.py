@@ -14,7 +14,7 @@ import json
 import secrets
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from ..errors import UnknownDependency
@@ -30,6 +30,7 @@ from ..job import (
     WorkerInfo,
 )
 from .base import Backend, JobFilter, QueueInfo
+from .limits import SCAN, SEP, Limits, LimitStatements, Room
 from .rows import COLUMNS, page_cursor, queue_infos, search_sql, worker_info, worker_row
 from .rules import arm, dependency_error, feed_args
 from .statements import SELECT, Dialect, Statements
@@ -45,6 +46,7 @@ class SQLBackend(Backend):
 
     DIALECT: ClassVar[Dialect]
     SQL: ClassVar[Statements]
+    LIMITS: ClassVar[LimitStatements]
 
     @abstractmethod
     def _run(self, operation: Callable[[Any], T]) -> T:
@@ -87,6 +89,71 @@ class SQLBackend(Backend):
             "token": secrets.token_hex(8),
             "ttls": self._ttls(),
         }
+
+    def _limited_due(self, db: Any, limits: Mapping[str, Limits]) -> bool:
+        """Whether any job of these limited tasks is due: a read of their own small index,
+        so a pool that has limited tasks but no such job waiting takes no lock for them."""
+        params = {"now": time.time(), "tasks": self.DIALECT.array(list(limits))}
+        return bool(db.execute(self.LIMITS.ANY_DUE, params).fetchall())
+
+    def _claim_limited(
+        self,
+        db: Any,
+        now: float,
+        claim: tuple[str, str, float],
+        limits: Mapping[str, Limits],
+        queues: Collection[str] | None,
+        limit: int,
+    ) -> tuple[list[Job], float | None]:
+        """A limited claim on ``db``, in a transaction that holds this storage's lock for
+        limited claims, at ``now`` as read under that lock; ``claim`` is (worker, token,
+        lease). Reads what is full, picks what fits, takes it and logs its starts (pruning
+        those past their window, in a claim that writes anyway)."""
+        sql, array = self.LIMITS, self.DIALECT.array
+        room = Room(limits)
+        concurrent = [task for task, lim in limits.items() if lim.concurrency is not None]
+        if concurrent:
+            running = db.execute(sql.RUNNING, {"tasks": array(concurrent)}).fetchall()
+            room.running.update({(task, key): int(n) for task, key, n in running})
+        for task, lim in limits.items():
+            if lim.rate is not None:
+                starts = db.execute(sql.STARTS, (task, now - lim.period)).fetchall()
+                room.count_starts(starts, now)
+        busy, spent = room.full()
+        pick = {
+            "now": now,
+            "tasks": array(list(limits)),
+            "queues": None if queues is None else array(list(queues)),
+            "sep": SEP,
+            "busy": array(busy),
+            "spent": array(spent),
+            "scan": limit * SCAN,
+        }
+        ids = room.take(db.execute(sql.PICK, pick).fetchall(), limit)
+        if not ids:
+            return [], room.wait
+        worker, token, lease = claim
+        take = {"worker": worker, "token": token, "lease": lease, "now": now, "ids": array(ids)}
+        jobs = [self._job(row) for row in db.execute(sql.TAKE, take).fetchall()]
+        for job in jobs:
+            if limits[job.task].rate is not None:
+                db.execute(sql.LOG_START, (job.task, job.rate_key or "", now))
+        for task in {job.task for job in jobs if limits[job.task].rate is not None}:
+            db.execute(sql.PRUNE, (task, now - limits[task].period))  # starts past the window
+        jobs.sort(key=lambda job: (-job.priority, job.run_at, job.created_at))
+        return jobs, None
+
+    def unmarked(self, tasks: Collection[str], limit: int) -> list[Job]:
+        params = {"tasks": self.DIALECT.array(list(tasks)), "limit": limit}
+        # A read of every queued row, once a minute: beside the writer, as the dashboard's.
+        rows = self._read(lambda db: db.execute(self.LIMITS.UNMARKED, params).fetchall())
+        return [self._job(row) for row in rows]
+
+    def mark_limited(self, keys: Sequence[tuple[str, str | None, str | None]]) -> int:
+        def mark(db: Any) -> int:
+            return sum(db.execute(self.LIMITS.MARK, (lk, rk, i)).rowcount for i, lk, rk in keys)
+
+        return self._run(mark)
 
     def record_tick(self, schedule: str, tick: float) -> None:
         self._run(lambda db: db.execute(self.SQL.RECORD_TICK, (schedule, tick)))

@@ -17,7 +17,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from operator import attrgetter
 from typing import Any, TypeVar
 
@@ -26,6 +26,7 @@ from ..job import QUEUED, Job, Outcome
 from . import schema
 from .base import Wake, id_in_use
 from .doorbell import Doorbell
+from .limits import Limits, LimitStatements, limited
 from .rows import COLUMNS, finish_rows, in_claim_order
 from .sqlbase import SQLBackend
 from .sqlitefile import Connection, SQLiteFile, busy
@@ -70,6 +71,7 @@ DIALECT = Dialect(
     },
 )
 SQL = Statements(DIALECT)
+LIMITS = LimitStatements(DIALECT)
 
 
 def _insert(columns: Sequence[str]) -> str:
@@ -92,9 +94,10 @@ IF_KEY_FREE = (
     " ON CONFLICT (key) WHERE key IS NOT NULL AND state IN ('queued', 'running') DO NOTHING"
 )
 # Through a caller's connection (SQLAlchemy's text() takes named parameters).
+NAMED_COLUMNS = (*NEW_COLUMNS, "limit_key", "rate_key")
 INSERT_NAMED = (
-    f"INSERT INTO offload_jobs ({', '.join(NEW_COLUMNS)}) "
-    f"VALUES ({', '.join(':' + name for name in NEW_COLUMNS)})"
+    f"INSERT INTO offload_jobs ({', '.join(NAMED_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + name for name in NAMED_COLUMNS)})"
 )
 GET_BY_KEY_NAMED = (
     f"SELECT {SELECT} FROM offload_jobs WHERE key = :key AND state IN ('queued', 'running')"
@@ -148,7 +151,7 @@ class SQLiteBackend(SQLiteFile, SQLBackend):
     first use (the instance folder, as Flask-SQLAlchemy does).
     """
 
-    DIALECT, SQL = DIALECT, SQL
+    DIALECT, SQL, LIMITS = DIALECT, SQL, LIMITS
 
     def __init__(
         self,
@@ -259,7 +262,7 @@ class SQLiteBackend(SQLiteFile, SQLBackend):
         # connection would need.
         for statement in schema.sqlite_upgrade(version, self.path):
             run(statement, {})
-        values = {name: getattr(job, name) for name in NEW_COLUMNS}
+        values = {name: getattr(job, name) for name in NAMED_COLUMNS}
         try:
             inserted, _ = run(INSERT_NAMED + (IF_KEY_FREE if job.key else ""), values)
         except Exception as error:
@@ -347,6 +350,27 @@ class SQLiteBackend(SQLiteFile, SQLBackend):
         rows = self._run(lambda db: self._transaction(db, lambda: pick_and_take(db)))
         return [self._job(row) for row in in_claim_order(rows)]
 
+    def claim_limited(
+        self,
+        worker: str,
+        limits: Mapping[str, Limits],
+        queues: Collection[str] | None,
+        limit: int,
+        lease: float,
+    ) -> tuple[list[Job], float | None]:
+        claim = (worker, secrets.token_hex(8), lease)
+
+        # BEGIN IMMEDIATE is the lock: one limited (or any) claim at a time on the file; the
+        # time is read under it, so the windows' starts are logged in order.
+        def claim_limited(db: sqlite3.Connection) -> tuple[list[Job], float | None]:
+            if not self._limited_due(db, limits):
+                return [], None
+            return self._transaction(
+                db, lambda: self._claim_limited(db, time.time(), claim, limits, queues, limit)
+            )
+
+        return self._run(claim_limited)
+
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
         ttls = self._ttls()
         rows = [{**row, "ttls": ttls} for row in finish_rows(finished)]
@@ -419,7 +443,8 @@ def _finish_alone(db: sqlite3.Connection, row: dict[str, Any]) -> bool:
 
 
 def _insert_of(job: Job) -> tuple[str, tuple[Any, ...]]:
-    """The INSERT that stores ``job`` and its values: a new job's, or every column."""
-    if job.state == QUEUED and job.group_id is None and job.feed is None:
+    """The INSERT that stores ``job`` and its values: a new job's, or every column (a job
+    in a workflow or under limits carries those columns too)."""
+    if job.state == QUEUED and job.group_id is None and job.feed is None and not limited(job):
         return INSERT_NEW, _new_values(job)
     return INSERT_WHOLE, _whole_values(job)

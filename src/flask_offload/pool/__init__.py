@@ -148,11 +148,13 @@ class Pool:
         self.held.put_back(self.held.end_drain(), "still running at shutdown")
         self.runner.aio.stop()  # cancels the coroutines of the jobs just put back
         # A claim in flight puts its batch back itself when it returns: wait for that.
-        claiming = self.held.claiming
-        if claiming.acquire(timeout=max(CLAIM_WAIT, deadline - time.monotonic())):
-            claiming.release()
-        else:
-            logger.warning("a claim was still waiting for storage: its jobs wait for their lease")
+        for claiming in (self.held.claiming, self.held.limited_claiming):
+            if claiming.acquire(timeout=max(CLAIM_WAIT, deadline - time.monotonic())):
+                claiming.release()
+            else:
+                logger.warning(
+                    "a claim was still waiting for storage: its jobs wait for their lease"
+                )
         self._helpers[0].join(max(1.0, deadline - time.monotonic()))  # the finisher
         self.upkeep.done = True
         self.held.maintenance.set()

@@ -15,6 +15,7 @@ import logging
 import time
 
 from ..backends.base import Backend, StorageCorrupt
+from ..backends.limits import limited
 from ..execution import OUTCOME_EVENTS, Events
 from ..foreground import Foreground
 from ..job import CANCELLED, QUEUED, Job, Outcome
@@ -111,6 +112,8 @@ class Finisher:
             return
         with self.held.lock:
             self.held.leave(batch)
+        if any(limited(c.job) for c in batch):
+            self.held.wake()  # a slot is free: a job of its key may start
         for c, ok in zip(batch, stored, strict=True):
             if c.job.id in asked and c.outcome is not None:
                 c.outcome = cancelled_instead(c.outcome)

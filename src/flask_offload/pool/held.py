@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..backends.base import Backend, StorageCorrupt
+from ..backends.limits import Limits
 from ..current import Running
 from ..execution import Runnable, Settings, is_async
 from ..job import Job, Outcome
@@ -84,6 +85,7 @@ class Held:
         self.outcomes = threading.Condition(self.lock)  # the finisher waits for them
         self.room = threading.Condition(self.lock)  # fewer than MAX_UNSTORED of them again
         self.claiming = threading.Lock()  # one claim at a time; the others take from it
+        self.limited_claiming = threading.Lock()  # one limited claim at a time, beside it
         self.job_seconds = PREFETCH_SECONDS  # moving average of run time: sizes the batch
         self.stopping = False  # set under ``wakeup``: no more claims
         self.halted = False  # storage is damaged: no claims, no recovery
@@ -94,24 +96,37 @@ class Held:
         self.wakeups = 0
         self.dues: list[float] = []  # due times of in-process delayed jobs, a heap
         self.async_running = 0  # under lock: coroutines begun and not yet ended (aio.py)
+        # Under ``limited_claiming``: the wake-ups seen when a limited claim last found none, and
+        # when to try again without one (see _claim_limited).
+        self.limited_seen = -1
+        self.limited_after = 0.0
 
     # -- claiming --------------------------------------------------------------------------------
 
     def next(self, me: threading.Thread) -> Claimed | None:
-        """The next job to run: from the shared batch, or from a new claim once the finisher
-        has room for its outcomes. A claim that returns after the stop began puts its whole
-        batch back, under ``claiming``, which the stop waits for."""
+        """The next job to run: of a limited task if one may start, else from the shared
+        batch, or from a new claim once the finisher has room for its outcomes. A claim that
+        returns after the stop began puts what it took back, under ``claiming`` (or
+        ``limited_claiming``), which the stop waits for."""
+        plain, limits = self._tasks()
+        if limits:
+            with self.lock:
+                if self.batch and not self.stopping:
+                    return self._begin(self.batch.popleft(), me)
+            first = self._next_limited(me, limits, wait=not plain)
+            if first is not None:
+                return first
         with self.claiming:
             with self.lock:
                 if self.batch and not self.stopping:
                     return self._begin(self.batch.popleft(), me)
                 while self.unstored >= MAX_UNSTORED and not self.stopping:
                     self.room.wait()
-                if self.stopping or self.halted:
+                if self.stopping or self.halted or not plain:
                     return None
                 room = self.settings.async_concurrency - self.async_running
             size = min(MAX_BATCH, max(1, int(PREFETCH_SECONDS / self.job_seconds)))
-            names = list(self.tasks)
+            names = plain
             if any(is_async(self.tasks[name]) for name in names):
                 # Never more coroutines than ASYNC_CONCURRENCY: while the loop is full, only
                 # jobs of other tasks are claimed (the loop wakes the pool when it has room).
@@ -124,20 +139,79 @@ class Held:
             jobs = self.backend.claim(
                 self.pool_id, names, self.settings.queues, size, self.settings.lease
             )
-            now = time.monotonic()
-            claimed = [Claimed(job, Running(job, self.backend), now) for job in jobs]
+            return self._hold(jobs, me)
+
+    def _next_limited(
+        self, me: threading.Thread, limits: dict[str, Limits], wait: bool
+    ) -> Claimed | None:
+        """A job of a limited task, claimed under ``limited_claiming``, beside another
+        thread's plain claim: a limited claim waits for storage's lock on limits, and blocking
+        the pool's plain claims meanwhile halved their throughput on PostgreSQL (bench/limits.py).
+        A thread that finds another's limited claim under way goes on to a plain claim, or,
+        in a pool of limited tasks only (``wait``), waits for it."""
+        if not self.limited_claiming.acquire(blocking=wait):
+            return None
+        try:
             with self.lock:
-                late = self.stopping  # stop_claiming reads the batch under this lock after
-                if not late:
-                    self.jobs.update(claimed)
-                    self.batch.extend(claimed[1:])
-                    first = self._begin(claimed[0], me) if claimed else None
-            if late:
-                self.put_back(claimed, "claimed as the pool stopped")
-                return None
-            if len(claimed) > 1:
-                self.maintenance.set()  # to give back what is still batched in time
-            return first
+                if self.stopping or self.halted or self.unstored >= MAX_UNSTORED:
+                    return None
+            first = self._hold(self._claim_limited(limits), me)
+        finally:
+            self.limited_claiming.release()
+        if first is not None:
+            self.wake()  # another thread may find the next one
+        return first
+
+    def _hold(self, jobs: list[Job], me: threading.Thread) -> Claimed | None:
+        """Hold the jobs a claim took: the first runs in thread ``me``, the others wait in the
+        batch; all go back if the stop began meanwhile."""
+        now = time.monotonic()
+        claimed = [Claimed(job, Running(job, self.backend), now) for job in jobs]
+        with self.lock:
+            late = self.stopping  # stop_claiming reads the batch under this lock after
+            if not late:
+                self.jobs.update(claimed)
+                self.batch.extend(claimed[1:])
+                first = self._begin(claimed[0], me) if claimed else None
+        if late:
+            self.put_back(claimed, "claimed as the pool stopped")
+            return None
+        if len(claimed) > 1:
+            self.maintenance.set()  # to give back what is still batched in time
+        return first
+
+    def _tasks(self) -> tuple[list[str], dict[str, Limits]]:
+        """The names of the tasks claimed plainly, and the limits of those with limits."""
+        plain, limits = [], {}
+        for name, task in self.tasks.items():
+            if task.limits is None:
+                plain.append(name)
+            else:
+                limits[name] = task.limits
+        return plain, limits
+
+    def _claim_limited(self, limits: dict[str, Limits]) -> list[Job]:
+        """Claim jobs of limited tasks (under ``limited_claiming``), unless the last try found
+        none and nothing since could have changed that: no wake-up, and neither the poll
+        interval nor the wait storage named (a rate window freeing) has passed. Up to one job
+        per thread: one job a claim (each waits for storage's lock on limits) capped a rate
+        below its limit; a job left waiting in the batch is given back after
+        ``GIVE_BACK_AFTER``, freeing its slot (its start stays spent)."""
+        seen = self.wakeups
+        if seen == self.limited_seen and time.monotonic() < self.limited_after:
+            return []
+        jobs, wait = self.backend.claim_limited(
+            self.pool_id, limits, self.settings.queues, self.settings.threads, self.settings.lease
+        )
+        if jobs:
+            self.limited_seen = -1
+            return jobs
+        pause = self.settings.poll_interval
+        if wait is not None and wait < pause:  # a window frees before the next poll
+            pause = wait
+            self.wake(time.time() + wait)
+        self.limited_seen, self.limited_after = seen, time.monotonic() + pause
+        return []
 
     def _begin(self, claimed: Claimed, me: threading.Thread) -> Claimed:
         """Move a batched job to running in thread ``me`` (with the lock held)."""

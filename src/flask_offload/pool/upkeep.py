@@ -24,14 +24,15 @@ from collections.abc import Callable
 
 from ..backends.base import StorageCorrupt
 from ..current import PROGRESS_EVERY
-from ..execution import Events
-from ..job import WorkerInfo
+from ..execution import Events, Runnable
+from ..job import Job, WorkerInfo
 from ..liveness import beat_every, live_window
 from .held import GIVE_BACK_AFTER, Held
 from .running import Runner
 
 logger = logging.getLogger("flask_offload")
 
+MARK_BATCH, MARK_ROUNDS = 500, 20  # unmarked limited jobs given keys per statement, per round
 BEAT_RETRY = 0.25  # seconds before a failed heartbeat is tried again, doubling up to lease / 10
 PURGE_ROUND = 20_000  # rows a round of the purge deletes at most, so beats are never late
 PURGE_AGAIN = 1.0  # seconds before the next round, while a round finds that many
@@ -62,7 +63,7 @@ class Upkeep:
         the pool's threads are joined. Each step fails alone: a failed heartbeat is tried
         again soon, the others at their next turn."""
         held, lease = self.held, self.settings.lease
-        next_beat = self.next_purge = next_report = 0.0
+        next_beat = self.next_purge = next_report = next_mark = 0.0
         beat_failures = 0
         while not self.done:
             now = time.monotonic()
@@ -84,6 +85,9 @@ class Upkeep:
                 next_report = now + 60.0
                 self._step("report", self._report_unknown_tasks)
                 self._step("silent workers", self.backend.forget_silent, time.time() - SILENT_FOR)
+            if now >= next_mark and not held.halted:
+                next_mark = now + 60.0
+                self._step("limit keys", self._mark_limited)
             try:
                 wake = min(self._next_round(next_beat), self.next_purge if leads else next_beat)
             except BaseException:
@@ -159,6 +163,22 @@ class Upkeep:
             if job is not None:
                 self.emit("job_cancelled" if job.state == "cancelled" else "job_lost", job, None)
 
+    def _mark_limited(self) -> None:
+        """Give limit keys to queued jobs of this app's limited tasks stored without them
+        (enqueued by name in a process that does not register the task, or before it had
+        limits): the plain claim leaves limited tasks alone, so unmarked they would wait for
+        ever. At start, then once a minute; a batch at a time, a bounded number of them."""
+        limited = {name: task for name, task in self.tasks.items() if task.limits is not None}
+        for _ in range(MARK_ROUNDS) if limited else ():
+            jobs = self.backend.unmarked(list(limited), MARK_BATCH)
+            if jobs:
+                self.backend.mark_limited(
+                    [(job.id, *keys_of(limited[job.task], job)) for job in jobs]
+                )
+                self.held.wake()
+            if len(jobs) < MARK_BATCH:
+                return
+
     def _report_unknown_tasks(self) -> None:
         """Warn once per name of the queued jobs whose task no live pool registers."""
         live = self.backend.workers(time.time() - live_window(self.settings.lease))
@@ -170,3 +190,22 @@ class Upkeep:
                 "a worker that knows it will run them",
                 name,
             )
+
+
+def keys_of(task: Runnable, job: Job) -> tuple[str | None, str | None]:
+    """The limit keys of a stored ``job`` as its task computes them now; a job its key
+    functions cannot read counts under the task as a whole (``""``)."""
+    try:
+        return task.limit_keys(job.args, job.kwargs)
+    except Exception as error:
+        logger.warning(
+            "job %s (%s): its limit keys could not be computed (%s), so it counts "
+            "under the task as a whole",
+            job.id,
+            job.task,
+            error,
+        )
+        limits = task.limits
+        assert limits is not None
+        whole = ("" if limits.concurrency is not None else None), ("" if limits.rate else None)
+        return whole

@@ -22,6 +22,8 @@ from .job import FINAL_STATES, Job, state_words
 from .liveness import live_processes
 from .runtime import Runtime
 
+WORKER_CONNECTIONS = 1  # pooled connections of a worker process, its listener's aside
+
 
 class OffloadGroup(AppGroup):
     """``flask offload``: storage that cannot be reached or used is one line, not a traceback;
@@ -139,6 +141,10 @@ def worker_command(threads: int, queues: str | None, per_queue: str | None, quie
     if not queues and not per_queue:  # OFFLOAD_QUEUES, where the app sets it
         pools = [(threads, runtime.settings.queues)]
     runtime.backend.prepare()  # storage that cannot be used is one error now, not a retry loop
+    # The pools' claims, finishes and heartbeats take turns on one connection (each statement
+    # is short, and one thread claims at a time anyway), so a fleet's size, not its threads,
+    # sets what the database must accept.
+    runtime.backend.limit_connections(WORKER_CONNECTIONS)
     click.echo(f"storage: {describe(runtime.backend)}")
     say_pools(runtime, pools)
     lifecycle.manage(runtime, "start", pools)

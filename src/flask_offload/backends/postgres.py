@@ -75,18 +75,29 @@ from .sqlbase import SQLBackend
 class PostgresBackend(PostgresPool, Listener, SQLBackend):
     """Jobs in PostgreSQL tables (``offload_jobs``, ``offload_schedules``, ``offload_workers``).
 
-    ``listen=False`` (``OFFLOAD_PG_LISTEN = False``) is for PgBouncer in transaction pooling,
-    which cannot hold a ``LISTEN``: workers then find jobs by polling, and statements are not
-    prepared, which that mode of PgBouncer does not support either.
+    ``pgbouncer=True`` (``OFFLOAD_PG_PGBOUNCER``) says ``url`` goes through PgBouncer in
+    transaction pooling, which keeps no session: statements are not prepared, and the listener
+    connects to ``listen_url`` (``OFFLOAD_PG_LISTEN_URL``: the server itself, or PgBouncer in
+    session pooling), or, without one, workers find jobs by polling. Statements are also no
+    longer prepared once the server's answers show such a pooler unannounced. ``listen=False``
+    (``OFFLOAD_PG_LISTEN = False``) turns the listener off, and prepared statements with it.
     """
 
     DIALECT, SQL = DIALECT, SQL
 
     def __init__(
-        self, url: str, listen: bool = True, pool_size: int = 10, timeout: float = 5.0
+        self,
+        url: str,
+        listen: bool = True,
+        pool_size: int = 4,
+        timeout: float = 5.0,
+        pgbouncer: bool = False,
+        listen_url: str | None = None,
     ) -> None:
         self.url = url
-        self.listen = listen
+        self.listen_url = listen_url or url
+        self.listen = listen and (listen_url is not None or not pgbouncer)
+        self.prepared = listen and not pgbouncer
         self.pool_size = pool_size
         self.timeout = timeout
         params = conninfo_to_dict(url)

@@ -34,7 +34,7 @@ T = TypeVar("T")
 # statement: the server connection it picked has not prepared it, or prepared it for another
 # client. Only a statement that was never run gets either answer, so it may run again.
 UNPREPARED = (psycopg.errors.InvalidSqlStatementName, psycopg.errors.DuplicatePreparedStatement)
-IDLE_SECONDS = 60.0  # a connection beyond the first closes after this long unused
+IDLE_SECONDS = 20.0  # unused this long, a connection beyond the first closes (one at a time)
 Connection = psycopg.Connection[TupleRow]
 # Runs ENQUEUE or HOLDER (both return rows) on a pooled connection or on a caller's.
 Execute = Callable[[str, Mapping[str, Any]], list[tuple[Any, ...]]]

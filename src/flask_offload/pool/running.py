@@ -71,7 +71,6 @@ class Runner:
         me = threading.current_thread()
         failures = 0
         while not held.stopping:
-            seen = held.wakeups
             self.foreground.give_way()
             try:
                 claimed = held.next(me)
@@ -91,7 +90,7 @@ class Runner:
                 if was_down:
                     logger.warning("storage answers again: worker %s resumes", held.pool_id)
             if claimed is None:
-                held.idle(seen)
+                held.idle()
             elif not self._run(claimed, me):
                 return  # it ran past its timeout and the pool has its size without it
 

@@ -44,6 +44,7 @@ from ..job import HISTORY_LIMIT, Cancel, Job, Outcome
 from . import schema
 from .base import Wake, id_in_use
 from .pglisten import Listener
+from .pgnotify import Notifier
 from .pgpool import Connection, Execute, Pooled, PostgresPool, execute_on, one_line
 from .pgsql import (
     ADOPT,
@@ -56,7 +57,9 @@ from .pgsql import (
     FINISHED_BY,
     HOLDER,
     INSERT_NEW,
+    INSERT_QUIET,
     NEW,
+    NOTIFY_QUEUES,
     PAUSED_AT,
     PRIORITY,
     RECOVERED_BY,
@@ -119,6 +122,11 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
         self._listening: Connection | None = None
         self._closed = threading.Event()
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._notifier = Notifier(self._notify)
+
+    def _notify(self, queues: Collection[str]) -> None:
+        """Tell the listeners that jobs are due now on ``queues`` (the owed notifications)."""
+        self._run(lambda conn: conn.execute(NOTIFY_QUEUES, {"queues": list(queues)}))
 
     def prepare(self) -> None:
         self._run(lambda conn: None)
@@ -158,14 +166,21 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
         return self._run(lambda conn: self._insert(self._execute(conn), job))
 
     def _insert_new(self, conn: Pooled, job: Job) -> Job:
-        """Insert a new job without a key (the common enqueue) with INSERT_NEW; if its id is
-        taken, let ``_insert`` find by whom."""
-        values = dict(zip(NEW, new_values(job), strict=True), wait=delay_left(job))
+        """Insert a new job without a key (the common enqueue) with INSERT_NEW, or, for a job
+        due now whose queue was notified a moment ago, INSERT_QUIET and a notification owed
+        (pgnotify.py); if its id is taken, let ``_insert`` find by whom."""
+        wait = delay_left(job)
+        due_now = job.run_at <= time.time() if wait is None else wait <= 0
+        quiet = due_now and self._notifier.quiet(job.queue)
+        values = dict(zip(NEW, new_values(job), strict=True), wait=wait)
         try:
-            conn.inserts().execute(INSERT_NEW, values)
+            conn.inserts().execute(INSERT_QUIET if quiet else INSERT_NEW, values)
         except psycopg.errors.UniqueViolation:
-            return self._insert(self._execute(conn), job)
-        job.backend = self
+            job = self._insert(self._execute(conn), job)
+        else:
+            job.backend = self
+        if quiet:
+            self._notifier.owe(job.queue)
         return job
 
     def _insert(self, execute: Execute, job: Job) -> Job:
@@ -355,8 +370,10 @@ class PostgresBackend(PostgresPool, Listener, SQLBackend):
         self._inherited.append((self._pool, self._listening))
         self._pool, self._pid, self._lock = None, -1, threading.Lock()
         self._listener, self._listening, self._subscribers, self._unconfirmed = None, None, [], {}
+        self._notifier = Notifier(self._notify)
 
     def close(self) -> None:
+        self._notifier.close()
         self._closed.set()
         listener = self._listener
         if listener is not None and listener.is_alive():

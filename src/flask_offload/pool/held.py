@@ -240,15 +240,16 @@ class Held:
         pool's size, and a wake-up sends one thread to claim, not all of them: an idle pool
         costs one claim per ``poll_interval`` and one per job it is told of."""
         me = threading.get_ident()
-        deadline = time.monotonic() + self.settings.poll_interval
+        deadline = math.inf
         with self.wakeup:
             try:
                 while not self.stopping:
                     if self.wakeups:
                         self.wakeups -= 1
                         return
-                    if self.poller is None:
+                    if self.poller is None:  # the poll interval counts from here
                         self.poller = me
+                        deadline = time.monotonic() + self.settings.poll_interval
                     if self.poller != me:
                         self.wakeup.wait()
                         continue

@@ -29,8 +29,9 @@ Send = Callable[[Collection[str]], None]  # sends one notification per queue nam
 class Notifier:
     """Which queues this process notified when, and the trailing notifications it owes."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, interval: float = INTERVAL) -> None:
         self._send = send
+        self.interval = interval  # 0: every insert notifies (bench/pg_fleet.py's "before")
         self._lock = threading.Lock()
         self._due = threading.Condition(self._lock)
         self._sent: dict[str, float] = {}  # queue -> when its last notification went out
@@ -44,7 +45,7 @@ class Notifier:
         now = time.monotonic()
         with self._lock:
             last = self._sent.get(queue)
-            if last is not None and now - last < INTERVAL:
+            if last is not None and now - last < self.interval:
                 return True
             self._sent[queue] = now
             return False
@@ -53,7 +54,7 @@ class Notifier:
         """A quiet insert on ``queue`` has committed: a notification goes out after now."""
         with self._lock:
             if queue not in self._owed:
-                self._owed[queue] = self._sent.get(queue, 0.0) + INTERVAL
+                self._owed[queue] = self._sent.get(queue, 0.0) + self.interval
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="offload-pg-notify", daemon=True

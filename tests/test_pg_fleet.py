@@ -278,3 +278,18 @@ def test_pgbouncer_unannounced_turns_prepared_statements_off(
         assert conn.execute("SELECT count(*) FROM offload_jobs").fetchone()[0] == 150
     assert not backend.prepared
     assert "answers as PgBouncer in transaction pooling does" in caplog.text
+
+
+def test_coalesced_notifications_leave_no_job_to_the_poll(tmp_path: Path, url: str) -> None:
+    """Four threads of a process that exits at once enqueue 400 jobs: fewer notifications than
+    jobs are sent, yet a worker that polls only every 300 s runs every job (the owed trailing
+    notifications, the last one sent at exit)."""
+    with psycopg.connect(url, autocommit=True) as listening:
+        listening.execute("LISTEN offload_jobs")
+        env = pg_env(tmp_path, url, OFFLOADTEST_OFFLOAD_POLL_INTERVAL="300")
+        with process(worker(4), env, tmp_path / "worker.log"):
+            wait_until(lambda: sessions(url, "flask-offload") >= 2, 60)
+            enqueue(env, 100, threads=4)
+            wait_until(lambda: succeeded(url) == 400, 60)  # far sooner than a poll
+        heard = list(listening.notifies(timeout=0.5, stop_after=400))
+    assert 1 <= len(heard) < 400, len(heard)

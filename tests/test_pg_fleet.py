@@ -199,7 +199,7 @@ def pgbouncer() -> Iterator[str]:
         "[pgbouncer]\n"
         f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
         f"auth_type = trust\nauth_file = {folder / 'users.txt'}\n"
-        "pool_mode = transaction\ndefault_pool_size = 4\nmax_client_conn = 200\n"
+        "pool_mode = transaction\ndefault_pool_size = 2\nmax_client_conn = 200\n"
         "ignore_startup_parameters = extra_float_digits,options\n"
     )
     for each in folder.iterdir():
@@ -253,20 +253,21 @@ def test_pgbouncer_unannounced_turns_prepared_statements_off(
     url: str, pgbouncer: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Without OFFLOAD_PG_PGBOUNCER the first "prepared statement does not exist" turns
-    preparing off and the statement runs again: no enqueue fails (127 of 150 did before)."""
+    preparing off and the statement runs again: no enqueue fails
+    (before, through 2 server connections, most did)."""
     backend = open_backend(pgbouncer, "/nowhere", pg=PgOptions(listen=True))
     assert isinstance(backend, PostgresBackend)
     failed: list[BaseException] = []
 
     def go() -> None:
-        for _ in range(50):
+        for _ in range(25):
             try:
                 backend.enqueue(new_job())
             except Exception as error:
                 failed.append(error)
 
     try:
-        threads = [threading.Thread(target=go) for _ in range(3)]
+        threads = [threading.Thread(target=go) for _ in range(8)]
         for t in threads:
             t.start()
         for t in threads:
@@ -275,7 +276,7 @@ def test_pgbouncer_unannounced_turns_prepared_statements_off(
         backend.close()
     assert failed == []
     with psycopg.connect(url, autocommit=True) as conn:
-        assert conn.execute("SELECT count(*) FROM offload_jobs").fetchone()[0] == 150
+        assert conn.execute("SELECT count(*) FROM offload_jobs").fetchone()[0] == 200
     assert not backend.prepared
     assert "answers as PgBouncer in transaction pooling does" in caplog.text
 

@@ -71,7 +71,7 @@ class Fleet:
     def env(self, app: str, **extra: str) -> dict[str, str]:
         return {
             **os.environ,
-            "PYTHONPATH": str(APPS),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(APPS), os.environ.get("PYTHONPATH")])),
             "JOBAPP_LOG": str(self.tmp / "runs.log"),
             "JOBAPP_INSTANCE": str(self.tmp),
             "JOBAPP_SLEEP_SCALE": "0",
@@ -203,19 +203,17 @@ def idle(workers: int, jobs: int) -> dict[str, float]:
             fleet.cpu() - cpu,
             time.monotonic() - began,
         )
-        scans, cpu, began = fleet.scans(), fleet.cpu(), time.monotonic()
+        scans, began = fleet.scans(), time.monotonic()
         for _ in range(jobs):
             fleet.enqueue(1)
         fleet.wait_for(jobs)
         time.sleep(STATS_FLUSH)
         busy_s = time.monotonic() - began
         per_job = (fleet.scans() - scans - idle_scans / idle_s * busy_s) / jobs
-        cpu_per_job = (fleet.cpu() - cpu - idle_cpu / idle_s * busy_s) / jobs
         return {
             "idle_claims_per_s": idle_scans / idle_s,
             "idle_cpu_pct": 100 * idle_cpu / idle_s,
             "scans_per_job": per_job,
-            "worker_cpu_ms_per_job": 1000 * cpu_per_job,
         }
     finally:
         fleet.close()

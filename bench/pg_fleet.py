@@ -7,8 +7,9 @@ workers cost the database.
 1. **Connections per process**: server sessions (``pg_stat_activity`` by ``application_name``)
    of ``flask offload worker`` with ``--threads 1`` and ``--threads 4`` after 400 jobs, and of a
    web process (``OFFLOAD_WORKERS = 2``) right after 16 threads enqueued 50 jobs each.
-2. **Idle workers** (``--threads 1`` each, ``OFFLOAD_POLL_INTERVAL`` 1 s): claim statements
-   per second while nothing is queued, the workers' CPU (% of one core, all together), and
+2. **Idle workers** (``--threads 1`` each, and one with ``--threads 4``;
+   ``OFFLOAD_POLL_INTERVAL`` 1 s): claim statements per second while nothing is queued, the
+   workers' CPU (% of one core, all together), and
    the statements that scan ``offload_jobs`` per job for jobs enqueued one at a time, with 1
    and with N workers: a job costs one claim and its finish with one worker, so what N adds
    per job is claims that found nothing. Read from ``pg_stat_user_tables`` (each claim scans
@@ -188,11 +189,11 @@ def connections() -> dict[str, int]:
         fleet.close()
 
 
-def idle(workers: int, jobs: int) -> dict[str, float]:
+def idle(workers: int, jobs: int, threads: int = 1) -> dict[str, float]:
     fleet = Fleet()
     try:
         for n in range(workers):
-            fleet.worker(f"w{n}")
+            fleet.worker(f"w{n}", threads)
         while fleet.listening() < workers:
             time.sleep(0.2)
         time.sleep(2.0)
@@ -203,6 +204,11 @@ def idle(workers: int, jobs: int) -> dict[str, float]:
             fleet.cpu() - cpu,
             time.monotonic() - began,
         )
+        if not jobs:
+            return {
+                "idle_claims_per_s": idle_scans / idle_s,
+                "idle_cpu_pct": 100 * idle_cpu / idle_s,
+            }
         scans, began = fleet.scans(), time.monotonic()
         for _ in range(jobs):
             fleet.enqueue(1)
@@ -276,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     many = 4 if options.quick else 20
     result: dict[str, Any] = {"connections": connections()}
     print(json.dumps(result["connections"]), flush=True)
+    result["idle_1x4"] = idle(1, jobs=0, threads=4)
+    print("1 x 4 threads", json.dumps(result["idle_1x4"]), flush=True)
     for n in (1, many):
         result[f"idle_{n}"] = idle(n, jobs=10 if options.quick else 30)
         print(n, json.dumps(result[f"idle_{n}"]), flush=True)

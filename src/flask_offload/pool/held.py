@@ -103,10 +103,7 @@ class Held:
         with self.claiming:
             with self.lock:
                 if self.batch and not self.stopping:
-                    batched = self._begin(self.batch.popleft(), me)
-                    if self.batch:
-                        self.wake()  # the next idle thread takes the next batched job
-                    return batched
+                    return self._begin(self.batch.popleft(), me)
                 while self.unstored >= MAX_UNSTORED and not self.stopping:
                     self.room.wait()
                 if self.stopping or self.halted:
@@ -128,7 +125,6 @@ class Held:
                 return None
             if len(claimed) > 1:
                 self.maintenance.set()  # to give back what is still batched in time
-                self.wake()  # an idle thread takes the next batched job
             return first
 
     def _begin(self, claimed: Claimed, me: threading.Thread) -> Claimed:

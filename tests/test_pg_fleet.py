@@ -1,110 +1,296 @@
-"""A fleet on one PostgreSQL database: the maintenance lease held by one worker process and
-taken over by another when its holder is killed with SIGKILL, and purges that run as bounded
-statements (each statement's deleted rows are seen by a statement-level trigger)."""
+"""PostgreSQL for a fleet, with real processes: what a worker process holds on the server,
+what an idle pool claims, and PgBouncer in transaction pooling (Debian's, started here)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 import pgtest
-from conftest import jobapp_env, process, wait_until
+from conftest import (
+    AppFactory,
+    free_port,
+    jobapp_env,
+    make_job,
+    process,
+    start_pool,
+    wait_until,
+)
 
 psycopg = pgtest.require_psycopg()
 
+from flask_offload.backends import PgOptions, open_backend  # noqa: E402
 from flask_offload.backends.postgres import PostgresBackend  # noqa: E402
-from flask_offload.backends.sqlbase import PURGE_BATCH  # noqa: E402
+from flask_offload.job import Job  # noqa: E402
 
-FINISHED = """
-    INSERT INTO offload_jobs (id, task, queue, priority, state, args_json, kwargs_json,
-        max_attempts, created_at, run_at, finished_at)
-    SELECT md5(%(tag)s || g), 't', 'default', 0, 'succeeded', '[]', '{}', 1, 0, 0,
-        date_part('epoch', now()) - %(age)s
-    FROM generate_series(1, %(count)s) AS g
-"""
-# Each DELETE statement on offload_jobs logs how many rows it removed.
-LOG_DELETES = [
-    "CREATE TABLE purge_log (n bigint, at timestamptz DEFAULT clock_timestamp())",
-    """CREATE FUNCTION log_purge() RETURNS trigger LANGUAGE plpgsql AS $$
-       BEGIN INSERT INTO purge_log (n) SELECT count(*) FROM gone; RETURN NULL; END $$""",
-    """CREATE TRIGGER log_purge AFTER DELETE ON offload_jobs REFERENCING OLD TABLE AS gone
-       FOR EACH STATEMENT EXECUTE FUNCTION log_purge()""",
-]
+pytestmark = pytest.mark.slow
+PGBOUNCER = "/usr/sbin/pgbouncer"
 
 
-def rows(url: str, sql: str, **params: object) -> list[tuple[object, ...]]:
+@pytest.fixture
+def url() -> str:
+    url = pgtest.session_database()
+    pgtest.clean(url)
+    return url
+
+
+def named(url: str, app: str) -> str:
+    return f"{url}?application_name={app}"
+
+
+def sessions(url: str, app: str) -> int:
     with psycopg.connect(url, autocommit=True) as conn:
-        cursor = conn.execute(sql, params or None)
-        return cursor.fetchall() if cursor.description else []
+        sql = (
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = %s"
+        )
+        return int(conn.execute(sql, (app,)).fetchone()[0])
 
 
-def test_a_purge_deletes_in_bounded_statements_and_keeps_the_young() -> None:
-    url = pgtest.new_database()
-    backend = PostgresBackend(url)
+def succeeded(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        sql = "SELECT count(*) FROM offload_jobs WHERE state = 'succeeded'"
+        return int(conn.execute(sql).fetchone()[0])
+
+
+def pg_env(tmp_path: Path, url: str, **extra: str) -> dict[str, str]:
+    env = jobapp_env(tmp_path, JOBAPP_SLEEP_SCALE="0", **extra)
+    env["OFFLOADTEST_OFFLOAD_URL"] = url
+    return env
+
+
+def worker(threads: int) -> list[str]:
+    flask = [sys.executable, "-m", "flask", "--app", "jobapp:create_app"]
+    return [*flask, "offload", "worker", "--threads", str(threads)]
+
+
+def enqueue(env: dict[str, str], count: int, threads: int) -> None:
+    """``count`` jobs from each of ``threads`` threads of a process with no pool."""
+    code = (
+        "import threading, jobapp\napp = jobapp.create_app()\n"
+        "def go():\n    with app.app_context():\n"
+        f"        for n in range({count}): jobapp.record.delay(n, 0)\n"
+        f"ts = [threading.Thread(target=go) for _ in range({threads})]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+    )
+    env = {**env, "OFFLOADTEST_OFFLOAD_WORKERS": "0"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+
+
+def test_a_worker_process_holds_two_connections_whatever_its_threads(
+    tmp_path: Path, url: str
+) -> None:
+    """One pooled connection for claims, finishes and heartbeats, and the listener's (three
+    before, whatever --threads)."""
+    with ExitStack() as stack:
+        for threads in (1, 4):
+            env = pg_env(tmp_path, named(url, f"threads{threads}"))
+            out = tmp_path / f"worker{threads}.log"
+            stack.enter_context(process(worker(threads), env, out))
+        wait_until(lambda: sessions(url, "threads1") and sessions(url, "threads4"), 60)
+        env = pg_env(tmp_path, named(url, "enqueuer"))
+        enqueue(env, 100, threads=4)
+        wait_until(lambda: succeeded(url) == 400, 120)
+        assert sessions(url, "threads1") == 2
+        assert sessions(url, "threads4") == 2
+
+
+def test_a_process_holds_at_most_its_pool_size_and_lets_idle_ones_go(url: str) -> None:
+    """16 threads enqueue at once through OFFLOAD_PG_POOL_SIZE = 3 connections (a web
+    process had ten, kept for ten minutes); unused ones close, down to one."""
+    backend = PostgresBackend(named(url, "web"), pool_size=3)
     try:
-        backend.prepare()
-        for statement in LOG_DELETES:
-            rows(url, statement)
-        old = 2 * PURGE_BATCH + PURGE_BATCH // 2
-        rows(url, FINISHED, tag="old", age=7200, count=old)
-        rows(url, FINISHED, tag="young", age=10, count=5)
-        assert backend.purge(time.time() - 3600, most=PURGE_BATCH + 1) == PURGE_BATCH + 1
-        assert backend.purge(time.time() - 3600) == old - PURGE_BATCH - 1
-        batches = [n for (n,) in rows(url, "SELECT n FROM purge_log ORDER BY at")]
-        # none expired (the first DELETE of each purge), then the old ones in bounded batches
-        assert batches == [0, PURGE_BATCH, 1, 0, PURGE_BATCH, PURGE_BATCH // 2 - 1]
-        assert rows(url, "SELECT count(*) FROM offload_jobs") == [(5,)]
+
+        def go() -> None:
+            for _ in range(30):
+                backend.enqueue(new_job())
+
+        threads = [threading.Thread(target=go) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert 1 <= sessions(url, "web") <= 3
+        assert backend._pool is not None
+        backend._pool.max_idle = 0.5  # what IDLE_SECONDS does, sooner
+        wait_until(lambda: sessions(url, "web") == 1, 60)
     finally:
         backend.close()
 
 
-def holder(url: str) -> str | None:
-    """The pool holding the maintenance lease now, or None."""
-    found = rows(
-        url,
-        "SELECT holder FROM offload_leases WHERE name = 'maintenance'"
-        " AND until >= date_part('epoch', now())",
+def new_job() -> Job:
+    return make_job("t")
+
+
+class Counting(PostgresBackend):
+    """The real backend, counting its claims (what an idle pool costs the server)."""
+
+    claims = 0
+
+    def claim(self, *args: Any, **kwargs: Any) -> Any:
+        Counting.claims += 1
+        return super().claim(*args, **kwargs)
+
+
+def test_an_idle_pool_polls_once_per_interval_whatever_its_threads(
+    make_app: AppFactory, pools: list[Any], url: str
+) -> None:
+    """Eight idle threads, polling every 0.1 s: about one claim per interval (eight before,
+    one per thread), and a job told of by NOTIFY wakes one thread, not eight."""
+    app, offload = make_app(storage="memory")
+
+    @offload.task(name="t")
+    def t() -> None: ...
+
+    backend = Counting(url)
+    try:
+        Counting.claims = 0
+        began = time.monotonic()
+        pool = start_pool(pools, app, offload, backend, threads=8, poll_interval=0.1)
+        time.sleep(2.0)
+        intervals = (time.monotonic() - began) / 0.1
+        assert Counting.claims <= intervals + 8 + 2, (Counting.claims, intervals)
+        other = PostgresBackend(url)
+        try:
+            for _ in range(10):
+                before, began = Counting.claims, time.monotonic()
+                job = other.enqueue(new_job())
+                wait_until(lambda j=job: getattr(other.get(j.id), "state", "") == "succeeded", 30)
+                polls = (time.monotonic() - began) / 0.1 + 1
+                # the woken thread's claim, and its look for more after the run
+                assert Counting.claims - before <= polls + 2, (Counting.claims - before, polls)
+        finally:
+            other.close()
+        pool.stop(5)
+    finally:
+        backend.close()
+
+
+@pytest.fixture
+def pgbouncer() -> Iterator[str]:
+    """Debian's PgBouncer in transaction pooling mode on a free loopback port, in front of the
+    test server; the URL of the test database through it. Stopped by its PID."""
+    if not os.path.exists(PGBOUNCER):
+        reason = "PgBouncer is not installed (apt-get install pgbouncer)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"the PgBouncer test cannot run under CI=true: {reason}", pytrace=False)
+        pytest.skip(reason)
+    server = urlsplit(pgtest.SERVER_URL)
+    folder = Path(tempfile.mkdtemp(prefix="offload-pgbouncer-"))
+    folder.chmod(0o755)  # run as root, PgBouncer drops to the postgres user and reads these
+    port = free_port()
+    (folder / "users.txt").write_text(f'"{server.username or "postgres"}" ""\n')
+    (folder / "pgbouncer.ini").write_text(
+        "[databases]\n"
+        f"* = host={server.hostname or '127.0.0.1'} port={server.port or 5432}\n"
+        "[pgbouncer]\n"
+        f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {folder / 'users.txt'}\n"
+        "pool_mode = transaction\ndefault_pool_size = 2\nmax_client_conn = 200\n"
+        "ignore_startup_parameters = extra_float_digits,options\n"
     )
-    return str(found[0][0]) if found else None
+    for each in folder.iterdir():
+        each.chmod(0o644)
+    user = ["-u", "postgres"] if os.geteuid() == 0 else []
+    log = (folder / "out.log").open("wb")
+    proc = subprocess.Popen(
+        [PGBOUNCER, *user, str(folder / "pgbouncer.ini")], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        database = pgtest.session_database()
+        through = urlsplit(database)._replace(netloc=f"{server.username}@127.0.0.1:{port}")
+
+        def answers() -> bool:
+            assert proc.poll() is None, (folder / "out.log").read_text()
+            try:
+                psycopg.connect(through.geturl(), connect_timeout=2).close()
+                return True
+            except psycopg.OperationalError:
+                return False
+
+        wait_until(answers, 30)
+        yield through.geturl()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def pools(url: str) -> dict[str, int]:
-    """Pool id -> pid of the live worker rows."""
-    return {str(i): int(str(pid)) for i, pid in rows(url, "SELECT id, pid FROM offload_workers")}
+def test_enqueue_claim_and_finish_through_pgbouncer_in_transaction_mode(
+    tmp_path: Path, url: str, pgbouncer: str
+) -> None:
+    """OFFLOAD_PG_PGBOUNCER with the listener on a direct connection: every enqueue through
+    PgBouncer is stored (before, most failed on prepared statements), a worker behind it runs
+    them, and it listens on the server itself."""
+    env = pg_env(
+        tmp_path,
+        named(pgbouncer, "bounced"),
+        OFFLOADTEST_OFFLOAD_PG_PGBOUNCER="true",
+        OFFLOADTEST_OFFLOAD_PG_LISTEN_URL=named(url, "direct"),
+        OFFLOADTEST_OFFLOAD_POLL_INTERVAL="30",  # so only a notification can start them soon
+    )
+    with process(worker(2), env, tmp_path / "worker.log"):
+        wait_until(lambda: sessions(url, "direct") == 1, 60)
+        enqueue(env, 50, threads=3)
+        wait_until(lambda: succeeded(url) == 150, 60)  # not a poll: 30 s apart
 
 
-@pytest.mark.slow
-def test_the_maintainer_killed_hands_over_and_its_successor_purges(tmp_path: Path) -> None:
-    url = pgtest.new_database()
-    tables = PostgresBackend(url)
-    tables.prepare()  # the tables, before the workers and this test read them
-    tables.close()
-    env = jobapp_env(tmp_path, OFFLOADTEST_OFFLOAD_LEASE="3", OFFLOADTEST_OFFLOAD_RESULT_TTL="1")
-    env["OFFLOADTEST_OFFLOAD_URL"] = url
-    command = [sys.executable, "-m", "flask", "--app", "jobapp:create_app", "offload", "worker"]
-    with ExitStack() as stack:
-        procs = {
-            proc.pid: proc
-            for proc in (
-                stack.enter_context(process([*command, "--threads", "1"], env, tmp_path / f"w{n}"))
-                for n in range(2)
-            )
-        }
-        wait_until(lambda: len(pools(url)) == 2 and holder(url), timeout=60)
-        first = holder(url)
-        assert first in pools(url)
-        leader_pid = pools(url)[first]
-        assert leader_pid in procs
-        procs[leader_pid].send_signal(signal.SIGKILL)
-        procs[leader_pid].wait(10)
-        survivor = next(pid for pid in procs if pid != leader_pid)
-        second = wait_until(lambda: holder(url) not in (None, first) and holder(url), timeout=60)
-        assert pools(url)[second] == survivor
-        rows(url, FINISHED, tag="old", age=7200, count=30)
-        wait_until(lambda: rows(url, "SELECT count(*) FROM offload_jobs") == [(0,)], timeout=60)
-        assert procs[survivor].poll() is None
+def test_pgbouncer_unannounced_turns_prepared_statements_off(
+    url: str, pgbouncer: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without OFFLOAD_PG_PGBOUNCER the first "prepared statement does not exist" turns
+    preparing off and the statement runs again: no enqueue fails
+    (before, through 2 server connections, most did)."""
+    backend = open_backend(pgbouncer, "/nowhere", pg=PgOptions(listen=True))
+    assert isinstance(backend, PostgresBackend)
+    failed: list[BaseException] = []
+
+    def go() -> None:
+        for _ in range(25):
+            try:
+                backend.enqueue(new_job())
+            except Exception as error:
+                failed.append(error)
+
+    try:
+        threads = [threading.Thread(target=go) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        backend.close()
+    assert failed == []
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM offload_jobs").fetchone()[0] == 200
+    assert not backend.prepared
+    assert "answers as PgBouncer in transaction pooling does" in caplog.text
+
+
+def test_coalesced_notifications_leave_no_job_to_the_poll(tmp_path: Path, url: str) -> None:
+    """Four threads of a process that exits at once enqueue 400 jobs: fewer notifications than
+    jobs are sent, yet a worker that polls only every 300 s runs every job (the owed trailing
+    notifications, the last one sent at exit)."""
+    with psycopg.connect(url, autocommit=True) as listening:
+        listening.execute("LISTEN offload_jobs")
+        env = pg_env(tmp_path, url, OFFLOADTEST_OFFLOAD_POLL_INTERVAL="300")
+        with process(worker(4), env, tmp_path / "worker.log"):
+            wait_until(lambda: sessions(url, "flask-offload") >= 2, 60)
+            enqueue(env, 100, threads=4)
+            wait_until(lambda: succeeded(url) == 400, 60)  # far sooner than a poll
+        heard = list(listening.notifies(timeout=0.5, stop_after=400))
+    assert 1 <= len(heard) < 400, len(heard)

@@ -26,7 +26,7 @@ from conftest import AppFactory, free_port, jobapp_env, make_job, process, runs,
 
 psycopg = pgtest.require_psycopg()
 
-from flask_offload.backends import open_backend, schema  # noqa: E402
+from flask_offload.backends import PgOptions, open_backend, schema  # noqa: E402
 from flask_offload.backends import pgsql as queries  # noqa: E402
 from flask_offload.backends.postgres import PostgresBackend  # noqa: E402
 from flask_offload.job import Outcome  # noqa: E402
@@ -66,7 +66,9 @@ def stored_ids(url: str) -> list[str]:
 
 def test_open_backend_routes_postgresql_urls(url: str) -> None:
     for scheme in ("postgresql", "postgres"):
-        backend = open_backend(url.replace("postgresql", scheme, 1), "/nowhere", pg_listen=False)
+        backend = open_backend(
+            url.replace("postgresql", scheme, 1), "/nowhere", pg=PgOptions(listen=False)
+        )
         try:
             assert isinstance(backend, PostgresBackend) and not backend.listen
             assert backend.counts() == {}

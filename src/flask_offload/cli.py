@@ -23,6 +23,8 @@ from .liveness import live_processes
 from .runtime import Runtime
 from .standalone import MemorySize
 
+WORKER_CONNECTIONS = 1  # pooled connections of a worker process, its listener's aside
+
 
 class OffloadGroup(AppGroup):
     """``flask offload``: storage that cannot be reached or used is one line, not a traceback;
@@ -175,6 +177,10 @@ def worker_command(
             "give --processes too"
         )
     runtime.backend.prepare()  # storage that cannot be used is one error now, not a retry loop
+    # The pools' claims, finishes and heartbeats take turns on one connection (each statement
+    # is short, and one thread claims at a time anyway), so a fleet's size, not its threads,
+    # sets what the database must accept.
+    runtime.backend.limit_connections(WORKER_CONNECTIONS)
     if child is None:  # a supervised child's lines were said by its supervisor
         click.echo(f"storage: {describe(runtime.backend)}")
         say_pools(runtime, pools)

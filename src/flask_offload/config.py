@@ -105,6 +105,15 @@ def _text(key: str, value: Any) -> str:
     return value
 
 
+def _pg_url(key: str, value: Any) -> str | None:
+    """A ``postgresql://`` URL, or None (an empty one is none)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not value.startswith(("postgresql://", "postgres://")):
+        raise _refused(key, "a postgresql:// URL or None", value, not isinstance(value, str))
+    return value
+
+
 def _path(key: str, value: Any) -> str:
     """A URL path starting with ``/``."""
     if not isinstance(value, str) or not value.startswith("/"):
@@ -187,7 +196,25 @@ class Config:
         "SQLite's synchronous setting: FULL also survives a power loss",
     )
     pg_listen: bool = _setting(
-        "OFFLOAD_PG_LISTEN", True, _flag, "wake workers by LISTEN/NOTIFY (False behind PgBouncer)"
+        "OFFLOAD_PG_LISTEN", True, _flag, "wake workers by LISTEN/NOTIFY (False: poll only)"
+    )
+    pg_pgbouncer: bool = _setting(
+        "OFFLOAD_PG_PGBOUNCER",
+        False,
+        _flag,
+        "OFFLOAD_URL is PgBouncer in transaction pooling: prepare no statements",
+    )
+    pg_listen_url: str | None = _setting(
+        "OFFLOAD_PG_LISTEN_URL",
+        None,
+        _pg_url,
+        "a direct (or session-pooled) URL to LISTEN on, when OFFLOAD_URL is PgBouncer's",
+    )
+    pg_pool_size: int = _setting(
+        "OFFLOAD_PG_POOL_SIZE",
+        4,
+        _number(1, whole=True),
+        "the most pooled connections a process that is not a worker holds",
     )
     result_ttl: float = _setting(
         "OFFLOAD_RESULT_TTL", 86400.0, _number(0), "seconds finished jobs are kept"

@@ -15,7 +15,7 @@ from flask import Flask, current_app, has_app_context
 from flask.ctx import AppContext
 
 from . import dashboard, lifecycle, logs, own_lock, servers, signals, web, workflow
-from .backends import open_backend
+from .backends import PgOptions, open_backend
 from .cli import offload_cli
 from .config import EXTENSION_KEY as CONFIG_KEY
 from .config import PREFIX, Config, eager_changed, from_environment, sources, warn_unknown
@@ -78,7 +78,15 @@ class Offload:
         with _setting_errors():
             config = Config.read(app.config)
             backend = open_backend(
-                config.url, app.instance_path, config.sqlite_synchronous, config.pg_listen
+                config.url,
+                app.instance_path,
+                config.sqlite_synchronous,
+                PgOptions(
+                    config.pg_listen,
+                    config.pg_pgbouncer,
+                    config.pg_listen_url,
+                    config.pg_pool_size,
+                ),
             )
         if app.testing and not (explicit_url or config.eager):
             logs.logger.warning(

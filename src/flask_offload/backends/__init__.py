@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConfigurationError, MissingDependency
@@ -13,6 +14,7 @@ from .sqlite import SQLiteBackend
 __all__ = [
     "Backend",
     "MemoryBackend",
+    "PgOptions",
     "SQLiteBackend",
     "describe",
     "mask_password",
@@ -34,8 +36,21 @@ def sqlite_path(url: str, instance_path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(instance_path, path)
 
 
+@dataclass(frozen=True)
+class PgOptions:
+    """How a PostgreSQL backend connects (the ``OFFLOAD_PG_*`` settings)."""
+
+    listen: bool = True
+    pgbouncer: bool = False
+    listen_url: str | None = None
+    pool_size: int = 4
+
+
 def open_backend(
-    url: str, instance_path: str, sqlite_synchronous: str = "NORMAL", pg_listen: bool = True
+    url: str,
+    instance_path: str,
+    sqlite_synchronous: str = "NORMAL",
+    pg: PgOptions = PgOptions(),  # frozen, so one shared default is fine
 ) -> Backend:
     """The storage ``url`` points at (``sqlite:…``, ``postgresql://…``, ``memory://``).
 
@@ -57,7 +72,13 @@ def open_backend(
                 f"OFFLOAD_URL {mask_password(url)!r} needs psycopg: "
                 f"pip install 'Flask-Offload[postgres]' ({error})"
             ) from None
-        return PostgresBackend(url, listen=pg_listen)
+        return PostgresBackend(
+            url,
+            listen=pg.listen,
+            pool_size=pg.pool_size,
+            pgbouncer=pg.pgbouncer,
+            listen_url=pg.listen_url,
+        )
     raise ConfigurationError(
         f"OFFLOAD_URL {mask_password(str(url))!r} is not a storage Flask-Offload knows: use "
         "sqlite:///name.db, sqlite:////absolute/path.db, postgresql://user@host/db or memory://"

@@ -280,6 +280,10 @@ class Backend(ABC):
     def prepare(self) -> None:  # noqa: B027 - storage in memory is always ready
         """Open the storage and create or upgrade its schema now, not on first use."""
 
+    def limit_connections(self, most: int) -> None:  # noqa: B027 - storage without a pool
+        """Hold at most ``most`` connections to storage in this process, besides the one that
+        listens for wake-ups: a worker process needs one for all its pools' statements."""
+
     def subscribe(self, wake: Wake) -> None:  # noqa: B027 - polling suffices
         """Call ``wake(at)`` when another process stores a job due at ``at`` (None: now), where
         the storage can say so (PostgreSQL's LISTEN/NOTIFY, SQLite's doorbell); elsewhere

@@ -34,7 +34,7 @@ def _due(payload: str) -> float | None:
 class Listener:
     """The listening thread of a ``PostgresBackend`` (a base class of it)."""
 
-    url: str
+    listen_url: str
     where: str
     listen: bool
     _connect_args: dict[str, Any]
@@ -74,7 +74,7 @@ class Listener:
         closed, failures = self._closed, 0
         while not closed.is_set():
             try:
-                with psycopg.connect(self.url, **self._connect_args) as conn:
+                with psycopg.connect(self.listen_url, **self._connect_args) as conn:
                     self._listening = conn
                     conn.execute(LISTEN)
                     if failures:

@@ -2,10 +2,16 @@
 forked child; a statement whose connection breaks runs once more on a fresh one; an
 unreachable server is one clear error within seconds; and a caller's own connection, for an
 enqueue inside the caller's transaction.
+
+How many: one connection is kept; more open only while that many threads run statements at
+once (up to ``OFFLOAD_PG_POOL_SIZE``), and those close again after ``IDLE_SECONDS`` unused. A
+worker process (``flask offload worker``) holds one, shared by its claims, finishes and
+heartbeats, whatever its ``--threads``, plus the listener's: two per worker process.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import select
@@ -22,7 +28,13 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import InvalidArgument, StorageUnavailable
 
+logger = logging.getLogger("flask_offload")
 T = TypeVar("T")
+# What a pooler that keeps no session (PgBouncer in transaction pooling) answers to a prepared
+# statement: the server connection it picked has not prepared it, or prepared it for another
+# client. Only a statement that was never run gets either answer, so it may run again.
+UNPREPARED = (psycopg.errors.InvalidSqlStatementName, psycopg.errors.DuplicatePreparedStatement)
+IDLE_SECONDS = 20.0  # unused this long, a connection beyond the first closes (one at a time)
 Connection = psycopg.Connection[TupleRow]
 # Runs ENQUEUE or HOLDER (both return rows) on a pooled connection or on a caller's.
 Execute = Callable[[str, Mapping[str, Any]], list[tuple[Any, ...]]]
@@ -122,6 +134,7 @@ class PostgresPool:
     pool_size: int
     timeout: float
     listen: bool
+    prepared: bool
     _connect_args: dict[str, Any]
     _pid: int
     _lock: threading.Lock
@@ -148,10 +161,11 @@ class PostgresPool:
                     connection_class=Pooled,
                     kwargs={
                         **self._connect_args,
-                        **({} if self.listen else {"prepare_threshold": None}),
+                        **({} if self.prepared else {"prepare_threshold": None}),
                     },
                     min_size=1,
                     max_size=self.pool_size,
+                    max_idle=IDLE_SECONDS,
                     timeout=self.timeout,
                     # Give up a failing reconnection after a few seconds; the next request
                     # starts a new one, so a server that is back is found again quickly.
@@ -171,6 +185,13 @@ class PostgresPool:
                 self._pool.wait(self.timeout)
             return self._pool
 
+    def limit_connections(self, most: int) -> None:
+        """Hold at most ``most`` connections in the pool from now on (the listener's aside)."""
+        with self._lock:
+            self.pool_size = most
+            if self._pool is not None and self._pid == os.getpid():
+                self._pool.resize(min(1, most), most)
+
     def _run(
         self,
         operation: Callable[[Pooled], T],
@@ -189,7 +210,9 @@ class PostgresPool:
         if not self._ready:
             self._first_use()
         lost: psycopg.OperationalError | None = None
-        for _ in range(2 if retry else 1):
+        tries = 2 if retry else 1
+        while tries:
+            tries -= 1
             # getconn/putconn rather than pool.connection(), whose commit on the way out has
             # nothing to do on our autocommitted connections but costs an enqueue ~5 %.
             # Statements that need a transaction open one of their own and end it; the pool
@@ -199,11 +222,18 @@ class PostgresPool:
                 conn = pool.getconn()
             except PoolTimeout:
                 raise self._no_connection() from None
+            if not self.prepared:
+                conn.prepare_threshold = None
             try:
                 value = operation(conn)
                 if lost is not None and confirm is not None:
                     value = confirm(conn, value)
                 return value
+            except UNPREPARED as error:
+                if not self.prepared:
+                    raise
+                self._stop_preparing(error)
+                tries += 1
             except psycopg.OperationalError as error:
                 if not conn.broken:
                     raise
@@ -214,6 +244,16 @@ class PostgresPool:
         raise StorageUnavailable(
             f"cannot reach PostgreSQL at {self.where}: {one_line(lost)}"
         ) from lost
+
+    def _stop_preparing(self, error: psycopg.Error) -> None:
+        """Prepare no more statements: a pooler that keeps no session stands in between."""
+        self.prepared = False
+        logger.warning(
+            "PostgreSQL at %s answers as PgBouncer in transaction pooling does (%s): statements "
+            "are no longer prepared; set OFFLOAD_PG_PGBOUNCER = True to say so at start",
+            self.where,
+            one_line(error),
+        )
 
     def _no_connection(self) -> OSError:
         """Why the pool gave no connection in time: the server's own answer, or a busy pool."""

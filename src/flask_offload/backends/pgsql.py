@@ -92,6 +92,14 @@ INSERT_NEW = f"""
     VALUES ('queued', {_values(NEW)})
     RETURNING {_NOTIFY}
 """
+# The same insert sending no notification: one for its queue went out a moment ago and
+# another is owed (pgnotify.py says when that is allowed).
+INSERT_QUIET = INSERT_NEW.replace(f"RETURNING {_NOTIFY}", "")
+# The trailing notification of quiet inserts, one per queue, the job due now.
+NOTIFY_QUEUES = f"""
+    SELECT pg_notify('{CHANNEL}', {_NOW}::text || ' ' || queue)
+    FROM unnest(%(queues)s::text[]) AS queue
+"""
 # Any other job, or inside a transaction that an error must not abort (the caller's, a
 # tick's). No conflict target: a conflict on the id means this very insert was stored by an
 # earlier try whose reply was lost, and one on the key index means another job holds the

@@ -46,6 +46,7 @@ from .base import Wake, id_in_use
 from .limits import Limits
 from .pgflows import PostgresFlows
 from .pglisten import Listener
+from .pgnotify import Notifier
 from .pgpool import Connection, Execute, Pooled, PostgresPool, execute_on, one_line
 from .pgsql import (
     ADOPT,
@@ -58,9 +59,11 @@ from .pgsql import (
     FINISHED_BY,
     HOLDER,
     INSERT_NEW,
+    INSERT_QUIET,
     LIMITS,
     LOCK_LIMITS,
     NEW,
+    NOTIFY_QUEUES,
     PAUSED_AT,
     QUEUED_TASK_NAMES,
     RECOVERED_BY,
@@ -79,18 +82,29 @@ T = TypeVar("T")
 class PostgresBackend(PostgresPool, Listener, PostgresFlows):
     """Jobs in PostgreSQL tables (``offload_jobs``, ``offload_schedules``, ``offload_workers``).
 
-    ``listen=False`` (``OFFLOAD_PG_LISTEN = False``) is for PgBouncer in transaction pooling,
-    which cannot hold a ``LISTEN``: workers then find jobs by polling, and statements are not
-    prepared, which that mode of PgBouncer does not support either.
+    ``pgbouncer=True`` (``OFFLOAD_PG_PGBOUNCER``) says ``url`` goes through PgBouncer in
+    transaction pooling, which keeps no session: statements are not prepared, and the listener
+    connects to ``listen_url`` (``OFFLOAD_PG_LISTEN_URL``: the server itself, or PgBouncer in
+    session pooling), or, without one, workers find jobs by polling. Statements are also no
+    longer prepared once the server's answers show such a pooler unannounced. ``listen=False``
+    (``OFFLOAD_PG_LISTEN = False``) turns the listener off, and prepared statements with it.
     """
 
     DIALECT, SQL, LIMITS = DIALECT, SQL, LIMITS
 
     def __init__(
-        self, url: str, listen: bool = True, pool_size: int = 10, timeout: float = 5.0
+        self,
+        url: str,
+        listen: bool = True,
+        pool_size: int = 4,
+        timeout: float = 5.0,
+        pgbouncer: bool = False,
+        listen_url: str | None = None,
     ) -> None:
         self.url = url
-        self.listen = listen
+        self.listen_url = listen_url or url
+        self.listen = listen and (listen_url is not None or not pgbouncer)
+        self.prepared = listen and not pgbouncer
         self.pool_size = pool_size
         self.timeout = timeout
         params = conninfo_to_dict(url)
@@ -112,6 +126,11 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
         self._listening: Connection | None = None
         self._closed = threading.Event()
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._notifier = Notifier(self._notify)
+
+    def _notify(self, queues: Collection[str]) -> None:
+        """Tell the listeners that jobs are due now on ``queues`` (the owed notifications)."""
+        self._run(lambda conn: conn.execute(NOTIFY_QUEUES, {"queues": list(queues)}))
 
     def prepare(self) -> None:
         self._run(lambda conn: None)
@@ -151,14 +170,21 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
         return self._run(lambda conn: self._insert(self._execute(conn), job))
 
     def _insert_new(self, conn: Pooled, job: Job) -> Job:
-        """Insert a new job without a key (the common enqueue) with INSERT_NEW; if its id is
-        taken, let ``_insert`` find by whom."""
-        values = dict(zip(NEW, new_values(job), strict=True), wait=delay_left(job))
+        """Insert a new job without a key (the common enqueue) with INSERT_NEW, or, for a job
+        due now whose queue was notified a moment ago, INSERT_QUIET and a notification owed
+        (pgnotify.py); if its id is taken, let ``_insert`` find by whom."""
+        wait = delay_left(job)
+        due_now = job.run_at <= time.time() if wait is None else wait <= 0
+        quiet = due_now and self._notifier.quiet(job.queue)
+        values = dict(zip(NEW, new_values(job), strict=True), wait=wait)
         try:
-            conn.inserts().execute(INSERT_NEW, values)
+            conn.inserts().execute(INSERT_QUIET if quiet else INSERT_NEW, values)
         except psycopg.errors.UniqueViolation:
-            return self._insert(self._execute(conn), job)
-        job.backend = self
+            job = self._insert(self._execute(conn), job)
+        else:
+            job.backend = self
+        if quiet:
+            self._notifier.owe(job.queue)
         return job
 
     def _insert(self, execute: Execute, job: Job) -> Job:
@@ -394,8 +420,10 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
         self._inherited.append((self._pool, self._listening))
         self._pool, self._pid, self._lock = None, -1, threading.Lock()
         self._listener, self._listening, self._subscribers, self._unconfirmed = None, None, [], {}
+        self._notifier = Notifier(self._notify)
 
     def close(self) -> None:
+        self._notifier.close()
         self._closed.set()
         listener = self._listener
         if listener is not None and listener.is_alive():

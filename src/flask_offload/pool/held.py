@@ -92,8 +92,12 @@ class Held:
         self.down = False  # storage unreachable: said once per outage, not once per thread
         self.drained = False  # past the drain: what still ran was put back
         self.maintenance = threading.Event()  # brings the upkeep's next round forward
-        self.wakeup = threading.Condition()
-        self.wakeups = 0
+        wake_lock = threading.Lock()
+        self.wakeup = threading.Condition(wake_lock)  # idle threads wait on it
+        self.resting = threading.Condition(wake_lock)  # threads backing off after an error
+        self.wakeups = 0  # wake-ups no idle thread has taken yet (at most one per thread)
+        self.rung = 0  # wake-ups ever, so a limited claim can tell that one came since
+        self.poller: int | None = None  # the one idle thread that polls and minds the dues
         self.dues: list[float] = []  # due times of in-process delayed jobs, a heap
         self.async_running = 0  # under lock: coroutines begun and not yet ended (aio.py)
         # Under ``limited_claiming``: the wake-ups seen when a limited claim last found none, and
@@ -197,7 +201,7 @@ class Held:
         per thread: one job a claim (each waits for storage's lock on limits) capped a rate
         below its limit; a job left waiting in the batch is given back after
         ``GIVE_BACK_AFTER``, freeing its slot (its start stays spent)."""
-        seen = self.wakeups
+        seen = self.rung
         if seen == self.limited_seen and time.monotonic() < self.limited_after:
             return []
         jobs, wait = self.backend.claim_limited(
@@ -291,6 +295,7 @@ class Held:
         with self.wakeup:
             self.stopping = True
             self.wakeup.notify_all()
+            self.resting.notify_all()
 
     def leave_unstarted(self) -> list[Claimed]:
         """Let go of the batched jobs, once claims have stopped, to put them back."""
@@ -318,30 +323,55 @@ class Held:
     # -- wake-ups --------------------------------------------------------------------------------
 
     def wake(self, at: float | None = None) -> None:
-        """A job is due now (or at ``at``): let a thread look."""
+        """A job is due now (or at ``at``): let one idle thread look (or the poller, at
+        ``at``). Wake-ups that come while no thread is idle are kept, one per thread at most,
+        so a job stored while every thread was claiming is looked for once more."""
         with self.wakeup:
             if at is not None and at > time.time():
                 if len(self.dues) < MAX_DUES:  # beyond it, polling finds the job
                     heapq.heappush(self.dues, at)
+                self.wakeup.notify_all()  # the poller, wherever it waits, sleeps less
             else:
-                self.wakeups += 1
-            self.wakeup.notify()
+                self.wakeups = min(self.wakeups + 1, self.settings.threads)
+                self.rung += 1
+                self.wakeup.notify()
 
-    def idle(self, seen: int) -> None:
-        """Sleep until woken, a delayed job of this process is due, or the poll interval;
-        at once if a wake-up came since ``seen`` was read."""
+    def idle(self) -> None:
+        """Sleep until a wake-up is ours, or, as the pool's one poller, until a delayed job of
+        this process is due or the poll interval has passed. One thread polls whatever the
+        pool's size, and a wake-up sends one thread to claim, not all of them: an idle pool
+        costs one claim per ``poll_interval`` and one per job it is told of."""
+        me = threading.get_ident()
+        deadline = math.inf
         with self.wakeup:
-            if self.stopping or self.wakeups != seen:
-                return
-            next_due = self.dues[0] if self.dues else math.inf
-            pause = min(self.settings.poll_interval, next_due - time.time())
-            self.wakeup.wait(max(0.0, pause))
-            now = time.time()
-            while self.dues and self.dues[0] <= now:
-                heapq.heappop(self.dues)
+            try:
+                while not self.stopping:
+                    if self.wakeups:
+                        self.wakeups -= 1
+                        return
+                    if self.poller is None:  # the poll interval counts from here
+                        self.poller = me
+                        deadline = time.monotonic() + self.settings.poll_interval
+                    if self.poller != me:
+                        self.wakeup.wait()
+                        continue
+                    now = time.time()
+                    if self.dues and self.dues[0] <= now:
+                        while self.dues and self.dues[0] <= now:
+                            heapq.heappop(self.dues)
+                        return
+                    pause = deadline - time.monotonic()
+                    if pause <= 0:
+                        return
+                    next_due = self.dues[0] - now if self.dues else math.inf
+                    self.wakeup.wait(min(pause, next_due))
+            finally:
+                if self.poller == me:
+                    self.poller = None
+                    self.wakeup.notify()  # another idle thread polls in its place
 
     def pause(self, seconds: float) -> None:
         """Sleep for ``seconds`` unless the pool stops meanwhile."""
-        with self.wakeup:
+        with self.resting:
             if not self.stopping:
-                self.wakeup.wait(seconds)
+                self.resting.wait(seconds)

@@ -73,7 +73,6 @@ class Runner:
         me = threading.current_thread()
         failures = 0
         while not held.stopping:
-            seen = held.wakeups
             self.foreground.give_way()
             try:
                 claimed = held.next(me)
@@ -93,7 +92,7 @@ class Runner:
                 if was_down:
                     logger.warning("storage answers again: worker %s resumes", held.pool_id)
             if claimed is None:
-                held.idle(seen)
+                held.idle()
             elif claimed.aio:
                 self._hand_off(claimed)
             elif not self._run(claimed, me):

@@ -1,0 +1,110 @@
+"""Fewer notifications: PostgreSQL takes one cluster-wide lock to queue the notifications of
+each committing transaction, so concurrent enqueuers that each send ``NOTIFY`` wait for each
+other there. A process sends at most one notification per queue per ``INTERVAL`` for jobs due
+now; the jobs it stores meanwhile are told of by one trailing notification.
+
+The rule that keeps every job seen: an insert may skip its notification only if one for its
+queue went out less than ``INTERVAL`` ago, and then, once the insert has committed, it is owed
+a notification, which the notifier thread sends no earlier than that commit and within
+``INTERVAL`` of the last one. A delayed job, a job stored in the caller's transaction (whose
+commit this process does not see) and any other insert notify as before. Only a process killed
+within ``INTERVAL`` of such an insert leaves its notification unsent; polling finds that job.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Collection
+
+logger = logging.getLogger("flask_offload")
+
+INTERVAL = 0.005  # seconds: the most a coalesced job's wake-up waits for its notification
+Send = Callable[[Collection[str]], None]  # sends one notification per queue named
+
+
+class Notifier:
+    """Which queues this process notified when, and the trailing notifications it owes."""
+
+    def __init__(self, send: Send, interval: float = INTERVAL) -> None:
+        self._send = send
+        self.interval = interval  # 0: every insert notifies (bench/pg_fleet.py's "before")
+        self._lock = threading.Lock()
+        self._due = threading.Condition(self._lock)
+        self._sent: dict[str, float] = {}  # queue -> when its last notification went out
+        self._owed: dict[str, float] = {}  # queue -> when its trailing notification is due
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def quiet(self, queue: str) -> bool:
+        """Whether an insert of a job due now on ``queue`` may skip its notification (then
+        call ``owe`` once it has committed); if not, it notifies and counts as the last."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._sent.get(queue)
+            if last is not None and now - last < self.interval:
+                return True
+            self._sent[queue] = now
+            return False
+
+    def owe(self, queue: str) -> None:
+        """A quiet insert on ``queue`` has committed: a notification goes out after now."""
+        with self._lock:
+            if queue not in self._owed:
+                self._owed[queue] = self._sent.get(queue, 0.0) + self.interval
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="offload-pg-notify", daemon=True
+                )
+                self._thread.start()
+                atexit.register(_flush_at_exit, weakref.ref(self))
+            self._due.notify()
+
+    def flush(self) -> None:
+        """Send every owed notification now (at exit, at close)."""
+        with self._lock:
+            owed, self._owed = list(self._owed), {}
+        self._deliver(owed)
+
+    def close(self) -> None:
+        """Send what is owed and stop the thread."""
+        with self._lock:
+            self._closed = True
+            self._due.notify()
+        self.flush()
+
+    def _run(self) -> None:
+        """Send each owed notification when it is due, until closed."""
+        while True:
+            with self._lock:
+                while not self._closed:
+                    now = time.monotonic()
+                    due = [queue for queue, at in self._owed.items() if at <= now]
+                    if due:
+                        break
+                    nearest = min(self._owed.values(), default=now + 1.0)
+                    self._due.wait(max(0.0, nearest - now))
+                else:
+                    return
+                for queue in due:
+                    del self._owed[queue]
+                    self._sent[queue] = now
+            self._deliver(due)
+
+    def _deliver(self, queues: Collection[str]) -> None:
+        if not queues:
+            return
+        try:
+            self._send(queues)
+        except Exception as error:  # polling finds the jobs
+            logger.warning("could not notify workers of new jobs (%s): they poll for them", error)
+
+
+def _flush_at_exit(notifier: weakref.ref[Notifier]) -> None:
+    """At exit, send what a notifier still owes (a script that enqueues and ends)."""
+    alive = notifier()
+    if alive is not None:
+        alive.flush()

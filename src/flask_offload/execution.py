@@ -5,12 +5,13 @@ success, a retry after a backoff, a failure, or a cancellation. Never raises.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import random
 import time
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -164,7 +165,8 @@ def settled(job: Job, outcome: Outcome | None) -> Job:
 
 
 def is_async(task: Runnable) -> bool:
-    """Whether ``task`` is an ``async def`` function: a pool runs it on its event loop."""
+    """Whether ``task`` is an ``async def`` function: a pool runs it on its event loop. One
+    hidden behind a plain decorator is not: it runs in a run thread (see ``_execute``)."""
     return inspect.iscoroutinefunction(task.fn)
 
 
@@ -174,9 +176,17 @@ def execute(
     """Run one job inside ``context()`` and say how it ended; never raises. Where
     OpenTelemetry is installed, the run is a span in the trace the job was enqueued in. An
     ``async def`` task runs to its end on an event loop of its own (EAGER mode, ``run_due``,
-    the testing modes); a pool runs it on its shared loop instead (``pool/aio.py``)."""
+    the testing modes); a pool runs it on its shared loop instead (``pool/aio.py``). A plain
+    task runs in a fresh context, so that no context variable one job sets is seen by the next
+    job of its run thread (each coroutine has its own context already)."""
     if is_async(task):
         return run_to_end(execute_async(task, job, running, context, settings))
+    return contextvars.Context().run(_execute_traced, task, job, running, context, settings)
+
+
+def _execute_traced(
+    task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
+) -> Outcome:
     if not tracing.active():
         return _execute(task, job, running, context, settings)
     with tracing.run_span(job) as outcomes:
@@ -198,16 +208,22 @@ async def execute_async(
     return outcomes[0]
 
 
-def run_to_end(coroutine: Coroutine[Any, Any, T]) -> T:
+def run_to_end(coroutine: Coroutine[Any, Any, T], inherit: bool = False) -> T:
     """Run ``coroutine`` to its end on a fresh event loop: in this thread, or in a thread of
     its own when this one already runs a loop (an ``async def`` view calling ``.delay()`` in
-    EAGER mode), since loops do not nest."""
+    EAGER mode), since loops do not nest. There it starts from an empty context, or a copy of
+    this thread's with ``inherit`` (in this thread it always sees this thread's)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coroutine)
+    start = contextvars.copy_context() if inherit else contextvars.Context()
     with ThreadPoolExecutor(1, "offload-eager-async") as alone:
-        return alone.submit(asyncio.run, coroutine).result()
+        return alone.submit(start.run, asyncio.run, coroutine).result()
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable
 
 
 def _execute(
@@ -220,6 +236,8 @@ def _execute(
     try:
         with context():
             value = task.fn(*called[0], **called[1])
+            if inspect.isawaitable(value):  # an async def behind a plain decorator
+                value = run_to_end(_awaited(value), inherit=True)
     except BaseException as error:
         return _raised(task, job, running, error)
     finally:

@@ -284,13 +284,18 @@ def _raised(task: Runnable, job: Job, running: Running, error: BaseException) ->
     cancellation was asked for; else a failure, retried while attempts remain."""
     asked = isinstance(error, asyncio.CancelledError) and running.cancel_flag
     if isinstance(error, Cancelled) or asked:
-        progress = running.last_progress
-        return Outcome(CANCELLED, error="Cancelled", progress_json=progress, ttl=task.result_ttl)
-    outcome = failure(task, job, error, _format_exc())
+        return cancelled(task, running)
+    outcome = failure(task, job, error, format_exc())
     outcome.progress_json = running.last_progress
     if outcome.state == FAILED and not isinstance(error, Retry):
         logger.error("job %s (%s) failed", job.id, job.task, exc_info=True)
     return outcome
+
+
+def cancelled(task: Runnable, running: Running) -> Outcome:
+    """The outcome of a run ended by its job's cancellation."""
+    progress = running.last_progress
+    return Outcome(CANCELLED, error="Cancelled", progress_json=progress, ttl=task.result_ttl)
 
 
 def _returned(task: Runnable, running: Running, value: Any, settings: Settings) -> Outcome:
@@ -310,7 +315,7 @@ def _returned(task: Runnable, running: Running, value: Any, settings: Settings) 
     return Outcome(SUCCEEDED, result_json=result, progress_json=progress, ttl=task.result_ttl)
 
 
-def _format_exc() -> str | None:
+def format_exc() -> str | None:
     """The current traceback as text, or None if even that cannot be had."""
     try:
         return traceback.format_exc()

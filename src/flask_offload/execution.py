@@ -176,17 +176,9 @@ def execute(
     """Run one job inside ``context()`` and say how it ended; never raises. Where
     OpenTelemetry is installed, the run is a span in the trace the job was enqueued in. An
     ``async def`` task runs to its end on an event loop of its own (EAGER mode, ``run_due``,
-    the testing modes); a pool runs it on its shared loop instead (``pool/aio.py``). A plain
-    task runs in a fresh context, so that no context variable one job sets is seen by the next
-    job of its run thread (each coroutine has its own context already)."""
+    the testing modes); a pool runs it on its shared loop instead (``pool/aio.py``)."""
     if is_async(task):
         return run_to_end(execute_async(task, job, running, context, settings))
-    return contextvars.Context().run(_execute_traced, task, job, running, context, settings)
-
-
-def _execute_traced(
-    task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
-) -> Outcome:
     if not tracing.active():
         return _execute(task, job, running, context, settings)
     with tracing.run_span(job) as outcomes:

@@ -5,6 +5,8 @@ views written ``async def`` (Flask runs them with ``flask[async]``'s asgiref).""
 from __future__ import annotations
 
 import asyncio
+import functools
+import warnings
 from typing import Any
 
 from flask import Flask, g
@@ -144,3 +146,44 @@ def test_an_async_background_view_in_manual_mode(make_app: AppFactory) -> None:
             [ran] = harness.run_jobs()
         assert ran.state == "succeeded"
         assert app.test_client().get(answer.json["url"]).json == {"n": 9, "job": ran.id}
+
+
+def logged(fn: Any) -> Any:
+    """A plain (sync) decorator: what it wraps returns a coroutine it does not await."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def test_an_async_task_behind_a_plain_decorator_runs_to_its_end(make_app: AppFactory) -> None:
+    """The task's function is sync, so the job runs in a run thread; the coroutine it returns
+    is run to its end there, inside the job's context, instead of failing as "not JSON"."""
+    offload = Offload()
+
+    @offload.task(name="hidden")
+    @logged
+    async def hidden(n: int) -> tuple[int, str]:
+        await asyncio.sleep(0.01)
+        return n * 2, current_job.id
+
+    app, _ = make_app(offload, OFFLOAD_WORKERS=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "coroutine ... was never awaited"
+        with app.app_context():
+            job = hidden.delay(21)
+            offload.runtime(app).start()
+            done = job.wait(30)
+            assert (done.state, done.error) == ("succeeded", None)
+            assert done.result == [42, job.id]
+        eager, _ = make_app(offload, OFFLOAD_EAGER=True)
+        with eager.app_context():
+            assert hidden.delay(2).result[0] == 4
+
+            async def from_a_loop() -> Job:  # its coroutine runs on a thread of its own
+                return hidden.delay(3)
+
+            inside = asyncio.run(from_a_loop())
+            assert inside.result == [6, inside.id], "with the job's current_job"

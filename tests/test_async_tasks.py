@@ -218,8 +218,14 @@ def test_a_timed_out_coroutine_is_cancelled_and_the_pool_goes_on(make_app: AppFa
 
 
 def test_cancel_of_a_running_async_job_cancels_its_coroutine(make_app: AppFactory) -> None:
-    """The cancel reaches the pool with its next heartbeat (a third of the lease)."""
+    """The cancel reaches the pool with its next heartbeat (a third of the lease); the
+    coroutine's end gives its place (the only one) to the next async job."""
     offload, seen, started = Offload(), [], threading.Event()
+
+    @offload.task(name="next_one")
+    async def next_one() -> str:
+        await asyncio.sleep(0)
+        return "ran"
 
     @offload.task(name="long")
     async def long() -> None:
@@ -231,19 +237,19 @@ def test_cancel_of_a_running_async_job_cancels_its_coroutine(make_app: AppFactor
             seen.append(current_job.cancel_requested)
             raise
 
-    app, _ = make_app(offload, OFFLOAD_WORKERS=1, OFFLOAD_LEASE=1.5)
+    app, _ = make_app(offload, OFFLOAD_WORKERS=1, OFFLOAD_LEASE=1.5, OFFLOAD_ASYNC_CONCURRENCY=1)
     with app.app_context():
         job = long.delay()
         offload.runtime(app).start()
         assert started.wait(30)
-        began = time.monotonic()
+        after = next_one.delay()
         assert job.cancel() is True
         assert job.cancel_requested and job.state == "running"
         ended = job.wait(30)
         assert ended.state == "cancelled"
         assert ended.progress is not None and ended.progress["current"] == 1
+        assert after.wait(30).result == "ran"
     assert seen == [True]
-    assert time.monotonic() - began < 30
 
 
 def test_a_coroutine_raising_cancelled_ends_cancelled(make_app: AppFactory) -> None:
@@ -259,6 +265,29 @@ def test_a_coroutine_raising_cancelled_ends_cancelled(make_app: AppFactory) -> N
         job = gives_up.delay()
         offload.runtime(app).start()
         assert job.wait(30).state == "cancelled"
+
+
+def test_a_coroutine_cancelled_not_by_its_job_fails_with_where_and_a_log_line(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``CancelledError`` nobody asked for (no ``job.cancel()``) is the job's failure, with
+    the traceback of where it came from, logged as an error."""
+    offload = Offload()
+
+    @offload.task(name="self_cancelling")
+    async def self_cancelling() -> None:
+        await asyncio.sleep(0)
+        raise asyncio.CancelledError("from inside")
+
+    app, _ = make_app(offload, OFFLOAD_WORKERS=1)
+    with app.app_context():
+        job = self_cancelling.delay()
+        offload.runtime(app).start()
+        failed = job.wait(30)
+    assert failed.state == "failed"
+    assert failed.error == "CancelledError: coroutine cancelled, not by a cancel of its job"
+    assert failed.traceback is not None and "self_cancelling" in failed.traceback
+    assert f"job {job.id} (self_cancelling): coroutine cancelled" in caplog.text
 
 
 def test_an_async_task_that_raises_is_retried(make_app: AppFactory) -> None:

@@ -10,7 +10,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -27,6 +26,7 @@ from flask_offload.supervisor import STOP_NOW
 pytestmark = pytest.mark.slow
 
 STARTED = re.compile(r"worker process (\d+) started \(pid (\d+)\)")
+POOL_STARTED = re.compile(r"worker \S+ started \d+ threads")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -156,7 +156,9 @@ def test_idle_children_are_woken_by_the_doorbell_or_notify(tmp_path: Path, stora
     with supervised(tmp_path, env, "--processes", "2", "--threads", "1") as (proc, log):
         wait_until(lambda: len(children(log)) == 2, timeout=60)  # the schema is there now
         wait_until(lambda: len(query(storage, "SELECT pid FROM offload_workers")) == 2, 60)
-        time.sleep(1.0)  # past their first look at the queue: both children wait now
+        # each child's pool has started, its thread's first look at the queue made before
+        # the enqueueing process below has even imported the app: both children wait now
+        wait_until(lambda: len(POOL_STARTED.findall(log.read_text())) == 2, 60)
         for n in range(2):
             enqueue(env, range(n, n + 1), 0.0)
             wait_until(lambda n=n: states(storage) == Counter(succeeded=n + 1), timeout=60)
@@ -226,6 +228,26 @@ def test_max_memory_per_child_recycles_a_child_after_its_job(tmp_path: Path) -> 
     ]
     assert events[0][2] != events[2][2], "each job in a child of its own"
     assert states(f"sqlite:///{tmp_path / 'jobs.db'}") == Counter(succeeded=2)
+
+
+def test_quick_recycles_in_a_row_are_restarted_after_a_growing_backoff(tmp_path: Path) -> None:
+    """A memory limit below a child's size at start recycles every child after one job: past
+    a few such recycles in a row, each replacement waits as a crashing child's does, and the
+    log says why, instead of a full import of the app per job without end."""
+    env = jobapp_env(tmp_path)
+    options = ("--processes", "1", "--threads", "1", "--max-memory-per-child", "1M")
+    with supervised(tmp_path, env, *options) as (proc, log):
+        for n in range(4):  # one at a time: a child runs every job it has claimed
+            enqueue(env, range(n, n + 1), 0.0)
+            wait_until(lambda n=n: log.read_text().count("recycled after") == n + 1, 60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    text = log.read_text()
+    delays = re.findall(r"recycled after [\d.]+ s.*: starting another in (\d+) s", text)
+    assert delays == ["1", "2"], "at once twice, then after 1 s and 2 s"
+    assert "(4 quick recycles in a row" in text
+    assert "restarting it in" not in text, "a recycled child is no crash"
+    assert states(f"sqlite:///{tmp_path / 'jobs.db'}") == Counter(succeeded=4)
 
 
 def test_a_second_sigterm_stops_at_once_leaving_jobs_to_their_lease(tmp_path: Path) -> None:

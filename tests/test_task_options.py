@@ -3,10 +3,12 @@ periodic tasks that could never be called, ``retry_unless=``, and ``current_job`
 
 from __future__ import annotations
 
+import contextvars
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,25 @@ def test_the_demo_task_runs_inline_in_its_own_app(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "2"]
     assert os.path.exists(tmp_path / "instance" / "visits.db")
+
+
+def test_plain_jobs_on_one_thread_do_not_see_each_others_context_variables(
+    make_app: AppFactory,
+) -> None:
+    """Each plain job runs in a fresh context, as each coroutine does: a context variable a
+    job sets is gone for the next job its run thread takes."""
+    offload, seen = Offload(), []
+    mark: contextvars.ContextVar[str] = contextvars.ContextVar("mark", default="unset")
+
+    @offload.task(name="marks")
+    def marks(value: str) -> None:
+        seen.append((threading.get_ident(), mark.get()))
+        mark.set(value)
+
+    app, _ = make_app(offload, OFFLOAD_WORKERS=1)
+    with app.app_context():
+        jobs = [marks.delay("first"), marks.delay("second")]
+        offload.runtime(app).start()
+        assert [job.wait(30).state for job in jobs] == ["succeeded", "succeeded"]
+    assert len({thread for thread, _ in seen}) == 1, "both jobs ran on the one run thread"
+    assert [value for _, value in seen] == ["unset", "unset"]

@@ -5,12 +5,13 @@ success, a retry after a backoff, a failure, or a cancellation. Never raises.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import random
 import time
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -166,7 +167,8 @@ def settled(job: Job, outcome: Outcome | None) -> Job:
 
 
 def is_async(task: Runnable) -> bool:
-    """Whether ``task`` is an ``async def`` function: a pool runs it on its event loop."""
+    """Whether ``task`` is an ``async def`` function: a pool runs it on its event loop. One
+    hidden behind a plain decorator is not: it runs in a run thread (see ``_execute``)."""
     return inspect.iscoroutinefunction(task.fn)
 
 
@@ -200,16 +202,22 @@ async def execute_async(
     return outcomes[0]
 
 
-def run_to_end(coroutine: Coroutine[Any, Any, T]) -> T:
+def run_to_end(coroutine: Coroutine[Any, Any, T], inherit: bool = False) -> T:
     """Run ``coroutine`` to its end on a fresh event loop: in this thread, or in a thread of
     its own when this one already runs a loop (an ``async def`` view calling ``.delay()`` in
-    EAGER mode), since loops do not nest."""
+    EAGER mode), since loops do not nest. There it starts from an empty context, or a copy of
+    this thread's with ``inherit`` (in this thread it always sees this thread's)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coroutine)
+    start = contextvars.copy_context() if inherit else contextvars.Context()
     with ThreadPoolExecutor(1, "offload-eager-async") as alone:
-        return alone.submit(asyncio.run, coroutine).result()
+        return alone.submit(start.run, asyncio.run, coroutine).result()
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable
 
 
 def _execute(
@@ -222,6 +230,8 @@ def _execute(
     try:
         with context():
             value = task.fn(*called[0], **called[1])
+            if inspect.isawaitable(value):  # an async def behind a plain decorator
+                value = run_to_end(_awaited(value), inherit=True)
     except BaseException as error:
         return _raised(task, job, running, error)
     finally:
@@ -268,13 +278,18 @@ def _raised(task: Runnable, job: Job, running: Running, error: BaseException) ->
     cancellation was asked for; else a failure, retried while attempts remain."""
     asked = isinstance(error, asyncio.CancelledError) and running.cancel_flag
     if isinstance(error, Cancelled) or asked:
-        progress = running.last_progress
-        return Outcome(CANCELLED, error="Cancelled", progress_json=progress, ttl=task.result_ttl)
-    outcome = failure(task, job, error, _format_exc())
+        return cancelled(task, running)
+    outcome = failure(task, job, error, format_exc())
     outcome.progress_json = running.last_progress
     if outcome.state == FAILED and not isinstance(error, Retry):
         logger.error("job %s (%s) failed", job.id, job.task, exc_info=True)
     return outcome
+
+
+def cancelled(task: Runnable, running: Running) -> Outcome:
+    """The outcome of a run ended by its job's cancellation."""
+    progress = running.last_progress
+    return Outcome(CANCELLED, error="Cancelled", progress_json=progress, ttl=task.result_ttl)
 
 
 def _returned(task: Runnable, running: Running, value: Any, settings: Settings) -> Outcome:
@@ -294,7 +309,7 @@ def _returned(task: Runnable, running: Running, value: Any, settings: Settings) 
     return Outcome(SUCCEEDED, result_json=result, progress_json=progress, ttl=task.result_ttl)
 
 
-def _format_exc() -> str | None:
+def format_exc() -> str | None:
     """The current traceback as text, or None if even that cannot be had."""
     try:
         return traceback.format_exc()

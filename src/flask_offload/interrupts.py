@@ -177,7 +177,7 @@ def _handler(
             if not _end():
                 return  # the drain has just finished: its own signal hands this one on
             _state = "abandoned"
-            _say(STOP_NOW)
+            say(STOP_NOW)
         _chain(previous, signum, frame)
 
     return handle
@@ -243,7 +243,7 @@ def _hand_over(child: Any, signum: int, previous: Any, frame: FrameType | None) 
         return
     if _state == "draining":
         _state = "abandoned"
-        _say(STOP_NOW)
+        say(STOP_NOW)
     _chain(previous, signum, frame)
 
 
@@ -255,11 +255,17 @@ def _stop_child(child: Any) -> None:
             child.kill()
 
 
-def _say(line: str) -> None:
-    """One line on stderr from a signal handler: a raw write, since the interrupted frame may
-    be in the middle of writing to ``sys.stderr`` or holding a logging lock."""
+def say(line: str) -> None:
+    """One line on stderr from a signal handler (or a supervisor acting on a signal): a raw
+    write, since the interrupted frame may be writing to ``sys.stderr`` or hold a logging lock."""
     with contextlib.suppress(OSError):
         os.write(2, f"flask_offload: {line}\n".encode())
+
+
+def end_by(signum: int) -> None:
+    """End this process by ``signum``, as its default handler would."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _chain(previous: Any, signum: int, frame: FrameType | None) -> None:
@@ -267,5 +273,4 @@ def _chain(previous: Any, signum: int, frame: FrameType | None) -> None:
     if callable(previous):
         previous(signum, frame)
     elif previous != signal.SIG_IGN:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        end_by(signum)

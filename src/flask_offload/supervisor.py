@@ -24,7 +24,10 @@ supervisor costs no CPU). It keeps N children alive:
   tight loop; every exit and restart is logged;
 - a child that reached ``--max-jobs-per-child`` or ``--max-memory-per-child`` drains itself
   (stops claiming, finishes its running jobs, puts back the unstarted ones) and exits with
-  ``RECYCLE``: it is replaced at once.
+  ``RECYCLE``: it is replaced at once, unless ``QUICK_RECYCLES`` or more recycles in a row
+  each came within ``STABLE`` seconds of a start (a ``--max-memory-per-child`` below the
+  child's size at start recycles it after every job, each job then costing an import of the
+  app): the replacement then waits as a crashed child's does, and the log says why.
 
 **Signals.** Children run in their own session, so a Ctrl-C in a terminal reaches only the
 supervisor, which passes each signal on exactly once. The first SIGTERM or SIGINT stops
@@ -57,6 +60,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .interrupts import end_by, say
+
 logger = logging.getLogger("flask_offload")
 
 # "<number> <fd>" in a supervised child (not FLASK_OFFLOAD_*, which are settings)
@@ -65,6 +70,7 @@ RECYCLE = 75  # a child's exit status for "replace me" (EX_TEMPFAIL)
 STABLE = 10.0  # a child that ran this long was not failing at start: no backoff
 BACKOFF = 1.0  # the first restart delay of a child failing at start; doubles per exit in a row
 MAX_BACKOFF = 60.0
+QUICK_RECYCLES = 3  # quick recycles in a row from which a replacement waits as after crashes
 STOP_NOW = "stopping now: worker processes leave their running jobs to their lease"
 
 
@@ -76,6 +82,7 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     quick_exits: int = 0  # exits within STABLE seconds of a start, in a row
+    quick_recycles: int = 0  # recycles within STABLE seconds of a start, in a row
     restart_at: float | None = None  # when a dead child's replacement starts
 
 
@@ -131,7 +138,7 @@ class Supervisor:
             )
         except OSError as error:  # out of processes or memory: try again later
             child.quick_exits += 1
-            delay = backoff(child.quick_exits)
+            delay = restart_delay(child.quick_exits)
             child.restart_at = child.started + delay
             logger.error(
                 "could not start worker process %d (%s): trying again in %g s",
@@ -151,16 +158,11 @@ class Supervisor:
             proc, child.proc = child.proc, None
             ran = now - child.started
             if proc.returncode == RECYCLE:
-                logger.info(
-                    "worker process %d (pid %d) recycled after %.1f s: starting another",
-                    child.number,
-                    proc.pid,
-                    ran,
-                )
-                child.quick_exits, child.restart_at = 0, now
+                self._recycled(child, proc.pid, ran, now)
                 continue
             child.quick_exits = child.quick_exits + 1 if ran < STABLE else 0
-            delay = backoff(child.quick_exits)
+            child.quick_recycles = 0
+            delay = restart_delay(child.quick_exits)
             child.restart_at = now + delay
             in_a_row = (
                 f" ({child.quick_exits} quick exit{'s' * (child.quick_exits > 1)} in a row)"
@@ -176,6 +178,32 @@ class Supervisor:
                 delay,
                 in_a_row,
             )
+
+    def _recycled(self, child: Child, pid: int, ran: float, now: float) -> None:
+        """A child recycled itself: replace it at once, or after a backoff once quick
+        recycles come in a row (see the module doc)."""
+        child.quick_exits = 0
+        child.quick_recycles = child.quick_recycles + 1 if ran < STABLE else 0
+        delay = restart_delay(child.quick_recycles - QUICK_RECYCLES + 1)
+        child.restart_at = now + delay
+        if not delay:
+            logger.info(
+                "worker process %d (pid %d) recycled after %.1f s: starting another",
+                child.number,
+                pid,
+                ran,
+            )
+            return
+        logger.warning(
+            "worker process %d (pid %d) recycled after %.1f s (%d quick recycles in a row: "
+            "is --max-memory-per-child below its size at start, or --max-jobs-per-child too "
+            "low?): starting another in %g s",
+            child.number,
+            pid,
+            ran,
+            child.quick_recycles,
+            delay,
+        )
 
     def _restart_due(self) -> None:
         now = time.monotonic()
@@ -217,7 +245,7 @@ class Supervisor:
         while self._alive():
             if self._signals:  # a second signal: no child may wait for its jobs any more
                 second = self._signals.pop(0)
-                _say(STOP_NOW)
+                say(STOP_NOW)
                 break
             left = deadline - time.monotonic()
             if left <= 0:
@@ -233,9 +261,11 @@ class Supervisor:
                 )
             child.proc.kill()  # type: ignore[union-attr]
             child.proc.wait()  # type: ignore[union-attr]
-        if second is not None:
-            _hand_on(second)
         logger.info("supervisor (pid %d) stopped", os.getpid())
+        if second is not None:
+            end_by(second)
+            time.sleep(1.0)  # the signal is delivered before this returns
+            sys.exit(128 + second)
         return 1 if killed else 0
 
     # -- waiting and signals ---------------------------------------------------------------------
@@ -267,10 +297,11 @@ class Supervisor:
             signal.signal(signum, handler)  # type: ignore[arg-type]
 
 
-def backoff(quick_exits: int) -> float:
+def restart_delay(quick_exits: int) -> float:
     """Seconds before a child is started again after ``quick_exits`` quick exits in a row:
-    none after a child that ran a while, then 1, 2, 4 … up to ``MAX_BACKOFF``."""
-    return min(MAX_BACKOFF, BACKOFF * 2 ** (quick_exits - 1)) if quick_exits else 0.0
+    none after a child that ran a while (``quick_exits`` <= 0), then 1, 2, 4 … up to
+    ``MAX_BACKOFF``."""
+    return min(MAX_BACKOFF, BACKOFF * 2 ** (quick_exits - 1)) if quick_exits > 0 else 0.0
 
 
 def how_it_ended(returncode: int) -> str:
@@ -284,37 +315,31 @@ def how_it_ended(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
-def _say(line: str) -> None:
-    """One line on stderr, whatever state logging is in."""
-    with contextlib.suppress(OSError):
-        os.write(2, f"flask_offload: {line}\n".encode())
-
-
-def _hand_on(signum: int) -> None:
-    """End this process by ``signum``, as its default handler would."""
-    logger.info("supervisor (pid %d) stopped", os.getpid())
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-    time.sleep(1.0)  # the signal is delivered before this returns
-    sys.exit(128 + signum)
-
-
 # -- in a child ------------------------------------------------------------------------------------
+
+
+def _child_env() -> tuple[int, int] | None:
+    """``CHILD_ENV`` read: this process's place and the fd of its lifeline, or None when it
+    is not a supervised child."""
+    value = os.environ.get(CHILD_ENV, "").split()
+    if len(value) != 2 or not all(part.isdigit() for part in value):
+        return None
+    return int(value[0]), int(value[1])
 
 
 def child_number() -> int | None:
     """This process's place under a supervisor, or None when it is not a supervised child."""
-    value = os.environ.get(CHILD_ENV, "").split()
-    return int(value[0]) if len(value) == 2 and value[0].isdigit() else None
+    found = _child_env()
+    return None if found is None else found[0]
 
 
 def watch_supervisor(orphaned: Callable[[], None]) -> None:
     """Call ``orphaned`` (in a thread of its own) once the supervisor has died: the read end
     of its lifeline then reads as closed."""
-    value = os.environ.get(CHILD_ENV, "").split()
-    if len(value) != 2 or not value[1].isdigit():
+    found = _child_env()
+    if found is None:
         return
-    fd = int(value[1])
+    fd = found[1]
 
     def watch() -> None:
         try:

@@ -24,8 +24,17 @@ import time
 from collections.abc import Mapping
 from functools import partial
 
-from ..execution import ContextFactory, Runnable, Settings, describe, execute_async, failure
-from ..job import CANCELLED, FAILED, Outcome
+from ..execution import (
+    ContextFactory,
+    Runnable,
+    Settings,
+    cancelled,
+    describe,
+    execute_async,
+    failure,
+    format_exc,
+)
+from ..job import FAILED, Outcome
 from .held import Claimed, Held
 
 logger = logging.getLogger("flask_offload")
@@ -134,18 +143,23 @@ class Loop:
             )
 
     def _outcome(self, claimed: Claimed, run: asyncio.Task[Outcome]) -> Outcome:
-        """What ``run`` ended as; a cancellation nobody asked for is the job's failure."""
-        if not run.cancelled():
-            error = run.exception()
-            if error is None:
-                return run.result()
-            logger.error("job %s (%s) could not be run", claimed.job.id, claimed.job.task)
+        """What ``run`` ended as; a cancellation nobody asked for is the job's failure, with
+        the traceback of where the coroutine was cancelled."""
+        job, running = claimed.job, claimed.running
+        try:
+            return run.result()
+        except asyncio.CancelledError:
+            task = self.tasks[job.task]
+            if running.cancel_flag:  # cancelled before it began
+                return cancelled(task, running)
+            logger.error("job %s (%s): coroutine cancelled", job.id, job.task, exc_info=True)
+            error = asyncio.CancelledError("coroutine cancelled, not by a cancel of its job")
+            outcome = failure(task, job, error, format_exc())
+            outcome.progress_json = running.last_progress
+            return outcome
+        except BaseException as error:
+            logger.error("job %s (%s) could not be run", job.id, job.task, exc_info=True)
             return Outcome(FAILED, error=f"WorkerError: {describe(error)}")
-        task, running = self.tasks[claimed.job.task], claimed.running
-        if running.cancel_flag:  # cancelled before it began
-            progress, ttl = running.last_progress, task.result_ttl
-            return Outcome(CANCELLED, error="Cancelled", progress_json=progress, ttl=ttl)
-        return failure(task, claimed.job, asyncio.CancelledError("coroutine cancelled"), None)
 
     async def _shut(self) -> None:
         runs = list(self._runs.values())

@@ -10,6 +10,7 @@ pool if it is short, so the pool always comes back to size.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -116,7 +117,10 @@ class Runner:
         held = self.held
         self.emit("job_started", claimed.job, None)
         began = time.monotonic()
-        outcome = self.execute(claimed.job, claimed.running)
+        # A fresh context, as each coroutine has: no context variable a job sets is seen by
+        # the next job of this thread (EAGER, the testing modes and run_due run a job in the
+        # caller's context instead, which is the point of them).
+        outcome = contextvars.Context().run(self.execute, claimed.job, claimed.running)
         seconds = time.monotonic() - began
         held.job_seconds += (seconds - held.job_seconds) / 8
         with held.lock:

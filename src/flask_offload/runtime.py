@@ -10,7 +10,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -66,6 +66,7 @@ class Runtime:
         backend.result_ttls = self.result_ttls
         backend.door = self  # a Job's own verbs and the periodic ticks come through here
         backend.on_due = self.wake  # dependents its finishes queued
+        backend.on_moved = self._moved  # dependents its writes queued or cancelled
         self.context = context
         self.settings = settings
         self.eager = eager
@@ -193,6 +194,12 @@ class Runtime:
                 commits.after_commit(connection, lambda: self.wake(job.run_at), strict=False)
             self.emit("job_enqueued", job)
         return stored
+
+    def _moved(self, event: str, jobs: Sequence[Job]) -> None:
+        """Send ``event`` for each dependent this process's write moved (see
+        ``Backend.on_moved``)."""
+        for job in jobs:
+            self.emit(event, job)
 
     def emit(self, event: str, job: Job, outcome: Outcome | None = None) -> None:
         """Tell the Flask layer (signals) what happened to ``job`` in this process."""

@@ -155,6 +155,7 @@ class Task(Generic[P, R]):
         self.rate_limit_key = rate_limit_key
         self.concurrency_key = concurrency_key
         self._runtime = runtime
+        self._signed: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -173,8 +174,13 @@ class Task(Generic[P, R]):
         return Signature.of(self.name, args, kwargs, False, **self._options())
 
     def _options(self) -> dict[str, Any]:
-        options = {"queue": self.queue, "priority": self.priority}
-        return {"options": options, "max_attempts": self.max_attempts}
+        """A signature's options: one dict for all of this task's (``with_options`` makes a
+        new one), so a bulk enqueue checks them once."""
+        now = (self.queue, self.priority, self.max_attempts)
+        if self._signed[0] != now:
+            options = {"queue": self.queue, "priority": self.priority}
+            self._signed = (now, {"options": options, "max_attempts": self.max_attempts})
+        return self._signed[1]
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Store a job that runs ``fn(*args, **kwargs)``; returns once it is committed."""

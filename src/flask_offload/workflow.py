@@ -10,6 +10,7 @@ crash between two steps can strand one. A handle (``Flow``) only reads what is s
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -17,8 +18,9 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import serializer
+from .calls import check_size
 from .errors import InvalidArgument, JobNotFound
-from .job import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, WAITING, Job, new_id
+from .job import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, WAITING, Job, new_id, new_ids
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -78,6 +80,31 @@ def signatures(sigs: Sequence[Any], where: str) -> list[Signature]:
                 f"{where} takes signatures (task.s(...) or task.si(...)), not {sig!r}"
             )
     return list(sigs)
+
+
+def build_many(runtime: Runtime, sigs: Sequence[Signature]) -> list[Job]:
+    """The Jobs ``enqueue_many`` stores for ``sigs``, each as ``Signature.build`` makes it,
+    but the options checked once for the signatures that share them (those of one task's
+    ``.s()``): the first is built whole, the others from it, with their own id (all read at
+    once), arguments and limit keys."""
+    made: dict[tuple[str, int, int], Job] = {}
+    jobs = []
+    for sig, job_id in zip(sigs, new_ids(len(sigs)), strict=True):
+        shared = (sig.task, sig.max_attempts, id(sig.options))  # sigs keep the options alive
+        first = made.get(shared)
+        if first is None:
+            job = made[shared] = sig.build(runtime, id=job_id)
+        else:
+            args_json, kwargs_json = sig.payload
+            check_size(runtime.settings.max_payload_bytes, args_json, kwargs_json)
+            job = object.__new__(Job)
+            vars(job).update(vars(first))
+            job.id, job.args_json, job.kwargs_json = job_id, args_json, kwargs_json
+            task = runtime.tasks.get(sig.task)
+            if task is not None and task.limits is not None:
+                job.limit_key, job.rate_key = task.limit_keys(*map(json.loads, sig.payload))
+        jobs.append(job)
+    return jobs
 
 
 def chain(runtime: Runtime, sigs: Sequence[Any]) -> Flow:

@@ -302,13 +302,15 @@ class SQLiteBackend(SQLiteFile, SQLBackend):
         return stored
 
     def _insert_batch(self, db: sqlite3.Connection, jobs: Sequence[Job]) -> list[Job]:
-        plain = [job for job in jobs if job.key is None]
-        new = [_new_values(job) for job in plain if _insert_of(job)[0] is INSERT_NEW]
-        whole = [_whole_values(job) for job in plain if _insert_of(job)[0] is INSERT_WHOLE]
-        db.executemany(INSERT_NEW, new)
-        db.executemany(INSERT_WHOLE, whole)
-        for job in plain:
-            job.backend = self
+        values: dict[str, list[tuple[Any, ...]]] = {INSERT_NEW: [], INSERT_WHOLE: []}
+        for job in jobs:
+            if job.key is None:
+                sql, row = _insert_of(job)
+                values[sql].append(row)
+                job.backend = self
+        for sql, rows in values.items():
+            if rows:
+                db.executemany(sql, rows)
         return [job if job.key is None else self._insert_unique(db, job) for job in jobs]
 
     def _atomic(self, db: sqlite3.Connection, body: Callable[[], T]) -> T:

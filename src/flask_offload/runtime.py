@@ -45,6 +45,7 @@ from .job import (
     valid_id,
 )
 from .pool import MAX_DUES, Pool
+from .pool.upkeep import mark_released
 
 
 class Runtime:
@@ -169,7 +170,7 @@ class Runtime:
     def build(self, task_name: str, args: Any = (), kwargs: Any = None, **options: Any) -> Job:
         """The Job an enqueue of ``task_name`` stores, its options checked (``calls.build``),
         with the keys of its task's limits. A step fed by its parents gets them once its input
-        is known (the pools' upkeep gives keys to limited jobs stored without)."""
+        is known, from the process that queues it (``_moved``)."""
         job = calls.build(self.settings.max_payload_bytes, task_name, args, kwargs, **options)
         task = self.tasks.get(task_name)
         if task is not None and task.limits is not None and job.feed is None:
@@ -197,7 +198,9 @@ class Runtime:
 
     def _moved(self, event: str, jobs: Sequence[Job]) -> None:
         """Send ``event`` for each dependent this process's write moved (see
-        ``Backend.on_moved``)."""
+        ``Backend.on_moved``); those it queued of limited tasks get their keys first."""
+        if event == "job_enqueued" and mark_released(self.backend, self.tasks, jobs):
+            self.wake()
         for job in jobs:
             self.emit(event, job)
 

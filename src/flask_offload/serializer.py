@@ -75,7 +75,8 @@ def dumps(value: Any, what: str = "value") -> str:
     try:
         _check(value, what)
         text = _encoder.encode(value) if _once is None else "".join(_once(value, 0))
-        text.encode("utf-8")  # a lone surrogate cannot be stored as UTF-8
+        if not text.isascii():
+            text.encode("utf-8")  # a lone surrogate cannot be stored as UTF-8
     except RecursionError:
         raise NotSerializable(
             f"{what} is nested too deeply (or contains itself) for JSON"

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from . import serializer
 from .calls import check_size
 from .errors import InvalidArgument, JobNotFound
 from .job import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, WAITING, Job, new_id, new_ids
 
 if TYPE_CHECKING:
+    from .execution import Runnable
     from .runtime import Runtime
 
 SIGNATURE_OPTIONS = ("delay", "at", "key", "priority", "queue")
@@ -40,11 +40,6 @@ class Signature:
     takes_input: bool
     options: dict[str, Any] = field(default_factory=dict)
     max_attempts: int = 1
-
-    @classmethod
-    def of(cls, task: str, args: Any, kwargs: Any, takes_input: bool, **rest: Any) -> Signature:
-        """A signature of ``task(*args, **kwargs)``, its arguments checked as strict JSON."""
-        return cls(task, serializer.call(args, kwargs), takes_input, **rest)
 
     def with_options(
         self,
@@ -87,22 +82,23 @@ def build_many(runtime: Runtime, sigs: Sequence[Signature]) -> list[Job]:
     but the options checked once for the signatures that share them (those of one task's
     ``.s()``): the first is built whole, the others from it, with their own id (all read at
     once), arguments and limit keys."""
-    made: dict[tuple[str, int, int], Job] = {}
-    jobs = []
+    made: dict[tuple[str, int, int], tuple[Job, Runnable | None]] = {}
+    most, jobs = runtime.settings.max_payload_bytes, []
     for sig, job_id in zip(sigs, new_ids(len(sigs)), strict=True):
         shared = (sig.task, sig.max_attempts, id(sig.options))  # sigs keep the options alive
-        first = made.get(shared)
-        if first is None:
-            job = made[shared] = sig.build(runtime, id=job_id)
-        else:
-            args_json, kwargs_json = sig.payload
-            check_size(runtime.settings.max_payload_bytes, args_json, kwargs_json)
-            job = object.__new__(Job)
-            vars(job).update(vars(first))
-            job.id, job.args_json, job.kwargs_json = job_id, args_json, kwargs_json
+        if shared not in made:
             task = runtime.tasks.get(sig.task)
-            if task is not None and task.limits is not None:
-                job.limit_key, job.rate_key = task.limit_keys(*map(json.loads, sig.payload))
+            made[shared] = sig.build(runtime, id=job_id), task if task and task.limits else None
+            jobs.append(made[shared][0])
+            continue
+        first, limited_task = made[shared]
+        args_json, kwargs_json = sig.payload
+        check_size(most, args_json, kwargs_json)
+        job = object.__new__(Job)
+        vars(job).update(vars(first))
+        job.id, job.args_json, job.kwargs_json = job_id, args_json, kwargs_json
+        if limited_task is not None:
+            job.limit_key, job.rate_key = limited_task.limit_keys(*map(json.loads, sig.payload))
         jobs.append(job)
     return jobs
 

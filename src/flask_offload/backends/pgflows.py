@@ -14,7 +14,7 @@ import psycopg
 from ..job import Job
 from .base import Moved, id_in_use
 from .pgpool import Connection, Execute, Pooled, execute_on
-from .pgsql import CREATED, FINISH_LINKED, HELD, INSERT_QUIET, WAKE, delay_left
+from .pgsql import CREATED, FINISH_LINKED, HELD, INSERT_BATCH, WAKE, delay_left
 from .rows import COLUMNS
 from .sqlbase import SQLBackend
 
@@ -75,7 +75,7 @@ class PostgresFlows(SQLBackend):
                 {name: getattr(job, name) for name in COLUMNS} | {"wait": delay_left(job)}
             )
             job.backend = self
-        db.cursor().executemany(INSERT_QUIET, values)
+        db.cursor().executemany(INSERT_BATCH, values)
         execute = self._execute(db)
         return [job if job.key is None else self._insert(execute, job) for job in jobs]
 

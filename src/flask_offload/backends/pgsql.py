@@ -222,7 +222,7 @@ HELD = """
     FOR UPDATE
 """
 # A batch of new jobs (enqueue_many), told to the listeners once per queue by WAKE.
-INSERT_QUIET = f"INSERT INTO offload_jobs ({SELECT}) VALUES ({_values(COLUMNS)})"
+INSERT_BATCH = f"INSERT INTO offload_jobs ({SELECT}) VALUES ({_values(COLUMNS)})"
 WAKE = f"SELECT pg_notify('{CHANNEL}', %s)"
 # What a write's first try did, read after its reply was lost (the confirm= of each verb).
 EXISTING = "SELECT id FROM offload_jobs WHERE id = ANY(%(ids)s::text[])"

@@ -95,7 +95,7 @@ def build_many(runtime: Runtime, sigs: Sequence[Signature]) -> list[Job]:
         args_json, kwargs_json = sig.payload
         check_size(most, args_json, kwargs_json)
         job = object.__new__(Job)
-        vars(job).update(vars(first))
+        job.__dict__ = vars(first).copy()  # one copy of the first's fields, then its own
         job.id, job.args_json, job.kwargs_json = job_id, args_json, kwargs_json
         if limited_task is not None:
             job.limit_key, job.rate_key = limited_task.limit_keys(*map(json.loads, sig.payload))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from conftest import make_job
@@ -171,3 +173,42 @@ def test_deleting_a_parent_cancels_what_waits_for_it(backend: Backend) -> None:
     stored = backend.get(child.id)
     assert stored is not None and stored.state == "cancelled"
     assert stored.error == f"DependencyFailed: t {parent.id} deleted"
+
+
+def test_the_dependents_a_write_moves_are_handed_back_once_each(backend: Backend) -> None:
+    """What a parent's finish, cancel, delete or recovery moves comes back through
+    ``on_moved`` once committed, as the jobs now stored (so the runtime sends their signals);
+    a finish of a job without dependents hands nothing back."""
+    told: list[tuple[str, str, str, object]] = []
+
+    def record(event: str, jobs: Sequence[Job]) -> None:
+        told.extend((event, job.id, job.state, job.args) for job in jobs)
+
+    backend.on_moved = record
+    parent, lone = make_job(), make_job()
+    child = make_job(after=(parent.id,), feed="one")
+    grandchild = make_job(after=(child.id,))
+    backend.enqueue_many([parent, lone, child, grandchild])
+    claimed = {job.id: job for job in backend.claim("w", ["t"], None, 2, 30)}
+    backend.finish_many([(claimed[lone.id], Outcome("succeeded"))])
+    assert told == []
+    backend.finish_many([(claimed[parent.id], Outcome("succeeded", result_json="3"))])
+    assert told == [("job_enqueued", child.id, "queued", [3])]
+    told.clear()
+    assert backend.cancel(child.id) == "cancelled"  # the runtime tells of the job itself
+    assert told == [("job_cancelled", grandchild.id, "cancelled", [])]
+
+    told.clear()
+    doomed = [make_job(), make_job(), make_job()]
+    doomed[1].after, doomed[2].after = (doomed[0].id,), (doomed[1].id,)
+    backend.enqueue_many(doomed)
+    assert backend.delete(doomed[0].id)
+    assert [(e, i) for e, i, *_ in told] == [("job_cancelled", j.id) for j in doomed[1:]]
+
+    told.clear()
+    lost = backend.enqueue(make_job())
+    orphan = make_job(after=(lost.id,))
+    backend.enqueue_many([orphan])
+    backend.claim("w", ["t"], None, 1, -1)  # a lease that has run out already
+    assert backend.recover(max_lost=1) == [lost.id]
+    assert told == [("job_cancelled", orphan.id, "cancelled", [])]

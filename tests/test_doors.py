@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import pytest
 from flask import Flask
 
+import pgtest
 from conftest import AppFactory, start_pool, wait_until
 from flask_offload import Cancelled, Offload, Task, current_job, signals
 from flask_offload.backends.base import Backend
@@ -370,3 +371,44 @@ def test_a_job_enqueued_handler_that_exits_never_ends_the_periodic_schedules(
     finally:
         signals.job_enqueued.disconnect(leave)
     assert len(exits) >= 3
+
+
+@pytest.mark.parametrize("storage", ["memory", "sqlite", "postgres"])
+def test_dependents_a_parent_moves_send_their_signals_once(
+    make_app: AppFactory, pools: list[Pool], heard: Heard, storage: str
+) -> None:
+    """A dependent queued by its parent's success (the pool's finish) sends ``job_enqueued``
+    again, then runs; those cancelled with a parent (its failure in the pool, a cancel, a
+    delete) send ``job_cancelled``: each once, from the process whose write moved them."""
+    config: dict[str, Any] = {"OFFLOAD_WORKERS": 0}
+    if storage == "postgres":
+        url = pgtest.session_database()
+        pgtest.clean(url)
+        config["OFFLOAD_URL"] = url
+    app, offload = make_app(storage="memory" if storage == "memory" else "sqlite", **config)
+
+    @offload.task(name="step", retries=0)
+    def step(x: int) -> int:
+        if x < 0:
+            raise ValueError("negative")
+        return x + 1
+
+    runtime = offload.runtime(app)
+    with app.app_context():
+        ran = offload.chain(step.s(1), step.s(), step.s())
+        failing = offload.chain(step.s(-1), step.s(), step.s())
+        cancelled = offload.chain(step.s(5).with_options(delay=3600), step.s(), step.s())
+        deleted = offload.chain(step.s(6).with_options(delay=3600), step.s())
+    start_pool(pools, app, offload, threads=2, poll_interval=0.02)
+    assert runtime.cancel(cancelled.jobs[0].id) == "cancelled"
+    assert runtime.delete(deleted.jobs[0].id)
+    with app.app_context():
+        assert ran.wait(timeout=30).result == 4
+    wait_until(lambda: all(sent(heard, job.id)["job_cancelled"] for job in failing.jobs[1:]))
+    time.sleep(0.3)  # a second signal, if any, would be sent by now
+    once = {"job_enqueued": 1, "job_cancelled": 1}
+    for job in ran.jobs[1:]:
+        assert sent(heard, job.id) == {"job_enqueued": 2, "job_started": 1, "job_succeeded": 1}
+    for job in [*failing.jobs[1:], *cancelled.jobs, *deleted.jobs[1:]]:
+        assert sent(heard, job.id) == once, job.id
+    assert sent(heard, failing.jobs[0].id)["job_failed"] == 1

@@ -178,3 +178,73 @@ def test_a_periodic_task_with_a_concurrency_limit_is_stored_with_its_key(
     runtime.start([(1, None)])
     done = wait_until(lambda: [j for j in runtime.backend.list_jobs(task="nightly") if j.finished])
     assert [(job.state, job.limit_key) for job in done] == [("succeeded", "")]
+
+
+def test_signatures_of_limited_tasks_are_stored_with_their_keys(make_app: AppFactory) -> None:
+    """``enqueue_many`` and a chain's first step compute the keys from the signature's
+    arguments, as ``.delay()`` does; a step fed by its parent has none until it is released."""
+    app, offload = make_app(OFFLOAD_WORKERS=0)
+
+    @offload.task(concurrency=1, concurrency_key=lambda account_id, **_: f"account:{account_id}")
+    def sync(account_id: int, full: bool = False) -> int:
+        return account_id
+
+    @offload.task(rate_limit="5/s", rate_limit_key=lambda host: host)
+    def fetch(host: str) -> None: ...
+
+    def keys(job_id: str) -> tuple[str | None, str | None]:
+        stored = offload.get_job(job_id)
+        assert stored is not None
+        return stored.limit_key, stored.rate_key
+
+    with app.app_context():
+        many = offload.enqueue_many([sync.s(7), sync.s(8, full=True), fetch.s("a.org")])
+        flow = offload.chain(sync.s(9), sync.s(), fetch.si("b.org"))
+        assert [keys(job.id) for job in many] == [
+            ("account:7", None),
+            ("account:8", None),
+            (None, "a.org"),
+        ]
+        assert [keys(job.id) for job in flow.jobs] == [
+            ("account:9", None),
+            (None, None),  # fed: its argument is its parent's result
+            (None, "b.org"),
+        ]
+
+
+@pytest.mark.parametrize("storage", ["memory", "sqlite"])
+def test_a_chain_step_fed_into_a_limited_task_runs_under_its_limit_once_released(
+    make_app: AppFactory, storage: str
+) -> None:
+    """Steps fed by their parents into a task with ``concurrency=1`` per key get their key
+    when a finish releases them (not at the pools' next marking, a minute on) and never run
+    two of a key at once."""
+    app, offload = make_app(storage=storage, OFFLOAD_WORKERS=4, OFFLOAD_POLL_INTERVAL=0.1)
+    lock = threading.Lock()
+    now: Counter[str] = Counter()
+    most: Counter[str] = Counter()
+
+    @offload.task
+    def pick(n: int) -> str:
+        return "ab"[n % 2]
+
+    @offload.task(concurrency=1, concurrency_key=lambda account: f"account:{account}")
+    def sync(account: str) -> str:
+        with lock:
+            now[account] += 1
+            most[account] = max(most[account], now[account])
+        time.sleep(0.05)
+        with lock:
+            now[account] -= 1
+        return account
+
+    with app.app_context():
+        time.sleep(0.5)  # the pools have started, and marked what was there then: nothing
+        flows = [offload.chain(pick.s(n), sync.s()) for n in range(6)]
+        for flow in flows:
+            assert flow.wait(timeout=20).state == "succeeded"
+        stored = [offload.get_job(flow.jobs[1].id) for flow in flows]
+    assert [(job.limit_key, job.args) for job in stored if job] == [
+        (f"account:{'ab'[n % 2]}", ["ab"[n % 2]]) for n in range(6)
+    ]
+    assert most == Counter(a=1, b=1)

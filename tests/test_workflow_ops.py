@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -14,6 +15,7 @@ from conftest import AppFactory
 from flask_offload import Flow, Offload
 from flask_offload.errors import (
     InvalidArgument,
+    InvalidValue,
     NotRetryable,
     NotSerializable,
     UnknownDependency,
@@ -168,3 +170,35 @@ def test_a_key_is_refused_where_a_held_key_would_break_the_links(make_app: AppFa
             offload.chain(step.s(), step.s().with_options(key="k"))
         assert offload.enqueue_many([step.s().with_options(key="k")])[0].args == []
         assert offload.runtime().backend.counts() == {("step", "queued"): 1}
+
+
+def test_enqueue_many_stores_each_signature_as_its_own_checked_job(make_app: AppFactory) -> None:
+    """A bulk enqueue checks options once per set of them, yet each job keeps its own id,
+    arguments and options, and an argument too large in any of them stores nothing."""
+    offload = Offload()
+
+    @offload.task(name="step", queue="steps", priority=2)
+    def step(x: Any) -> Any:
+        return x
+
+    @offload.task(name="total")
+    def total(xs: list[int]) -> int:
+        return sum(xs)
+
+    app, _ = make_app(offload, OFFLOAD_WORKERS=0, OFFLOAD_MAX_PAYLOAD_BYTES=100)
+    same = step.s(9)
+    sigs = [step.s(1), step.s(2).with_options(priority=5, queue="q"), total.s([1]), same, same]
+    with app.app_context():
+        jobs = offload.enqueue_many(sigs)
+        stored = [offload.get_job(job.id) for job in jobs]
+        assert len({job.id for job in jobs}) == 5
+        assert [(j.task, j.args, j.queue, j.priority) for j in stored if j] == [
+            ("step", [1], "steps", 2),
+            ("step", [2], "q", 5),
+            ("total", [[1]], "default", 0),
+            ("step", [9], "steps", 2),
+            ("step", [9], "steps", 2),
+        ]
+        with pytest.raises(InvalidValue, match="OFFLOAD_MAX_PAYLOAD_BYTES"):
+            offload.enqueue_many([step.s(1), step.s(2), step.s("x" * 200)])
+    assert sum(offload.runtime(app).backend.counts().values()) == 5

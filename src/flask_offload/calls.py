@@ -37,12 +37,7 @@ def build(
     the arguments are not strict JSON. ``after``: the jobs (or ids) it waits for;
     ``payload``: the arguments as ``serializer.call`` encoded them already (a signature)."""
     args_json, kwargs_json = serializer.call(args, kwargs) if payload is None else payload
-    size = len(args_json) + len(kwargs_json)
-    if size > max_payload_bytes:
-        raise InvalidValue(
-            f"the arguments take {size} bytes, over OFFLOAD_MAX_PAYLOAD_BYTES "
-            f"({max_payload_bytes}); store large data elsewhere and pass its id"
-        )
+    check_size(max_payload_bytes, args_json, kwargs_json)
     if isinstance(priority, bool) or not isinstance(priority, int):
         raise InvalidArgument(f"priority must be an int, not {priority!r}")
     if not isinstance(queue, str) or not queue:
@@ -73,6 +68,16 @@ def build(
         feed=feed,
         group_id=group_id,
     )
+
+
+def check_size(max_payload_bytes: int, args_json: str, kwargs_json: str) -> None:
+    """Raise unless a call's stored arguments fit in ``OFFLOAD_MAX_PAYLOAD_BYTES``."""
+    size = len(args_json) + len(kwargs_json)
+    if size > max_payload_bytes:
+        raise InvalidValue(
+            f"the arguments take {size} bytes, over OFFLOAD_MAX_PAYLOAD_BYTES "
+            f"({max_payload_bytes}); store large data elsewhere and pass its id"
+        )
 
 
 def parent_ids(after: Any) -> tuple[str, ...]:

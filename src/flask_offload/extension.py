@@ -304,7 +304,7 @@ class Offload:
         """Store every call (``task.s(...)``) in one transaction, all or none, waking the
         workers once; ``connection``/``after_commit`` as for one job. Returns the jobs."""
         runtime = self.runtime()
-        jobs = [sig.build(runtime) for sig in signatures(sigs, "offload.enqueue_many()")]
+        jobs = workflow.build_many(runtime, signatures(sigs, "offload.enqueue_many()"))
         return runtime.enqueue_many(jobs, connection, after_commit)
 
     def chain(self, *sigs: Signature) -> Flow:

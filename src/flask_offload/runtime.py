@@ -10,7 +10,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -45,6 +45,7 @@ from .job import (
     valid_id,
 )
 from .pool import MAX_DUES, Pool
+from .pool.upkeep import mark_released
 
 
 class Runtime:
@@ -66,6 +67,7 @@ class Runtime:
         backend.result_ttls = self.result_ttls
         backend.door = self  # a Job's own verbs and the periodic ticks come through here
         backend.on_due = self.wake  # dependents its finishes queued
+        backend.on_moved = self._moved  # dependents its writes queued or cancelled
         self.context = context
         self.settings = settings
         self.eager = eager
@@ -168,7 +170,7 @@ class Runtime:
     def build(self, task_name: str, args: Any = (), kwargs: Any = None, **options: Any) -> Job:
         """The Job an enqueue of ``task_name`` stores, its options checked (``calls.build``),
         with the keys of its task's limits. A step fed by its parents gets them once its input
-        is known (the pools' upkeep gives keys to limited jobs stored without)."""
+        is known, from the process that queues it (``_moved``)."""
         job = calls.build(self.settings.max_payload_bytes, task_name, args, kwargs, **options)
         task = self.tasks.get(task_name)
         if task is not None and task.limits is not None and job.feed is None:
@@ -193,6 +195,14 @@ class Runtime:
                 commits.after_commit(connection, lambda: self.wake(job.run_at), strict=False)
             self.emit("job_enqueued", job)
         return stored
+
+    def _moved(self, event: str, jobs: Sequence[Job]) -> None:
+        """Send ``event`` for each dependent this process's write moved (see
+        ``Backend.on_moved``); those it queued of limited tasks get their keys first."""
+        if event == "job_enqueued" and mark_released(self.backend, self.tasks, jobs):
+            self.wake()
+        for job in jobs:
+            self.emit(event, job)
 
     def emit(self, event: str, job: Job, outcome: Outcome | None = None) -> None:
         """Tell the Flask layer (signals) what happened to ``job`` in this process."""

@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import json
 import math
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 from .errors import InvalidArgument, NotSerializable
 
 _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+# The same encoder made once (``JSONEncoder.encode`` makes one per call, most of the cost of
+# a small value), without its check for circles: ``_check`` has walked the value first.
+_once = (
+    None
+    if c_make_encoder is None
+    else c_make_encoder(
+        None, _encoder.default, encode_basestring, None, ":", ",", False, False, False
+    )
+)
 _plain = (str, int, bool, type(None))
+_EXACT = frozenset(_plain)
 _EMPTY: dict[type, str] = {
     tuple: "[]",
     list: "[]",
@@ -33,7 +44,8 @@ def _check(value: Any, where: str) -> None:
         return
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            _check(item, f"{where}[{index}]")
+            if type(item) not in _EXACT:  # the usual ints and strs: no name made for them
+                _check(item, f"{where}[{index}]")
         return
     if isinstance(value, dict):
         for key, item in value.items():
@@ -42,7 +54,8 @@ def _check(value: Any, where: str) -> None:
                     f"{where} has the key {key!r} of type {type(key).__name__}; "
                     "JSON objects take string keys only"
                 )
-            _check(item, f"{where}[{key!r}]")
+            if type(item) not in _EXACT:
+                _check(item, f"{where}[{key!r}]")
         return
     raise NotSerializable(
         f"{where} is {value!r:.60} of type {type(value).__name__}, which is not JSON; "
@@ -61,8 +74,9 @@ def dumps(value: Any, what: str = "value") -> str:
         return _EMPTY[type(value)]
     try:
         _check(value, what)
-        text = _encoder.encode(value)
-        text.encode("utf-8")  # a lone surrogate cannot be stored as UTF-8
+        text = _encoder.encode(value) if _once is None else "".join(_once(value, 0))
+        if not text.isascii():
+            text.encode("utf-8")  # a lone surrogate cannot be stored as UTF-8
     except RecursionError:
         raise NotSerializable(
             f"{what} is nested too deeply (or contains itself) for JSON"

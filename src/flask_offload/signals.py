@@ -14,13 +14,17 @@ and the dashboard all change jobs through the app's runtime, which sends them; i
 ``job_enqueued``
     stored (not sent when ``key=`` returned the job holding the key; with ``connection=``,
     sent once the insert is in the caller's transaction, which may still roll back); a
-    periodic tick, by the one process that stored it; a job queued again by a retry by id
+    periodic tick, by the one process that stored it; a job queued again by a retry by id;
+    a ``waiting`` job queued by its last parent's success (again, by the process that
+    stored that success)
 ``job_started``
     a worker begins an attempt
 ``job_succeeded`` / ``job_failed`` / ``job_cancelled``
     the attempt's final outcome is stored
 ``job_cancelled``
-    also a queued job cancelled, by whichever way it was. Cancelling a running job only
+    also a queued job cancelled, by whichever way it was, and a waiting one cancelled with
+    a parent that failed, was cancelled or deleted, or was lost for good (by the process
+    whose write cancelled it). Cancelling a running job only
     asks it to stop: ``job_cancelled`` follows when its run ends cancelled (or its lease
     runs out after the ask), and a run that returns anyway sends ``job_succeeded`` instead
 ``job_retrying``

@@ -10,6 +10,7 @@ from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
+from . import serializer
 from .backends.limits import Limits, parse_rate
 from .current import run_detached
 from .errors import ConfigurationError, InvalidArgument
@@ -155,6 +156,7 @@ class Task(Generic[P, R]):
         self.rate_limit_key = rate_limit_key
         self.concurrency_key = concurrency_key
         self._runtime = runtime
+        self._signing: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -166,15 +168,19 @@ class Task(Generic[P, R]):
         """This call, not yet stored, for ``offload.enqueue_many``, ``chain`` and ``group``:
         in a chain it takes the previous step's result as its first argument (a group's
         callback, the list of the members' results). The arguments are checked now."""
-        return Signature.of(self.name, args, kwargs, True, **self._options())
+        return Signature(self.name, serializer.call(args, kwargs), True, *self._signed())
 
     def si(self, *args: Any, **kwargs: Any) -> Signature:
         """As ``s``, but takes no result from a previous step (an immutable signature)."""
-        return Signature.of(self.name, args, kwargs, False, **self._options())
+        return Signature(self.name, serializer.call(args, kwargs), False, *self._signed())
 
-    def _options(self) -> dict[str, Any]:
-        options = {"queue": self.queue, "priority": self.priority}
-        return {"options": options, "max_attempts": self.max_attempts}
+    def _signed(self) -> tuple[dict[str, Any], int]:
+        """A signature's options and attempts: one dict of options for all of this task's
+        signatures (``with_options`` makes a new one), so a bulk enqueue checks them once."""
+        now = (self.queue, self.priority, self.max_attempts)
+        if self._signing[0] != now:
+            self._signing = (now, {"queue": self.queue, "priority": self.priority})
+        return self._signing[1], self.max_attempts
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:
         """Store a job that runs ``fn(*args, **kwargs)``; returns once it is committed."""

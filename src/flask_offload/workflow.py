@@ -10,17 +10,19 @@ crash between two steps can strand one. A handle (``Flow``) only reads what is s
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from . import serializer
+from .calls import check_size
 from .errors import InvalidArgument, JobNotFound
-from .job import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, WAITING, Job, new_id
+from .job import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, WAITING, Job, new_id, new_ids
 
 if TYPE_CHECKING:
+    from .execution import Runnable
     from .runtime import Runtime
 
 SIGNATURE_OPTIONS = ("delay", "at", "key", "priority", "queue")
@@ -38,11 +40,6 @@ class Signature:
     takes_input: bool
     options: dict[str, Any] = field(default_factory=dict)
     max_attempts: int = 1
-
-    @classmethod
-    def of(cls, task: str, args: Any, kwargs: Any, takes_input: bool, **rest: Any) -> Signature:
-        """A signature of ``task(*args, **kwargs)``, its arguments checked as strict JSON."""
-        return cls(task, serializer.call(args, kwargs), takes_input, **rest)
 
     def with_options(
         self,
@@ -78,6 +75,32 @@ def signatures(sigs: Sequence[Any], where: str) -> list[Signature]:
                 f"{where} takes signatures (task.s(...) or task.si(...)), not {sig!r}"
             )
     return list(sigs)
+
+
+def build_many(runtime: Runtime, sigs: Sequence[Signature]) -> list[Job]:
+    """The Jobs ``enqueue_many`` stores for ``sigs``, each as ``Signature.build`` makes it,
+    but the options checked once for the signatures that share them (those of one task's
+    ``.s()``): the first is built whole, the others from it, with their own id (all read at
+    once), arguments and limit keys."""
+    made: dict[tuple[str, int, int], tuple[Job, Runnable | None]] = {}
+    most, jobs = runtime.settings.max_payload_bytes, []
+    for sig, job_id in zip(sigs, new_ids(len(sigs)), strict=True):
+        shared = (sig.task, sig.max_attempts, id(sig.options))  # sigs keep the options alive
+        if shared not in made:
+            task = runtime.tasks.get(sig.task)
+            made[shared] = sig.build(runtime, id=job_id), task if task and task.limits else None
+            jobs.append(made[shared][0])
+            continue
+        first, limited_task = made[shared]
+        args_json, kwargs_json = sig.payload
+        check_size(most, args_json, kwargs_json)
+        job = object.__new__(Job)
+        job.__dict__ = vars(first).copy()  # one copy of the first's fields, then its own
+        job.id, job.args_json, job.kwargs_json = job_id, args_json, kwargs_json
+        if limited_task is not None:
+            job.limit_key, job.rate_key = limited_task.limit_keys(*map(json.loads, sig.payload))
+        jobs.append(job)
+    return jobs
 
 
 def chain(runtime: Runtime, sigs: Sequence[Any]) -> Flow:

@@ -17,7 +17,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgument, JobIdInUse, StorageCorrupt
@@ -30,6 +30,7 @@ __all__ = [
     "Backend",
     "Cancel",
     "JobFilter",
+    "Moved",
     "QueueInfo",
     "StorageCorrupt",
     "Wake",
@@ -38,6 +39,21 @@ __all__ = [
 ]
 
 Wake = Callable[[float | None], None]  # what subscribe calls: a job is due at this time
+
+
+@dataclass
+class Moved:
+    """The dependents one write moved in its transaction: queued by their last parent's
+    success, or cancelled with a parent. Told through ``Backend.on_moved`` once committed."""
+
+    queued: list[Job] = field(default_factory=list)
+    cancelled: list[Job] = field(default_factory=list)
+
+    def clear(self) -> Moved:
+        """Forget what a try rolled back moved, before the next try of its write."""
+        self.queued.clear()
+        self.cancelled.clear()
+        return self
 
 
 class Backend(ABC):
@@ -56,6 +72,18 @@ class Backend(ABC):
     # finish), after they are committed: the runtime wakes its pools. Other processes hear of
     # them as of any enqueue.
     on_due: Wake = staticmethod(lambda at: None)
+    # Told of the dependents this handle's own writes moved (a parent's finish, cancel,
+    # delete or recovery), after they are committed, as (event, jobs): ``job_enqueued`` for
+    # those queued, ``job_cancelled`` for those cancelled. The runtime sends the signals, so
+    # each is sent once, by the process whose transaction moved the job.
+    on_moved: Callable[[str, Sequence[Job]], None] = staticmethod(lambda event, jobs: None)
+
+    def _tell(self, moved: Moved) -> None:
+        """Tell ``on_moved`` what a committed write moved."""
+        if moved.queued:
+            self.on_moved("job_enqueued", list(moved.queued))
+        if moved.cancelled:
+            self.on_moved("job_cancelled", list(moved.cancelled))
 
     @abstractmethod
     def enqueue(self, job: Job, connection: Any = None) -> Job:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import UnknownDependency
 from ..job import CANCELLED, FAILED, QUEUED, SUCCEEDED, WAITING, Job
-from .base import id_in_use, refuse_connection
+from .base import Moved, id_in_use, refuse_connection
 from .rules import Link, arm, cancel_queued, dependency_error, doomed_by, feed_args
 
 
@@ -63,10 +63,11 @@ class MemoryLinks:
             parents = [link.parent for link in self._parents.get(job_id, [])]
             return parents, list(self._children.get(job_id, []))
 
-    def _settle(self, job: Job, now: float) -> None:
-        """What ``job``'s end does to its dependents (``SQLBackend._settle`` in SQL)."""
+    def _settle(self, job: Job, now: float, moved: Moved) -> None:
+        """What ``job``'s end does to its dependents (``SQLBackend._settle`` in SQL), as
+        copies into ``moved``."""
         if job.state in (FAILED, CANCELLED):
-            self._doom(job.id, dependency_error(job.task, job.id, job.state), now)
+            self._doom(job.id, dependency_error(job.task, job.id, job.state), now, moved)
             return
         if job.state != SUCCEEDED:
             return
@@ -83,15 +84,17 @@ class MemoryLinks:
                 child.state, child.run_at = QUEUED, max(child.run_at, now)
                 inputs = [link.result_json for link in self._parents[child_id]]
                 child.args_json = feed_args(child.feed, child.args_json, inputs)
+                moved.queued.append(self._copy(child))
 
-    def _doom(self, job_id: str, error: str, now: float) -> None:
+    def _doom(self, job_id: str, error: str, now: float, moved: Moved) -> None:
         """Cancel the waiting dependents of ``job_id`` and theirs, with ``error``."""
         for child_id in self._children.get(job_id, []):
             child = self._jobs.get(child_id)
             if child is not None and child.state == WAITING:
                 cancel_queued(child, now, self.result_ttls().get(child.task))
                 child.error = error
-                self._doom(child_id, error, now)
+                moved.cancelled.append(self._copy(child))
+                self._doom(child_id, error, now, moved)
 
     def _rearm(self, job_id: str) -> None:
         """Re-arm the dependents ``job_id``'s failure cancelled, and theirs."""

@@ -24,7 +24,7 @@ from ..job import (
     Outcome,
     WorkerInfo,
 )
-from .base import Backend, JobFilter, QueueInfo, id_in_use, refuse_connection
+from .base import Backend, JobFilter, Moved, QueueInfo, id_in_use, refuse_connection
 from .limits import LONGEST, Limits, Room, limited
 from .memlinks import MemoryLinks
 from .rows import queue_infos
@@ -196,25 +196,32 @@ class MemoryBackend(MemoryLinks, Backend):
         return job
 
     def finish(self, job: Job, outcome: Outcome) -> bool:
+        moved = Moved()
         with self._lock:
-            held = self._held(job)
-            if held is None:
-                return False
-            if outcome.ttl is not None and outcome.ttl <= 0:  # result_ttl=0: keep nothing
-                if held.dependents:
-                    ended = replace(held, result_json=outcome.result_json)
-                    store_outcome(ended, outcome, time.time(), None)
-                    self._settle(ended, time.time())
-                del self._jobs[held.id]
-                del self._order[held.id]
-                return True
-            # The task's result_ttl counts only for a run cancelled meanwhile.
-            task_ttl = self.result_ttls().get(held.task) if held.cancel_requested else None
-            now = time.time()
-            store_outcome(held, outcome, now, task_ttl)
+            stored = self._finish(job, outcome, moved)
+        self._tell(moved)
+        return stored
+
+    def _finish(self, job: Job, outcome: Outcome, moved: Moved) -> bool:
+        """``finish``, under the lock; the dependents it moves into ``moved``."""
+        held = self._held(job)
+        if held is None:
+            return False
+        if outcome.ttl is not None and outcome.ttl <= 0:  # result_ttl=0: keep nothing
             if held.dependents:
-                self._settle(held, now)
+                ended = replace(held, result_json=outcome.result_json)
+                store_outcome(ended, outcome, time.time(), None)
+                self._settle(ended, time.time(), moved)
+            del self._jobs[held.id]
+            del self._order[held.id]
             return True
+        # The task's result_ttl counts only for a run cancelled meanwhile.
+        task_ttl = self.result_ttls().get(held.task) if held.cancel_requested else None
+        now = time.time()
+        store_outcome(held, outcome, now, task_ttl)
+        if held.dependents:
+            self._settle(held, now, moved)
+        return True
 
     def release(self, job: Job) -> bool:
         with self._lock:
@@ -226,7 +233,7 @@ class MemoryBackend(MemoryLinks, Backend):
             return True
 
     def recover(self, max_lost: int) -> list[str]:
-        now = time.time()
+        now, moved = time.time(), Moved()
         taken: list[str] = []
         with self._lock:
             for job in self._jobs.values():
@@ -235,20 +242,24 @@ class MemoryBackend(MemoryLinks, Backend):
                 lose(job, max_lost, now, self.result_ttls().get(job.task))
                 taken.append(job.id)
                 if job.dependents:
-                    self._settle(job, now)
+                    self._settle(job, now, moved)
+        self._tell(moved)
         return taken
 
     def cancel(self, job_id: str) -> Cancel:
+        moved = Moved()
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None or job.state in FINAL_STATES:
                 return None
             if job.state in (QUEUED, WAITING):
                 cancel_queued(job, time.time(), self.result_ttls().get(job.task))
-                self._settle(job, time.time())
-                return "cancelled"
-            job.cancel_requested = True
-            return "asked"
+                self._settle(job, time.time(), moved)
+                done: Cancel = "cancelled"
+            else:
+                job.cancel_requested, done = True, "asked"
+        self._tell(moved)
+        return done
 
     def retry(self, job_id: str) -> bool:
         with self._lock:
@@ -317,14 +328,17 @@ class MemoryBackend(MemoryLinks, Backend):
         return counts
 
     def delete(self, job_id: str) -> bool:
+        moved = Moved()
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None or job.state == RUNNING:
                 return False
             if job.dependents:
-                self._doom(job_id, dependency_error(job.task, job_id, "deleted"), time.time())
+                error = dependency_error(job.task, job_id, "deleted")
+                self._doom(job_id, error, time.time(), moved)
             del self._jobs[job_id], self._order[job_id]
-            return True
+        self._tell(moved)
+        return True
 
     def pause_queue(self, name: str) -> bool:
         with self._lock:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from ..job import Job
-from .base import id_in_use
+from .base import Moved, id_in_use
 from .pgpool import Connection, Execute, Pooled, execute_on
 from .pgsql import CREATED, FINISH_LINKED, HELD, INSERT_BATCH, WAKE, delay_left
 from .rows import COLUMNS
@@ -84,11 +84,11 @@ class PostgresFlows(SQLBackend):
             return body()
 
     def _finish_linked(
-        self, conn: Connection, batch: dict[str, Any], left: list[int], woken: list[Any]
+        self, conn: Connection, batch: dict[str, Any], left: list[int], moved: Moved
     ) -> set[str]:
         """In the caller's transaction, the outcomes FINISH_MANY left (jobs with dependents,
         or claims lost): lock the rows still held, store their outcomes, settle their
-        dependents (``woken``: those queued, told to the listeners at commit); the claims
+        dependents (``moved``; those queued are told to the listeners at commit); the claims
         stored."""
         part = {k: [v[n] for n in left] if isinstance(v, list) else v for k, v in batch.items()}
         held = {r[:2]: r[2:] for r in conn.execute(HELD, {"ids": part["ids"]}).fetchall()}
@@ -107,8 +107,7 @@ class PostgresFlows(SQLBackend):
                     )
                 )
         if ended:
-            due = self._settle(conn, ended)
-            for run_at, queue in due:
-                conn.execute(WAKE, (f"{run_at!r} {queue}",))
-            woken.extend(due)
+            self._settle(conn, ended, moved)
+            for job in moved.queued:
+                conn.execute(WAKE, (f"{job.run_at!r} {job.queue}",))
         return done

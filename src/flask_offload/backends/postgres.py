@@ -42,7 +42,7 @@ from psycopg_pool import ConnectionPool
 from ..errors import StorageError, StorageUnavailable
 from ..job import HISTORY_LIMIT, Cancel, Job, Outcome
 from . import schema
-from .base import Wake, id_in_use
+from .base import Moved, Wake, id_in_use
 from .limits import Limits
 from .pgflows import PostgresFlows
 from .pglisten import Listener
@@ -308,14 +308,14 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
             "ttls": self._ttls(),
         }
 
-        woken: list[Any] = []
+        moved = Moved()
 
         def store(conn: Connection) -> list[bool]:
             done = {claim for (claim,) in conn.execute(FINISH_MANY, batch).fetchall()}
             left = [n for n, row in enumerate(rows) if row["claim"] not in done]
             if left:
                 with conn.transaction():
-                    done |= self._finish_linked(conn, batch, left, woken)
+                    done |= self._finish_linked(conn, batch, left, moved.clear())
             return [row["claim"] in done for row in rows]
 
         def confirm(conn: Connection, stored: list[bool]) -> list[bool]:
@@ -329,12 +329,13 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
             ]
 
         stored = self._run(store, confirm=confirm)
-        if woken:
-            self.on_due(min(run_at for run_at, _ in woken))
+        if moved.queued:
+            self.on_due(min(job.run_at for job in moved.queued))
+        self._tell(moved)
         return stored
 
     def recover(self, max_lost: int) -> list[str]:
-        params = self._recovery(max_lost)
+        params, moved = self._recovery(max_lost), Moved()
 
         def confirm(conn: Pooled, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
             """After a lost reply: the jobs that carry this recovery's token, which the first
@@ -342,8 +343,10 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
             return rows or conn.execute(RECOVERED_BY, params).fetchall()
 
         rows = self._run(
-            lambda conn: self._atomic(conn, lambda: self._recover(conn, params)), confirm=confirm
+            lambda conn: self._atomic(conn, lambda: self._recover(conn, params, moved)),
+            confirm=confirm,
         )
+        self._tell(moved)
         return [row[0] for row in rows]
 
     def queued_task_names(self) -> set[str]:
@@ -358,9 +361,13 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
             state, asked = rows[0]
             return "cancelled" if state == "cancelled" and not asked else "asked" if asked else None
 
-        return self._run(
-            lambda conn: self._atomic(conn, lambda: self._cancel(conn, job_id)), confirm=confirm
+        moved = Moved()
+        done = self._run(
+            lambda conn: self._atomic(conn, lambda: self._cancel(conn, job_id, moved)),
+            confirm=confirm,
         )
+        self._tell(moved)
+        return done
 
     def retry(self, job_id: str) -> bool:
         def retry(conn: Connection) -> bool:
@@ -385,9 +392,13 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
             """After a lost reply: the job is gone, so the first try deleted it."""
             return done or not conn.execute(STATE, (job_id,)).fetchall()
 
-        return self._run(
-            lambda conn: self._atomic(conn, lambda: self._delete(conn, job_id)), confirm=confirm
+        moved = Moved()
+        done = self._run(
+            lambda conn: self._atomic(conn, lambda: self._delete(conn, job_id, moved)),
+            confirm=confirm,
         )
+        self._tell(moved)
+        return done
 
     def pause_queue(self, name: str) -> bool:
         paused_at = time.time()  # also tells this pause from an earlier one

@@ -29,7 +29,7 @@ from ..job import (
     Outcome,
     WorkerInfo,
 )
-from .base import Backend, JobFilter, QueueInfo
+from .base import Backend, JobFilter, Moved, QueueInfo
 from .limits import SCAN, SEP, Limits, LimitStatements, Room
 from .rows import COLUMNS, page_cursor, queue_infos, search_sql, worker_info, worker_row
 from .rules import arm, dependency_error, feed_args
@@ -181,32 +181,38 @@ class SQLBackend(Backend):
         return self._changed_one(self.SQL.RELEASE, (job.id, job.claim))
 
     def recover(self, max_lost: int) -> list[str]:
-        params = self._recovery(max_lost)
-        rows = self._run(lambda db: self._atomic(db, lambda: self._recover(db, params)))
+        params, moved = self._recovery(max_lost), Moved()
+        rows = self._run(lambda db: self._atomic(db, lambda: self._recover(db, params, moved)))
+        self._tell(moved)
         return [row[0] for row in rows]
 
-    def _recover(self, db: Any, params: dict[str, Any]) -> list[Any]:
+    def _recover(self, db: Any, params: dict[str, Any], moved: Moved) -> list[Any]:
         """RECOVER, and cancel the dependents of the jobs it failed or cancelled for good."""
         rows: list[Any] = db.execute(self.SQL.RECOVER, params).fetchall()
+        moved.clear()
         for job_id, task, state, dependents in rows:
             if dependents and state in (FAILED, CANCELLED):
-                self._doom(db, [job_id], dependency_error(task, job_id, state))
+                self._doom(db, [job_id], dependency_error(task, job_id, state), moved)
         return rows
 
-    def _cancel(self, db: Any, job_id: str) -> Cancel:
+    def _cancel(self, db: Any, job_id: str, moved: Moved) -> Cancel:
         """Cancel a queued or waiting job (and its dependents), or ask a running one to stop,
         on connection ``db``, in the caller's transaction."""
         params = {"id": job_id, "now": time.time(), "ttls": self._ttls()}
         rows = db.execute(self.SQL.CANCEL_QUEUED, params).fetchall()
+        moved.clear()
         if rows:
             task, dependents = rows[0]
             if dependents:
-                self._doom(db, [job_id], dependency_error(task, job_id, CANCELLED))
+                self._doom(db, [job_id], dependency_error(task, job_id, CANCELLED), moved)
             return "cancelled"
         return "asked" if db.execute(self.SQL.CANCEL_RUNNING, (job_id,)).rowcount == 1 else None
 
     def cancel(self, job_id: str) -> Cancel:
-        return self._run(lambda db: self._atomic(db, lambda: self._cancel(db, job_id)))
+        moved = Moved()
+        done = self._run(lambda db: self._atomic(db, lambda: self._cancel(db, job_id, moved)))
+        self._tell(moved)
+        return done
 
     # -- workflows: the rules of statements.links, run in the caller's transaction ---------------
 
@@ -246,16 +252,19 @@ class SQLBackend(Backend):
             db.execute(self.SQL.HAS_DEPENDENTS, {"ids": self.DIALECT.array(parents)})
         return stored
 
-    def _settle(self, db: Any, ended: Sequence[tuple[str, str, str, str | None]]) -> list[Any]:
+    def _settle(
+        self, db: Any, ended: Sequence[tuple[str, str, str, str | None]], moved: Moved
+    ) -> None:
         """What jobs that just ended, ``(id, task, state, result_json)``, do to their
         dependents, in the transaction that stored their ends: a success takes one off each
         dependent's count and queues (with its inputs) those it was the last parent of; a
-        failure or a cancel cancels them, generation by generation. Returns the ``(run_at,
-        queue)`` of the jobs queued, to wake their workers once committed."""
-        now, woken = time.time(), []
+        failure or a cancel cancels them, generation by generation. The statements that move
+        them return them, into ``moved``, to wake their workers and send their signals once
+        committed."""
+        now = time.time()
         for job_id, task, state, result_json in ended:
             if state in (FAILED, CANCELLED):
-                self._doom(db, [job_id], dependency_error(task, job_id, state))
+                self._doom(db, [job_id], dependency_error(task, job_id, state), moved)
                 continue
             if state != SUCCEEDED:
                 continue
@@ -264,24 +273,24 @@ class SQLBackend(Backend):
             if not children:
                 continue
             params = {"ids": self.DIALECT.array(children), "now": now}
-            for child, child_state, feed, args_json, run_at, queue in db.execute(
-                self.SQL.UNBLOCK, params
-            ).fetchall():
-                if child_state != QUEUED:
+            for row in db.execute(self.SQL.UNBLOCK, params).fetchall():
+                child = self._job(row)
+                if child.state != QUEUED:
                     continue
-                if feed is not None:
-                    inputs = [value for (value,) in db.execute(self.SQL.INPUTS, (child,))]
-                    db.execute(self.SQL.SET_ARGS, (feed_args(feed, args_json, inputs), child))
-                woken.append((run_at, queue))
-        return woken
+                if child.feed is not None:
+                    inputs = [value for (value,) in db.execute(self.SQL.INPUTS, (child.id,))]
+                    child.args_json = feed_args(child.feed, child.args_json, inputs)
+                    db.execute(self.SQL.SET_ARGS, (child.args_json, child.id))
+                moved.queued.append(child)
 
-    def _doom(self, db: Any, ids: list[str], error: str) -> None:
-        """Cancel the waiting dependents of ``ids`` and theirs, with ``error``."""
+    def _doom(self, db: Any, ids: list[str], error: str, moved: Moved) -> None:
+        """Cancel the waiting dependents of ``ids`` and theirs, with ``error``, into ``moved``."""
         params = {"now": time.time(), "ttls": self._ttls(), "error": error}
         while ids:
             params["ids"] = self.DIALECT.array(ids)
-            rows = db.execute(self.SQL.DOOM, params).fetchall()
-            ids = [job_id for job_id, dependents in rows if dependents]
+            doomed = [self._job(row) for row in db.execute(self.SQL.DOOM, params).fetchall()]
+            moved.cancelled.extend(doomed)
+            ids = [job.id for job in doomed if job.dependents]
 
     def _rearm(self, db: Any, job_id: str) -> None:
         """After a retry of ``job_id``: its dependents that its failure cancelled wait again,
@@ -340,13 +349,17 @@ class SQLBackend(Backend):
         return {(task, state): count for task, state, count in rows}
 
     def delete(self, job_id: str) -> bool:
-        return self._run(lambda db: self._atomic(db, lambda: self._delete(db, job_id)))
+        moved = Moved()
+        done = self._run(lambda db: self._atomic(db, lambda: self._delete(db, job_id, moved)))
+        self._tell(moved)
+        return done
 
-    def _delete(self, db: Any, job_id: str) -> bool:
+    def _delete(self, db: Any, job_id: str, moved: Moved) -> bool:
         """Delete a job that is not running; the jobs waiting for it are cancelled with it."""
         rows = db.execute(self.SQL.DELETE, (job_id,)).fetchall()
+        moved.clear()
         if rows and rows[0][1]:
-            self._doom(db, [job_id], dependency_error(rows[0][0], job_id, "deleted"))
+            self._doom(db, [job_id], dependency_error(rows[0][0], job_id, "deleted"), moved)
         return bool(rows)
 
     def pause_queue(self, name: str) -> bool:

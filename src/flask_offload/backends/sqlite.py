@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from ..errors import ConfigurationError
 from ..job import QUEUED, Job, Outcome
 from . import schema
-from .base import Wake, id_in_use
+from .base import Moved, Wake, id_in_use
 from .doorbell import Doorbell
 from .limits import Limits, LimitStatements, limited
 from .rows import COLUMNS, finish_rows, in_claim_order
@@ -302,13 +302,15 @@ class SQLiteBackend(SQLiteFile, SQLBackend):
         return stored
 
     def _insert_batch(self, db: sqlite3.Connection, jobs: Sequence[Job]) -> list[Job]:
-        plain = [job for job in jobs if job.key is None]
-        new = [_new_values(job) for job in plain if _insert_of(job)[0] is INSERT_NEW]
-        whole = [_whole_values(job) for job in plain if _insert_of(job)[0] is INSERT_WHOLE]
-        db.executemany(INSERT_NEW, new)
-        db.executemany(INSERT_WHOLE, whole)
-        for job in plain:
-            job.backend = self
+        values: dict[str, list[tuple[Any, ...]]] = {INSERT_NEW: [], INSERT_WHOLE: []}
+        for job in jobs:
+            if job.key is None:
+                sql, row = _insert_of(job)
+                values[sql].append(row)
+                job.backend = self
+        for sql, rows in values.items():
+            if rows:
+                db.executemany(sql, rows)
         return [job if job.key is None else self._insert_unique(db, job) for job in jobs]
 
     def _atomic(self, db: sqlite3.Connection, body: Callable[[], T]) -> T:
@@ -375,27 +377,27 @@ class SQLiteBackend(SQLiteFile, SQLBackend):
         ttls = self._ttls()
         rows = [{**row, "ttls": ttls} for row in finish_rows(finished)]
 
-        woken: list[Any] = []
+        moved = Moved()
 
         def store(db: sqlite3.Connection) -> list[bool]:
             if len(rows) == 1 and _finish_alone(db, rows[0]):
                 return [True]
-            return self._transaction(db, lambda: self._finish_batch(db, rows, woken))
+            return self._transaction(db, lambda: self._finish_batch(db, rows, moved.clear()))
 
         stored = self._run(store) if rows else []
-        if woken:
-            due = min(run_at for run_at, _ in woken)
+        if moved.queued:
+            due = min(job.run_at for job in moved.queued)
             self._doorbell.ring(due if due > time.time() else None)
             self.on_due(due)
+        self._tell(moved)
         return stored
 
     def _finish_batch(
-        self, db: sqlite3.Connection, rows: list[dict[str, Any]], woken: list[Any]
+        self, db: sqlite3.Connection, rows: list[dict[str, Any]], moved: Moved
     ) -> list[bool]:
         """Store a batch of outcomes, in the caller's transaction: which claims hold their
         jobs is read first (nothing else writes meanwhile), then one executemany per
-        statement, then what the ends of jobs with dependents do to those (``woken``: the
-        dependents queued)."""
+        statement, then what the ends of jobs with dependents do to those (``moved``)."""
         ids = json.dumps([row["id"] for row in rows])
         held = {row[:2]: row[2:] for row in db.execute(HELD, {"ids": ids})}
         db.executemany(FINISH, [row for row in rows if not row["forget"]])
@@ -407,7 +409,7 @@ class SQLiteBackend(SQLiteFile, SQLBackend):
                 state = "cancelled" if row["state"] == QUEUED and cancel_requested else row["state"]
                 ended.append((row["id"], task, state, row["result_json"]))
         if ended:
-            woken.extend(self._settle(db, ended))
+            self._settle(db, ended, moved)
         return [(row["id"], row["claim"]) in held for row in rows]
 
     def retry(self, job_id: str) -> bool:

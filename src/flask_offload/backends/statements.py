@@ -289,7 +289,7 @@ class Statements:
                 state = CASE WHEN pending <= 1 THEN 'queued' ELSE state END,
                 run_at = CASE WHEN pending <= 1 AND run_at < {now} THEN {now} ELSE run_at END
             WHERE {d.any_of("id", ":ids")} AND state = 'waiting'
-            RETURNING id, state, feed, args_json, run_at, queue""")
+            RETURNING {SELECT}""")
         self.INPUTS = sql("SELECT result_json FROM offload_deps WHERE job = ? ORDER BY position")
         self.SET_ARGS = sql("UPDATE offload_jobs SET args_json = ? WHERE id = ?")
         self.DOOM = sql(f"""
@@ -298,7 +298,7 @@ class Statements:
                 expires_at = {now} + {d.task_ttl}
             WHERE state = 'waiting' AND id IN (
                 SELECT job FROM offload_deps WHERE {d.any_of("parent", ":ids")})
-            RETURNING id, dependents""")
+            RETURNING {SELECT}""")
         # Only the dependents a parent's failure cancelled, and only while no other parent of
         # theirs is failed or cancelled (that one's retry re-arms them).
         self.REARM = sql(f"""

@@ -20,9 +20,10 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
-from ..backends.base import StorageCorrupt
+from ..backends.base import Backend, StorageCorrupt
+from ..backends.limits import limited
 from ..current import PROGRESS_EVERY
 from ..execution import Events, Runnable
 from ..job import Job, WorkerInfo
@@ -190,6 +191,20 @@ class Upkeep:
                 "a worker that knows it will run them",
                 name,
             )
+
+
+def mark_released(backend: Backend, tasks: Mapping[str, Runnable], jobs: Sequence[Job]) -> bool:
+    """Give their limit keys to the ``jobs`` a finish of this process just queued that belong
+    to limited tasks (steps fed by their parents, stored without keys, their input unknown
+    until then), so they start now rather than at the pools' next marking; True if any was.
+    One write, and only for such steps: unmarked meanwhile, they wait, as no claim takes them."""
+    keys = []
+    for job in jobs:
+        task = tasks.get(job.task)
+        if task is not None and task.limits is not None and not limited(job):
+            job.limit_key, job.rate_key = keys_of(task, job)
+            keys.append((job.id, job.limit_key, job.rate_key))
+    return bool(keys) and backend.mark_limited(keys) > 0
 
 
 def keys_of(task: Runnable, job: Job) -> tuple[str | None, str | None]:

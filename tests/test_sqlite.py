@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flask_offload.backends import open_backend, sqlite_path
-from flask_offload.backends import sqlite as queries
+from flask_offload.backends import sqlitesql as queries
 from flask_offload.backends.sqlite import SQLiteBackend
 
 

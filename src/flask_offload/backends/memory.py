@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection
 from dataclasses import replace
 from typing import Any
 
@@ -25,7 +25,7 @@ from ..job import (
     WorkerInfo,
 )
 from .base import Backend, JobFilter, Moved, QueueInfo, id_in_use, refuse_connection
-from .limits import LONGEST, Limits, Room, limited
+from .memlimits import MemoryLimits
 from .memlinks import MemoryLinks
 from .rows import queue_infos
 from .rules import (
@@ -37,7 +37,7 @@ from .rules import (
 )
 
 
-class MemoryBackend(MemoryLinks, Backend):
+class MemoryBackend(MemoryLinks, MemoryLimits, Backend):
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
         self._order: dict[str, int] = {}
@@ -117,64 +117,6 @@ class MemoryBackend(MemoryLinks, Backend):
         job.attempts += 1
         job.claim = f"{next(self._claims)}"
         return self._copy(job)
-
-    def claim_limited(
-        self,
-        worker: str,
-        limits: Mapping[str, Limits],
-        queues: Collection[str] | None,
-        limit: int,
-        lease: float,
-    ) -> tuple[list[Job], float | None]:
-        now = time.time()
-        room = Room(limits)
-        with self._lock:
-            self._starts = [s for s in self._starts if s[2] >= now - LONGEST]
-            for job in self._jobs.values():
-                if job.state == RUNNING and job.task in limits:
-                    room.running[job.task, job.limit_key or ""] += 1
-            windows: dict[tuple[str, str], list[float]] = {}
-            for task, key, at in self._starts:
-                if task in limits and at >= now - limits[task].period:
-                    windows.setdefault((task, key), []).append(at)
-            room.count_starts(((t, k, len(a), min(a)) for (t, k), a in windows.items()), now)
-            due = [
-                job
-                for job in self._jobs.values()
-                if job.state == QUEUED
-                and limited(job)
-                and job.run_at <= now
-                and job.task in limits
-                and (queues is None or job.queue in queues)
-                and job.queue not in self._paused
-            ]
-            due.sort(key=lambda job: (-job.priority, job.run_at, self._order[job.id]))
-            picks = [(i, j.task, j.limit_key or "", j.rate_key or "") for i, j in enumerate(due)]
-            claimed = [self._take(due[i], worker, now, lease) for i in room.take(picks, limit)]
-            for job in claimed:
-                if limits[job.task].rate is not None:
-                    self._starts.append((job.task, job.rate_key or "", now))
-            return claimed, room.wait
-
-    def unmarked(self, tasks: Collection[str], limit: int) -> list[Job]:
-        with self._lock:
-            jobs = [
-                self._copy(job)
-                for job in self._jobs.values()
-                if job.state == QUEUED and job.task in tasks and not limited(job)
-            ]
-            jobs.sort(key=lambda job: (-job.priority, job.run_at, self._order[job.id]))
-        return jobs[:limit]
-
-    def mark_limited(self, keys: Sequence[tuple[str, str | None, str | None]]) -> int:
-        marked = 0
-        with self._lock:
-            for job_id, limit_key, rate_key in keys:
-                job = self._jobs.get(job_id)
-                if job is not None and job.state == QUEUED and not limited(job):
-                    job.limit_key, job.rate_key = limit_key, rate_key
-                    marked += 1
-        return marked
 
     def heartbeat(self, held: Collection[Job], lease: float) -> set[str]:
         until = time.time() + lease

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -212,3 +213,43 @@ def test_the_dependents_a_write_moves_are_handed_back_once_each(backend: Backend
     backend.claim("w", ["t"], None, 1, -1)  # a lease that has run out already
     assert backend.recover(max_lost=1) == [lost.id]
     assert told == [("job_cancelled", orphan.id, "cancelled", [])]
+
+
+def test_a_dependent_purged_meanwhile_leaves_its_parents_finish_alone(backend: Backend) -> None:
+    parent = make_job()
+    child = make_job(after=(parent.id,))
+    backend.enqueue_many([parent, child])
+    assert backend.cancel(child.id) == "cancelled"
+    assert backend.purge(time.time() + 1) == 1  # the cancelled child's result expires
+    run(backend, parent, Outcome("succeeded", result_json="1"))  # memory: KeyError before
+    assert state(backend, parent) == "succeeded"
+
+
+def test_deleting_a_parent_that_succeeded_keeps_its_dependent_waiting_for_the_others(
+    backend: Backend,
+) -> None:
+    first, second = make_job(), make_job()
+    callback = make_job(after=(first.id, second.id), feed="list")
+    backend.enqueue_many([first, second, callback])
+    run(backend, first, Outcome("succeeded", result_json="1"))
+    assert backend.delete(first.id)  # its result is the callback's already
+    assert state(backend, callback) == "waiting"
+    run(backend, second, Outcome("succeeded", result_json="2"))
+    stored = backend.get(callback.id)
+    assert stored is not None and stored.state == "queued" and stored.args == [[1, 2]]
+
+
+def test_a_retry_rearms_a_dependent_whose_own_task_keeps_no_result(backend: Backend) -> None:
+    """A dependent cancelled by its parent's failure is kept as long as that parent (the
+    global TTL), not its own task's result_ttl: before, a result_ttl=0 dependent expired at
+    once and was purged, so the retry of its parent had nothing to re-arm."""
+    backend.result_ttls = lambda: {"child": 0.0}
+    parent = make_job()
+    child = make_job("child", after=(parent.id,))
+    backend.enqueue_many([parent, child])
+    run(backend, parent, Outcome("failed", error="E: x"))
+    assert state(backend, child) == "cancelled"
+    time.sleep(0.01)
+    backend.purge(time.time() - 3600)  # the maintainer's next round
+    assert backend.retry(parent.id)
+    assert backend.get(child.id) is not None and state(backend, child) == "waiting"

@@ -112,6 +112,25 @@ def test_eager_mode_runs_chains_and_groups_in_order(make_app: AppFactory) -> Non
         assert failed.jobs[1].error == f"DependencyFailed: boom {failed.jobs[0].id} failed"
 
 
+def test_eager_mode_feeds_a_step_whose_parent_keeps_no_result(make_app: AppFactory) -> None:
+    """A step with result_ttl=0 stores nothing in EAGER mode: its dependent in the same chain
+    takes its result from the run (before: UnknownDependency, after the first step ran)."""
+    offload = Offload()
+
+    @offload.task(name="first", result_ttl=0)
+    def first() -> int:
+        return 1
+
+    @offload.task(name="second")
+    def second(n: int) -> int:
+        return n + 1
+
+    app, _ = make_app(offload, OFFLOAD_EAGER=True)
+    with app.app_context():
+        last = offload.chain(first.s(), second.s()).jobs[-1]
+        assert last.state == "succeeded" and last.result == 2
+
+
 def test_signatures_and_after_refuse_what_cannot_work(make_app: AppFactory) -> None:
     offload = Offload()
 

@@ -139,7 +139,10 @@ class Runtime:
         if connection is None and self.guard is not None:
             self.guard()
         if self.eager and connection is None:
-            return [self._eager(job) for job in jobs]
+            ran: dict[str, Job] = {}  # this batch's jobs, run already (kept or not)
+            for job in jobs:
+                ran[job.id] = self._eager(job, ran)
+            return list(ran.values())
         with self.foreground:
             stored = self.backend.enqueue_many(jobs, connection)
         due = [job.run_at for job, kept in zip(jobs, stored, strict=True) if kept is job]
@@ -153,12 +156,13 @@ class Runtime:
                 self.emit("job_enqueued", job)
         return stored
 
-    def _eager(self, job: Job) -> Job:
+    def _eager(self, job: Job, ran: Mapping[str, Job]) -> Job:
         """EAGER mode: a job with parents runs now with their results if all have succeeded
-        (they ran at their own enqueue), or is stored cancelled if one has not."""
+        (they ran at their own enqueue, or earlier in ``ran``, kept or not: a task with
+        ``result_ttl=0`` stores nothing), or is stored cancelled if one has not."""
         if not job.after:
             return self._run_now(job)
-        parents = [self.backend.get(parent) for parent in job.after]
+        parents = [ran.get(parent) or self.backend.get(parent) for parent in job.after]
         missing = next((p for p, found in zip(job.after, parents, strict=True) if not found), None)
         if missing is not None:
             raise UnknownDependency(f"after= names job {missing}, which is not stored")

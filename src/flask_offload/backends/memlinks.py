@@ -73,11 +73,13 @@ class MemoryLinks:
             return
         for child_id in self._children.get(job.id, []):
             child = self._jobs.get(child_id)
+            if child is None:  # deleted or purged meanwhile (its links went with it)
+                continue
             link = next(link for link in self._parents[child_id] if link.parent == job.id)
             if link.done:
                 continue
             link.done, link.result_json = True, job.result_json
-            if child is None or child.state != WAITING:
+            if child.state != WAITING:
                 continue
             child.pending -= 1
             if child.pending <= 0:
@@ -90,11 +92,15 @@ class MemoryLinks:
         """Cancel the waiting dependents of ``job_id`` and theirs, with ``error``."""
         for child_id in self._children.get(job_id, []):
             child = self._jobs.get(child_id)
-            if child is not None and child.state == WAITING:
-                cancel_queued(child, now, self.result_ttls().get(child.task))
-                child.error = error
-                moved.cancelled.append(self._copy(child))
-                self._doom(child_id, error, now, moved)
+            if child is None or child.state != WAITING:
+                continue
+            # A parent that succeeded before (deleted since) has given its input already.
+            if any(link.parent == job_id and link.done for link in self._parents[child_id]):
+                continue
+            cancel_queued(child, now, None)  # kept for the global TTL: a retry re-arms it
+            child.error = error
+            moved.cancelled.append(self._copy(child))
+            self._doom(child_id, error, now, moved)
 
     def _rearm(self, job_id: str) -> None:
         """Re-arm the dependents ``job_id``'s failure cancelled, and theirs."""

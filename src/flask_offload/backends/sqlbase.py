@@ -285,7 +285,7 @@ class SQLBackend(Backend):
 
     def _doom(self, db: Any, ids: list[str], error: str, moved: Moved) -> None:
         """Cancel the waiting dependents of ``ids`` and theirs, with ``error``, into ``moved``."""
-        params = {"now": time.time(), "ttls": self._ttls(), "error": error}
+        params = {"now": time.time(), "error": error}
         while ids:
             params["ids"] = self.DIALECT.array(ids)
             doomed = [self._job(row) for row in db.execute(self.SQL.DOOM, params).fetchall()]

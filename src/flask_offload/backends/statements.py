@@ -292,12 +292,14 @@ class Statements:
             RETURNING {SELECT}""")
         self.INPUTS = sql("SELECT result_json FROM offload_deps WHERE job = ? ORDER BY position")
         self.SET_ARGS = sql("UPDATE offload_jobs SET args_json = ? WHERE id = ?")
+        # Kept as long as the failed parent is (OFFLOAD_RESULT_TTL), not its own task's
+        # result_ttl: a retry of that parent re-arms it, so it must still be there. Only
+        # through links not done: a parent deleted after its success has fed them already.
         self.DOOM = sql(f"""
             UPDATE offload_jobs
-            SET state = 'cancelled', finished_at = {now}, error = :error,
-                expires_at = {now} + {d.task_ttl}
+            SET state = 'cancelled', finished_at = {now}, error = :error, expires_at = NULL
             WHERE state = 'waiting' AND id IN (
-                SELECT job FROM offload_deps WHERE {d.any_of("parent", ":ids")})
+                SELECT job FROM offload_deps WHERE {d.any_of("parent", ":ids")} AND NOT done)
             RETURNING {SELECT}""")
         # Only the dependents a parent's failure cancelled, and only while no other parent of
         # theirs is failed or cancelled (that one's retry re-arms them).

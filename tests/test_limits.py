@@ -4,6 +4,7 @@ keys taken in, EAGER mode. Across processes: test_limits_processes.py."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -248,3 +249,28 @@ def test_a_chain_step_fed_into_a_limited_task_runs_under_its_limit_once_released
         (f"account:{'ab'[n % 2]}", ["ab"[n % 2]]) for n in range(6)
     ]
     assert most == Counter(a=1, b=1)
+
+
+def test_a_limited_async_task_keeps_to_async_concurrency(make_app: AppFactory) -> None:
+    """A limited claim of an ``async def`` task counts the event loop's places as a plain
+    claim does (before: 12 coroutines at once with OFFLOAD_ASYNC_CONCURRENCY=2)."""
+    app, offload = make_app(
+        OFFLOAD_WORKERS=2, OFFLOAD_ASYNC_CONCURRENCY=2, OFFLOAD_POLL_INTERVAL=0.1
+    )
+    lock = threading.Lock()
+    now, most = [0], [0]
+
+    @offload.task(rate_limit="1000/s")
+    async def fetch(n: int) -> None:
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        await asyncio.sleep(0.3)
+        with lock:
+            now[0] -= 1
+
+    with app.app_context():
+        jobs = [fetch.delay(n) for n in range(12)]
+    for job in jobs:
+        assert job.wait(timeout=60).state == "succeeded"
+    assert most[0] == 2

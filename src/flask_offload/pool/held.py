@@ -159,7 +159,18 @@ class Held:
             with self.lock:
                 if self.stopping or self.halted or self.unstored >= MAX_UNSTORED:
                     return None
-            first = self._hold(self._claim_limited(limits), me)
+                batched = sum(is_async(self.tasks[c.job.task]) for c in self.batch)
+                room = self.settings.async_concurrency - self.async_running - batched
+            size = self.settings.threads
+            if any(is_async(self.tasks[name]) for name in limits):
+                # As for a plain claim: never more coroutines than ASYNC_CONCURRENCY.
+                if room > 0:
+                    size = min(size, room)
+                else:
+                    limits = {n: lim for n, lim in limits.items() if not is_async(self.tasks[n])}
+                    if not limits:
+                        return None
+            first = self._hold(self._claim_limited(limits, size), me)
         finally:
             self.limited_claiming.release()
         if first is not None:
@@ -194,7 +205,7 @@ class Held:
                 limits[name] = task.limits
         return plain, limits
 
-    def _claim_limited(self, limits: dict[str, Limits]) -> list[Job]:
+    def _claim_limited(self, limits: dict[str, Limits], size: int) -> list[Job]:
         """Claim jobs of limited tasks (under ``limited_claiming``), unless the last try found
         none and nothing since could have changed that: no wake-up, and neither the poll
         interval nor the wait storage named (a rate window freeing) has passed. Up to one job
@@ -205,7 +216,7 @@ class Held:
         if seen == self.limited_seen and time.monotonic() < self.limited_after:
             return []
         jobs, wait = self.backend.claim_limited(
-            self.pool_id, limits, self.settings.queues, self.settings.threads, self.settings.lease
+            self.pool_id, limits, self.settings.queues, size, self.settings.lease
         )
         if jobs:
             self.limited_seen = -1

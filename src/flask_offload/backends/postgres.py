@@ -180,7 +180,11 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
         try:
             conn.inserts().execute(INSERT_QUIET if quiet else INSERT_NEW, values)
         except psycopg.errors.UniqueViolation:
-            job = self._insert(self._execute(conn), job)
+            stored = self._insert(self._execute(conn), job)
+            # Ours, stored by an earlier try whose reply was lost: that try may have been a
+            # quiet one, so the notification is owed in any case.
+            quiet = quiet or stored.id == job.id
+            job = stored
         else:
             job.backend = self
         if quiet:

@@ -3,6 +3,7 @@ workers cost the database.
 
     python -m bench.pg_fleet --quick     # about 1 min: 1 and 4 idle workers, 8 enqueuers
     python -m bench.pg_fleet             # about 3 min: 1 and 20 idle workers, 16 enqueuers
+    python -m bench.pg_fleet --idle 20   # about 1 min: only the idle rows, 1 and 20 workers
 
 1. **Connections per process**: server sessions (``pg_stat_activity`` by ``application_name``)
    of ``flask offload worker`` with ``--threads 1`` and ``--threads 4`` after 400 jobs, and of a
@@ -278,7 +279,13 @@ def enqueuers(threads: int, per_thread: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--idle", type=int, help="only the idle rows, with 1 and N workers")
     options = parser.parse_args(argv)
+    if options.idle:
+        jobs = 10 if options.quick else 30
+        rows = {f"idle_{n}": idle(n, jobs=jobs) for n in sorted({1, options.idle})}
+        print(json.dumps(rows))
+        return 0
     many = 4 if options.quick else 20
     result: dict[str, Any] = {"connections": connections()}
     print(json.dumps(result["connections"]), flush=True)

@@ -112,12 +112,14 @@ class Fleet:
         )
         return int(_query(self.db, sql, app)[0][0])
 
-    def listening(self) -> int:
+    def listening(self, *apps: str) -> int:
+        """How many of ``apps`` hold both their connections (the pool's and the listener's)."""
         sql = (
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND query = 'LISTEN offload_jobs'"
+            "SELECT count(*) FROM (SELECT application_name FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = ANY(%s)"
+            " GROUP BY application_name HAVING count(*) >= 2) AS listening"
         )
-        return int(_query(self.db, sql)[0][0])
+        return int(_query(self.db, sql, list(apps))[0][0])
 
     def scans(self) -> int:
         sql = (
@@ -161,7 +163,7 @@ def connections() -> dict[str, int]:
     try:
         fleet.worker("threads1", 1)
         fleet.worker("threads4", 4)
-        while fleet.listening() < 2:
+        while fleet.listening("threads1", "threads4") < 2:
             time.sleep(0.2)
         fleet.enqueue(200, threads=2)
         fleet.wait_for(400)
@@ -195,7 +197,7 @@ def idle(workers: int, jobs: int, threads: int = 1) -> dict[str, float]:
     try:
         for n in range(workers):
             fleet.worker(f"w{n}", threads)
-        while fleet.listening() < workers:
+        while fleet.listening(*(f"w{n}" for n in range(workers))) < workers:
             time.sleep(0.2)
         time.sleep(2.0)
         scans, cpu, began = fleet.scans(), fleet.cpu(), time.monotonic()

@@ -57,6 +57,10 @@ class OnDuty(Protocol):
         """Whether it claims from ``queue``."""
         ...
 
+    def left_more(self) -> bool:
+        """Whether its last claim took all it asked for, so more jobs may be waiting."""
+        ...
+
 
 class Backend(ABC):
     """Durable job storage shared by every process that points at the same URL."""

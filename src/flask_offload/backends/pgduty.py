@@ -15,7 +15,9 @@ that connection ends, ``kill -9`` included. The rules, all run by the listener t
 - A holder whose pools all turn busy leaves: it unlocks and says so on ``offload_duty`` in one
   statement; the listeners that hear it try to take the duty at once. Notifications come in
   commit order, so the jobs told before that word are the leaver's (it keeps a wake-up for
-  its next free thread), those after it the taker's.
+  its next free thread), those after it the taker's. The word says whether the leaver's last
+  claim took all it asked for; then the taker looks once too, so a burst told by one
+  notification still fans out across the idle processes, one claim each.
 
 Processes not on duty still poll every ``OFFLOAD_POLL_INTERVAL``: a holder killed between a
 notification and its claim leaves that job to the next poll, never lost.
@@ -64,8 +66,10 @@ class Turns:
         them at once, or every ``RETRY`` seconds, as for ``periodic``)."""
         keys = _by_key(subscribers)
         for ident, key in list(self.held.items()):
-            if not any(duty.ready() for _, duty in keys.get(key, [])):
-                self.conn.execute(LEAVE, (DUTY_CLASS, ident, str(ident)))
+            pools = keys.get(key, [])
+            if not any(duty.ready() for _, duty in pools):
+                more = any(duty.left_more() for _, duty in pools)
+                self.conn.execute(LEAVE, (DUTY_CLASS, ident, f"{ident} {int(more)}"))
                 del self.held[ident]
                 self.leaving.add(ident)
         now = time.monotonic()
@@ -89,13 +93,17 @@ class Turns:
         """One notification: a job (wake the pools on duty for its queue, now or at its due
         time), or a duty left (take it if a pool here is ready)."""
         if channel == DUTY_CHANNEL:
-            ident = int(payload) if payload.lstrip("-").isdigit() else None
+            word, _, more = payload.partition(" ")
+            ident = int(word) if word.lstrip("-").isdigit() else None
             if pid == self.pid:
                 self.leaving.discard(ident or 0)
                 return
             for key, pools in _by_key(subscribers).items():
-                if lock_id(key) == ident and ident not in self.held:
-                    self._take(key, pools)  # a hand-over: what came before was the leaver's
+                # A hand-over: the jobs told before it were the leaver's. If its last claim
+                # came back full, more may wait (a burst told by one notification): look once.
+                took = lock_id(key) == ident and ident not in self.held and self._take(key, pools)
+                if took and more == "1":
+                    _first(pools, lambda duty: duty.ready())(None)
             return
         queue = payload.partition(" ")[2]
         if due is not None and due > time.time():

@@ -102,6 +102,7 @@ class Held:
         self.async_running = 0  # under lock: coroutines begun and not yet ended (aio.py)
         self.free = 0  # under lock: claim-and-run threads not running a job (see ready)
         self.ready_changed: Callable[[], None] = lambda: None  # the storage's duty_changed
+        self.claimed_full = False  # the last plain claim took all it asked for: more may wait
         # Under ``limited_claiming``: the wake-ups seen when a limited claim last found none, and
         # when to try again without one (see _claim_limited).
         self.limited_seen = -1
@@ -145,6 +146,7 @@ class Held:
             jobs = self.backend.claim(
                 self.pool_id, names, self.settings.queues, size, self.settings.lease
             )
+            self.claimed_full = len(jobs) >= size
             return self._hold(jobs, me)
 
     def _next_limited(
@@ -335,6 +337,9 @@ class Held:
 
     def takes(self, queue: str) -> bool:
         return self.settings.queues is None or queue in self.settings.queues
+
+    def left_more(self) -> bool:
+        return self.claimed_full
 
     def count_free(self, change: int) -> None:
         """A thread begins (-1) or ends (+1) a run, or joins the pool (+1), with the lock held;

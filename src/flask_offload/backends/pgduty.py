@@ -77,10 +77,9 @@ class Turns:
             return
         self.next_try = now + RETRY
         for key, pools in keys.items():
+            # Taken when nobody held it: jobs may have been stored meanwhile, look once.
             if lock_id(key) not in self.held and self._take(key, pools):
-                _first(pools, lambda duty: duty.ready())(
-                    None
-                )  # jobs may have come while nobody was on duty
+                _first(pools, lambda duty: duty.ready())(None)
 
     def heard(
         self,
@@ -95,8 +94,9 @@ class Turns:
         if channel == DUTY_CHANNEL:
             word, _, more = payload.partition(" ")
             ident = int(word) if word.lstrip("-").isdigit() else None
-            if pid == self.pid:
-                self.leaving.discard(ident or 0)
+            if pid == self.pid:  # our own word: the jobs told from here on are the taker's
+                if ident is not None:
+                    self.leaving.discard(ident)
                 return
             for key, pools in _by_key(subscribers).items():
                 # A hand-over: the jobs told before it were the leaver's. If its last claim

@@ -322,13 +322,15 @@ def claims(log: Path) -> int:
     return log.read_bytes().count(b"\n") if log.exists() else 0
 
 
-def run_one_at_a_time(url: str, count: int) -> None:
-    """Enqueue ``count`` jobs one at a time, each once the one before has succeeded (within
-    20 s each, far sooner than the workers' 300 s poll: a wake-up started it)."""
+def run_one_at_a_time(url: str, count: int, delay: float = 0.0) -> None:
+    """Enqueue ``count`` jobs (due in ``delay`` s) one at a time, each once the one before has
+    succeeded (within 20 s each, far sooner than the workers' 300 s poll: a wake-up started
+    it, at its due time for a delayed one)."""
     backend = PostgresBackend(url)
     try:
         for n in range(count):
-            job = backend.enqueue(make_job("record", args_json=f"[{n}]"))
+            at = time.time() + delay
+            job = backend.enqueue(make_job("record", args_json=f"[{n}]", run_at=at))
             wait_until(lambda j=job: getattr(backend.get(j.id), "state", "") == "succeeded", 20)
     finally:
         backend.close()
@@ -358,6 +360,9 @@ def test_idle_worker_processes_take_turns_one_claim_per_job(tmp_path: Path, url:
         run_one_at_a_time(url, 50)
         per_job = (claims(log) - before) / 50
         assert per_job <= 4, per_job
+        before = claims(log)
+        run_one_at_a_time(url, 5, delay=0.5)  # the one on duty at the due time claims
+        assert (claims(log) - before) / 5 <= 4, claims(log) - before
 
         with psycopg.connect(url, autocommit=True) as conn:
             holder = conn.execute(DUTY_HOLDER).fetchall()
@@ -366,7 +371,7 @@ def test_idle_worker_processes_take_turns_one_claim_per_job(tmp_path: Path, url:
         procs[killed].kill()
         procs[killed].wait(10)
         run_one_at_a_time(url, 20)
-        assert succeeded(url) == 75
+        assert succeeded(url) == 80
         with psycopg.connect(url, autocommit=True) as conn:
             now = conn.execute(DUTY_HOLDER).fetchall()
         assert len(now) == 1 and now[0][0] != f"w{killed}", now

@@ -3,6 +3,7 @@ workers cost the database.
 
     python -m bench.pg_fleet --quick     # about 1 min: 1 and 4 idle workers, 8 enqueuers
     python -m bench.pg_fleet             # about 3 min: 1 and 20 idle workers, 16 enqueuers
+    python -m bench.pg_fleet --idle 20   # about 1 min: only the idle rows, 1 and 20 workers
 
 1. **Connections per process**: server sessions (``pg_stat_activity`` by ``application_name``)
    of ``flask offload worker`` with ``--threads 1`` and ``--threads 4`` after 400 jobs, and of a
@@ -111,12 +112,14 @@ class Fleet:
         )
         return int(_query(self.db, sql, app)[0][0])
 
-    def listening(self) -> int:
+    def listening(self, *apps: str) -> int:
+        """How many of ``apps`` hold both their connections (the pool's and the listener's)."""
         sql = (
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND query = 'LISTEN offload_jobs'"
+            "SELECT count(*) FROM (SELECT application_name FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = ANY(%s)"
+            " GROUP BY application_name HAVING count(*) >= 2) AS listening"
         )
-        return int(_query(self.db, sql)[0][0])
+        return int(_query(self.db, sql, list(apps))[0][0])
 
     def scans(self) -> int:
         sql = (
@@ -160,7 +163,7 @@ def connections() -> dict[str, int]:
     try:
         fleet.worker("threads1", 1)
         fleet.worker("threads4", 4)
-        while fleet.listening() < 2:
+        while fleet.listening("threads1", "threads4") < 2:
             time.sleep(0.2)
         fleet.enqueue(200, threads=2)
         fleet.wait_for(400)
@@ -194,7 +197,7 @@ def idle(workers: int, jobs: int, threads: int = 1) -> dict[str, float]:
     try:
         for n in range(workers):
             fleet.worker(f"w{n}", threads)
-        while fleet.listening() < workers:
+        while fleet.listening(*(f"w{n}" for n in range(workers))) < workers:
             time.sleep(0.2)
         time.sleep(2.0)
         scans, cpu, began = fleet.scans(), fleet.cpu(), time.monotonic()
@@ -278,7 +281,13 @@ def enqueuers(threads: int, per_thread: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--idle", type=int, help="only the idle rows, with 1 and N workers")
     options = parser.parse_args(argv)
+    if options.idle:
+        jobs = 10 if options.quick else 30
+        rows = {f"idle_{n}": idle(n, jobs=jobs) for n in sorted({1, options.idle})}
+        print(json.dumps(rows))
+        return 0
     many = 4 if options.quick else 20
     result: dict[str, Any] = {"connections": connections()}
     print(json.dumps(result["connections"]), flush=True)

@@ -294,3 +294,84 @@ def test_coalesced_notifications_leave_no_job_to_the_poll(tmp_path: Path, url: s
             wait_until(lambda: succeeded(url) == 400, 60)  # far sooner than a poll
         heard = list(listening.notifies(timeout=0.5, stop_after=400))
     assert 1 <= len(heard) < 400, len(heard)
+
+
+# A worker process whose claims each append a line to CLAIMS_LOG (its own counter, read by the
+# test): the real `flask offload worker`, with PostgresBackend.claim counted.
+COUNTED_WORKER = """
+import os, sys
+from flask_offload.backends.postgres import PostgresBackend
+claim = PostgresBackend.claim
+def counted(self, *args, **kwargs):
+    fd = os.open(os.environ["CLAIMS_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, b"claim\\n")
+    os.close(fd)
+    return claim(self, *args, **kwargs)
+PostgresBackend.claim = counted
+from flask.cli import main
+sys.argv = ["flask", "--app", "jobapp:create_app", "offload", "worker", "--threads", "1"]
+main()
+"""
+DUTY_HOLDER = """
+    SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory' AND l.classid = 28518 AND l.granted
+"""  # 28518 = pgduty.DUTY_CLASS
+
+
+def claims(log: Path) -> int:
+    return log.read_bytes().count(b"\n") if log.exists() else 0
+
+
+def run_one_at_a_time(url: str, count: int, delay: float = 0.0) -> None:
+    """Enqueue ``count`` jobs (due in ``delay`` s) one at a time, each once the one before has
+    succeeded (within 20 s each, far sooner than the workers' 300 s poll: a wake-up started
+    it, at its due time for a delayed one)."""
+    backend = PostgresBackend(url)
+    try:
+        for n in range(count):
+            at = time.time() + delay
+            job = backend.enqueue(make_job("record", args_json=f"[{n}]", run_at=at))
+            wait_until(lambda j=job: getattr(backend.get(j.id), "state", "") == "succeeded", 20)
+    finally:
+        backend.close()
+
+
+def test_idle_worker_processes_take_turns_one_claim_per_job(tmp_path: Path, url: str) -> None:
+    """Ten idle one-thread worker processes, 50 jobs enqueued one at a time: only the process
+    on duty claims per job (its claim, its look for more after the run, and at most one look
+    by the process it hands the duty to), not all ten (about 11 claims per job before); then
+    the one on duty is killed with kill -9 and another takes the duty and still starts every
+    job by a wake-up (the workers poll only every 300 s), none lost."""
+    log = tmp_path / "claims.log"
+    with ExitStack() as stack:
+        procs = []
+        for n in range(10):
+            env = pg_env(
+                tmp_path,
+                named(url, f"w{n}"),
+                OFFLOADTEST_OFFLOAD_POLL_INTERVAL="300",  # so only wake-ups start jobs soon
+                CLAIMS_LOG=str(log),
+            )
+            command = [sys.executable, "-c", COUNTED_WORKER]
+            procs.append(stack.enter_context(process(command, env, tmp_path / f"w{n}.log")))
+        wait_until(lambda: all(sessions(url, f"w{n}") == 2 for n in range(10)), 90)
+        run_one_at_a_time(url, 5)  # every process has claimed once at start by now
+        before = claims(log)
+        run_one_at_a_time(url, 50)
+        per_job = (claims(log) - before) / 50
+        assert per_job <= 4, per_job
+        before = claims(log)
+        run_one_at_a_time(url, 5, delay=0.5)  # the one on duty at the due time claims
+        assert (claims(log) - before) / 5 <= 4, claims(log) - before
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            holder = conn.execute(DUTY_HOLDER).fetchall()
+        assert len(holder) == 1, holder
+        killed = int(holder[0][0][1:])
+        procs[killed].kill()
+        procs[killed].wait(10)
+        run_one_at_a_time(url, 20)
+        assert succeeded(url) == 80
+        with psycopg.connect(url, autocommit=True) as conn:
+            now = conn.execute(DUTY_HOLDER).fetchall()
+        assert len(now) == 1 and now[0][0] != f"w{killed}", now

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import InvalidArgument, JobIdInUse, StorageCorrupt
 from ..job import Cancel, Door, Job, Outcome, WorkerInfo
@@ -31,6 +31,7 @@ __all__ = [
     "Cancel",
     "JobFilter",
     "Moved",
+    "OnDuty",
     "QueueInfo",
     "StorageCorrupt",
     "Wake",
@@ -54,6 +55,27 @@ class Moved:
         self.queued.clear()
         self.cancelled.clear()
         return self
+
+
+class OnDuty(Protocol):
+    """A subscriber that takes turns with the idle pools of other processes (PostgreSQL): only
+    the one on duty for its ``duty_key`` is woken by a job another process stored."""
+
+    def ready(self) -> bool:
+        """Whether a thread of it could start a job now (it may be on duty)."""
+        ...
+
+    def duty_key(self) -> str:
+        """Pools of equal keys (the same queues and tasks) share one duty across processes."""
+        ...
+
+    def takes(self, queue: str) -> bool:
+        """Whether it claims from ``queue``."""
+        ...
+
+    def left_more(self) -> bool:
+        """Whether its last claim took all it asked for, so more jobs may be waiting."""
+        ...
 
 
 class Backend(ABC):
@@ -312,10 +334,14 @@ class Backend(ABC):
         """Hold at most ``most`` connections to storage in this process, besides the one that
         listens for wake-ups: a worker process needs one for all its pools' statements."""
 
-    def subscribe(self, wake: Wake) -> None:  # noqa: B027 - polling suffices
+    def subscribe(self, wake: Wake, duty: OnDuty | None = None) -> None:  # noqa: B027
         """Call ``wake(at)`` when another process stores a job due at ``at`` (None: now), where
         the storage can say so (PostgreSQL's LISTEN/NOTIFY, SQLite's doorbell); elsewhere
-        workers find such jobs by polling."""
+        workers find such jobs by polling (so this does nothing). With ``duty``, storage that
+        can (PostgreSQL) wakes only the one idle process on duty for its key."""
+
+    def duty_changed(self) -> None:  # noqa: B027 - see subscribe
+        """A subscriber's ``ready()`` changed: hand the duty over, or take it."""
 
     def unsubscribe(self, wake: Wake) -> None:  # noqa: B027 - see subscribe
         """Stop calling ``wake``."""

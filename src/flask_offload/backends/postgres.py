@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import threading
 import time
 import weakref
@@ -42,8 +43,9 @@ from psycopg_pool import ConnectionPool
 from ..errors import StorageError, StorageUnavailable
 from ..job import HISTORY_LIMIT, Cancel, Job, Outcome
 from . import schema
-from .base import Moved, Wake, id_in_use
+from .base import Moved, id_in_use
 from .limits import Limits
+from .pgduty import Subscriber
 from .pgflows import PostgresFlows
 from .pglisten import Listener
 from .pgnotify import Notifier
@@ -121,10 +123,11 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
         self._ready = False
         self._unconfirmed: dict[str, list[str]] = {}  # claim tokens whose reply was lost
         self._inherited: list[object] = []
-        self._subscribers: list[Wake] = []
+        self._subscribers: list[Subscriber] = []
         self._listener: threading.Thread | None = None
         self._listening: Connection | None = None
         self._closed = threading.Event()
+        self._kick: tuple[socket.socket, socket.socket] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._notifier = Notifier(self._notify)
 
@@ -435,14 +438,21 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
         self._inherited.append((self._pool, self._listening))
         self._pool, self._pid, self._lock = None, -1, threading.Lock()
         self._listener, self._listening, self._subscribers, self._unconfirmed = None, None, [], {}
+        self._inherited.append(self._kick)
+        self._kick = None
         self._notifier = Notifier(self._notify)
 
     def close(self) -> None:
         self._notifier.close()
         self._closed.set()
+        self.duty_changed()  # the listener sees the close at once
         listener = self._listener
         if listener is not None and listener.is_alive():
             listener.join(5)
+        if self._kick is not None and (listener is None or not listener.is_alive()):
+            for end in self._kick:
+                end.close()
+            self._kick = None
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None and self._pid == os.getpid():

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from ..errors import ConfigurationError
 from ..job import QUEUED, Job, Outcome
 from . import schema
-from .base import Moved, Wake, id_in_use
+from .base import Moved, OnDuty, Wake, id_in_use
 from .doorbell import Doorbell
 from .limits import Limits, limited
 from .rows import finish_rows, in_claim_order
@@ -339,7 +339,7 @@ class SQLiteBackend(SQLiteFile, SQLBackend):
             self._doorbell.ring()
         return done
 
-    def subscribe(self, wake: Wake) -> None:
+    def subscribe(self, wake: Wake, duty: OnDuty | None = None) -> None:
         self._doorbell.listen(wake)
 
     def unsubscribe(self, wake: Wake) -> None:

@@ -98,8 +98,9 @@ class Pool:
         if self._started:
             return
         self._started = True
+        self.held.ready_changed = self.backend.duty_changed
         self.runner.start()
-        self.backend.subscribe(self.wake)
+        self.backend.subscribe(self.wake, self.held)
         for target, name in (
             (self.finisher.run, "finisher"),
             (self.upkeep.run, "maintenance"),

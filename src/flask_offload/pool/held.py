@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -100,6 +100,9 @@ class Held:
         self.poller: int | None = None  # the one idle thread that polls and minds the dues
         self.dues: list[float] = []  # due times of in-process delayed jobs, a heap
         self.async_running = 0  # under lock: coroutines begun and not yet ended (aio.py)
+        self.free = 0  # under lock: claim-and-run threads not running a job (see ready)
+        self.ready_changed: Callable[[], None] = lambda: None  # the storage's duty_changed
+        self.claimed_full = False  # the last plain claim took all it asked for: more may wait
         # Under ``limited_claiming``: the wake-ups seen when a limited claim last found none, and
         # when to try again without one (see _claim_limited).
         self.limited_seen = -1
@@ -143,6 +146,7 @@ class Held:
             jobs = self.backend.claim(
                 self.pool_id, names, self.settings.queues, size, self.settings.lease
             )
+            self.claimed_full = len(jobs) >= size
             return self._hold(jobs, me)
 
     def _next_limited(
@@ -330,6 +334,31 @@ class Held:
             first, self.halted = not self.halted, True
         if first:
             logger.critical("%s. Worker %s stops claiming jobs.", error, self.pool_id)
+
+    # -- taking turns with other processes (the duty, backends/pgduty.py) ---------------------
+
+    def ready(self) -> bool:
+        """Whether a thread could start a job now: this pool may be on duty for its key."""
+        return self.free > 0 and not self.stopping and not self.halted
+
+    def duty_key(self) -> str:
+        """Pools that claim the same queues and tasks share one duty across processes."""
+        queues = ",".join(sorted(self.settings.queues)) if self.settings.queues else "*"
+        return f"{queues}|{','.join(sorted(self.tasks))}"
+
+    def takes(self, queue: str) -> bool:
+        return self.settings.queues is None or queue in self.settings.queues
+
+    def left_more(self) -> bool:
+        return self.claimed_full
+
+    def count_free(self, change: int) -> None:
+        """A thread begins (-1) or ends (+1) a run, or joins the pool (+1), with the lock held;
+        tell the storage when the pool turns busy or ready, to hand the duty over or take it."""
+        was = self.free > 0
+        self.free += change
+        if was != (self.free > 0):
+            self.ready_changed()
 
     # -- wake-ups --------------------------------------------------------------------------------
 

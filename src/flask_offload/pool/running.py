@@ -66,6 +66,7 @@ class Runner:
         name = f"offload-worker {self.held.pool_id}"
         thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.loops.add(thread)
+        self.held.count_free(+1)
         thread.start()
 
     def _loop(self) -> None:
@@ -96,8 +97,13 @@ class Runner:
                 held.idle()
             elif claimed.aio:
                 self._hand_off(claimed)
-            elif not self._run(claimed, me):
-                return  # it ran past its timeout and the pool has its size without it
+            else:
+                with held.lock:
+                    held.count_free(-1)
+                if not self._run(claimed, me):
+                    return  # it ran past its timeout and the pool has its size without it
+                with held.lock:
+                    held.count_free(+1)
 
     def _storage_down(self, error: Exception) -> None:
         """Say once per outage, whichever thread finds it first, that storage is unreachable;

@@ -224,15 +224,18 @@ class PostgresPool:
                 raise self._no_connection() from None
             if not self.prepared:
                 conn.prepare_threshold = None
+            preparing = conn.prepare_threshold is not None
             try:
                 value = operation(conn)
                 if lost is not None and confirm is not None:
                     value = confirm(conn, value)
                 return value
             except UNPREPARED as error:
-                if not self.prepared:
+                if not preparing:
                     raise
-                self._stop_preparing(error)
+                # This try prepared; another thread may have turned preparing off meanwhile.
+                if self.prepared:
+                    self._stop_preparing(error)
                 tries += 1
             except psycopg.OperationalError as error:
                 if not conn.broken:

@@ -28,7 +28,6 @@ in ``sqlbase.py``, the schema in ``schema.py``, the pool in ``pgpool.py`` and th
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import threading
 import time
@@ -44,15 +43,12 @@ from ..errors import StorageError, StorageUnavailable
 from ..job import HISTORY_LIMIT, Cancel, Job, Outcome
 from . import schema
 from .base import Moved, id_in_use
-from .limits import Limits
+from .pgclaims import PostgresClaims
 from .pgduty import Subscriber
-from .pgflows import PostgresFlows
 from .pglisten import Listener
 from .pgnotify import Notifier
 from .pgpool import Connection, Execute, Pooled, PostgresPool, execute_on, one_line
 from .pgsql import (
-    ADOPT,
-    CLAIM,
     DEFAULTS,
     DIALECT,
     ENQUEUE,
@@ -63,7 +59,6 @@ from .pgsql import (
     INSERT_NEW,
     INSERT_QUIET,
     LIMITS,
-    LOCK_LIMITS,
     NEW,
     NOTIFY_QUEUES,
     PAUSED_AT,
@@ -76,12 +71,12 @@ from .pgsql import (
     new_values,
     rest_values,
 )
-from .rows import COLUMNS, finish_rows, in_claim_order
+from .rows import COLUMNS, finish_rows
 
 T = TypeVar("T")
 
 
-class PostgresBackend(PostgresPool, Listener, PostgresFlows):
+class PostgresBackend(PostgresPool, Listener, PostgresClaims):
     """Jobs in PostgreSQL tables (``offload_jobs``, ``offload_schedules``, ``offload_workers``).
 
     ``pgbouncer=True`` (``OFFLOAD_PG_PGBOUNCER``) says ``url`` goes through PgBouncer in
@@ -227,75 +222,6 @@ class PostgresBackend(PostgresPool, Listener, PostgresFlows):
             return done or bool(conn.execute(STATE, (job.id,)).fetchall())
 
         return self._run(enqueue_tick, confirm=confirm)
-
-    def claim(
-        self,
-        worker: str,
-        tasks: Collection[str],
-        queues: Collection[str] | None,
-        limit: int,
-        lease: float,
-    ) -> list[Job]:
-        token = secrets.token_hex(8)
-        params = {
-            "worker": worker,
-            "lease": lease,
-            "token": token,
-            "tasks": list(tasks),
-            "queues": None if queues is None else list(queues),
-            "limit": limit,
-        }
-
-        def claim(conn: Connection) -> list[tuple[Any, ...]]:
-            tokens = list(self._unconfirmed.get(worker, ()))
-            if tokens:
-                adopt = {**params, "tokens": tokens}
-                rows = conn.execute(ADOPT, adopt).fetchall()
-                with self._lock:
-                    left = [t for t in self._unconfirmed.pop(worker, []) if t not in tokens]
-                    if left:
-                        self._unconfirmed[worker] = left
-                if rows:
-                    return rows
-            try:
-                return conn.execute(CLAIM, params).fetchall()
-            except psycopg.OperationalError:
-                if conn.broken:  # the claim may have been committed: adopt its jobs next time
-                    with self._lock:
-                        self._unconfirmed.setdefault(worker, []).append(token)
-                raise
-
-        # Not repeated here: the worker's loop claims again after a pause, and adopts.
-        rows = self._run(claim, retry=False)
-        return [self._job(row) for row in in_claim_order(rows)]
-
-    def claim_limited(
-        self,
-        worker: str,
-        limits: Mapping[str, Limits],
-        queues: Collection[str] | None,
-        limit: int,
-        lease: float,
-    ) -> tuple[list[Job], float | None]:
-        token = secrets.token_hex(8)
-
-        def claim_limited(conn: Pooled) -> tuple[list[Job], float | None]:
-            if not self._limited_due(conn, limits):
-                return [], None
-            try:
-                with conn.transaction():
-                    now = float(conn.execute(LOCK_LIMITS).fetchall()[0][0])
-                    claim = (worker, token, lease)
-                    return self._claim_limited(conn, now, claim, limits, queues, limit)
-            except psycopg.OperationalError:
-                # The claim may have been committed: the worker's next plain claim adopts its
-                # jobs (a pool of limited tasks only leaves them to recovery, after the lease).
-                if conn.broken:
-                    with self._lock:
-                        self._unconfirmed.setdefault(worker, []).append(token)
-                raise
-
-        return self._run(claim_limited, retry=False)
 
     def finish_many(self, finished: Sequence[tuple[Job, Outcome]]) -> list[bool]:
         if not finished:

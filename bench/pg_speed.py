@@ -124,8 +124,9 @@ def enqueue(rounds: int, block: int) -> dict[str, Any]:
 def _listening(psycopg: Any, url: str) -> bool:
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND query = 'LISTEN offload_jobs'"
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND (query LIKE 'LISTEN offload_jobs%' OR query LIKE 'SELECT pg_try_advisory_lock(%'"
+            " OR query LIKE 'SELECT pg_advisory_unlock(%')"
         ).fetchall()
     return bool(rows[0][0])
 

@@ -85,11 +85,13 @@ def enqueue(
 
 
 def listening(url: str) -> int:
-    """How many sessions on this database wait on LISTEN offload_jobs."""
+    """How many sessions on this database listen (their last statement is the LISTEN, or the
+    taking or leaving of a duty, which only a listening connection runs)."""
     rows = query(
         url,
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE datname = current_database() AND query = 'LISTEN offload_jobs'",
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND (query LIKE 'LISTEN offload_jobs%' OR query LIKE 'SELECT pg_try_advisory_lock(%'"
+        " OR query LIKE 'SELECT pg_advisory_unlock(%')",
     )
     return int(str(rows[0][0])) if rows else 0
 

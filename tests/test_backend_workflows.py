@@ -215,6 +215,26 @@ def test_the_dependents_a_write_moves_are_handed_back_once_each(backend: Backend
     assert told == [("job_cancelled", orphan.id, "cancelled", [])]
 
 
+def test_a_failure_telling_of_moved_dependents_leaves_the_stored_finish_alone(
+    backend: Backend,
+) -> None:
+    """``on_moved`` runs after the commit (signals, and a storage write for limit keys): if it
+    raises, the finish it follows is still reported stored, so the pool neither retries it nor
+    takes it for a lost claim."""
+
+    def fail(event: str, jobs: Sequence[Job]) -> None:
+        raise OSError("storage went away")
+
+    backend.on_moved = fail
+    parent = make_job()
+    child = make_job(after=(parent.id,))
+    backend.enqueue_many([parent, child])
+    (claimed,) = backend.claim("w", ["t"], None, 1, 30)
+    assert backend.finish_many([(claimed, Outcome("succeeded"))]) == [True]
+    stored = backend.get(child.id)
+    assert stored is not None and stored.state == "queued"
+
+
 def test_a_dependent_purged_meanwhile_leaves_its_parents_finish_alone(backend: Backend) -> None:
     parent = make_job()
     child = make_job(after=(parent.id,))

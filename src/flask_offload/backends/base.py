@@ -13,6 +13,7 @@ the one conformance suite in ``tests/test_backend_conformance.py``.
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -25,6 +26,8 @@ from ..job import Cancel, Door, Job, Outcome, WorkerInfo
 
 if TYPE_CHECKING:
     from .limits import Limits
+
+logger = logging.getLogger("flask_offload")
 
 __all__ = [
     "Backend",
@@ -101,11 +104,16 @@ class Backend(ABC):
     on_moved: Callable[[str, Sequence[Job]], None] = staticmethod(lambda event, jobs: None)
 
     def _tell(self, moved: Moved) -> None:
-        """Tell ``on_moved`` what a committed write moved."""
-        if moved.queued:
-            self.on_moved("job_enqueued", list(moved.queued))
-        if moved.cancelled:
-            self.on_moved("job_cancelled", list(moved.cancelled))
+        """Tell ``on_moved`` what a committed write moved. The write stands whatever the
+        telling does: a failure is logged, never raised to the caller of the write (a pool
+        would take its stored finish for a failed one); the pools' upkeep marks limit keys
+        that a failed telling left unset."""
+        for event, jobs in (("job_enqueued", moved.queued), ("job_cancelled", moved.cancelled)):
+            if jobs:
+                try:
+                    self.on_moved(event, list(jobs))
+                except Exception:
+                    logger.exception("telling of %d dependents moved (%s) failed", len(jobs), event)
 
     @abstractmethod
     def enqueue(self, job: Job, connection: Any = None) -> Job:

@@ -326,7 +326,10 @@ def test_three_apps_on_one_file_enqueue_each_tick_exactly_once(
     rows = tick_rows(database, "shared-tick")
     ticks = [run_at for run_at, *_ in rows]
     assert len(set(ticks)) == len(ticks), Counter(ticks).most_common(3)
-    assert all(b - a == 0.5 for a, b in pairwise(ticks))
+    # Each tick once, in order, on the 0.5 s grid; a tick missed by a stalled machine collapses
+    # into the next one by design (see the downtime test below), so gaps are not asserted.
+    assert all(b > a for a, b in pairwise(ticks)), ticks
+    assert all((tick * 2).is_integer() for tick in ticks), ticks
     assert all(state == "succeeded" for _, state, _, _ in rows[:-1])
     assert all(attempts == 1 for _, state, attempts, _ in rows if state == "succeeded")
 

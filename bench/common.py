@@ -726,6 +726,9 @@ class Context:
 WORKLOADS = (
     "enqueue", "enqueue_busy", "noop", "sleep", "latency", "idle", "rss", "claim", "due",
     "async_sleep", "cpu_requests",
+    # PostgreSQL for a fleet (bench/fleet.py)
+    "connections", "idle_fleet", "enqueuers", "untakeable", "finished_rows", "purge",
+    "task_names",
 )  # fmt: skip
 
 

@@ -7,8 +7,10 @@ for short jobs, as its own guides set it up:
   PgQueuer 1.6 fails setting up its logging;
 - batches of 50 (``BENCH_PGQUEUER_BATCH``; its default is 10): its performance guide says to
   raise the batch for jobs shorter than a second, and a Flask-Offload worker claims up to 64
-  jobs a statement. No-op jobs/s, side by side on 2 cores: batch 10 ran 1,600-5,000, 50 ran
-  11,500-12,100, 100 ran 11,300-13,200;
+  jobs a statement. No-op jobs/s (10,000 jobs, ``--full``), 3 alternating rounds on 2 shared
+  cores: batch 10 ran 4,600-6,900, batch 50 14,200-16,400 (100: no faster), and Flask-Offload's
+  ``worker --threads 2`` 7,000-8,400 in the same rounds; uvloop alone added little (4,800 to
+  5,000 at batch 10);
 - one asyncpg connection for its ``QueueManager`` (the driver its documentation starts with,
   and the connection its guide advises for the LISTEN), no ``max_concurrent_tasks`` cap;
 - ``durable`` tables (its default, as ``pgq install`` makes them): Flask-Offload's tables are

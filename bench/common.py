@@ -668,19 +668,28 @@ def redis_flush() -> None:
 
 @contextlib.contextmanager
 def pg_database(name: str) -> Iterator[str]:
-    """A fresh PostgreSQL database for one run, dropped afterwards; yields its URL."""
+    """A fresh PostgreSQL database for one run, dropped afterwards; yields its URL. Its name
+    ends with this process's id, so two runs on one server at once (two checkouts) never drop
+    each other's; one that a killed run left is dropped by the next run of that name."""
     psycopg = need("psycopg")
     try:
         admin = psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as error:
         raise Skip(f"PostgreSQL is not reachable ({error})") from None
+    own = f"{name}_{os.getpid()}"
     try:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.execute(f'CREATE DATABASE "{name}"')
-        yield f"{PG_SERVER}/{name}"
+        like = admin.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{name}\\_%",)
+        )
+        for (left,) in like.fetchall():
+            pid = left.rsplit("_", 1)[1]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                admin.execute(f'DROP DATABASE IF EXISTS "{left}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{own}"')
+        yield f"{PG_SERVER}/{own}"
     finally:
         with contextlib.suppress(Exception):
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            admin.execute(f'DROP DATABASE IF EXISTS "{own}" WITH (FORCE)')
         admin.close()
 
 
@@ -726,6 +735,9 @@ class Context:
 WORKLOADS = (
     "enqueue", "enqueue_busy", "noop", "sleep", "latency", "idle", "rss", "claim", "due",
     "async_sleep", "cpu_requests",
+    # PostgreSQL for a fleet (bench/fleet.py)
+    "connections", "idle_fleet", "enqueuers", "untakeable", "finished_rows", "purge",
+    "task_names",
 )  # fmt: skip
 
 

@@ -278,27 +278,44 @@ def enqueuers(threads: int, per_thread: int) -> dict[str, float]:
         fleet.close()
 
 
+# What each mode measures: idle workers beside one, jobs enqueued one at a time among them,
+# concurrent enqueuing threads and the jobs each enqueues.
+SIZES = {
+    "full": {"workers": 20, "jobs": 30, "enqueuers": 16, "per_enqueuer": 500},
+    "quick": {"workers": 4, "jobs": 10, "enqueuers": 8, "per_enqueuer": 200},
+}
+
+
+def idle_fleet(workers: int, jobs: int) -> dict[str, Any]:
+    """The idle rows: one worker with 4 threads, then 1 and ``workers`` one-thread workers."""
+    return {
+        "workers": workers,
+        "jobs": jobs,
+        "one_4_threads": idle(1, jobs=0, threads=4),
+        "one": idle(1, jobs=jobs),
+        "many": idle(workers, jobs=jobs),
+    }
+
+
+def concurrent_enqueuers(threads: int, per_thread: int) -> dict[str, Any]:
+    return {"threads": threads, "per_thread": per_thread, **enqueuers(threads, per_thread)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--idle", type=int, help="only the idle rows, with 1 and N workers")
     options = parser.parse_args(argv)
+    size = SIZES["quick" if options.quick else "full"]
     if options.idle:
-        jobs = 10 if options.quick else 30
-        rows = {f"idle_{n}": idle(n, jobs=jobs) for n in sorted({1, options.idle})}
+        rows = {f"idle_{n}": idle(n, jobs=size["jobs"]) for n in sorted({1, options.idle})}
         print(json.dumps(rows))
         return 0
-    many = 4 if options.quick else 20
     result: dict[str, Any] = {"connections": connections()}
     print(json.dumps(result["connections"]), flush=True)
-    result["idle_1x4"] = idle(1, jobs=0, threads=4)
-    print("1 x 4 threads", json.dumps(result["idle_1x4"]), flush=True)
-    for n in (1, many):
-        result[f"idle_{n}"] = idle(n, jobs=10 if options.quick else 30)
-        print(n, json.dumps(result[f"idle_{n}"]), flush=True)
-    threads = 8 if options.quick else 16
-    result["enqueuers"] = enqueuers(threads, 200 if options.quick else 500)
-    result["enqueuers"]["threads"] = threads
+    result["idle"] = idle_fleet(size["workers"], size["jobs"])
+    print(json.dumps(result["idle"]), flush=True)
+    result["enqueuers"] = concurrent_enqueuers(size["enqueuers"], size["per_enqueuer"])
     print(json.dumps(result))
     return 0
 

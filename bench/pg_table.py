@@ -15,7 +15,7 @@ job costs, the purge, and the unknown-task report's read.
    were HOT and the dead tuples per job left for autovacuum.
 3. **Purge.** ``purge`` finished rows purged by ``backend.purge`` (bounded statements) and,
    on an identical database, by the one unbounded DELETE of schema 6: seconds, WAL written,
-   and the most rows one statement deleted.
+   and the most rows one statement of the purge deleted (told by a statement trigger).
 4. **Queued task names.** ``purge`` queued rows of 20 tasks: the report's read as it is now
    (one probe per (queue, task)) against ``SELECT DISTINCT task ... WHERE state = 'queued'``.
 
@@ -62,6 +62,15 @@ ONE_DELETE = """
       AND finished_at < date_part('epoch', now()) - %s AND expires_at IS NULL
 """
 DISTINCT = "SELECT DISTINCT task FROM offload_jobs WHERE state = 'queued'"
+# The rows each DELETE statement on the jobs table removes, told by a statement trigger (on
+# the batched purge's database only: its cost, one small insert a statement, counts there).
+COUNT_DELETES = """
+    CREATE TABLE bench_deletes (n bigint);
+    CREATE FUNCTION bench_count_deletes() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN INSERT INTO bench_deletes SELECT count(*) FROM gone; RETURN NULL; END $$;
+    CREATE TRIGGER bench_count_deletes AFTER DELETE ON offload_jobs
+        REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION bench_count_deletes();
+"""
 CASES: dict[str, tuple[tuple[str, str, int, float], bool]] = {
     # name: ((task, queue, priority, delay) of the untakeable rows, queue paused)
     "paused_queue": (("t", "paused", 0, 0.0), True),
@@ -199,15 +208,21 @@ def purge(rows: int) -> dict[str, Any]:
             c.execute(FINISHED, (rows,))
             c.execute("VACUUM ANALYZE offload_jobs")
             c.execute("CHECKPOINT")
+        conn.execute(COUNT_DELETES)
         purged, batched_s, batched_wal = _wal(conn, lambda: backend.purge(time.time() - 3600))
         deleted, one_s, one_wal = _wal(one, lambda: one.execute(ONE_DELETE, (3600,)).rowcount)
+        most, statements = conn.execute(
+            "SELECT max(n), count(*) FILTER (WHERE n > 0) FROM bench_deletes"
+        ).fetchall()[0]
     assert purged == deleted == rows, (purged, deleted)
     return {
         "rows": rows,
         "batched": {
             "seconds": round(batched_s, 2),
             "wal_mb": round(batched_wal),
-            "most_rows_per_statement": PURGE_BATCH,
+            "statements": statements,
+            "most_rows_per_statement": most,
+            "batch_limit": PURGE_BATCH,
         },
         "one_delete": {"seconds": round(one_s, 2), "wal_mb": round(one_wal), "rows": deleted},
     }
@@ -233,13 +248,21 @@ def queued_tasks(rows: int) -> dict[str, Any]:
     }
 
 
+# What each mode measures: untakeable rows beside the claims, rounds and claims a round,
+# jobs run through the table, finished rows purged (and queued rows for the names).
+SIZES = {
+    "full": {"rows": 100_000, "rounds": 8, "block": 100, "jobs": 10_000, "purged": 1_000_000},
+    "quick": {"rows": 5_000, "rounds": 3, "block": 20, "jobs": 2_000, "purged": 20_000},
+}
+
+
 def measure(quick: bool = False) -> dict[str, Any]:
-    rows, purged = (5_000, 20_000) if quick else (100_000, 1_000_000)
+    size = SIZES["quick" if quick else "full"]
     return {
-        "claims": claims(rows, rounds=3 if quick else 8, block=20 if quick else 100),
-        "table": table(2_000 if quick else 10_000),
-        "purge": purge(purged),
-        "queued_task_names": queued_tasks(purged),
+        "claims": claims(size["rows"], rounds=size["rounds"], block=size["block"]),
+        "table": table(size["jobs"]),
+        "purge": purge(size["purged"]),
+        "queued_task_names": queued_tasks(size["purged"]),
     }
 
 
@@ -264,7 +287,8 @@ def main() -> None:
     p = result["purge"]
     print(
         f"purge {p['rows']}: batched {p['batched']['seconds']} s, {p['batched']['wal_mb']} MB WAL;"
-        f" one DELETE {p['one_delete']['seconds']} s, {p['one_delete']['wal_mb']} MB WAL"
+        f" one DELETE {p['one_delete']['seconds']} s, {p['one_delete']['wal_mb']} MB WAL;"
+        f" most rows a batched statement deleted {p['batched']['most_rows_per_statement']}"
     )
     q = result["queued_task_names"]
     print(

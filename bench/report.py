@@ -3,35 +3,27 @@
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-Run = dict[str, Any]
+from bench import report_fleet
+from bench.figures import (
+    Run,
+    Target,
+    X,
+    at_most,
+    below,
+    mark,
+    num,
+    outcome_of,
+    ratio,
+    value,
+    why,
+)
 
-X = "\N{MULTIPLICATION SIGN}"  # written so, since ruff flags the bare sign as ambiguous
 FAMILY_TITLES = {"floor": "Floors", "offload": "Flask-Offload", "peer": "Peers"}
 COLORS = {"floor": "#9e9e9e", "offload": "#1f77b4", "peer": "#ff7f0e"}
-
-
-def value(run: Run, key: str, workload: str, *path: str) -> float | None:
-    """A number from a successful result, or None."""
-    outcome = run["results"].get(key, {}).get(workload)
-    if not outcome or outcome.get("status") != "ok":
-        return None
-    data: Any = outcome.get("data")
-    for part in path:
-        data = data.get(part) if isinstance(data, dict) else None
-    if not isinstance(data, (int, float)) or isinstance(data, bool) or math.isnan(data):
-        return None
-    return float(data)
-
-
-def _outcome(run: Run, key: str, workload: str) -> dict[str, Any] | None:
-    found: dict[str, Any] | None = run["results"].get(key, {}).get(workload)
-    return found
 
 
 def enqueue_of(run: Run, key: str) -> str:
@@ -39,26 +31,6 @@ def enqueue_of(run: Run, key: str) -> str:
     the in-process pool, whose enqueue is measured with that pool busy."""
     found = run["results"].get(key, {})
     return "enqueue_busy" if "enqueue" not in found and "enqueue_busy" in found else "enqueue"
-
-
-# --- formatting ----------------------------------------------------------------------------
-
-
-def num(x: float | None, unit: str = "") -> str:
-    """A figure with sensible precision."""
-    if x is None:
-        return "—"
-    if x >= 1000:
-        text = f"{x:,.0f}"
-    elif x >= 100:
-        text = f"{x:.0f}"
-    elif x >= 10:
-        text = f"{x:.1f}"
-    elif x >= 1:
-        text = f"{x:.2f}"
-    else:
-        text = f"{x:.3f}"
-    return text + unit
 
 
 def brief(workload: str, outcome: dict[str, Any]) -> str:
@@ -69,7 +41,10 @@ def brief(workload: str, outcome: dict[str, Any]) -> str:
         where = f" [{outcome['log']}]" if outcome.get("log") and status == "error" else ""
         return f"{status}: {outcome.get('reason', '')}{where}{wall}"
     data = outcome["data"]
-    if workload in ("enqueue", "enqueue_busy"):
+    fleet = report_fleet.brief(workload, data)
+    if fleet is not None:
+        text = fleet
+    elif workload in ("enqueue", "enqueue_busy"):
         s = data["enqueue_us"]
         text = f"mean {num(s['mean'])} µs, p50 {num(s['p50'])} µs, p99 {num(s['p99'])} µs"
         if workload == "enqueue_busy":
@@ -120,33 +95,9 @@ def brief(workload: str, outcome: dict[str, Any]) -> str:
 # --- targets -------------------------------------------------------------------------------
 
 
-Target = tuple[str, str, bool | None]  # what, measured, holds (None: not measured)
-
-
-def _ratio(
-    what: str, a: float | None, b: float | None, unit: str, test: Callable[[float], bool]
-) -> Target:
-    if a is None or b is None or b == 0:
-        return what, "not measured", None
-    r = a / b
-    return what, f"{num(a)} {unit} / {num(b)} {unit} = {r:.2f}{X}", test(r)
-
-
-def _below(what: str, a: float | None, unit: str, limit: float) -> Target:
-    if a is None:
-        return what, "not measured", None
-    return what, f"{num(a)} {unit}", a < limit
-
-
-def _at_most(what: str, a: float | None, unit: str, limit: float, beside: str = "") -> Target:
-    if a is None:
-        return what, "not measured", None
-    return what, f"{num(a)} {unit}{f' ({beside})' if beside else ''}", a <= limit
-
-
 def _lateness(run: Run, key: str, name: str, limit: float) -> Target:
     """A due-workload target: the p99 lateness of delayed jobs, every job counted."""
-    outcome = _outcome(run, key, "due")
+    outcome = outcome_of(run, key, "due")
     poll = value(run, key, "due", "poll_interval_s")
     what = (
         f"{name}: a delayed job enqueued by another process starts ≤ {limit:g} ms late "
@@ -168,14 +119,14 @@ def targets(run: Run) -> list[Target]:
     """The issue's targets, each computed from figures of this run."""
     v = value
     rows = [
-        _ratio(
+        ratio(
             f"SQLite enqueue p50 ≤ 1.5{X} raw SQLite insert+commit (no worker running)",
             v(run, "offload-sqlite-worker", "enqueue", "enqueue_us", "p50"),
             v(run, "floor-sqlite", "enqueue", "enqueue_us", "p50"),
             "µs",
             lambda r: r <= 1.5,
         ),
-        _ratio(
+        ratio(
             f"SQLite enqueue p50 ≤ 3{X} raw SQLite insert+commit p50, while the process's own "
             "pool (2 threads) runs the no-op jobs it enqueued",
             v(run, "offload-sqlite", "enqueue_busy", "enqueue_us", "p50"),
@@ -183,21 +134,21 @@ def targets(run: Run) -> list[Target]:
             "µs",
             lambda r: r <= 3,
         ),
-        _ratio(
+        ratio(
             f"SQLite enqueue p99 ≤ 25{X} raw SQLite insert+commit p50, own pool busy (as above)",
             v(run, "offload-sqlite", "enqueue_busy", "enqueue_us", "p99"),
             v(run, "floor-sqlite", "enqueue", "enqueue_us", "p50"),
             "µs",
             lambda r: r <= 25,
         ),
-        _ratio(
+        ratio(
             f"SQLite no-op throughput ≥ 4{X} Huey SqliteHuey (in-process workers)",
             v(run, "offload-sqlite", "noop", "jobs_per_s"),
             v(run, "huey-sqlite", "noop", "jobs_per_s"),
             "jobs/s",
             lambda r: r >= 4,
         ),
-        _ratio(
+        ratio(
             f"A trivial view's p50 with CPU-bound jobs on `worker --processes 2` ≤ 1.5{X} its "
             "p50 with no job running, interleaved (gunicorn, SQLite; `cpu_requests`)",
             v(run, "offload-sqlite", "cpu_requests", "processes", "ms", "p50"),
@@ -205,27 +156,27 @@ def targets(run: Run) -> list[Target]:
             "ms",
             lambda r: r <= 1.5,
         ),
-        _ratio(
+        ratio(
             "SQLite no-op throughput ≥ the raw per-claim loop (in-process workers)",
             v(run, "offload-sqlite", "noop", "jobs_per_s"),
             v(run, "floor-sqlite", "noop", "jobs_per_s"),
             "jobs/s",
             lambda r: r >= 1,
         ),
-        _ratio(
+        ratio(
             "Standalone SQLite worker no-op throughput ≥ the in-process pool's",
             v(run, "offload-sqlite-worker", "noop", "jobs_per_s"),
             v(run, "offload-sqlite", "noop", "jobs_per_s"),
             "jobs/s",
             lambda r: r >= 1,
         ),
-        _below(
+        below(
             "In-process enqueue-to-start p50 < 1 ms",
             v(run, "offload-sqlite", "latency", "start_ms", "p50"),
             "ms",
             1.0,
         ),
-        _at_most(
+        at_most(
             "SQLite enqueue-to-start p50 ≤ 5 ms, enqueued with OFFLOAD_WORKERS = 0 and run by "
             "`flask offload worker` on the same file",
             v(run, "offload-sqlite-worker", "latency", "start_ms", "p50"),
@@ -233,19 +184,19 @@ def targets(run: Run) -> list[Target]:
             5.0,
             _beside("SqliteHuey", v(run, "huey-sqlite", "latency", "start_ms", "p50"), "ms"),
         ),
-        _below(
+        below(
             "Idle worker CPU < 0.5 % (in-process pool)",
             v(run, "offload-sqlite", "idle", "idle_cpu_pct"),
             "%",
             0.5,
         ),
-        _below(
+        below(
             "Idle worker CPU < 0.5 % (standalone SQLite worker)",
             v(run, "offload-sqlite-worker", "idle", "idle_cpu_pct"),
             "%",
             0.5,
         ),
-        _below(
+        below(
             "Idle worker CPU < 0.5 % (standalone PostgreSQL worker)",
             v(run, "offload-postgres", "idle", "idle_cpu_pct"),
             "%",
@@ -256,7 +207,7 @@ def targets(run: Run) -> list[Target]:
     ]
     jobs = v(run, "offload-sqlite", "rss", "jobs")
     rows.append(
-        _below(
+        below(
             f"RSS growth < 20 MB over {f'{jobs:,.0f}' if jobs else '1,000,000'} jobs",
             v(run, "offload-sqlite", "rss", "growth_mb"),
             "MB",
@@ -266,7 +217,7 @@ def targets(run: Run) -> list[Target]:
     for key, name in (("offload-sqlite", "SQLite"), ("offload-postgres", "PostgreSQL")):
         deep = v(run, key, "claim", "deep_rows")
         rows.append(
-            _ratio(
+            ratio(
                 f"{name} claim with {f'{deep:,.0f}' if deep else '1,000,000'} finished rows "
                 "within 20 % of an empty table (mean claim time)",
                 v(run, key, "claim", "deep", "claim_us", "mean"),
@@ -276,43 +227,40 @@ def targets(run: Run) -> list[Target]:
             )
         )
     rows += [
-        _ratio(
+        ratio(
             f"PostgreSQL enqueue p50 ≤ 1.3{X} raw insert+commit",
             v(run, "offload-postgres", "enqueue", "enqueue_us", "p50"),
             v(run, "floor-postgres", "enqueue", "enqueue_us", "p50"),
             "µs",
             lambda r: r <= 1.3,
         ),
-        _ratio(
+        ratio(
             f"PostgreSQL no-op throughput ≥ 3{X} procrastinate",
             v(run, "offload-postgres", "noop", "jobs_per_s"),
             v(run, "procrastinate", "noop", "jobs_per_s"),
             "jobs/s",
             lambda r: r >= 3,
         ),
-        _ratio(
+        ratio(
             "PostgreSQL no-op throughput ≥ the raw SKIP LOCKED loop",
             v(run, "offload-postgres", "noop", "jobs_per_s"),
             v(run, "floor-postgres", "noop", "jobs_per_s"),
             "jobs/s",
             lambda r: r >= 1,
         ),
-        _below(
+        below(
             "PostgreSQL NOTIFY wake-up (enqueue-to-start, standalone worker) p50 < 5 ms",
             v(run, "offload-postgres", "latency", "start_ms", "p50"),
             "ms",
             5.0,
         ),
     ]
+    rows += report_fleet.targets(run)
     return rows
 
 
 def _beside(name: str, x: float | None, unit: str) -> str:
     return "" if x is None else f"{name}: {num(x)} {unit}"
-
-
-def mark(holds: bool | None) -> str:
-    return {True: "✓", False: "✗", None: "—"}[holds]
 
 
 def target_lines(run: Run) -> list[str]:
@@ -323,7 +271,7 @@ def target_lines(run: Run) -> list[str]:
 
 
 def _cell(run: Run, key: str, workload: str, *path: str, unit: str = "") -> str:
-    outcome = _outcome(run, key, workload)
+    outcome = outcome_of(run, key, workload)
     if outcome is None:
         return ""
     if outcome.get("status") == "skipped":
@@ -380,6 +328,8 @@ def markdown(run: Run, chart: tuple[Path | None, str]) -> str:
     ]
     family = None
     for system in systems:
+        if system["family"] not in FAMILY_TITLES:  # the fleet's parts: a section of their own
+            continue
         if system["family"] != family:
             family = system["family"]
             lines.append(f"| **{FAMILY_TITLES[family]}** | | | | | | | | |")
@@ -408,6 +358,7 @@ def markdown(run: Run, chart: tuple[Path | None, str]) -> str:
         lines += [*notes, ""]
 
     lines += _offload_only(run)
+    lines += report_fleet.section(run)
     lines += [
         "The dashboard's pages and `/metrics` with 1,000,000 finished jobs are timed by "
         "`python -m bench.dashboard`: [dashboard-benchmarks.md](dashboard-benchmarks.md).",
@@ -448,7 +399,7 @@ def _load(run: Run, when: str) -> str:
 
 def _offload_only(run: Run) -> list[str]:
     lines = ["## Flask-Offload only", ""]
-    rss = _outcome(run, "offload-sqlite", "rss")
+    rss = outcome_of(run, "offload-sqlite", "rss")
     if rss and rss.get("status") == "ok":
         d = rss["data"]
         lines += [
@@ -461,13 +412,13 @@ def _offload_only(run: Run) -> list[str]:
             "",
         ]
     else:
-        lines += [f"**Memory.** {_why(rss)}", ""]
+        lines += [f"**Memory.** {why(rss)}", ""]
     lines += _busy(run)
     lines += _async(run)
     lines += _due(run)
     lines += _cpu_requests(run)
     for key, name in (("offload-sqlite", "SQLite"), ("offload-postgres", "PostgreSQL")):
-        claim = _outcome(run, key, "claim")
+        claim = outcome_of(run, key, "claim")
         if claim and claim.get("status") == "ok":
             d = claim["data"]
             e, k = d["empty"]["claim_us"], d["deep"]["claim_us"]
@@ -487,17 +438,17 @@ def _offload_only(run: Run) -> list[str]:
                 "",
             ]
         elif claim is not None:
-            lines += [f"**Claim, {name}.** {_why(claim)}", ""]
+            lines += [f"**Claim, {name}.** {why(claim)}", ""]
     return lines
 
 
 def _busy(run: Run) -> list[str]:
     """The enqueue_busy workload beside the idle enqueue and the raw insert it is held to."""
-    busy = _outcome(run, "offload-sqlite", "enqueue_busy")
+    busy = outcome_of(run, "offload-sqlite", "enqueue_busy")
     if busy is None:
         return []
     if busy.get("status") != "ok":
-        return [f"**Enqueue under load, SQLite.** {_why(busy)}", ""]
+        return [f"**Enqueue under load, SQLite.** {why(busy)}", ""]
     d = busy["data"]
     raw = value(run, "floor-sqlite", "enqueue", "enqueue_us", "p50")
     lines = [
@@ -527,11 +478,11 @@ def _busy(run: Run) -> list[str]:
 
 def _async(run: Run) -> list[str]:
     """The async_sleep workload: jobs that wait, as coroutines and as threads, side by side."""
-    waits = _outcome(run, "offload-sqlite", "async_sleep")
+    waits = outcome_of(run, "offload-sqlite", "async_sleep")
     if waits is None:
         return []
     if waits.get("status") != "ok":
-        return [f"**Async tasks, SQLite.** {_why(waits)}", ""]
+        return [f"**Async tasks, SQLite.** {why(waits)}", ""]
     d = waits["data"]
     runs = d["runs_per_s"]
     return [
@@ -559,7 +510,7 @@ def _due(run: Run) -> list[str]:
         ("offload-postgres", "Flask-Offload PostgreSQL, standalone worker"),
         ("huey-sqlite", "Huey SqliteHuey"),
     ]
-    found = [(key, label, _outcome(run, key, "due")) for key, label in rows]
+    found = [(key, label, outcome_of(run, key, "due")) for key, label in rows]
     if all(outcome is None for _, _, outcome in found):
         return []
     window, poll = (0.2, 1.5), 30.0
@@ -599,11 +550,11 @@ def _due(run: Run) -> list[str]:
 
 def _cpu_requests(run: Run) -> list[str]:
     """The cpu_requests workload: a trivial view's latency beside CPU-bound jobs."""
-    outcome = _outcome(run, "offload-sqlite", "cpu_requests")
+    outcome = outcome_of(run, "offload-sqlite", "cpu_requests")
     if outcome is None:
         return []
     if outcome.get("status") != "ok":
-        return [f"**Requests beside CPU-bound jobs.** {_why(outcome)}", ""]
+        return [f"**Requests beside CPU-bound jobs.** {why(outcome)}", ""]
     d = outcome["data"]
     load = ", ".join(f"{x:.2f}" for x in d.get("load", []))
     lines = [
@@ -641,12 +592,6 @@ def _cpu_requests(run: Run) -> list[str]:
     return [*lines, ""]
 
 
-def _why(outcome: dict[str, Any] | None) -> str:
-    if outcome is None:
-        return "Not run."
-    return f"Not measured: {outcome.get('status')}, {outcome.get('reason', '')}."
-
-
 def _skipped(run: Run) -> list[str]:
     lines = []
     for system in run["systems"]:
@@ -680,7 +625,9 @@ def _method(run: Run) -> list[str]:
         "standalone = `flask offload worker --threads 2`; Huey = `huey_consumer -w 2 -k "
         "thread`; RQ = two `rq worker` processes; Celery = `celery worker --pool=prefork -c "
         "2`; Dramatiq = `dramatiq --processes 1 --threads 2`; procrastinate = `procrastinate "
-        "worker --concurrency 2`; floors = 2 threads. Peers keep their defaults otherwise; "
+        "worker --concurrency 2`; PgQueuer = one process running its `QueueManager` as `pgq run` "
+        "does (uvloop), batches of 50 (see `bench/peer_pgqueuer.py`); floors = 2 threads. "
+        "Peers keep their defaults otherwise; "
         "workers are started and stopped by PID.",
         "- Clean state for each run: a fresh temporary directory (SQLite files), Redis db 15 "
         "flushed, RabbitMQ queues purged and deleted, a PostgreSQL database created and "

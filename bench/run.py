@@ -45,6 +45,10 @@ class System:
 # also measure the lateness of delayed jobs stored by another process (due).
 OFFLOAD = ("enqueue_busy", *CORE[1:], "rss", "claim", "async_sleep", "cpu_requests")
 PEER = (CORE, CORE[:2])  # peers: the 10k workloads; in quick mode enqueue and no-op only
+# PostgreSQL for a fleet (bench/fleet.py): the parts of bench/pg_fleet.py and bench/pg_table.py,
+# at their own sizes in each mode; reported in a section of their own, not in the systems table.
+FLEET = ("connections", "idle_fleet", "enqueuers")
+TABLE = ("untakeable", "finished_rows", "purge", "task_names")
 
 # fmt: off
 REGISTRY = [System(*row) for row in [
@@ -70,10 +74,14 @@ REGISTRY = [System(*row) for row in [
     ("dramatiq-rabbitmq", "peer_dramatiq", "rabbitmq", "Dramatiq, RabbitMQ broker", "peer",
      *PEER),
     ("procrastinate", "peer_procrastinate", "procrastinate", "procrastinate", "peer", *PEER),
-    ("pgqueuer", "peer_pgqueuer", "pgqueuer", "PgQueuer", "peer", *PEER),
+    ("pgqueuer", "peer_pgqueuer", "pgqueuer", "PgQueuer (batches of 50)", "peer", *PEER),
     # quick: enqueue only, as Chancy pulls at most its concurrency per 1 s poll from a backlog
     ("chancy", "peer_chancy", "chancy", "Chancy (thread executor, concurrency 2)", "peer",
      CORE, CORE[:1]),
+    ("pg-fleet", "fleet", "fleet", "Flask-Offload PostgreSQL, a fleet's processes", "fleet",
+     FLEET, FLEET),
+    ("pg-table", "fleet", "table", "Flask-Offload PostgreSQL, the job table under a fleet",
+     "fleet", TABLE, TABLE),
 ]]
 
 PACKAGES = [
@@ -84,8 +92,16 @@ PACKAGES = [
 
 # Seconds a (workload) subprocess may take before it is killed.
 TIMEOUTS = {
-    "full": {"rss": 1500, "claim": 900, "cpu_requests": 600},
-    "quick": {"cpu_requests": 240},
+    "full": {
+        "rss": 1500,
+        "claim": 900,
+        "cpu_requests": 600,
+        "idle_fleet": 900,
+        "untakeable": 600,
+        "purge": 600,
+        "task_names": 600,
+    },
+    "quick": {"cpu_requests": 240, "connections": 120, "idle_fleet": 300},
 }
 DEFAULT_TIMEOUT = {"full": 400, "quick": 90}
 

@@ -42,7 +42,7 @@ def _target(report: str, opening: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(720)
 def test_quick_mode_writes_a_report(tmp_path: Path) -> None:
     out = tmp_path / "report"
     env = dict(os.environ)
@@ -53,7 +53,7 @@ def test_quick_mode_writes_a_report(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=540,
+        timeout=660,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "versions:" in done.stdout and "Flask-Offload" in done.stdout
@@ -103,4 +103,30 @@ def test_quick_mode_writes_a_report(tmp_path: Path) -> None:
     assert holds in ("✓", "✗") or "skipped" in _row(
         report, "raw PostgreSQL: insert+commit, SKIP LOCKED"
     )
+
+    # issue 21's rows, PostgreSQL for a fleet: numbers wherever PostgreSQL runs
+    if "skipped" not in _row(report, "raw PostgreSQL: insert+commit, SKIP LOCKED"):
+        for opening, label in (
+            ("**Connections per process**", "`flask offload worker --threads 4`"),
+            ("**Idle workers**", "1, `--threads 1`"),
+            ("**A claim beside rows it cannot take**", "empty"),
+            ("**Concurrent enqueuers**", "the bare insert of the same row, no NOTIFY"),
+            ("**Purge**", "`Backend.purge`"),
+        ):
+            cells = _row(_section(report, opening), label)
+            assert all(NUMBER.match(cell) for cell in cells), (opening, cells)
+        for opening in (
+            "PostgreSQL: ≤ 2 server connections per `flask offload worker` process",
+            "A web process whose 16 threads enqueue at once",
+            "PostgreSQL: about one claim per job whatever the fleet",
+            "PostgreSQL idle claims/s of a `--threads 4` worker",
+            "PostgreSQL idle CPU",
+            "PostgreSQL claim beside",
+            "PostgreSQL concurrent enqueuers",
+            "PostgreSQL purge of",
+        ):
+            measured, holds = _target(report, opening)
+            assert holds in ("✓", "✗") and measured != "not measured", (opening, measured)
+        _, holds = _target(report, "PostgreSQL no-op throughput ahead of PgQueuer")
+        assert holds in ("✓", "✗") or "skipped" in _row(report, "PgQueuer (batches of 50)")
     assert (out / "benchmarks.json").exists()

@@ -2,11 +2,12 @@
 1,000,000 finished jobs in storage, on SQLite and on PostgreSQL.
 
 The rows are written straight into the table (one ``INSERT … SELECT``, as a day of a busy app
-would leave them: 98 % succeeded, 2 % failed with a traceback, each with its history entry,
-finished over the last 24 hours), plus 1,000 queued and 20 running jobs and one live worker
-row. Each page is then asked for through Flask's test client (no network, so the figures are
-the server's work: queries and rendering): once cold, then ``REPEAT`` times, reporting the
-median and the slowest. Prints a Markdown table; docs/benchmarks.md keeps one run's figures.
+would leave them: 98 % succeeded, 2 % failed with a traceback, each ended at its first
+attempt, which the row itself keeps (its worker and claim), finished over the last 24 hours),
+plus 1,000 queued and 20 running jobs and one live worker row. Each page is then asked for
+through Flask's test client (no network, so the figures are the server's work: queries and
+rendering): once cold, then ``REPEAT`` times, reporting the median and the slowest. Prints a
+Markdown table; docs/benchmarks.md keeps one run's figures.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ TASKS = ["app.emails.send", "app.reports.build", "app.visits.record", "app.image
 # Columns filled by both seeds, in this order.
 SEED_COLUMNS = (
     "id, task, queue, priority, state, args_json, kwargs_json, attempts, max_attempts, "
-    "created_at, run_at, started_at, finished_at, error, traceback, history_json"
+    "created_at, run_at, started_at, finished_at, error, traceback, worker, claim"
 )
 SQLITE_SEED = f"""
     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :rows)
@@ -46,8 +47,8 @@ SQLITE_SEED = f"""
         :now - 86400 + i * 86400.0 / :rows, :now - 86400 + i * 86400.0 / :rows,
         :now - 86400 + i * 86400.0 / :rows, :now - 86400 + i * 86400.0 / :rows + 0.004,
         CASE WHEN i % 50 = 0 THEN 'SMTPError: 451 try again later' END,
-        CASE WHEN i % 50 = 0 THEN :traceback END,
-        '[{{"attempt": 1, "worker": "web-1:4242:abcdef", "outcome": "succeeded"}}]'
+        CASE WHEN i % 50 = 0 THEN :traceback END, 'web-1:4242:abcdef',
+        'abcdef0123456789.' || i
     FROM n
 """
 PG_SEED = f"""
@@ -60,8 +61,8 @@ PG_SEED = f"""
         %(now)s - 86400 + i * 86400.0 / %(rows)s,
         %(now)s - 86400 + i * 86400.0 / %(rows)s + 0.004,
         CASE WHEN i %% 50 = 0 THEN 'SMTPError: 451 try again later' END,
-        CASE WHEN i %% 50 = 0 THEN %(traceback)s END,
-        '[{{"attempt": 1, "worker": "web-1:4242:abcdef", "outcome": "succeeded"}}]'
+        CASE WHEN i %% 50 = 0 THEN %(traceback)s END, 'web-1:4242:abcdef',
+        'abcdef0123456789.' || i
     FROM generate_series(1, %(rows)s) AS i
 """
 TRACEBACK = 'Traceback (most recent call last):\n  File "app/emails.py", line 12\nSMTPError\n'

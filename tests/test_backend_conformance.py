@@ -12,6 +12,7 @@ from conftest import make_job
 from flask_offload.backends import Backend, MemoryBackend
 from flask_offload.backends.base import JobFilter
 from flask_offload.backends.limits import Limits
+from flask_offload.backends.rules import LOST
 from flask_offload.job import HISTORY_LIMIT, Job, Outcome, WorkerInfo
 
 
@@ -500,6 +501,41 @@ def test_history_records_every_attempt_oldest_first(backend: Backend) -> None:
     assert (history[3]["error"], history[3]["traceback"]) == (None, None)
     for h in history:
         assert h["started_at"] is not None and h["finished_at"] >= h["started_at"]
+
+
+def test_each_way_a_job_ends_reads_its_last_attempt_once(backend: Backend) -> None:
+    """A job ends by its run's outcome, by a retry outcome turned cancelled, by recovery
+    (failed once lost too often, or cancelled), or cancelled while queued after a retry:
+    its history reads each attempt once, the last one included, and a retry by id keeps it."""
+    jobs = [backend.enqueue(make_job(max_attempts=2)) for _ in range(5)]
+    done, turned, lost, asked, waiting = jobs
+    held = {job.id: job for job in backend.claim("w", ["t"], None, 5, 30)}
+    assert backend.finish(held[done.id], Outcome("failed", error="E: done"))
+    assert backend.cancel(turned.id) and backend.cancel(asked.id)
+    assert backend.finish(held[turned.id], Outcome("queued", error="E: turned", run_at=0))
+    assert backend.finish(held[waiting.id], Outcome("queued", error="E: wait", run_at=9e9))
+    assert backend.cancel(waiting.id)
+    backend.heartbeat([held[lost.id], held[asked.id]], -1)
+    assert sorted(backend.recover(max_lost=1)) == sorted([lost.id, asked.id])
+    expected = {
+        done.id: ("failed", [("failed", "E: done")]),
+        turned.id: ("cancelled", [("cancelled", "E: turned")]),
+        lost.id: ("failed", [("lost", LOST)]),
+        asked.id: ("cancelled", [("cancelled", LOST)]),
+        waiting.id: ("cancelled", [("retrying", "E: wait")]),
+    }
+    for job in jobs:
+        stored = backend.get(job.id)
+        assert stored is not None and stored.worker is None
+        seen = [(h["outcome"], h["error"]) for h in stored.history]
+        assert (stored.state, seen) == expected[job.id], job.id
+        assert [h["claim"] for h in stored.history] == [held[job.id].claim]
+        assert backend.retry(job.id)
+        again = backend.get(job.id)
+        assert again is not None and len(again.history) == 1
+        for name, value in stored.history[0].items():  # SQLite's JSON keeps 15 digits
+            kept = again.history[0][name]
+            assert kept == value or abs(kept - value) < 1e-3, name
 
 
 def test_history_is_bounded_kept_across_retry_by_id_and_deleted_with_its_job(

@@ -4,6 +4,7 @@ new database's, and processes that start together on an old database upgrade it 
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -265,4 +266,91 @@ def test_an_old_file_is_upgraded_in_the_callers_transaction(version: int, tmp_pa
         assert all(backend.get(job_id) for job_id in ids.values())
     finally:
         caller.close()
+        backend.close()
+
+
+def stored_history(url: str, job_id: str) -> tuple[str | None, str | None]:
+    """The history_json and worker columns of a job's row, as stored."""
+    [row] = released.execute(
+        url, "SELECT history_json, worker FROM offload_jobs WHERE id = %s", (job_id,)
+    )
+    return row[0], row[1]
+
+
+@pytest.mark.parametrize("dialect", sorted(released.RELEASED))
+def test_a_job_finished_at_its_first_attempt_stores_no_history_but_reads_its_one_entry(
+    dialect: str, tmp_path: Path
+) -> None:
+    """Since version 8 the attempt that ends a job is the row itself: no history is stored,
+    yet the job reads back that attempt; a retry by id stores it before the next run."""
+    url = fresh(dialect, tmp_path)
+    backend = opened(url)
+    try:
+        job = backend.enqueue(make_job(TASK))
+        [claimed] = backend.claim("w1", [TASK], None, 1, 30)
+        assert backend.finish(claimed, Outcome("failed", error="E: no", traceback="tb"))
+        assert stored_history(url, job.id) == (None, "w1")
+        stored = backend.get(job.id)
+        assert stored is not None and stored.worker is None
+        assert stored.history == [
+            {
+                "attempt": 1,
+                "worker": "w1",
+                "claim": claimed.claim,
+                "started_at": claimed.started_at,
+                "finished_at": stored.finished_at,
+                "outcome": "failed",
+                "error": "E: no",
+                "traceback": "tb",
+            }
+        ]
+        assert backend.retry(job.id)
+        history_json, worker = stored_history(url, job.id)
+        assert worker is None and history_json is not None
+        assert [h["claim"] for h in json.loads(history_json)] == [claimed.claim]
+        [again] = backend.claim("w2", [TASK], None, 1, 30)
+        assert backend.finish(again, Outcome("succeeded", result_json="1"))
+        done = backend.get(job.id)
+        assert done is not None
+        assert [(h["attempt"], h["worker"], h["outcome"]) for h in done.history] == [
+            (1, "w1", "failed"),
+            (1, "w2", "succeeded"),
+        ]
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("dialect", sorted(released.RELEASED))
+def test_a_finished_row_written_before_version_8_reads_without_a_duplicate(
+    dialect: str, tmp_path: Path
+) -> None:
+    """A row as version 7 finished it (worker cleared, its last attempt in history_json)
+    reads back that one attempt, and a retry by id adds nothing to it."""
+    url = fresh(dialect, tmp_path)
+    backend = opened(url)
+    try:
+        job = backend.enqueue(make_job(TASK))
+        now = time.time()
+        entry = {
+            "attempt": 1, "worker": "old", "claim": "oldtoken.1", "started_at": now - 2,
+            "finished_at": now - 1, "outcome": "failed", "error": "E: old", "traceback": None,
+        }  # fmt: skip
+        released.execute(
+            url,
+            "UPDATE offload_jobs SET state = 'failed', attempts = 1, claim = 'oldtoken.1',"
+            " started_at = %s, finished_at = %s, error = 'E: old', history_json = %s"
+            " WHERE id = %s",
+            (now - 2, now - 1, json.dumps([entry]), job.id),
+        )
+        old = backend.get(job.id)
+        assert old is not None and old.history == [entry] and old.worker is None
+        assert backend.retry(job.id)
+        history_json, _ = stored_history(url, job.id)
+        assert json.loads(history_json or "") == [entry]
+        [claimed] = backend.claim("w", [TASK], None, 1, 30)
+        assert backend.finish(claimed, Outcome("succeeded", result_json="1"))
+        done = backend.get(job.id)
+        assert done is not None
+        assert [h["claim"] for h in done.history] == ["oldtoken.1", claimed.claim]
+    finally:
         backend.close()

@@ -82,7 +82,8 @@ class Job:
     ``expires_at`` is when a finished job is deleted, where its task's ``result_ttl`` set it
     (otherwise ``OFFLOAD_RESULT_TTL`` after ``finished_at``).
     ``history_json`` holds the last ``HISTORY_LIMIT`` attempts, written by the storage in the
-    same statement that stores each outcome (see ``job.history``).
+    same statement that stores each outcome (see ``job.history``; a SQL row keeps the attempt
+    that ended its job in its own columns, and ``rows.settled`` adds it when the row is read).
 
     ``claim`` is the token of the claim that runs it now: fresh for every claim and never
     reused, it fences every write of a run, so a stale run cannot overwrite a newer one even

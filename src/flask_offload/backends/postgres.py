@@ -306,7 +306,7 @@ class PostgresBackend(PostgresPool, Listener, PostgresClaims):
         def retry(conn: Connection) -> bool:
             try:
                 with conn.transaction():
-                    if conn.execute(RETRY, {"id": job_id}).rowcount != 1:
+                    if conn.execute(RETRY, {"id": job_id, "keep": HISTORY_LIMIT}).rowcount != 1:
                         return False
                     self._rearm(conn, job_id)
                     return True

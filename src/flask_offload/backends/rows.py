@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
-from ..job import HISTORY_LIMIT, STATES, Job, Outcome, WorkerInfo
+from ..job import FINAL_STATES, HISTORY_LIMIT, STATES, Job, Outcome, WorkerInfo, attempt_entry
 from .base import JobFilter, QueueInfo
 
 # The Job fields stored as columns, in the order the SQL backends select them.
@@ -20,6 +20,30 @@ def in_claim_order(rows: list[Any]) -> list[Any]:
     """A claim's rows (COLUMNS, then seq) in claim order: higher priority, earlier due time,
     then enqueue order."""
     return sorted(rows, key=lambda row: (-row[_PRIORITY], row[_RUN_AT], row[-1]))
+
+
+def settled(job: Job) -> Job:
+    """``job`` as its row is read: a finished row's last attempt put in its history.
+
+    Since schema 8 a finish that ends a job does not write that attempt's history entry, which
+    would repeat the row (its claim, attempts, start, finish, state, error and traceback: about
+    190 of a one-attempt job's 400 bytes): the row keeps the worker that ran it instead, and
+    the entry is built here. Only an attempt the job went on after (a retry, a lost run) is
+    stored, and a retry by id stores the last one (``statements.KEEPS_LAST_ATTEMPT``). Rows of
+    older releases, whose finish cleared the worker and stored every entry, read as they were.
+    A history that is not JSON starts afresh, as the statements that append to it do."""
+    if job.worker is None or job.state not in FINAL_STATES:
+        return job
+    if job.claim is not None:
+        last = Outcome(job.state, error=job.error, traceback=job.traceback)
+        entry = attempt_entry(job, last, job.finished_at or 0.0)
+        try:
+            kept = json.loads(job.history_json or "[]")[-(HISTORY_LIMIT - 1) :]
+        except ValueError:
+            kept = []
+        job.history_json = json.dumps([*kept, entry])
+    job.worker = None
+    return job
 
 
 def finish_rows(finished: Sequence[tuple[Job, Outcome]]) -> list[dict[str, Any]]:

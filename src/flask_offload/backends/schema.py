@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 Dialect = Literal["sqlite", "postgresql"]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -264,6 +264,15 @@ MIGRATIONS: list[tuple[str | Dialects, ...]] = [
         """,
         "CREATE INDEX offload_rate_starts_window ON offload_rate_starts (task, at)",
     ),
+    # Version 8: the same tables, a new rule for their rows. A finish that ends a job keeps
+    # that last attempt in the row (its worker stays) instead of a history entry repeating
+    # the row's columns: a job that succeeds at its first attempt stores no history, about
+    # 190 of its 400 bytes (rows.settled). Rows written before read as they were, so nothing
+    # is rewritten; the number is raised so that an older release, which would read such a
+    # row without its last attempt, refuses the store. PostgreSQL keeps its primary key on
+    # seq beside the unique id: the jobs list pages newest first by seq (300,000 rows: 5
+    # buffers and 0.04 ms with that index, 7,765 buffers and 116 ms without).
+    (),
 ]
 
 # Versions a backend recorded under its own numbering, where the number means another

@@ -28,7 +28,15 @@ from ..job import (
 )
 from .base import Backend, JobFilter, Moved, QueueInfo
 from .limits import SCAN, SEP, Limits, LimitStatements, Room
-from .rows import COLUMNS, page_cursor, queue_infos, search_sql, worker_info, worker_row
+from .rows import (
+    COLUMNS,
+    page_cursor,
+    queue_infos,
+    search_sql,
+    settled,
+    worker_info,
+    worker_row,
+)
 from .rules import dependency_error
 from .sqllinks import SQLLinks
 from .statements import SELECT, Dialect, Statements
@@ -68,7 +76,7 @@ class SQLBackend(SQLLinks, Backend):
         job = Job(*row[:WIDTH])
         job.backend = self
         job.cancel_requested, job.ephemeral = bool(job.cancel_requested), bool(job.ephemeral)
-        return job
+        return settled(job)
 
     def _changed_one(self, sql: str, values: Any) -> bool:
         """Run a write; True if it changed a row (its condition held)."""

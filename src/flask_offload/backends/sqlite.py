@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..errors import ConfigurationError
-from ..job import QUEUED, Job, Outcome
+from ..job import HISTORY_LIMIT, QUEUED, Job, Outcome
 from . import schema
 from .base import Moved, OnDuty, Wake, id_in_use
 from .doorbell import Doorbell
@@ -326,7 +326,7 @@ class SQLiteBackend(SQLiteFile, SQLBackend):
         return [(row["id"], row["claim"]) in held for row in rows]
 
     def retry(self, job_id: str) -> bool:
-        params = {"id": job_id, "now": time.time()}
+        params = {"id": job_id, "now": time.time(), "keep": HISTORY_LIMIT}
 
         def retry(db: sqlite3.Connection) -> bool:
             if db.execute(SQL.RETRY, params).rowcount != 1:

@@ -53,6 +53,11 @@ class Dialect:
     for_update: str = ""
 
 
+# A finished row keeps its last attempt (rows.settled says why): since schema 8 a finish that
+# ends the job leaves the worker that ran it, where one before cleared it.
+KEEPS_LAST_ATTEMPT = "worker IS NOT NULL AND claim IS NOT NULL"
+
+
 def attempt(now: str, outcome: str, error: str, traceback: str) -> str:
     """The history entry of the attempt the row holds (its json object arguments, as SQL):
     built from the row as the claim left it, since SET reads the old values."""
@@ -69,16 +74,16 @@ def finish_set(d: Dialect, value: str, run_at: str) -> str:
     A retry of a run whose cancellation was asked for meanwhile ends it cancelled instead, as
     recovery does for a lost run: running it again would ignore the cancel. A job that ends
     cancelled so expires after its task's result_ttl, as a run that ends cancelled is kept.
-    The attempt joins the history in the same statement: no second write.
+    An attempt that goes on (a retry) joins the history in the same statement: no second
+    write. One that ends the job is kept by the row itself (``rows.settled``): its worker
+    stays, and its outcome, error and times are the row's own.
     """
     state, error = value.format("state"), value.format("error")
     traceback = value.format("traceback")
     retried = f"{state} = 'queued' AND NOT cancel_requested"
     cancelled = f"{state} = 'queued' AND cancel_requested"
-    outcome = (
-        f"CASE WHEN {state} <> 'queued' THEN {state}"
-        " WHEN cancel_requested THEN 'cancelled' ELSE 'retrying' END"
-    )
+    outcome = "CASE WHEN cancel_requested THEN 'cancelled' ELSE 'retrying' END"
+    entry = d.append_history(attempt(d.now, outcome, error, traceback))
     return f"""
         state = CASE WHEN {cancelled} THEN 'cancelled' ELSE {state} END,
         result_json = {value.format("result_json")},
@@ -87,10 +92,10 @@ def finish_set(d: Dialect, value: str, run_at: str) -> str:
         progress_json = coalesce({value.format("progress_json")}, progress_json),
         finished_at = CASE WHEN {retried} THEN NULL ELSE {d.now} END,
         run_at = CASE WHEN {retried} THEN {run_at} ELSE run_at END,
-        worker = NULL, lease_until = NULL,
+        worker = CASE WHEN {state} = 'queued' THEN NULL ELSE worker END, lease_until = NULL,
         expires_at = CASE WHEN {cancelled} THEN {d.now} + {d.task_ttl}
                           ELSE {d.now} + {value.format("ttl")} END,
-        history_json = {d.append_history(attempt(d.now, outcome, error, traceback))}"""
+        history_json = CASE WHEN {state} = 'queued' THEN {entry} ELSE history_json END"""
 
 
 def _oldest(rows: str, by: str) -> str:
@@ -149,13 +154,17 @@ class Statements:
         self.CANCEL_RUNNING = sql(
             "UPDATE offload_jobs SET cancel_requested = true WHERE id = ? AND state = 'running'"
         )
-        # A retry starts afresh: due now, no attempts, no outcome, no cancel asked. Not while
-        # another queued or running job holds its key.
+        # A retry starts afresh: due now, no attempts, no outcome, no cancel asked. The last
+        # attempt, which the row kept (see finish_set), joins the history. Not while another
+        # queued or running job holds its key.
+        last = attempt("finished_at", outcome="state", error="error", traceback="traceback")
         self.RETRY = sql(f"""
             UPDATE offload_jobs
             SET state = 'queued', run_at = {now}, attempts = 0, lost = 0, finished_at = NULL,
                 result_json = NULL, error = NULL, traceback = NULL, cancel_requested = false,
-                expires_at = NULL
+                expires_at = NULL, worker = NULL,
+                history_json = CASE WHEN {KEEPS_LAST_ATTEMPT}
+                                    THEN {d.append_history(last)} ELSE history_json END
             WHERE id = :id AND state IN ('failed', 'cancelled')
               AND (key IS NULL OR NOT EXISTS (
                   SELECT 1 FROM offload_jobs AS holder

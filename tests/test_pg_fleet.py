@@ -315,7 +315,8 @@ main()
 DUTY_HOLDER = """
     SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
     WHERE l.locktype = 'advisory' AND l.classid = 28518 AND l.granted
-"""  # 28518 = pgduty.DUTY_CLASS
+        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""  # 28518 = pgduty.DUTY_CLASS; this test's database only, not another run's on the server
 
 
 def claims(log: Path) -> int:

@@ -626,7 +626,8 @@ def _method(run: Run) -> list[str]:
         "thread`; RQ = two `rq worker` processes; Celery = `celery worker --pool=prefork -c "
         "2`; Dramatiq = `dramatiq --processes 1 --threads 2`; procrastinate = `procrastinate "
         "worker --concurrency 2`; PgQueuer = one process running its `QueueManager` as `pgq run` "
-        "does (uvloop), batches of 50 (see `bench/peer_pgqueuer.py`); floors = 2 threads. "
+        "does (uvloop), batches of 50 and, as a second row, its default 10 (see "
+        "`bench/peer_pgqueuer.py`); floors = 2 threads. "
         "Peers keep their defaults otherwise; "
         "workers are started and stopped by PID.",
         "- Clean state for each run: a fresh temporary directory (SQLite files), Redis db 15 "

@@ -75,6 +75,8 @@ REGISTRY = [System(*row) for row in [
      *PEER),
     ("procrastinate", "peer_procrastinate", "procrastinate", "procrastinate", "peer", *PEER),
     ("pgqueuer", "peer_pgqueuer", "pgqueuer", "PgQueuer (batches of 50)", "peer", *PEER),
+    ("pgqueuer-defaults", "peer_pgqueuer", "pgqueuer-defaults", "PgQueuer (its default batch, 10)",
+     "peer", *PEER),
     # quick: enqueue only, as Chancy pulls at most its concurrency per 1 s poll from a backlog
     ("chancy", "peer_chancy", "chancy", "Chancy (thread executor, concurrency 2)", "peer",
      CORE, CORE[:1]),

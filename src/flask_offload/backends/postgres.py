@@ -173,6 +173,7 @@ class PostgresBackend(PostgresPool, Listener, PostgresClaims):
         (pgnotify.py); if its id is taken, let ``_insert`` find by whom."""
         wait = delay_left(job)
         due_now = job.run_at <= time.time() if wait is None else wait <= 0
+        began = time.monotonic()
         quiet = due_now and self._notifier.quiet(job.queue)
         values = dict(zip(NEW, new_values(job), strict=True), wait=wait)
         try:
@@ -185,6 +186,8 @@ class PostgresBackend(PostgresPool, Listener, PostgresClaims):
             job = stored
         else:
             job.backend = self
+            if due_now and not quiet:
+                self._notifier.paid(job.queue, began)
         if quiet:
             self._notifier.owe(job.queue)
         return job

@@ -230,7 +230,7 @@ def _execute(
     try:
         with context():
             value = task.fn(*called[0], **called[1])
-            if inspect.isawaitable(value):  # an async def behind a plain decorator
+            if value is not None and inspect.isawaitable(value):  # an async def behind a decorator
                 value = run_to_end(_awaited(value), inherit=True)
     except BaseException as error:
         return _raised(task, job, running, error)

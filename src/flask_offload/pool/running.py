@@ -97,13 +97,8 @@ class Runner:
                 held.idle()
             elif claimed.aio:
                 self._hand_off(claimed)
-            else:
-                with held.lock:
-                    held.count_free(-1)
-                if not self._run(claimed, me):
-                    return  # it ran past its timeout and the pool has its size without it
-                with held.lock:
-                    held.count_free(+1)
+            elif not self._run(claimed, me):
+                return  # it ran past its timeout and the pool has its size without it
 
     def _storage_down(self, error: Exception) -> None:
         """Say once per outage, whichever thread finds it first, that storage is unreachable;
@@ -118,8 +113,9 @@ class Runner:
             logger.debug("storage still unreachable: %s", error)
 
     def _run(self, claimed: Claimed, me: threading.Thread) -> bool:
-        """Run one job and hand its outcome to the finisher. False if this thread was stuck
-        past the job's timeout and the pool no longer needs it."""
+        """Run one job and hand its outcome to the finisher; the thread is free again (it
+        was made busy as the job began, ``Held._begin``). False if this thread was stuck past
+        the job's timeout and the pool no longer needs it."""
         held = self.held
         self.emit("job_started", claimed.job, None)
         began = time.monotonic()
@@ -133,11 +129,13 @@ class Runner:
             if claimed.stage == "running":
                 claimed.outcome, claimed.seconds = outcome, seconds
                 held.store_later(claimed)
+                held.count_free(+1)
                 return True
             self.stuck.discard(me)
             rejoin = not held.stopping and len(self.loops) < self.settings.threads
             if rejoin:
                 self.loops.add(me)
+                held.count_free(+1)
         why = "its timeout" if claimed.timed_out else "it was put back at shutdown"
         logger.info(
             "job %s (%s) finished after %s: outcome dropped", claimed.job.id, claimed.job.task, why

@@ -126,9 +126,13 @@ class PostgresBackend(PostgresPool, Listener, PostgresClaims):
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._notifier = Notifier(self._notify)
 
-    def _notify(self, queues: Collection[str]) -> None:
-        """Tell the listeners that jobs are due now on ``queues`` (the owed notifications)."""
+    def _notify(self, queues: Collection[str], wait: bool) -> bool:
+        """Tell the listeners that jobs are due now on ``queues`` (the owed notifications);
+        without ``wait``, only on a connection idle now (False if none was)."""
+        if not wait and not self.idle_connection():
+            return False
         self._run(lambda conn: conn.execute(NOTIFY_QUEUES, {"queues": list(queues)}))
+        return True
 
     def prepare(self) -> None:
         self._run(lambda conn: None)

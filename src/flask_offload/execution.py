@@ -173,13 +173,19 @@ def is_async(task: Runnable) -> bool:
 
 
 def execute(
-    task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
+    task: Runnable,
+    job: Job,
+    running: Running,
+    context: ContextFactory,
+    settings: Settings,
+    coroutine: bool | None = None,
 ) -> Outcome:
     """Run one job inside ``context()`` and say how it ended; never raises. Where
     OpenTelemetry is installed, the run is a span in the trace the job was enqueued in. An
     ``async def`` task runs to its end on an event loop of its own (EAGER mode, ``run_due``,
-    the testing modes); a pool runs it on its shared loop instead (``pool/aio.py``)."""
-    if is_async(task):
+    the testing modes); a pool runs it on its shared loop instead (``pool/aio.py``).
+    ``coroutine``: whether the task is ``async def``, when the caller knows already."""
+    if is_async(task) if coroutine is None else coroutine:
         return run_to_end(execute_async(task, job, running, context, settings))
     if not tracing.active():
         return _execute(task, job, running, context, settings)

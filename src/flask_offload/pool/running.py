@@ -122,7 +122,7 @@ class Runner:
         # A fresh context, as each coroutine has: no context variable a job sets is seen by
         # the next job of this thread (EAGER, the testing modes and run_due run a job in the
         # caller's context instead, which is the point of them).
-        outcome = contextvars.Context().run(self.execute, claimed.job, claimed.running)
+        outcome = contextvars.Context().run(self.execute, claimed.job, claimed.running, False)
         seconds = time.monotonic() - began
         held.job_seconds += (seconds - held.job_seconds) / 8
         with held.lock:
@@ -159,11 +159,12 @@ class Runner:
                     held.store_later(claimed)
         self.held.job_seconds += (time.monotonic() - began - self.held.job_seconds) / 8
 
-    def execute(self, job: Job, running: Running) -> Outcome:
-        """Run ``job``; any error of the pool's own becomes the job's failure, never the
-        thread's end."""
+    def execute(self, job: Job, running: Running, coroutine: bool | None = None) -> Outcome:
+        """Run ``job`` (``coroutine``: see ``execution.execute``); any error of the pool's own
+        becomes the job's failure, never the thread's end."""
         try:
-            return execute(self.tasks[job.task], job, running, self.context, self.settings)
+            task = self.tasks[job.task]
+            return execute(task, job, running, self.context, self.settings, coroutine)
         except Exception as error:
             logger.exception("job %s (%s) could not be run", job.id, job.task)
             return Outcome(FAILED, error=f"WorkerError: {describe(error)}")

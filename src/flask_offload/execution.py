@@ -173,13 +173,19 @@ def is_async(task: Runnable) -> bool:
 
 
 def execute(
-    task: Runnable, job: Job, running: Running, context: ContextFactory, settings: Settings
+    task: Runnable,
+    job: Job,
+    running: Running,
+    context: ContextFactory,
+    settings: Settings,
+    coroutine: bool | None = None,
 ) -> Outcome:
     """Run one job inside ``context()`` and say how it ended; never raises. Where
     OpenTelemetry is installed, the run is a span in the trace the job was enqueued in. An
     ``async def`` task runs to its end on an event loop of its own (EAGER mode, ``run_due``,
-    the testing modes); a pool runs it on its shared loop instead (``pool/aio.py``)."""
-    if is_async(task):
+    the testing modes); a pool runs it on its shared loop instead (``pool/aio.py``).
+    ``coroutine``: whether the task is ``async def``, when the caller knows already."""
+    if is_async(task) if coroutine is None else coroutine:
         return run_to_end(execute_async(task, job, running, context, settings))
     if not tracing.active():
         return _execute(task, job, running, context, settings)
@@ -230,7 +236,7 @@ def _execute(
     try:
         with context():
             value = task.fn(*called[0], **called[1])
-            if inspect.isawaitable(value):  # an async def behind a plain decorator
+            if value is not None and inspect.isawaitable(value):  # an async def behind a decorator
                 value = run_to_end(_awaited(value), inherit=True)
     except BaseException as error:
         return _raised(task, job, running, error)

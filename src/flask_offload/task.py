@@ -210,8 +210,10 @@ class Task(Generic[P, R]):
         ``after_commit`` (a SQLAlchemy session) stores it once that session commits;
         ``after`` (jobs or ids) stores it ``waiting`` until every one of them has succeeded,
         and cancels it if one fails or is cancelled."""
-        check_options(unknown, ENQUEUE_OPTIONS, f"{self.name}.enqueue()")
-        return self._runtime().enqueue(
+        if unknown:
+            check_options(unknown, ENQUEUE_OPTIONS, f"{self.name}.enqueue()")
+        runtime = self._runtime()
+        job = runtime.build(
             self.name,
             args,
             kwargs,
@@ -222,10 +224,9 @@ class Task(Generic[P, R]):
             queue=self.queue if queue is None else queue,
             max_attempts=self.max_attempts,
             id=id,
-            connection=connection,
-            after_commit=after_commit,
             after=after,
         )
+        return runtime.add(job, connection, after_commit)
 
     def limit_keys(self, args: Any, kwargs: Any) -> tuple[str | None, str | None]:
         """The ``(limit_key, rate_key)`` a job is stored under: what the key functions return

@@ -185,6 +185,14 @@ class PostgresPool:
                 self._pool.wait(self.timeout)
             return self._pool
 
+    def idle_connection(self) -> bool:
+        """Whether this process's pool has a connection idle now (or none yet, so the first
+        use opens the one it keeps): using it opens no other."""
+        pool = self._pool
+        if pool is None or self._pid != os.getpid():
+            return True
+        return pool.get_stats()["pool_available"] > 0
+
     def limit_connections(self, most: int) -> None:
         """Hold at most ``most`` connections in the pool from now on (the listener's aside)."""
         with self._lock:

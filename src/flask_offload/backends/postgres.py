@@ -126,9 +126,13 @@ class PostgresBackend(PostgresPool, Listener, PostgresClaims):
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._notifier = Notifier(self._notify)
 
-    def _notify(self, queues: Collection[str]) -> None:
-        """Tell the listeners that jobs are due now on ``queues`` (the owed notifications)."""
+    def _notify(self, queues: Collection[str], wait: bool) -> bool:
+        """Tell the listeners that jobs are due now on ``queues`` (the owed notifications);
+        without ``wait``, only on a connection idle now (False if none was)."""
+        if not wait and not self.idle_connection():
+            return False
         self._run(lambda conn: conn.execute(NOTIFY_QUEUES, {"queues": list(queues)}))
+        return True
 
     def prepare(self) -> None:
         self._run(lambda conn: None)
@@ -173,6 +177,7 @@ class PostgresBackend(PostgresPool, Listener, PostgresClaims):
         (pgnotify.py); if its id is taken, let ``_insert`` find by whom."""
         wait = delay_left(job)
         due_now = job.run_at <= time.time() if wait is None else wait <= 0
+        began = time.monotonic()
         quiet = due_now and self._notifier.quiet(job.queue)
         values = dict(zip(NEW, new_values(job), strict=True), wait=wait)
         try:
@@ -185,6 +190,8 @@ class PostgresBackend(PostgresPool, Listener, PostgresClaims):
             job = stored
         else:
             job.backend = self
+            if due_now and not quiet:
+                self._notifier.paid(job.queue, began)
         if quiet:
             self._notifier.owe(job.queue)
         return job

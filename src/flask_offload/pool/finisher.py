@@ -112,7 +112,7 @@ class Finisher:
             return
         with self.held.lock:
             self.held.leave(batch)
-        if any(limited(c.job) for c in batch):
+        if self.held.split().limits and any(limited(c.job) for c in batch):
             self.held.wake()  # a slot is free: a job of its key may start
         for c, ok in zip(batch, stored, strict=True):
             if c.job.id in asked and c.outcome is not None:

@@ -42,6 +42,32 @@ MAX_DUES = 1024  # due times of in-process delayed jobs kept to wake up on time
 Stage = Literal["batched", "running", "storing", "gone"]
 
 
+@dataclass(frozen=True)
+class Split:
+    """The pool's tasks as its claims take them: ``plain`` names claimed together,
+    ``limits`` of the limited ones, and which are ``async def`` (``aio``); each list or
+    dict also without those (``_sync``), for claims while the event loop is full."""
+
+    plain: list[str]
+    limits: dict[str, Limits]
+    aio: frozenset[str]
+    plain_sync: list[str]
+    limits_sync: dict[str, Limits]
+
+    @classmethod
+    def of(cls, tasks: Mapping[str, Runnable]) -> Split:
+        aio = frozenset(name for name, task in tasks.items() if is_async(task))
+        plain = [name for name, task in tasks.items() if task.limits is None]
+        limits = {name: task.limits for name, task in tasks.items() if task.limits is not None}
+        return cls(
+            plain,
+            limits,
+            aio,
+            [name for name in plain if name not in aio],
+            {name: lim for name, lim in limits.items() if name not in aio},
+        )
+
+
 def new_pool_id() -> str:
     """A name no other pool has, even after a restart with the same pid or host name."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -107,6 +133,7 @@ class Held:
         # when to try again without one (see _claim_limited).
         self.limited_seen = -1
         self.limited_after = 0.0
+        self._split: tuple[dict[str, Runnable], Split] = ({}, Split.of({}))
 
     # -- claiming --------------------------------------------------------------------------------
 
@@ -115,12 +142,12 @@ class Held:
         batch, or from a new claim once the finisher has room for its outcomes. A claim that
         returns after the stop began puts what it took back, under ``claiming`` (or
         ``limited_claiming``), which the stop waits for."""
-        plain, limits = self._tasks()
-        if limits:
+        split = self.split()
+        if split.limits:
             with self.lock:
                 if self.batch and not self.stopping:
                     return self._begin(self.batch.popleft(), me)
-            first = self._next_limited(me, limits, wait=not plain)
+            first = self._next_limited(me, split, wait=not split.plain)
             if first is not None:
                 return first
         with self.claiming:
@@ -129,18 +156,18 @@ class Held:
                     return self._begin(self.batch.popleft(), me)
                 while self.unstored >= MAX_UNSTORED and not self.stopping:
                     self.room.wait()
-                if self.stopping or self.halted or not plain:
+                if self.stopping or self.halted or not split.plain:
                     return None
                 room = self.settings.async_concurrency - self.async_running
             size = min(MAX_BATCH, max(1, int(PREFETCH_SECONDS / self.job_seconds)))
-            names = plain
-            if any(is_async(self.tasks[name]) for name in names):
+            names = split.plain
+            if len(split.plain_sync) < len(names):
                 # Never more coroutines than ASYNC_CONCURRENCY: while the loop is full, only
                 # jobs of other tasks are claimed (the loop wakes the pool when it has room).
                 if room > 0:
                     size = min(size, room)
                 else:
-                    names = [name for name in names if not is_async(self.tasks[name])]
+                    names = split.plain_sync
                     if not names:
                         return None
             jobs = self.backend.claim(
@@ -149,9 +176,7 @@ class Held:
             self.claimed_full = len(jobs) >= size
             return self._hold(jobs, me)
 
-    def _next_limited(
-        self, me: threading.Thread, limits: dict[str, Limits], wait: bool
-    ) -> Claimed | None:
+    def _next_limited(self, me: threading.Thread, split: Split, wait: bool) -> Claimed | None:
         """A job of a limited task, claimed under ``limited_claiming``, beside another
         thread's plain claim: a limited claim waits for storage's lock on limits, and blocking
         the pool's plain claims meanwhile halved their throughput on PostgreSQL (bench/limits.py).
@@ -163,15 +188,15 @@ class Held:
             with self.lock:
                 if self.stopping or self.halted or self.unstored >= MAX_UNSTORED:
                     return None
-                batched = sum(is_async(self.tasks[c.job.task]) for c in self.batch)
+                batched = sum(c.job.task in split.aio for c in self.batch)
                 room = self.settings.async_concurrency - self.async_running - batched
-            size = self.settings.threads
-            if any(is_async(self.tasks[name]) for name in limits):
+            size, limits = self.settings.threads, split.limits
+            if len(split.limits_sync) < len(limits):
                 # As for a plain claim: never more coroutines than ASYNC_CONCURRENCY.
                 if room > 0:
                     size = min(size, room)
                 else:
-                    limits = {n: lim for n, lim in limits.items() if not is_async(self.tasks[n])}
+                    limits = split.limits_sync
                     if not limits:
                         return None
             first = self._hold(self._claim_limited(limits, size), me)
@@ -199,15 +224,16 @@ class Held:
             self.maintenance.set()  # to give back what is still batched in time
         return first
 
-    def _tasks(self) -> tuple[list[str], dict[str, Limits]]:
-        """The names of the tasks claimed plainly, and the limits of those with limits."""
-        plain, limits = [], {}
-        for name, task in self.tasks.items():
-            if task.limits is None:
-                plain.append(name)
-            else:
-                limits[name] = task.limits
-        return plain, limits
+    def split(self) -> Split:
+        """The tasks as claims take them, worked out again only when a task was registered
+        or replaced since (one comparison of the registry with the copy last seen): every
+        claim and every job's start asks."""
+        seen, split = self._split
+        if self.tasks != seen:
+            seen = dict(self.tasks)
+            split = Split.of(seen)
+            self._split = (seen, split)
+        return split
 
     def _claim_limited(self, limits: dict[str, Limits], size: int) -> list[Job]:
         """Claim jobs of limited tasks (under ``limited_claiming``), unless the last try found
@@ -233,12 +259,15 @@ class Held:
         return []
 
     def _begin(self, claimed: Claimed, me: threading.Thread) -> Claimed:
-        """Move a batched job to running in thread ``me`` (with the lock held)."""
+        """Move a batched job to running in thread ``me`` (with the lock held): a coroutine
+        takes a place on the event loop, a job run in the thread makes it busy."""
         claimed.stage, claimed.thread = "running", me
         task = self.tasks[claimed.job.task]
-        if is_async(task):
+        if claimed.job.task in self._split[1].aio:
             claimed.aio = claimed.in_place = True
             self.async_running += 1
+        else:
+            self.count_free(-1)
         timeout = task.timeout
         if timeout is not None:
             claimed.deadline = time.monotonic() + timeout

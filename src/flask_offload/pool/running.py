@@ -97,13 +97,8 @@ class Runner:
                 held.idle()
             elif claimed.aio:
                 self._hand_off(claimed)
-            else:
-                with held.lock:
-                    held.count_free(-1)
-                if not self._run(claimed, me):
-                    return  # it ran past its timeout and the pool has its size without it
-                with held.lock:
-                    held.count_free(+1)
+            elif not self._run(claimed, me):
+                return  # it ran past its timeout and the pool has its size without it
 
     def _storage_down(self, error: Exception) -> None:
         """Say once per outage, whichever thread finds it first, that storage is unreachable;
@@ -118,26 +113,29 @@ class Runner:
             logger.debug("storage still unreachable: %s", error)
 
     def _run(self, claimed: Claimed, me: threading.Thread) -> bool:
-        """Run one job and hand its outcome to the finisher. False if this thread was stuck
-        past the job's timeout and the pool no longer needs it."""
+        """Run one job and hand its outcome to the finisher; the thread is free again (it
+        was made busy as the job began, ``Held._begin``). False if this thread was stuck past
+        the job's timeout and the pool no longer needs it."""
         held = self.held
         self.emit("job_started", claimed.job, None)
         began = time.monotonic()
         # A fresh context, as each coroutine has: no context variable a job sets is seen by
         # the next job of this thread (EAGER, the testing modes and run_due run a job in the
         # caller's context instead, which is the point of them).
-        outcome = contextvars.Context().run(self.execute, claimed.job, claimed.running)
+        outcome = contextvars.Context().run(self.execute, claimed.job, claimed.running, False)
         seconds = time.monotonic() - began
         held.job_seconds += (seconds - held.job_seconds) / 8
         with held.lock:
             if claimed.stage == "running":
                 claimed.outcome, claimed.seconds = outcome, seconds
                 held.store_later(claimed)
+                held.count_free(+1)
                 return True
             self.stuck.discard(me)
             rejoin = not held.stopping and len(self.loops) < self.settings.threads
             if rejoin:
                 self.loops.add(me)
+                held.count_free(+1)
         why = "its timeout" if claimed.timed_out else "it was put back at shutdown"
         logger.info(
             "job %s (%s) finished after %s: outcome dropped", claimed.job.id, claimed.job.task, why
@@ -161,11 +159,12 @@ class Runner:
                     held.store_later(claimed)
         self.held.job_seconds += (time.monotonic() - began - self.held.job_seconds) / 8
 
-    def execute(self, job: Job, running: Running) -> Outcome:
-        """Run ``job``; any error of the pool's own becomes the job's failure, never the
-        thread's end."""
+    def execute(self, job: Job, running: Running, coroutine: bool | None = None) -> Outcome:
+        """Run ``job`` (``coroutine``: see ``execution.execute``); any error of the pool's own
+        becomes the job's failure, never the thread's end."""
         try:
-            return execute(self.tasks[job.task], job, running, self.context, self.settings)
+            task = self.tasks[job.task]
+            return execute(task, job, running, self.context, self.settings, coroutine)
         except Exception as error:
             logger.exception("job %s (%s) could not be run", job.id, job.task)
             return Outcome(FAILED, error=f"WorkerError: {describe(error)}")

@@ -50,8 +50,9 @@ from ..execution import OUTCOME_EVENTS, ContextFactory, Events, Runnable, Settin
 from ..foreground import Foreground
 from ..job import Door, Job, Outcome
 from ..schedule import Scheduler
+from .claimed import new_pool_id
 from .finisher import Finisher, cancel_asked, cancelled_instead
-from .held import MAX_DUES, Held, new_pool_id
+from .held import MAX_DUES, Held
 from .running import Runner
 from .upkeep import Upkeep
 

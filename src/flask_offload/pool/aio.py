@@ -35,7 +35,8 @@ from ..execution import (
     format_exc,
 )
 from ..job import FAILED, Outcome
-from .held import Claimed, Held
+from .claimed import Claimed
+from .held import Held
 
 logger = logging.getLogger("flask_offload")
 

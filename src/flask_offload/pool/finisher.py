@@ -19,7 +19,8 @@ from ..backends.limits import limited
 from ..execution import OUTCOME_EVENTS, Events
 from ..foreground import Foreground
 from ..job import CANCELLED, QUEUED, Job, Outcome
-from .held import Claimed, Held
+from .claimed import Claimed
+from .held import Held
 
 logger = logging.getLogger("flask_offload")
 jobs_logger = logging.getLogger("flask_offload.jobs")  # one line per job: see logs.py

@@ -15,21 +15,17 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-import os
-import secrets
-import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Literal
 
 from ..backends.base import Backend, StorageCorrupt
 from ..backends.limits import Limits
 from ..current import Running
-from ..execution import Runnable, Settings, is_async
-from ..job import Job, Outcome
+from ..execution import Runnable, Settings
+from ..job import Job
+from .claimed import Claimed, Split
 
 logger = logging.getLogger("flask_offload")
 
@@ -38,58 +34,6 @@ MAX_BATCH = 64
 GIVE_BACK_AFTER = 0.1  # seconds a claimed job may wait in the batch before it is put back
 MAX_UNSTORED = 512  # outcomes waiting to be stored before the run threads wait for the finisher
 MAX_DUES = 1024  # due times of in-process delayed jobs kept to wake up on time
-
-Stage = Literal["batched", "running", "storing", "gone"]
-
-
-@dataclass(frozen=True)
-class Split:
-    """The pool's tasks as its claims take them: ``plain`` names claimed together,
-    ``limits`` of the limited ones, and which are ``async def`` (``aio``); each list or
-    dict also without those (``_sync``), for claims while the event loop is full."""
-
-    plain: list[str]
-    limits: dict[str, Limits]
-    aio: frozenset[str]
-    plain_sync: list[str]
-    limits_sync: dict[str, Limits]
-
-    @classmethod
-    def of(cls, tasks: Mapping[str, Runnable]) -> Split:
-        aio = frozenset(name for name, task in tasks.items() if is_async(task))
-        plain = [name for name, task in tasks.items() if task.limits is None]
-        limits = {name: task.limits for name, task in tasks.items() if task.limits is not None}
-        return cls(
-            plain,
-            limits,
-            aio,
-            [name for name in plain if name not in aio],
-            {name: lim for name, lim in limits.items() if name not in aio},
-        )
-
-
-def new_pool_id() -> str:
-    """A name no other pool has, even after a restart with the same pid or host name."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-@dataclass(eq=False)
-class Claimed:
-    """One job this pool holds, from its claim until its outcome is stored or given up."""
-
-    job: Job
-    running: Running
-    claimed_at: float
-    stage: Stage = "batched"
-    thread: threading.Thread | None = None
-    deadline: float | None = None
-    outcome: Outcome | None = None
-    seconds: float = 0.0
-    timed_out: bool = False
-    aio: bool = False  # an ``async def`` task, run on the pool's event loop (aio.py)
-    in_place: bool = False  # its coroutine takes one of the ``async_concurrency`` places
-    store_tries: int = 0
-    store_after: float = 0.0
 
 
 class Held:

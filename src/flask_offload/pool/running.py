@@ -22,7 +22,8 @@ from ..execution import ContextFactory, Events, Runnable, Settings, describe, ex
 from ..foreground import Foreground
 from ..job import FAILED, Job, Outcome
 from .aio import Loop
-from .held import Claimed, Held
+from .claimed import Claimed
+from .held import Held
 
 logger = logging.getLogger("flask_offload")
 

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigurationError, ConfigurationTypeError
+from . import configchecks as checks
+from .configchecks import Check
 from .execution import Settings
 from .logs import logger
 
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 PREFIX = "OFFLOAD_"
 ENV_PREFIX = "FLASK_OFFLOAD_"
 EXTENSION_KEY = "offload_config"  # the app's Config, in app.extensions
-Check = Callable[[str, Any], Any]  # (key, value in app.config) -> the typed value, or raises
 
 
 @dataclass(frozen=True)
@@ -58,220 +57,106 @@ def _setting(name: str, default: Any, check: Check, about: str) -> Any:
     return field(default=check(name, default), metadata={"key": key})
 
 
-def _refused(key: str, must: str, value: Any, wrong_type: bool = False) -> ConfigurationError:
-    """The error for a value of ``key`` that is not what it ``must`` be; a wrong type is also
-    a ``TypeError``, as it was before the settings had a class of their own."""
-    kind = ConfigurationTypeError if wrong_type else ConfigurationError
-    return kind(f"{key} must be {must}, not {value!r}")
-
-
-def _number(minimum: float, whole: bool = False) -> Check:
-    """A finite number (or a whole one) of at least ``minimum``; numbers in strings are
-    accepted, as a config file or the environment may give them."""
-    must = f"{'a whole' if whole else 'a finite'} number >= {minimum}"
-
-    def check(key: str, value: Any) -> Any:
-        try:
-            number = float(value) if not isinstance(value, bool) else math.nan
-        except (TypeError, ValueError):
-            number = math.nan
-        if (
-            not math.isfinite(number)  # NaN passes every comparison; inf never expires
-            or number < minimum
-            or (whole and not number.is_integer())
-        ):
-            raise _refused(key, must, value, not isinstance(value, (str, int, float)))
-        return int(number) if whole else number
-
-    return check
-
-
-def _flag(key: str, value: Any) -> bool:
-    """True or False, or a word meaning one of them (``"yes"``, ``"off"``, ``"1"``, …)."""
-    if isinstance(value, bool):
-        return value
-    word = value.strip().lower() if isinstance(value, str) else None
-    if word in ("1", "true", "yes", "on"):
-        return True
-    if word in ("0", "false", "no", "off", ""):
-        return False
-    raise _refused(key, "True or False", value, not isinstance(value, str))
-
-
-def _text(key: str, value: Any) -> str:
-    """Any str (``OFFLOAD_URL``: which storage it names is the backends' to say)."""
-    if not isinstance(value, str):
-        raise _refused(key, "a str", value, wrong_type=True)
-    return value
-
-
-def _pg_url(key: str, value: Any) -> str | None:
-    """A ``postgresql://`` URL, or None (an empty one is none)."""
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str) or not value.startswith(("postgresql://", "postgres://")):
-        raise _refused(key, "a postgresql:// URL or None", value, not isinstance(value, str))
-    return value
-
-
-def _path(key: str, value: Any) -> str:
-    """A URL path starting with ``/``."""
-    if not isinstance(value, str) or not value.startswith("/"):
-        must = "a path such as '/offload'"
-        raise _refused(key, must, value, not isinstance(value, str))
-    return value
-
-
-def _choice(*choices: str) -> Check:
-    """One of ``choices``, in any case; the upper-case one."""
-    must = f"{', '.join(choices[:-1])} or {choices[-1]}"
-
-    def check(key: str, value: Any) -> str:
-        if not isinstance(value, str) or value.upper() not in choices:
-            raise _refused(key, must, value, not isinstance(value, str))
-        return value.upper()
-
-    return check
-
-
-def _names(must: str) -> Check:
-    """A list of names, or one comma-separated string of them (as from the environment)."""
-
-    def check(key: str, value: Any) -> tuple[str, ...]:
-        if isinstance(value, str):
-            value = [name for name in value.split(",") if name.strip()]
-        if not isinstance(value, (list, tuple)) or not all(
-            isinstance(name, str) and name.strip() for name in value
-        ):
-            raise _refused(key, must, value, wrong_type=True)
-        return tuple(name.strip() for name in value)
-
-    return check
-
-
-def _queues(key: str, value: Any) -> tuple[str, ...] | None:
-    """None (every queue), or queue names: a pool that consumes none would leave every job
-    queued without a word."""
-    if value is None:
-        return None
-    names: tuple[str, ...] = _names("a list of queue names")(key, value)
-    if not names:
-        raise ConfigurationError(
-            f"{key}={value!r} names no queue, so this process would run no job: leave it "
-            "unset (None) to consume every queue"
-        )
-    return names
-
-
-def _mask(key: str, value: Any) -> tuple[str, ...]:
-    """Names the dashboard masks, matched in lower case."""
-    names = _names("a list of argument names such as ['password', 'token']")(key, value)
-    return tuple(name.lower() for name in names)
-
-
-def _token(key: str, value: Any) -> str | None:
-    """A secret, or None (an empty one is none); a number is its digits, as
-    ``FLASK_OFFLOAD_METRICS_TOKEN=123456`` reads as one."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, str):
-        raise _refused(key, "a str or None", value, wrong_type=True)
-    return value
-
-
 @dataclass(frozen=True)
 class Config:
     """One app's settings, as ``init_app`` read them; frozen, so what was checked at start
     is what runs. In the order of the reference, docs/configuration.md."""
 
     url: str = _setting(
-        "OFFLOAD_URL", "sqlite:///offload.db", _text, "where jobs are stored (a storage URL)"
+        "OFFLOAD_URL", "sqlite:///offload.db", checks.text, "where jobs are stored (a storage URL)"
     )
     sqlite_synchronous: str = _setting(
         "OFFLOAD_SQLITE_SYNCHRONOUS",
         "NORMAL",
-        _choice("OFF", "NORMAL", "FULL", "EXTRA"),
+        checks.choice("OFF", "NORMAL", "FULL", "EXTRA"),
         "SQLite's synchronous setting: FULL also survives a power loss",
     )
     pg_listen: bool = _setting(
-        "OFFLOAD_PG_LISTEN", True, _flag, "wake workers by LISTEN/NOTIFY (False: poll only)"
+        "OFFLOAD_PG_LISTEN", True, checks.flag, "wake workers by LISTEN/NOTIFY (False: poll only)"
     )
     pg_pgbouncer: bool = _setting(
         "OFFLOAD_PG_PGBOUNCER",
         False,
-        _flag,
+        checks.flag,
         "OFFLOAD_URL is PgBouncer in transaction pooling: prepare no statements",
     )
     pg_listen_url: str | None = _setting(
         "OFFLOAD_PG_LISTEN_URL",
         None,
-        _pg_url,
+        checks.pg_url,
         "a direct (or session-pooled) URL to LISTEN on, when OFFLOAD_URL is PgBouncer's",
     )
     pg_pool_size: int = _setting(
         "OFFLOAD_PG_POOL_SIZE",
         4,
-        _number(1, whole=True),
+        checks.number(1, whole=True),
         "the most pooled connections a process that is not a worker holds",
     )
     result_ttl: float = _setting(
-        "OFFLOAD_RESULT_TTL", 86400.0, _number(0), "seconds finished jobs are kept"
+        "OFFLOAD_RESULT_TTL", 86400.0, checks.number(0), "seconds finished jobs are kept"
     )
     workers: int = _setting(
-        "OFFLOAD_WORKERS", 2, _number(0, whole=True), "worker threads in each serving process"
+        "OFFLOAD_WORKERS", 2, checks.number(0, whole=True), "worker threads in each serving process"
     )
     async_concurrency: int = _setting(
         "OFFLOAD_ASYNC_CONCURRENCY",
         100,
-        _number(1, whole=True),
+        checks.number(1, whole=True),
         "async def jobs each pool runs at once on its event loop",
     )
     queues: tuple[str, ...] | None = _setting(
-        "OFFLOAD_QUEUES", None, _queues, "the queues this process claims from (None: all)"
+        "OFFLOAD_QUEUES", None, checks.queues, "the queues this process claims from (None: all)"
     )
     eager: bool = _setting(
-        "OFFLOAD_EAGER", False, _flag, "run each job inline at .delay(), for tests"
+        "OFFLOAD_EAGER", False, checks.flag, "run each job inline at .delay(), for tests"
     )
     shutdown_timeout: float = _setting(
-        "OFFLOAD_SHUTDOWN_TIMEOUT", 20.0, _number(0), "seconds running jobs get to finish on exit"
+        "OFFLOAD_SHUTDOWN_TIMEOUT",
+        20.0,
+        checks.number(0),
+        "seconds running jobs get to finish on exit",
     )
     lease: float = _setting(
-        "OFFLOAD_LEASE", 30.0, _number(0.1), "seconds a claimed job is held without a heartbeat"
+        "OFFLOAD_LEASE",
+        30.0,
+        checks.number(0.1),
+        "seconds a claimed job is held without a heartbeat",
     )
     poll_interval: float = _setting(
-        "OFFLOAD_POLL_INTERVAL", 1.0, _number(0.001), "seconds between looks for others' jobs"
+        "OFFLOAD_POLL_INTERVAL", 1.0, checks.number(0.001), "seconds between looks for others' jobs"
     )
     max_payload_bytes: int = _setting(
-        "OFFLOAD_MAX_PAYLOAD_BYTES", 2 << 20, _number(2, whole=True), "the largest arguments"
+        "OFFLOAD_MAX_PAYLOAD_BYTES", 2 << 20, checks.number(2, whole=True), "the largest arguments"
     )
     max_result_bytes: int = _setting(
-        "OFFLOAD_MAX_RESULT_BYTES", 10 << 20, _number(2, whole=True), "the largest result stored"
+        "OFFLOAD_MAX_RESULT_BYTES",
+        10 << 20,
+        checks.number(2, whole=True),
+        "the largest result stored",
     )
     max_request_bytes: int = _setting(
         "OFFLOAD_MAX_REQUEST_BYTES",
         1 << 20,
-        _number(0, whole=True),
+        checks.number(0, whole=True),
         "the largest request body a background view accepts",
     )
     url_prefix: str = _setting(
-        "OFFLOAD_URL_PREFIX", "/offload", _path, "where job status, dashboard and metrics are"
+        "OFFLOAD_URL_PREFIX", "/offload", checks.path, "where job status, dashboard and metrics are"
     )
-    dashboard: bool = _setting("OFFLOAD_DASHBOARD", False, _flag, "serve the dashboard")
+    dashboard: bool = _setting("OFFLOAD_DASHBOARD", False, checks.flag, "serve the dashboard")
     metrics_token: str | None = _setting(
-        "OFFLOAD_METRICS_TOKEN", None, _token, "the bearer token that lets a scraper in"
+        "OFFLOAD_METRICS_TOKEN", None, checks.token, "the bearer token that lets a scraper in"
     )
     dashboard_bulk_limit: int = _setting(
         "OFFLOAD_DASHBOARD_BULK_LIMIT",
         1000,
-        _number(1, whole=True),
+        checks.number(1, whole=True),
         "the most jobs one bulk action of the dashboard changes",
     )
     dashboard_mask: tuple[str, ...] = _setting(
         "OFFLOAD_DASHBOARD_MASK",
         ("password", "passwd", "secret", "token"),
-        _mask,
+        checks.mask,
         "names whose values the dashboard masks",
     )
 
@@ -395,7 +280,7 @@ def sources(
 def eager_changed(value: Any) -> bool:
     """Deprecated: ``OFFLOAD_EAGER`` changed in ``app.config`` after ``init_app`` still
     switches inline running, as when it was read at every enqueue, with a warning."""
-    eager = _flag("OFFLOAD_EAGER", value)
+    eager = checks.flag("OFFLOAD_EAGER", value)
     warnings.warn(
         "OFFLOAD_EAGER changed after init_app: settings are read once, at init_app, and this "
         "one will stop being followed; switch a test's mode with flask_offload.testing "

@@ -81,6 +81,32 @@ def test_enqueue_many_rings_the_others_once_however_many_jobs(tmp_path: Path) ->
         listening.close()
 
 
+def test_every_due_time_reaches_a_listener_slower_than_a_burst_of_enqueues(
+    tmp_path: Path,
+) -> None:
+    """A process's queue of datagrams holds only a few (10 on Linux by default): a burst of
+    delayed jobs used to lose the due times that did not fit, and those jobs started a poll
+    interval late. A ring now waits for room while the listener is alive."""
+    storing, listening = (SQLiteBackend(str(tmp_path / "jobs.db")) for _ in range(2))
+    seen: list[float | None] = []
+
+    def slow(at: float | None) -> None:
+        seen.append(at)
+        time.sleep(0.002)  # a busy process reads its socket late
+
+    try:
+        listening.subscribe(slow)
+        base = time.time() + 600
+        dues = [base + n for n in range(100)]
+        for due in dues:
+            storing.enqueue(make_job(run_at=due))
+        wait_until(lambda: len(seen) >= 101, timeout=20)
+        assert sorted(at for at in seen[1:] if at is not None) == pytest.approx(dues)
+    finally:
+        storing.close()
+        listening.close()
+
+
 def test_a_socket_left_by_a_dead_process_is_removed_by_the_next_ring(tmp_path: Path) -> None:
     folder = tmp_path / "jobs.db-wake"
     folder.mkdir()

@@ -5,9 +5,10 @@ A process whose pool waits for work binds a socket in ``<database>-wake/``; a pr
 stores a job rings every socket there after the commit (one datagram each, a few
 microseconds, carrying when the job is due), so an idle ``flask offload worker`` starts a job
 another process enqueued within milliseconds instead of a poll interval later. Waiting costs
-nothing: the listener thread blocks in ``recv``. A socket left by a killed process refuses the
-datagram and is removed by whoever rings it. Polling stays the safety net, and is all there
-is where Unix datagram sockets are not (Windows).
+nothing: the listener thread blocks in ``recv``. A burst of rings waits for room in a slow
+listener's queue rather than lose a due time (see ``SEND_WAIT``). A socket left by a killed
+process refuses the datagram and is removed by whoever rings it. Polling stays the safety
+net, and is all there is where Unix datagram sockets are not (Windows).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +27,11 @@ logger = logging.getLogger("flask_offload")
 
 MAX_PATH = 100  # sun_path holds 108 bytes on Linux, 104 on macOS
 RECHECK = 0.5  # seconds between looks at the folder for processes that listen
+# A listener's queue holds few datagrams (10 on Linux by default), and each carries its own
+# due time: a ring waits up to SEND_WAIT seconds for room rather than lose one, except to a
+# process that let it wait that long in vain (stopped, or stuck), for STUCK_FOR seconds.
+SEND_WAIT = 0.1
+STUCK_FOR = 5.0
 
 
 class Doorbell:
@@ -42,6 +49,7 @@ class Doorbell:
         self._folder_fd: int | None = None
         self._pid = os.getpid()
         self._failures: set[tuple[type[OSError], int | None]] = set()  # causes logged once
+        self._stuck: dict[str, float] = {}  # socket -> until when rings do not wait for it
 
     @staticmethod
     def available() -> bool:
@@ -62,7 +70,9 @@ class Doorbell:
                 return
             message = b"now" if at is None else repr(at).encode()
             sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sender.setblocking(False)
+            with contextlib.suppress(OSError):  # the kernel's own wait for room, bounded
+                wait = struct.pack("ll", 0, int(SEND_WAIT * 1_000_000))
+                sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, wait)
             try:
                 for name in peers:
                     self._send(sender, name, message)
@@ -102,14 +112,18 @@ class Doorbell:
         return self._peers
 
     def _send(self, sender: socket.socket, name: str, message: bytes) -> None:
+        stuck = self._stuck.get(name, 0.0) > time.monotonic()
         try:
-            sender.sendto(message, self._address(name))
+            sender.sendto(message, socket.MSG_DONTWAIT if stuck else 0, self._address(name))
         except (ConnectionRefusedError, FileNotFoundError):
             self._peers = [peer for peer in self._peers if peer != name]
             with contextlib.suppress(OSError):  # its process is gone
                 os.unlink(os.path.join(self.folder, name))
-        except OSError:
-            pass  # a full buffer: that process has a wake-up waiting already
+        except OSError:  # still full: that process reads nothing; it finds the job by polling
+            if not stuck:
+                self._stuck[name] = time.monotonic() + STUCK_FOR
+        else:
+            self._stuck.pop(name, None)  # it reads again
 
     def _address(self, name: str) -> str:
         """A path ``sun_path`` can hold: the real one, or one through /proc/self/fd."""

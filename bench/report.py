@@ -302,6 +302,15 @@ def markdown(run: Run, chart: tuple[Path | None, str]) -> str:
         "fresh state; every ratio below compares figures of this one run. Load average "
         f"(1, 5, 15 min) at the start: {_load(run, 'start')}; at the end: {_load(run, 'end')}.",
         "",
+    ]
+    for update in run.get("updates", []):
+        lines += [
+            f"Re-run later by `{update['command']}` on "
+            f"{update['started'][:16].replace('T', ' ')} UTC (Flask-Offload {update['version']}), "
+            f"in place of this run's own: {', '.join(update['rows'])}.",
+            "",
+        ]
+    lines += [
         "## Targets",
         "",
         "| Target | Measured | Holds |",

@@ -7,15 +7,16 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from ..backends.limits import Limits
 from ..current import Running
 from ..execution import Runnable, is_async
 from ..job import Job, Outcome
 
+Names = TypeVar("Names", bound=Sized)
 Stage = Literal["batched", "running", "storing", "gone"]
 
 
@@ -67,3 +68,15 @@ class Claimed:
     in_place: bool = False  # its coroutine takes one of the ``async_concurrency`` places
     store_tries: int = 0
     store_after: float = 0.0
+
+
+def within_room(names: Names, sync: Names, size: int, room: int) -> tuple[Names, int]:
+    """What a claim may ask for so that no more coroutines run than ``ASYNC_CONCURRENCY``:
+    ``names`` (all, or ``sync``, those not ``async def``) and a batch ``size``, given the
+    ``room`` left on the event loop. While the loop is full, only other tasks' jobs are
+    claimed (the loop wakes the pool when it has room)."""
+    if len(sync) == len(names):
+        return names, size
+    if room > 0:
+        return names, min(size, room)
+    return sync, size

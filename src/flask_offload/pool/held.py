@@ -25,7 +25,7 @@ from ..backends.limits import Limits
 from ..current import Running
 from ..execution import Runnable, Settings
 from ..job import Job
-from .claimed import Claimed, Split
+from .claimed import Claimed, Split, within_room
 
 logger = logging.getLogger("flask_offload")
 
@@ -104,16 +104,9 @@ class Held:
                     return None
                 room = self.settings.async_concurrency - self.async_running
             size = min(MAX_BATCH, max(1, int(PREFETCH_SECONDS / self.job_seconds)))
-            names = split.plain
-            if len(split.plain_sync) < len(names):
-                # Never more coroutines than ASYNC_CONCURRENCY: while the loop is full, only
-                # jobs of other tasks are claimed (the loop wakes the pool when it has room).
-                if room > 0:
-                    size = min(size, room)
-                else:
-                    names = split.plain_sync
-                    if not names:
-                        return None
+            names, size = within_room(split.plain, split.plain_sync, size, room)
+            if not names:
+                return None
             jobs = self.backend.claim(
                 self.pool_id, names, self.settings.queues, size, self.settings.lease
             )
@@ -134,15 +127,9 @@ class Held:
                     return None
                 batched = sum(c.job.task in split.aio for c in self.batch)
                 room = self.settings.async_concurrency - self.async_running - batched
-            size, limits = self.settings.threads, split.limits
-            if len(split.limits_sync) < len(limits):
-                # As for a plain claim: never more coroutines than ASYNC_CONCURRENCY.
-                if room > 0:
-                    size = min(size, room)
-                else:
-                    limits = split.limits_sync
-                    if not limits:
-                        return None
+            limits, size = within_room(split.limits, split.limits_sync, self.settings.threads, room)
+            if not limits:
+                return None
             first = self._hold(self._claim_limited(limits, size), me)
         finally:
             self.limited_claiming.release()

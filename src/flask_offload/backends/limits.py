@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import ConfigurationError
 from ..job import Job
+from .rows import RUNNING_ROWS
 from .statements import SELECT, Dialect
 
 PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -138,7 +139,7 @@ class LimitStatements:
             LIMIT 1""")
         self.RUNNING = sql(f"""
             SELECT task, coalesce(limit_key, ''), count(*) FROM offload_jobs
-            WHERE state = 'running' AND {d.any_of("task", ":tasks")}
+            WHERE {RUNNING_ROWS} AND {d.any_of("task", ":tasks")}
             GROUP BY task, coalesce(limit_key, '')""")
         self.PRUNE = sql("DELETE FROM offload_rate_starts WHERE task = ? AND at < ?")
         self.STARTS = sql("""

@@ -8,12 +8,28 @@ from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
-from ..job import FINAL_STATES, HISTORY_LIMIT, STATES, Job, Outcome, WorkerInfo, attempt_entry
+from ..job import (
+    FINAL_STATES,
+    HISTORY_LIMIT,
+    RUNNING,
+    STATES,
+    Job,
+    Outcome,
+    WorkerInfo,
+    attempt_entry,
+)
 from .base import JobFilter, QueueInfo
 
 # The Job fields stored as columns, in the order the SQL backends select them.
 COLUMNS = [f.name for f in fields(Job) if f.name not in ("backend", "relative", "after")]
 _PRIORITY, _RUN_AT = COLUMNS.index("priority"), COLUMNS.index("run_at")
+
+# Every running row (a claim gives each its worker), as the statements that read them all say
+# it: PostgreSQL's running index holds exactly these (schema 9). A statement about given jobs
+# says only ``state = 'running'`` and so goes by their id: with statistics taken while no row
+# ran, the planner took that index for a batched finish and compared every running row with
+# every outcome (4,500 instead of 8,400 jobs/s for one worker; O(running x batch) in a fleet).
+RUNNING_ROWS = "state = 'running' AND worker IS NOT NULL"
 
 
 def in_claim_order(rows: list[Any]) -> list[Any]:
@@ -113,7 +129,9 @@ def search_sql(
         for name in ("task", "queue", "key", "group_id")
         if params[name] is not None
     ]
-    if params["state"] in STATES:
+    if params["state"] == RUNNING:
+        where.insert(0, RUNNING_ROWS)
+    elif params["state"] in STATES:
         where.insert(0, f"state = '{params['state']}'")
     elif params["state"] is not None:
         where.insert(0, f"state = {param.format('state')}")

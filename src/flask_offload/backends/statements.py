@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .rows import COLUMNS
+from .rows import COLUMNS, RUNNING_ROWS
 
 SELECT = ", ".join(COLUMNS)
 
@@ -142,7 +142,7 @@ class Statements:
                 error = CASE WHEN cancel_requested THEN 'Cancelled'
                              WHEN lost + 1 >= :max_lost
                              THEN 'WorkerLost: worker lost ' || (lost + 1) || ' times' END
-            WHERE state = 'running' AND lease_until < {now}
+            WHERE {RUNNING_ROWS} AND lease_until < {now}
             RETURNING id, task, state, dependents""")
         # A queued or waiting job cancelled expires after its task's result_ttl, as a run
         # that ends so; its dependents are cancelled with it (see DOOM).
@@ -197,7 +197,7 @@ class Statements:
             SELECT task, state, count(*) FROM offload_jobs WHERE state = 'queued'
             GROUP BY task, state
             UNION ALL
-            SELECT task, state, count(*) FROM offload_jobs WHERE state = 'running'
+            SELECT task, state, count(*) FROM offload_jobs WHERE {RUNNING_ROWS}
             GROUP BY task, state"""
         self.BEAT = sql("""
             INSERT INTO offload_workers
@@ -253,7 +253,7 @@ class Statements:
                 min(run_at) FILTER (WHERE run_at <= {now}), 0
             FROM offload_jobs WHERE state = 'queued' GROUP BY queue
             UNION ALL
-            SELECT queue, 0, 0, NULL, count(*) FROM offload_jobs WHERE state = 'running'
+            SELECT queue, 0, 0, NULL, count(*) FROM offload_jobs WHERE {RUNNING_ROWS}
             GROUP BY queue""")
         self.RECENT = sql(f"""
             SELECT task, state, finished_at, finished_at - started_at

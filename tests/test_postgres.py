@@ -29,7 +29,11 @@ psycopg = pgtest.require_psycopg()
 from flask_offload.backends import PgOptions, open_backend, schema  # noqa: E402
 from flask_offload.backends import pgsql as queries  # noqa: E402
 from flask_offload.backends.postgres import PostgresBackend  # noqa: E402
+from flask_offload.backends.rows import finish_rows  # noqa: E402
 from flask_offload.job import Outcome  # noqa: E402
+
+DONE = Outcome("succeeded", result_json="null")
+KEEP = {"keep": 20, "ttls": "{}"}  # the other parameters of a batched finish
 
 
 @pytest.fixture
@@ -316,11 +320,7 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
         (queries.SQL.GET, ("x",), ("offload_jobs_id_key",)),
         (
             queries.FINISH_MANY,
-            {
-                **{name: [None] for name in ("results", "errors", "tracebacks", "progress")},
-                **{"ids": ["x"], "claims": ["c"], "states": ["succeeded"], "keep": 20},
-                **{"waits": [None], "outcome_ttls": [None], "ttls": "{}"},
-            },
+            {**queries.outcomes(finish_rows([(make_job(claim="c"), DONE)])), **KEEP},
             ("offload_jobs_id_key",),
         ),
         (queries.SQL.RECENT, (1.0,), ("offload_jobs_finished",)),
@@ -337,11 +337,7 @@ def test_processes_that_migrate_at_once_create_the_schema_once(
         (queries.SQL.GROUP, ("g",), ("offload_jobs_group",)),
         (
             queries.FINISH_LINKED,
-            {
-                **{name: [None] for name in ("results", "errors", "tracebacks", "progress")},
-                **{"ids": ["x"], "claims": ["c"], "states": ["succeeded"], "keep": 20},
-                **{"waits": [None], "outcome_ttls": [None], "ttls": "{}"},
-            },
+            {**queries.outcomes(finish_rows([(make_job(claim="c"), DONE)])), **KEEP},
             ("offload_jobs_id_key",),
         ),
     ],
@@ -383,16 +379,10 @@ def test_hot_queries_can_read_partial_indexes_not_the_finished_rows(
     assert "Seq Scan on offload_jobs" not in text, text
 
 
-def by_id_statements(jobs: list[Any], backend: PostgresBackend) -> dict[str, tuple[str, Any]]:
+def by_id_statements(jobs: list[Any]) -> dict[str, tuple[str, Any]]:
     """Each statement about given running jobs, with parameters naming ``jobs``."""
     ids, claims = [job.id for job in jobs], [job.claim for job in jobs]
-    done = Outcome("succeeded", result_json="null")
-    finished = {
-        **{name: [None] * len(jobs) for name in ("errors", "tracebacks", "progress", "waits")},
-        **{"ids": ids, "claims": claims, "states": ["succeeded"] * len(jobs), "keep": 20},
-        **{"results": [done.result_json] * len(jobs), "outcome_ttls": [None] * len(jobs)},
-        "ttls": backend._ttls(),
-    }
+    finished = {**queries.outcomes(finish_rows([(job, DONE) for job in jobs])), **KEEP}
     first = (jobs[0].id, jobs[0].claim)
     return {
         "finish-many": (queries.FINISH_MANY, finished),
@@ -428,7 +418,7 @@ def test_statements_about_given_running_jobs_go_by_id_whatever_the_statistics_sa
 
         return explain
 
-    for name, (sql, params) in by_id_statements(jobs[:64], pg).items():
+    for name, (sql, params) in by_id_statements(jobs[:64]).items():
         text = pg._run(plan(sql, params))
         assert "offload_jobs_id_key" in text and "offload_jobs_running" not in text, (name, text)
     recover = {"max_lost": 3, "keep": 20, "token": "r", "ttls": "{}"}

@@ -16,7 +16,7 @@ from ..job import Job
 from .limits import Limits
 from .pgflows import PostgresFlows
 from .pgpool import Connection, Pooled
-from .pgsql import ADOPT, CLAIM, LOCK_LIMITS
+from .pgsql import ADOPT, LOCK_LIMITS, claim_statement
 from .rows import in_claim_order
 
 T = TypeVar("T")
@@ -52,8 +52,8 @@ class PostgresClaims(PostgresFlows):
             "token": token,
             "tasks": list(tasks),
             "queues": None if queues is None else list(queues),
-            "limit": limit,
         }
+        statement = claim_statement(limit)
 
         def claim(conn: Connection) -> list[tuple[Any, ...]]:
             tokens = list(self._unconfirmed.get(worker, ()))
@@ -67,7 +67,7 @@ class PostgresClaims(PostgresFlows):
                 if rows:
                     return rows
             try:
-                return conn.execute(CLAIM, params).fetchall()
+                return conn.execute(statement, params).fetchall()
             except psycopg.OperationalError:
                 if conn.broken:  # the claim may have been committed: adopt its jobs next time
                     with self._lock:

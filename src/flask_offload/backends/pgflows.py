@@ -14,7 +14,7 @@ import psycopg
 from ..job import Job
 from .base import Moved, id_in_use
 from .pgpool import Connection, Execute, Pooled, execute_on
-from .pgsql import CREATED, FINISH_LINKED, HELD, INSERT_BATCH, WAKE, delay_left
+from .pgsql import CREATED, FINISH_LINKED, HELD, INSERT_BATCH, WAKE, delay_left, outcomes
 from .rows import COLUMNS
 from .sqlbase import SQLBackend
 
@@ -84,28 +84,22 @@ class PostgresFlows(SQLBackend):
             return body()
 
     def _finish_linked(
-        self, conn: Connection, batch: dict[str, Any], left: list[int], moved: Moved
+        self, conn: Connection, left: list[dict[str, Any]], batch: dict[str, Any], moved: Moved
     ) -> set[str]:
-        """In the caller's transaction, the outcomes FINISH_MANY left (jobs with dependents,
-        or claims lost): lock the rows still held, store their outcomes, settle their
-        dependents (``moved``; those queued are told to the listeners at commit); the claims
-        stored."""
-        part = {k: [v[n] for n in left] if isinstance(v, list) else v for k, v in batch.items()}
-        held = {r[:2]: r[2:] for r in conn.execute(HELD, {"ids": part["ids"]}).fetchall()}
+        """In the caller's transaction, the outcomes FINISH_MANY left (``left``, of
+        ``rows.finish_rows``: jobs with dependents, or claims lost): lock the rows still held,
+        store their outcomes, settle their dependents (``moved``; those queued are told to the
+        listeners at commit); the claims stored."""
+        ids = [row["id"] for row in left]
+        held = {r[:2]: r[2:] for r in conn.execute(HELD, {"ids": ids}).fetchall()}
+        part = {**batch, **outcomes(left)}
         done = {claim for (claim,) in conn.execute(FINISH_LINKED, part).fetchall()}
         ended = []
-        for n, (job_id, claim) in enumerate(zip(part["ids"], part["claims"], strict=True)):
-            dependents, asked, task = held.get((job_id, claim), (False, False, ""))
-            if dependents and claim in done:
-                state = part["states"][n]
-                ended.append(
-                    (
-                        job_id,
-                        task,
-                        "cancelled" if state == "queued" and asked else state,
-                        part["results"][n],
-                    )
-                )
+        for row in left:
+            dependents, asked, task = held.get((row["id"], row["claim"]), (False, False, ""))
+            if dependents and row["claim"] in done:
+                state = "cancelled" if row["state"] == "queued" and asked else row["state"]
+                ended.append((row["id"], task, state, row["result_json"]))
         if ended:
             self._settle(conn, ended, moved)
             for job in moved.queued:

@@ -69,6 +69,7 @@ from .pgsql import (
     STATE,
     delay_left,
     new_values,
+    outcomes,
     rest_values,
 )
 from .rows import COLUMNS, finish_rows
@@ -234,35 +235,23 @@ class PostgresBackend(PostgresPool, Listener, PostgresClaims):
         if not finished:
             return []
         rows = finish_rows(finished)
-        batch = {
-            "ids": [r["id"] for r in rows],
-            "claims": [r["claim"] for r in rows],
-            "states": [r["state"] for r in rows],
-            "results": [r["result_json"] for r in rows],
-            "errors": [r["error"] for r in rows],
-            "tracebacks": [r["traceback"] for r in rows],
-            "progress": [r["progress_json"] for r in rows],
-            "waits": [r["wait"] for r in rows],
-            "outcome_ttls": [r["ttl"] for r in rows],
-            "keep": HISTORY_LIMIT,
-            "ttls": self._ttls(),
-        }
-
+        batch = {**outcomes(rows), "keep": HISTORY_LIMIT, "ttls": self._ttls()}
         moved = Moved()
 
         def store(conn: Connection) -> list[bool]:
             done = {claim for (claim,) in conn.execute(FINISH_MANY, batch).fetchall()}
-            left = [n for n, row in enumerate(rows) if row["claim"] not in done]
+            left = [row for row in rows if row["claim"] not in done]
             if left:
                 with conn.transaction():
-                    done |= self._finish_linked(conn, batch, left, moved.clear())
+                    done |= self._finish_linked(conn, left, batch, moved.clear())
             return [row["claim"] in done for row in rows]
 
         def confirm(conn: Connection, stored: list[bool]) -> list[bool]:
             """After a lost reply: the outcomes the first try stored count as stored (and a
             job to forget that is gone was forgotten by it)."""
-            done = {job_id for (job_id,) in conn.execute(FINISHED_BY, batch).fetchall()}
-            there = {job_id for (job_id,) in conn.execute(EXISTING, batch).fetchall()}
+            sent = {"ids": [row["id"] for row in rows], "claims": [row["claim"] for row in rows]}
+            done = {job_id for (job_id,) in conn.execute(FINISHED_BY, sent).fetchall()}
+            there = {job_id for (job_id,) in conn.execute(EXISTING, sent).fetchall()}
             return [
                 ok or row["id"] in done or (row["forget"] and row["id"] not in there)
                 for ok, row in zip(stored, rows, strict=True)

@@ -105,12 +105,17 @@ class Finisher:
 
     def _store(self, batch: list[Claimed]) -> None:
         pairs = [(c.job, c.outcome) for c in batch if c.outcome is not None]
+        self.held.storing_begins()
+        ok = False
         try:
             asked = cancel_asked(self.backend, pairs)
             stored = self.backend.finish_many(pairs)
+            ok = True
         except Exception as error:
             self._store_failed(batch, error)
             return
+        finally:
+            self.held.storing_ends(ok)
         with self.held.lock:
             self.held.leave(batch)
         if self.held.split().limits and any(limited(c.job) for c in batch):

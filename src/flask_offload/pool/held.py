@@ -73,6 +73,9 @@ class Held:
         self.free = 0  # under lock: claim-and-run threads not running a job (see ready)
         self.ready_changed: Callable[[], None] = lambda: None  # the storage's duty_changed
         self.claimed_full = False  # the last plain claim took all it asked for: more may wait
+        self.claimed = 0  # how many jobs the last plain claim took
+        self.finisher_busy = False  # the finisher is storing, then claims if the batch is low
+        self.refill = threading.Condition(self.lock)  # that store and claim are over
         # Under ``limited_claiming``: the wake-ups seen when a limited claim last found none, and
         # when to try again without one (see _claim_limited).
         self.limited_seen = -1
@@ -94,24 +97,69 @@ class Held:
             first = self._next_limited(me, split, wait=not split.plain)
             if first is not None:
                 return first
+        with self.lock:
+            while self.finisher_busy and self.claimed_full and not self.batch:
+                if self.stopping:
+                    return None
+                self.refill.wait()
+            if self.batch and not self.stopping:
+                return self._begin(self.batch.popleft(), me)
         with self.claiming:
             with self.lock:
                 if self.batch and not self.stopping:
                     return self._begin(self.batch.popleft(), me)
                 while self.unstored >= MAX_UNSTORED and not self.stopping:
                     self.room.wait()
-                if self.stopping or self.halted or not split.plain:
-                    return None
-                room = self.settings.async_concurrency - self.async_running
-            size = min(MAX_BATCH, max(1, int(PREFETCH_SECONDS / self.job_seconds)))
-            names, size = within_room(split.plain, split.plain_sync, size, room)
-            if not names:
-                return None
-            jobs = self.backend.claim(
-                self.pool_id, names, self.settings.queues, size, self.settings.lease
-            )
-            self.claimed_full = len(jobs) >= size
-            return self._hold(jobs, me)
+            return self._hold(self._claim(split), me)
+
+    def storing_begins(self) -> None:
+        """The finisher begins a store: while the pool drains a queue (its last claim took
+        all it asked for), a thread that runs out of jobs now waits for the claim that
+        follows the store (``storing_ends``) instead of asking for the connection the store
+        holds. Threads that claimed for themselves took turns on it with the finisher, and
+        each hand-over from thread to thread left it idle for about a millisecond."""
+        with self.lock:
+            self.finisher_busy = True
+
+    def storing_ends(self, stored: bool) -> None:
+        """The finisher's store is over (``stored``: it worked): while draining, claim the
+        next batch on the connection the store used if this one is down to half of what the
+        last claim took; then let the waiting threads go on. A storage error is left to the
+        threads' own claims, which report it and back off."""
+        try:
+            with self.lock:
+                low = self.claimed_full and len(self.batch) <= self.claimed // 2
+                room = self.unstored + len(self.batch) + MAX_BATCH <= MAX_UNSTORED
+                low = low and room and not self.stopping
+            if stored and low and self.claiming.acquire(blocking=False):
+                try:
+                    self._hold(self._claim(self.split()), None)
+                finally:
+                    self.claiming.release()
+        except Exception as error:
+            logger.debug("a claim after a store failed: %s", error)
+        finally:
+            with self.lock:
+                self.finisher_busy = False
+                self.refill.notify_all()
+
+    def _claim(self, split: Split) -> list[Job]:
+        """Claim about ``PREFETCH_SECONDS`` of work of the plain tasks (under ``claiming``)."""
+        with self.lock:
+            if self.stopping or self.halted or not split.plain:
+                return []
+            batched = sum(c.job.task in split.aio for c in self.batch)
+            room = self.settings.async_concurrency - self.async_running - batched
+        size = min(MAX_BATCH, max(1, int(PREFETCH_SECONDS / self.job_seconds)))
+        size = 1 << (size.bit_length() - 1)  # a few sizes only: storage plans each once
+        names, size = within_room(split.plain, split.plain_sync, size, room)
+        if not names:
+            return []
+        jobs = self.backend.claim(
+            self.pool_id, names, self.settings.queues, size, self.settings.lease
+        )
+        self.claimed, self.claimed_full = len(jobs), len(jobs) >= size
+        return jobs
 
     def _next_limited(self, me: threading.Thread, split: Split, wait: bool) -> Claimed | None:
         """A job of a limited task, claimed under ``limited_claiming``, beside another
@@ -137,17 +185,19 @@ class Held:
             self.wake()  # another thread may find the next one
         return first
 
-    def _hold(self, jobs: list[Job], me: threading.Thread) -> Claimed | None:
-        """Hold the jobs a claim took: the first runs in thread ``me``, the others wait in the
-        batch; all go back if the stop began meanwhile."""
+    def _hold(self, jobs: list[Job], me: threading.Thread | None) -> Claimed | None:
+        """Hold the jobs a claim took: the first runs in thread ``me`` (if one), the others
+        wait in the batch; all go back if the stop began meanwhile."""
         now = time.monotonic()
         claimed = [Claimed(job, Running(job, self.backend), now) for job in jobs]
+        first = None
         with self.lock:
             late = self.stopping  # stop_claiming reads the batch under this lock after
             if not late:
                 self.jobs.update(claimed)
-                self.batch.extend(claimed[1:])
-                first = self._begin(claimed[0], me) if claimed else None
+                if me is not None and claimed:
+                    first = self._begin(claimed[0], me)
+                self.batch.extend(claimed[1:] if first else claimed)
         if late:
             self.put_back(claimed, "claimed as the pool stopped")
             return None
@@ -271,6 +321,8 @@ class Held:
             self.stopping = True
             self.wakeup.notify_all()
             self.resting.notify_all()
+        with self.lock:
+            self.refill.notify_all()  # threads waiting for the finisher's claim
 
     def leave_unstarted(self) -> list[Claimed]:
         """Let go of the batched jobs, once claims have stopped, to put them back."""

@@ -102,6 +102,10 @@ class Backend(ABC):
     # those queued, ``job_cancelled`` for those cancelled. The runtime sends the signals, so
     # each is sent once, by the process whose transaction moved the job.
     on_moved: Callable[[str, Sequence[Job]], None] = staticmethod(lambda event, jobs: None)
+    # The most jobs one claim of a pool takes (it takes about PREFETCH_SECONDS of work): what
+    # a claim costs whatever its size (a round trip and a commit, on a server) is paid once
+    # per claim; SQLite holds its one write lock meanwhile, and enqueues wait behind it.
+    most_claimed: int = 64
 
     def _tell(self, moved: Moved) -> None:
         """Tell ``on_moved`` what a committed write moved. The write stands whatever the

@@ -89,6 +89,7 @@ class PostgresBackend(PostgresPool, Listener, PostgresClaims):
     """
 
     DIALECT, SQL, LIMITS = DIALECT, SQL, LIMITS
+    most_claimed = 256  # a claim is a round trip and a commit: 0.5-1 ms however small
 
     def __init__(
         self,

@@ -7,9 +7,9 @@ Five parts, each a module, around one lock and one object per held job. The rule
 
 - **Held jobs** (``held.py``): every job the pool holds is one ``Claimed`` that moves
   ``batched`` → ``running`` → ``storing`` → ``gone`` under the pool's one lock. A claim
-  fetches about ``PREFETCH_SECONDS`` of work (one job when jobs are slow, up to ``MAX_BATCH``
-  when fast); a batched job not started within ``GIVE_BACK_AFTER`` seconds is put back for
-  other processes, so jobs that turn slow are never hoarded.
+  fetches about ``PREFETCH_SECONDS`` of work (one job when jobs are slow, up to the storage's
+  ``most_claimed`` when fast); a batched job not started within ``GIVE_BACK_AFTER`` seconds
+  is put back for other processes, so jobs that turn slow are never hoarded.
 - **Leases and fencing** (``upkeep.py``): a claimed job is held by a lease that the heartbeat
   renews for exactly the jobs held (every third of the lease; a failed beat is tried again
   within ``lease / 10``), and jobs whose worker died are taken back once theirs runs out.

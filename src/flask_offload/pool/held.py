@@ -2,12 +2,14 @@
 ``storing`` → ``gone`` under the pool's one lock, from its claim until its outcome is stored
 or it is put back; and the wake-ups that send the pool's threads to claim.
 
-A claim fetches about ``PREFETCH_SECONDS`` of work (one job when jobs are slow, up to
-``MAX_BATCH`` when fast); a batched job not started within ``GIVE_BACK_AFTER`` seconds is put
-back for other processes, so jobs that turn slow are never hoarded. No claim is made while
-``MAX_UNSTORED`` outcomes wait for the finisher, so the pool never runs far ahead of what it
-has stored. Jobs of ``async def`` tasks are claimed while fewer than ``async_concurrency`` of
-them run on the pool's event loop (``aio.py``), in addition to the threads' own.
+A claim fetches about ``PREFETCH_SECONDS`` of work (one job when jobs are slow, up to the
+storage's ``most_claimed`` when fast); a batched job not started within ``GIVE_BACK_AFTER``
+seconds is put back for other processes, so jobs that turn slow are never hoarded. While a
+queue drains, the finisher claims the next batch after each store (``storing_ends``). No
+claim is made while ``MAX_UNSTORED`` outcomes wait for the finisher, so the pool never runs
+far ahead of what it has stored. Jobs of ``async def`` tasks are claimed while fewer than
+``async_concurrency`` of them run on the pool's event loop (``aio.py``), in addition to the
+threads' own.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from .claimed import Claimed, Split, within_room
 logger = logging.getLogger("flask_offload")
 
 PREFETCH_SECONDS = 0.01
-MAX_BATCH = 64
 GIVE_BACK_AFTER = 0.1  # seconds a claimed job may wait in the batch before it is put back
 MAX_UNSTORED = 512  # outcomes waiting to be stored before the run threads wait for the finisher
 MAX_DUES = 1024  # due times of in-process delayed jobs kept to wake up on time
@@ -129,7 +130,7 @@ class Held:
         try:
             with self.lock:
                 low = self.claimed_full and len(self.batch) <= self.claimed // 2
-                room = self.unstored + len(self.batch) + MAX_BATCH <= MAX_UNSTORED
+                room = self.unstored + len(self.batch) + self.backend.most_claimed <= MAX_UNSTORED
                 low = low and room and not self.stopping
             if stored and low and self.claiming.acquire(blocking=False):
                 try:
@@ -150,7 +151,7 @@ class Held:
                 return []
             batched = sum(c.job.task in split.aio for c in self.batch)
             room = self.settings.async_concurrency - self.async_running - batched
-        size = min(MAX_BATCH, max(1, int(PREFETCH_SECONDS / self.job_seconds)))
+        size = min(self.backend.most_claimed, max(1, int(PREFETCH_SECONDS / self.job_seconds)))
         size = 1 << (size.bit_length() - 1)  # a few sizes only: storage plans each once
         names, size = within_room(split.plain, split.plain_sync, size, room)
         if not names:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench import rounds
 from bench.figures import Run, Target, X, num, outcome_of, ratio, value, why
 
 CASES = {
@@ -100,12 +101,11 @@ def targets(run: Run) -> list[Target]:
     rows.append(_purge(run))
     for key, how in (("pgqueuer-defaults", "its default batch of 10"), ("pgqueuer", "batch 50")):
         rows.append(
-            ratio(
+            rounds.ahead(
+                run,
                 f"PostgreSQL no-op throughput ahead of PgQueuer ({how}; standalone worker, "
                 "side by side)",
-                value(run, "offload-postgres", "noop", "jobs_per_s"),
-                value(run, key, "noop", "jobs_per_s"),
-                "jobs/s",
+                ("offload-postgres", key, "noop"),
                 lambda r: r >= 1,
             )
         )

@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import common, report
+from bench import common, report, rounds
 
 CORE = ("enqueue", "noop", "sleep", "latency", "idle")
 
@@ -325,11 +325,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{report.brief(workload, outcome)}",
             flush=True,
         )
+    by_key = {system.key: system for system in chosen}
+
+    def again(key: str, workload: str) -> dict[str, Any]:
+        timeout = TIMEOUTS[mode].get(workload, DEFAULT_TIMEOUT[mode])
+        return run_one(by_key[key], workload, mode, logs, timeout)
+
+    side_by_side = rounds.run_rounds(results, list(by_key), wanted, mode, again)
     total = time.monotonic() - began
     print(f"done in {total:.0f} s; logs in {logs}")
 
     if options.update:
         run = _updated(out, mode, command.strip(), started, results, found["Flask-Offload"])
+        run.setdefault("rounds", {}).update(side_by_side)
     else:
         run = {
             "mode": mode,
@@ -341,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             "counts": common.MODES[mode].__dict__,
             "systems": [system.__dict__ for system in chosen],
             "results": results,
+            "rounds": side_by_side,
         }
     (out / "benchmarks.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
     chart = report.chart(run, out / "benchmarks.png")

@@ -242,8 +242,11 @@ def _finish_many(only: str) -> str:
 
 def outcomes(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The ``outcomes`` and ``count`` parameters of FINISH_MANY and FINISH_LINKED: ``rows``
-    (of ``rows.finish_rows``) as the JSON array the statements read, and how many."""
-    batch = json.dumps([{key: row[key] for key in OUTCOME_KEYS} for row in rows])
+    (of ``rows.finish_rows``) as the JSON array the statements read (a key left out reads as
+    NULL), and how many."""
+    batch = json.dumps(
+        [{key: row[key] for key in OUTCOME_KEYS if row[key] is not None} for row in rows]
+    )
     return {"outcomes": batch, "count": len(rows)}
 
 

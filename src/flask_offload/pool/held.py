@@ -35,6 +35,7 @@ PREFETCH_SECONDS = 0.01
 GIVE_BACK_AFTER = 0.1  # seconds a claimed job may wait in the batch before it is put back
 MAX_UNSTORED = 512  # outcomes waiting to be stored before the run threads wait for the finisher
 MAX_DUES = 1024  # due times of in-process delayed jobs kept to wake up on time
+REFILL_WAIT = 0.5  # seconds a thread out of jobs waits for the finisher's claim, at most
 
 
 class Held:
@@ -99,10 +100,12 @@ class Held:
             if first is not None:
                 return first
         with self.lock:
+            until = time.monotonic() + REFILL_WAIT
             while self.finisher_busy and self.claimed_full and not self.batch:
-                if self.stopping:
-                    return None
-                self.refill.wait()
+                left = until - time.monotonic()
+                if self.stopping or left <= 0:  # storage answers slowly: claim, or say so
+                    break
+                self.refill.wait(left)
             if self.batch and not self.stopping:
                 return self._begin(self.batch.popleft(), me)
         with self.claiming:
@@ -116,9 +119,10 @@ class Held:
     def storing_begins(self) -> None:
         """The finisher begins a store: while the pool drains a queue (its last claim took
         all it asked for), a thread that runs out of jobs now waits for the claim that
-        follows the store (``storing_ends``) instead of asking for the connection the store
-        holds. Threads that claimed for themselves took turns on it with the finisher, and
-        each hand-over from thread to thread left it idle for about a millisecond."""
+        follows the store (``storing_ends``; ``REFILL_WAIT`` at most, after which it claims
+        and reports an outage itself) instead of asking for the connection the store holds.
+        Threads that claimed for themselves took turns on it with the finisher, and each
+        hand-over from thread to thread left it idle for about a millisecond."""
         with self.lock:
             self.finisher_busy = True
 

@@ -156,7 +156,7 @@ _CLAIM = f"""
     UPDATE offload_jobs
     SET state = 'running', worker = %(worker)s, lease_until = {_NOW} + %(lease)s,
         started_at = {_NOW}, attempts = attempts + 1, claim = %(token)s || '.' || seq
-    WHERE seq = ANY(ARRAY(SELECT seq FROM due))
+    WHERE seq IN (SELECT seq FROM due)
     RETURNING {SELECT}, seq
 """
 

@@ -70,13 +70,16 @@ class Claimed:
     store_after: float = 0.0
 
 
-def within_room(names: Names, sync: Names, size: int, room: int) -> tuple[Names, int]:
+def within_room(
+    names: Names, sync: Names, size: int, room: int, capped: bool = True
+) -> tuple[Names, int]:
     """What a claim may ask for so that no more coroutines run than ``ASYNC_CONCURRENCY``:
     ``names`` (all, or ``sync``, those not ``async def``) and a batch ``size``, given the
-    ``room`` left on the event loop. While the loop is full, only other tasks' jobs are
-    claimed (the loop wakes the pool when it has room)."""
+    ``room`` left on the event loop; ``capped``: no more than ``room`` jobs, as any of them
+    may be a coroutine's. While the loop is full, only other tasks' jobs are claimed (the loop
+    wakes the pool when it has room)."""
     if len(sync) == len(names):
         return names, size
     if room > 0:
-        return names, min(size, room)
+        return names, min(size, room) if capped else size
     return sync, size

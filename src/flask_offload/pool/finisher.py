@@ -66,6 +66,9 @@ class Finisher:
                 due = self._due_outcomes()
                 if due is None:
                     return
+            if not due:
+                self._feed()
+                continue
             fresh = [c for c in due if not c.store_tries]
             batches = [fresh[i : i + STORE_BATCH] for i in range(0, len(fresh), STORE_BATCH)]
             for batch in batches + [[c] for c in due if c.store_tries]:
@@ -89,8 +92,11 @@ class Finisher:
         held = self.held
         while True:
             now = time.monotonic()
+            if held.wants_feed():
+                return []
             due = [c for c in held.storing if c.store_after <= now]
-            if due:
+            linger = held.gathering(len(due), now) if due else None
+            if due and linger is None:
                 held.storing = [c for c in held.storing if c.store_after > now]
                 return due
             if held.drained and not held.storing:
@@ -101,7 +107,12 @@ class Finisher:
                     c.store_tries = STORE_TRIES - 1
                 return due
             wait = min((c.store_after for c in held.storing), default=now + 3600) - now
-            held.outcomes.wait(max(0.001, wait))
+            held.outcomes.wait(max(0.001, min(wait, linger or wait)))
+
+    def _feed(self) -> None:
+        """Claim the next batch for the run threads, as after a store."""
+        self.held.storing_begins()
+        self.held.storing_ends(True)
 
     def _store(self, batch: list[Claimed]) -> None:
         pairs = [(c.job, c.outcome) for c in batch if c.outcome is not None]

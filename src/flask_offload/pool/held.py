@@ -36,6 +36,10 @@ GIVE_BACK_AFTER = 0.1  # seconds a claimed job may wait in the batch before it i
 MAX_UNSTORED = 512  # outcomes waiting to be stored before the run threads wait for the finisher
 MAX_DUES = 1024  # due times of in-process delayed jobs kept to wake up on time
 REFILL_WAIT = 0.5  # seconds a thread out of jobs waits for the finisher's claim, at most
+# While a queue drains, the finisher lets outcomes gather up to GATHER of them or LINGER
+# seconds: a store of a few costs the connection nearly what a store of a hundred does.
+GATHER = 128
+LINGER = 0.002
 
 
 class Held:
@@ -55,10 +59,12 @@ class Held:
         self.storing: list[Claimed] = []  # outcomes the finisher is to store
         self.unstored = 0  # jobs in stage "storing"
         self.outcomes = threading.Condition(self.lock)  # the finisher waits for them
+        self.storing_since = 0.0  # when the first of ``storing`` came
         self.room = threading.Condition(self.lock)  # fewer than MAX_UNSTORED of them again
         self.claiming = threading.Lock()  # one claim at a time; the others take from it
         self.limited_claiming = threading.Lock()  # one limited claim at a time, beside it
-        self.job_seconds = PREFETCH_SECONDS  # moving average of run time: sizes the batch
+        self.job_seconds = PREFETCH_SECONDS  # average run time (see ran): sizes the batch
+        self.runs = 0  # jobs measured, up to 8
         self.stopping = False  # set under ``wakeup``: no more claims
         self.halted = False  # storage is damaged: no claims, no recovery
         self.down = False  # storage unreachable: said once per outage, not once per thread
@@ -76,6 +82,7 @@ class Held:
         self.ready_changed: Callable[[], None] = lambda: None  # the storage's duty_changed
         self.claimed_full = False  # the last plain claim took all it asked for: more may wait
         self.claimed = 0  # how many jobs the last plain claim took
+        self.async_lately = True  # the last claim that could take coroutines' jobs took some
         self.finisher_busy = False  # the finisher is storing, then claims if the batch is low
         self.refill = threading.Condition(self.lock)  # that store and claim are over
         # Under ``limited_claiming``: the wake-ups seen when a limited claim last found none, and
@@ -94,8 +101,9 @@ class Held:
         split = self.split()
         if split.limits:
             with self.lock:
-                if self.batch and not self.stopping:
-                    return self._begin(self.batch.popleft(), me)
+                taken = self._take(me)
+                if taken is not None:
+                    return taken
             first = self._next_limited(me, split, wait=not split.plain)
             if first is not None:
                 return first
@@ -106,47 +114,74 @@ class Held:
                 if self.stopping or left <= 0:  # storage answers slowly: claim, or say so
                     break
                 self.refill.wait(left)
-            if self.batch and not self.stopping:
-                return self._begin(self.batch.popleft(), me)
+            taken = self._take(me)
+            if taken is not None:
+                return taken
         with self.claiming:
             with self.lock:
-                if self.batch and not self.stopping:
-                    return self._begin(self.batch.popleft(), me)
+                taken = self._take(me)
+                if taken is not None:
+                    return taken
                 while self.unstored >= MAX_UNSTORED and not self.stopping:
                     self.room.wait()
             return self._hold(self._claim(split), me)
 
     def storing_begins(self) -> None:
-        """The finisher begins a store: while the pool drains a queue (its last claim took
-        all it asked for), a thread that runs out of jobs now waits for the claim that
-        follows the store (``storing_ends``; ``REFILL_WAIT`` at most, after which it claims
-        and reports an outage itself) instead of asking for the connection the store holds.
-        Threads that claimed for themselves took turns on it with the finisher, and each
-        hand-over from thread to thread left it idle for about a millisecond."""
+        """The finisher begins a store (or a claim, ``feed``): while the pool drains a queue
+        (its last claim took all it asked for), a thread that runs out of jobs now waits for
+        the claim that follows (``REFILL_WAIT`` at most, after which it claims and reports an
+        outage itself) instead of asking for the connection the finisher holds. Threads
+        that claimed for themselves took turns on it with the finisher, and each hand-over
+        from thread to thread left it idle for about a millisecond."""
         with self.lock:
             self.finisher_busy = True
 
     def storing_ends(self, stored: bool) -> None:
-        """The finisher's store is over (``stored``: it worked): while draining, claim the
-        next batch on the connection the store used if this one is down to half of what the
-        last claim took; then let the waiting threads go on. A storage error is left to the
+        """The finisher's store is over (``stored``: it worked): claim the next batch if it
+        is due (``feed``); then let the waiting threads go on. A storage error is left to the
         threads' own claims, which report it and back off."""
         try:
-            with self.lock:
-                low = self.claimed_full and len(self.batch) <= self.claimed // 2
-                room = self.unstored + len(self.batch) + self.backend.most_claimed <= MAX_UNSTORED
-                low = low and room and not self.stopping
-            if stored and low and self.claiming.acquire(blocking=False):
-                try:
-                    self._hold(self._claim(self.split()), None)
-                finally:
-                    self.claiming.release()
-        except Exception as error:
-            logger.debug("a claim after a store failed: %s", error)
+            if stored:
+                self.feed()
         finally:
             with self.lock:
                 self.finisher_busy = False
                 self.refill.notify_all()
+
+    def wants_feed(self) -> bool:
+        """Whether the finisher is to claim the next batch now (with the lock held): the pool
+        drains a queue, its batch is down to half of what the last claim took, the outcomes
+        waiting to be stored leave room (as for the threads' claims), and no thread claims.
+        The finisher then keeps the connection busy, storing and claiming in turn, while the
+        threads run what it claimed: a job that never waits keeps the GIL from the thread
+        whose claim has returned for up to the switch interval (5 ms), and threads that
+        claimed for themselves left the connection idle meanwhile."""
+        return (
+            self.claimed_full
+            and len(self.batch) <= self.claimed // 2
+            and self.unstored < MAX_UNSTORED
+            and not self.stopping
+            and not self.claiming.locked()
+        )
+
+    def feed(self) -> None:
+        """Claim the next batch in the finisher's thread if it is due (``wants_feed``)."""
+        try:
+            with self.lock:
+                due = self.wants_feed()
+            if due and self.claiming.acquire(blocking=False):
+                try:
+                    jobs = self._claim(self.split())
+                    self._hold(jobs, None)
+                    if not jobs:
+                        with self.lock:
+                            self.claimed_full = False  # nothing to feed until a thread claims
+                finally:
+                    self.claiming.release()
+        except Exception as error:
+            logger.debug("the finisher's claim failed: %s", error)
+            with self.lock:
+                self.claimed_full = False
 
     def _claim(self, split: Split) -> list[Job]:
         """Claim about ``PREFETCH_SECONDS`` of work of the plain tasks (under ``claiming``)."""
@@ -157,13 +192,15 @@ class Held:
             room = self.settings.async_concurrency - self.async_running - batched
         size = min(self.backend.most_claimed, max(1, int(PREFETCH_SECONDS / self.job_seconds)))
         size = 1 << (size.bit_length() - 1)  # a few sizes only: storage plans each once
-        names, size = within_room(split.plain, split.plain_sync, size, room)
+        names, size = within_room(split.plain, split.plain_sync, size, room, self.async_lately)
         if not names:
             return []
         jobs = self.backend.claim(
             self.pool_id, names, self.settings.queues, size, self.settings.lease
         )
         self.claimed, self.claimed_full = len(jobs), len(jobs) >= size
+        if split.aio and len(names) == len(split.plain):
+            self.async_lately = any(job.task in split.aio for job in jobs)
         return jobs
 
     def _next_limited(self, me: threading.Thread, split: Split, wait: bool) -> Claimed | None:
@@ -244,10 +281,30 @@ class Held:
         self.limited_seen, self.limited_after = seen, time.monotonic() + pause
         return []
 
+    def _take(self, me: threading.Thread) -> Claimed | None:
+        """Begin the first batched job that may start now in thread ``me`` (with the lock
+        held): a coroutine's only while the event loop has room. A claim is not held to that
+        room unless its last one took coroutines' jobs (``async_lately``), so a backlog of
+        plain jobs is claimed in full batches although ``async def`` tasks are registered;
+        a coroutine's job it took beyond the room waits in the batch (given back after
+        ``GIVE_BACK_AFTER``)."""
+        if self.stopping or not self.batch:
+            return None
+        aio = self._split[1].aio
+        if not aio or self.async_running < self.settings.async_concurrency:
+            return self._begin(self.batch.popleft(), me)
+        for claimed in self.batch:
+            if claimed.job.task not in aio:
+                self.batch.remove(claimed)
+                return self._begin(claimed, me)
+        return None
+
     def _begin(self, claimed: Claimed, me: threading.Thread) -> Claimed:
         """Move a batched job to running in thread ``me`` (with the lock held): a coroutine
         takes a place on the event loop, a job run in the thread makes it busy."""
         claimed.stage, claimed.thread = "running", me
+        if self.claimed_full and len(self.batch) == self.claimed // 2:
+            self.outcomes.notify()  # the finisher claims the next batch (wants_feed)
         task = self.tasks[claimed.job.task]
         if claimed.job.task in self._split[1].aio:
             claimed.aio = claimed.in_place = True
@@ -271,13 +328,36 @@ class Held:
         self.async_running -= 1
         return was_full
 
+    def ran(self, seconds: float) -> None:
+        """A job ran for ``seconds`` (an ``async def`` one: was handed to the event loop in
+        that time): the mean of the first 8, then a moving average. The first replaces the
+        guess (``PREFETCH_SECONDS``), so a pool that starts on a backlog of short jobs claims
+        full batches from its second claim on instead of growing them over a few dozen."""
+        self.runs = min(self.runs + 1, 8)
+        self.job_seconds += (seconds - self.job_seconds) / self.runs
+
     def store_later(self, claimed: Claimed) -> None:
         """Queue an outcome for the finisher (with the lock held)."""
         if claimed.stage != "storing":
             self.unstored += 1
         claimed.stage = "storing"
+        if not self.storing:
+            self.storing_since = time.monotonic()
         self.storing.append(claimed)
-        self.outcomes.notify()
+        if not self.claimed_full or len(self.storing) in (1, GATHER):  # see gathering
+            self.outcomes.notify()
+
+    def gathering(self, due: int, now: float) -> float | None:
+        """How much longer the finisher lets outcomes gather before it stores the ``due``
+        ones (with the lock held), or None to store them now: while the pool drains a queue
+        and more outcomes are on their way, until there are ``GATHER`` or the first has
+        waited ``LINGER``."""
+        if not self.claimed_full or self.stopping or due >= GATHER:
+            return None
+        if not self.batch and self.free >= self.settings.threads:
+            return None  # no job runs: no outcome is on its way
+        left = self.storing_since + LINGER - now
+        return left if left > 0 else None
 
     def running(self) -> list[Claimed]:
         """The jobs this pool's threads are running now."""

@@ -125,7 +125,7 @@ class Runner:
         # caller's context instead, which is the point of them).
         outcome = contextvars.Context().run(self.execute, claimed.job, claimed.running, False)
         seconds = time.monotonic() - began
-        held.job_seconds += (seconds - held.job_seconds) / 8
+        held.ran(seconds)
         with held.lock:
             if claimed.stage == "running":
                 claimed.outcome, claimed.seconds = outcome, seconds
@@ -158,7 +158,7 @@ class Runner:
                     held.leave_place(claimed)
                     claimed.outcome = Outcome(FAILED, error=f"WorkerError: {describe(error)}")
                     held.store_later(claimed)
-        self.held.job_seconds += (time.monotonic() - began - self.held.job_seconds) / 8
+        self.held.ran(time.monotonic() - began)
 
     def execute(self, job: Job, running: Running, coroutine: bool | None = None) -> Outcome:
         """Run ``job`` (``coroutine``: see ``execution.execute``); any error of the pool's own

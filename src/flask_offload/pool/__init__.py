@@ -52,9 +52,10 @@ from ..job import Door, Job, Outcome
 from ..schedule import Scheduler
 from .claimed import new_pool_id
 from .finisher import Finisher, cancel_asked, cancelled_instead
-from .held import MAX_DUES, Held
+from .held import Held
 from .running import Runner
 from .upkeep import Upkeep
+from .wakeups import MAX_DUES
 
 __all__ = ["MAX_DUES", "Pool"]
 
@@ -114,7 +115,7 @@ class Pool:
 
     def wake(self, at: float | None = None) -> None:
         """A job is due now (or at ``at``): let a thread look."""
-        self.held.wake(at)
+        self.held.wakeups.wake(at)
 
     def tasks_changed(self) -> None:
         """A task was registered: claim its jobs, and look at the periodic schedules again."""

@@ -136,7 +136,7 @@ class Loop:
                 claimed.outcome, claimed.seconds = outcome, time.monotonic() - began
                 held.store_later(claimed)
         if was_full:
-            held.wake()  # the pool claims async jobs again
+            held.wakeups.wake()  # the pool claims async jobs again
         if not kept:
             why = "its timeout" if claimed.timed_out else "it was put back at shutdown"
             logger.info(

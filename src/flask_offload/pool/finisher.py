@@ -130,7 +130,7 @@ class Finisher:
         with self.held.lock:
             self.held.leave(batch)
         if self.held.split().limits and any(limited(c.job) for c in batch):
-            self.held.wake()  # a slot is free: a job of its key may start
+            self.held.wakeups.wake()  # a slot is free: a job of its key may start
         for c, ok in zip(batch, stored, strict=True):
             if c.job.id in asked and c.outcome is not None:
                 c.outcome = cancelled_instead(c.outcome)
@@ -202,4 +202,4 @@ class Finisher:
             )
         self.emit(OUTCOME_EVENTS[outcome.state], job, outcome)
         if outcome.state == QUEUED:  # after the signal, so it comes before the next start
-            self.held.wake(outcome.run_at)
+            self.held.wakeups.wake(outcome.run_at)

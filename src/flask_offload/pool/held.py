@@ -1,22 +1,20 @@
 """Holding claimed jobs: each is one :class:`Claimed` that moves ``batched`` → ``running`` →
 ``storing`` → ``gone`` under the pool's one lock, from its claim until its outcome is stored
-or it is put back; and the wake-ups that send the pool's threads to claim.
+or it is put back (the wake-ups that send idle threads to claim are ``wakeups.py``'s).
 
 A claim fetches about ``PREFETCH_SECONDS`` of work (one job when jobs are slow, up to the
 storage's ``most_claimed`` when fast); a batched job not started within ``GIVE_BACK_AFTER``
 seconds is put back for other processes, so jobs that turn slow are never hoarded. While a
-queue drains, the finisher claims the next batch after each store (``storing_ends``). No
-claim is made while ``MAX_UNSTORED`` outcomes wait for the finisher, so the pool never runs
-far ahead of what it has stored. Jobs of ``async def`` tasks are claimed while fewer than
-``async_concurrency`` of them run on the pool's event loop (``aio.py``), in addition to the
-threads' own.
+queue drains, the finisher claims the next batch whenever the batch runs low and stores
+outcomes in between (``wants_feed``, ``gathering``). No claim is made while ``MAX_UNSTORED``
+outcomes wait for the finisher, so the pool never runs far ahead of what it has stored. Jobs
+of ``async def`` tasks start while fewer than ``async_concurrency`` of them run on the pool's
+event loop (``aio.py``), in addition to the threads' own.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -28,13 +26,13 @@ from ..current import Running
 from ..execution import Runnable, Settings
 from ..job import Job
 from .claimed import Claimed, Split, within_room
+from .wakeups import Wakeups
 
 logger = logging.getLogger("flask_offload")
 
 PREFETCH_SECONDS = 0.01
 GIVE_BACK_AFTER = 0.1  # seconds a claimed job may wait in the batch before it is put back
 MAX_UNSTORED = 512  # outcomes waiting to be stored before the run threads wait for the finisher
-MAX_DUES = 1024  # due times of in-process delayed jobs kept to wake up on time
 REFILL_WAIT = 0.5  # seconds a thread out of jobs waits for the finisher's claim, at most
 # While a queue drains, the finisher lets outcomes gather up to GATHER of them or LINGER
 # seconds: a store of a few costs the connection nearly what a store of a hundred does.
@@ -65,23 +63,18 @@ class Held:
         self.limited_claiming = threading.Lock()  # one limited claim at a time, beside it
         self.job_seconds = PREFETCH_SECONDS  # average run time (see ran): sizes the batch
         self.runs = 0  # jobs measured, up to 8
-        self.stopping = False  # set under ``wakeup``: no more claims
+        self.stopping = False  # no more claims
         self.halted = False  # storage is damaged: no claims, no recovery
         self.down = False  # storage unreachable: said once per outage, not once per thread
         self.drained = False  # past the drain: what still ran was put back
         self.maintenance = threading.Event()  # brings the upkeep's next round forward
-        wake_lock = threading.Lock()
-        self.wakeup = threading.Condition(wake_lock)  # idle threads wait on it
-        self.resting = threading.Condition(wake_lock)  # threads backing off after an error
-        self.wakeups = 0  # wake-ups no idle thread has taken yet (at most one per thread)
-        self.rung = 0  # wake-ups ever, so a limited claim can tell that one came since
-        self.poller: int | None = None  # the one idle thread that polls and minds the dues
-        self.dues: list[float] = []  # due times of in-process delayed jobs, a heap
+        self.wakeups = Wakeups(settings)  # idle threads sleep there until sent to claim
         self.async_running = 0  # under lock: coroutines begun and not yet ended (aio.py)
         self.free = 0  # under lock: claim-and-run threads not running a job (see ready)
         self.ready_changed: Callable[[], None] = lambda: None  # the storage's duty_changed
         self.claimed_full = False  # the last plain claim took all it asked for: more may wait
         self.claimed = 0  # how many jobs the last plain claim took
+        self.draining = False  # it took all of a batch it asked for: a backlog of short jobs
         self.async_lately = True  # the last claim that could take coroutines' jobs took some
         self.finisher_busy = False  # the finisher is storing, then claims if the batch is low
         self.refill = threading.Condition(self.lock)  # that store and claim are over
@@ -109,7 +102,7 @@ class Held:
                 return first
         with self.lock:
             until = time.monotonic() + REFILL_WAIT
-            while self.finisher_busy and self.claimed_full and not self.batch:
+            while self.finisher_busy and self.draining and not self.batch:
                 left = until - time.monotonic()
                 if self.stopping or left <= 0:  # storage answers slowly: claim, or say so
                     break
@@ -128,11 +121,11 @@ class Held:
 
     def storing_begins(self) -> None:
         """The finisher begins a store (or a claim, ``feed``): while the pool drains a queue
-        (its last claim took all it asked for), a thread that runs out of jobs now waits for
-        the claim that follows (``REFILL_WAIT`` at most, after which it claims and reports an
-        outage itself) instead of asking for the connection the finisher holds. Threads
-        that claimed for themselves took turns on it with the finisher, and each hand-over
-        from thread to thread left it idle for about a millisecond."""
+        (``draining``), a thread that runs out of jobs now waits for the claim that follows
+        (``REFILL_WAIT`` at most, after which it claims and reports an outage itself) instead
+        of asking for the connection the finisher holds. Threads that claimed for themselves
+        took turns on it with the finisher, and each hand-over from thread to thread left it
+        idle for about a millisecond."""
         with self.lock:
             self.finisher_busy = True
 
@@ -157,7 +150,7 @@ class Held:
         whose claim has returned for up to the switch interval (5 ms), and threads that
         claimed for themselves left the connection idle meanwhile."""
         return (
-            self.claimed_full
+            self.draining
             and len(self.batch) <= self.claimed // 2
             and self.unstored < MAX_UNSTORED
             and not self.stopping
@@ -175,13 +168,13 @@ class Held:
                     self._hold(jobs, None)
                     if not jobs:
                         with self.lock:
-                            self.claimed_full = False  # nothing to feed until a thread claims
+                            self.draining = False  # nothing to feed until a thread claims
                 finally:
                     self.claiming.release()
         except Exception as error:
             logger.debug("the finisher's claim failed: %s", error)
             with self.lock:
-                self.claimed_full = False
+                self.draining = False
 
     def _claim(self, split: Split) -> list[Job]:
         """Claim about ``PREFETCH_SECONDS`` of work of the plain tasks (under ``claiming``)."""
@@ -199,6 +192,7 @@ class Held:
             self.pool_id, names, self.settings.queues, size, self.settings.lease
         )
         self.claimed, self.claimed_full = len(jobs), len(jobs) >= size
+        self.draining = self.claimed_full and size > 1
         if split.aio and len(names) == len(split.plain):
             self.async_lately = any(job.task in split.aio for job in jobs)
         return jobs
@@ -224,7 +218,7 @@ class Held:
         finally:
             self.limited_claiming.release()
         if first is not None:
-            self.wake()  # another thread may find the next one
+            self.wakeups.wake()  # another thread may find the next one
         return first
 
     def _hold(self, jobs: list[Job], me: threading.Thread | None) -> Claimed | None:
@@ -265,7 +259,7 @@ class Held:
         per thread: one job a claim (each waits for storage's lock on limits) capped a rate
         below its limit; a job left waiting in the batch is given back after
         ``GIVE_BACK_AFTER``, freeing its slot (its start stays spent)."""
-        seen = self.rung
+        seen = self.wakeups.rung
         if seen == self.limited_seen and time.monotonic() < self.limited_after:
             return []
         jobs, wait = self.backend.claim_limited(
@@ -277,7 +271,7 @@ class Held:
         pause = self.settings.poll_interval
         if wait is not None and wait < pause:  # a window frees before the next poll
             pause = wait
-            self.wake(time.time() + wait)
+            self.wakeups.wake(time.time() + wait)
         self.limited_seen, self.limited_after = seen, time.monotonic() + pause
         return []
 
@@ -303,7 +297,7 @@ class Held:
         """Move a batched job to running in thread ``me`` (with the lock held): a coroutine
         takes a place on the event loop, a job run in the thread makes it busy."""
         claimed.stage, claimed.thread = "running", me
-        if self.claimed_full and len(self.batch) == self.claimed // 2:
+        if self.draining and len(self.batch) == self.claimed // 2:
             self.outcomes.notify()  # the finisher claims the next batch (wants_feed)
         task = self.tasks[claimed.job.task]
         if claimed.job.task in self._split[1].aio:
@@ -344,7 +338,7 @@ class Held:
         if not self.storing:
             self.storing_since = time.monotonic()
         self.storing.append(claimed)
-        if not self.claimed_full or len(self.storing) in (1, GATHER):  # see gathering
+        if not self.draining or len(self.storing) in (1, GATHER):  # see gathering
             self.outcomes.notify()
 
     def gathering(self, due: int, now: float) -> float | None:
@@ -352,7 +346,7 @@ class Held:
         ones (with the lock held), or None to store them now: while the pool drains a queue
         and more outcomes are on their way, until there are ``GATHER`` or the first has
         waited ``LINGER``."""
-        if not self.claimed_full or self.stopping or due >= GATHER:
+        if not self.draining or self.stopping or due >= GATHER:
             return None
         if not self.batch and self.free >= self.settings.threads:
             return None  # no job runs: no outcome is on its way
@@ -402,10 +396,8 @@ class Held:
 
     def stop_claiming(self) -> None:
         """Claim no more: wake every thread that waits to claim, so it sees the stop."""
-        with self.wakeup:
-            self.stopping = True
-            self.wakeup.notify_all()
-            self.resting.notify_all()
+        self.stopping = True
+        self.wakeups.stop()
         with self.lock:
             self.refill.notify_all()  # threads waiting for the finisher's claim
 
@@ -456,59 +448,3 @@ class Held:
         self.free += change
         if was != (self.free > 0):
             self.ready_changed()
-
-    # -- wake-ups --------------------------------------------------------------------------------
-
-    def wake(self, at: float | None = None) -> None:
-        """A job is due now (or at ``at``): let one idle thread look (or the poller, at
-        ``at``). Wake-ups that come while no thread is idle are kept, one per thread at most,
-        so a job stored while every thread was claiming is looked for once more."""
-        with self.wakeup:
-            if at is not None and at > time.time():
-                if len(self.dues) < MAX_DUES:  # beyond it, polling finds the job
-                    heapq.heappush(self.dues, at)
-                self.wakeup.notify_all()  # the poller, wherever it waits, sleeps less
-            else:
-                self.wakeups = min(self.wakeups + 1, self.settings.threads)
-                self.rung += 1
-                self.wakeup.notify()
-
-    def idle(self) -> None:
-        """Sleep until a wake-up is ours, or, as the pool's one poller, until a delayed job of
-        this process is due or the poll interval has passed. One thread polls whatever the
-        pool's size, and a wake-up sends one thread to claim, not all of them: an idle pool
-        costs one claim per ``poll_interval`` and one per job it is told of."""
-        me = threading.get_ident()
-        deadline = math.inf
-        with self.wakeup:
-            try:
-                while not self.stopping:
-                    if self.wakeups:
-                        self.wakeups -= 1
-                        return
-                    if self.poller is None:  # the poll interval counts from here
-                        self.poller = me
-                        deadline = time.monotonic() + self.settings.poll_interval
-                    if self.poller != me:
-                        self.wakeup.wait()
-                        continue
-                    now = time.time()
-                    if self.dues and self.dues[0] <= now:
-                        while self.dues and self.dues[0] <= now:
-                            heapq.heappop(self.dues)
-                        return
-                    pause = deadline - time.monotonic()
-                    if pause <= 0:
-                        return
-                    next_due = self.dues[0] - now if self.dues else math.inf
-                    self.wakeup.wait(min(pause, next_due))
-            finally:
-                if self.poller == me:
-                    self.poller = None
-                    self.wakeup.notify()  # another idle thread polls in its place
-
-    def pause(self, seconds: float) -> None:
-        """Sleep for ``seconds`` unless the pool stops meanwhile."""
-        with self.resting:
-            if not self.stopping:
-                self.resting.wait(seconds)

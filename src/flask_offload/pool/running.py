@@ -81,12 +81,12 @@ class Runner:
                 claimed = held.next(me)
             except StorageCorrupt as error:
                 held.halt(error)
-                held.pause(self.settings.poll_interval * 10)
+                held.wakeups.pause(self.settings.poll_interval * 10)
                 continue
             except Exception as error:
                 failures += 1
                 self._storage_down(error)
-                held.pause(min(self.settings.poll_interval * 2**failures, 10.0))
+                held.wakeups.pause(min(self.settings.poll_interval * 2**failures, 10.0))
                 continue
             if failures:
                 failures = 0
@@ -95,7 +95,7 @@ class Runner:
                 if was_down:
                     logger.warning("storage answers again: worker %s resumes", held.pool_id)
             if claimed is None:
-                held.idle()
+                held.wakeups.idle()
             elif claimed.aio:
                 self._hand_off(claimed)
             elif not self._run(claimed, me):
@@ -201,7 +201,7 @@ class Runner:
                 else:
                     self._replace(c.thread)
         if room:
-            held.wake()
+            held.wakeups.wake()
         for c in overdue:
             logger.warning("job %s (%s) timed out", c.job.id, c.job.task)
 

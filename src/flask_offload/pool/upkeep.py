@@ -158,7 +158,7 @@ class Upkeep:
         recovered = self.backend.recover(self.settings.max_lost)
         if recovered:
             logger.warning("took back %d job(s) whose worker stopped answering", len(recovered))
-            self.held.wake()
+            self.held.wakeups.wake()
         for job_id in recovered if self.signals else ():
             job = self.backend.get(job_id)
             if job is not None:
@@ -176,7 +176,7 @@ class Upkeep:
                 self.backend.mark_limited(
                     [(job.id, *keys_of(limited[job.task], job)) for job in jobs]
                 )
-                self.held.wake()
+                self.held.wakeups.wake()
             if len(jobs) < MARK_BATCH:
                 return
 

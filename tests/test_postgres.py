@@ -450,6 +450,28 @@ def test_a_claim_planned_once_reads_no_job_row_but_those_it_takes(pg: PostgresBa
     assert "offload_jobs_ready" in text and "offload_jobs_pkey" in text, text
 
 
+def test_a_claim_of_many_finds_the_rows_it_locked_by_their_ctid(pg: PostgresBackend) -> None:
+    """A claim of 256 from 2,000 queued jobs, planned once: the rows its locking read took
+    are updated through a TID scan of the ctids it returned, not found again by a hash join
+    over the whole table (1.7 of the 5.5 ms of such a claim from 20,000 rows). It takes 256
+    distinct jobs, in claim order."""
+    stored = pg.enqueue_many([make_job() for _ in range(2000)])
+    params = {"worker": "w", "lease": 30.0, "token": "x", "tasks": ["t"], "queues": None}
+
+    def plan(conn: Any) -> str:
+        conn.execute("ANALYZE offload_jobs")
+        with conn.transaction(force_rollback=True):
+            conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            sql = "EXPLAIN " + queries.claim_statement(256)
+            return "\n".join(row[0] for row in conn.execute(sql, params))
+
+    text = pg._run(plan)
+    assert "Tid Scan on offload_jobs" in text and "Seq Scan on offload_jobs" not in text, text
+    jobs = pg.claim("w", ["t"], None, 256, 30.0)
+    assert [job.id for job in jobs] == [job.id for job in stored[:256]]
+    assert {job.state for job in jobs} == {"running"}
+
+
 def test_an_unreachable_server_raises_a_clear_error_within_seconds(
     connect: Callable[..., PostgresBackend],
 ) -> None:

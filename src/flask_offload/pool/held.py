@@ -229,6 +229,7 @@ class Held:
         first = None
         with self.lock:
             late = self.stopping  # stop_claiming reads the batch under this lock after
+            was_empty = not self.batch
             if not late:
                 self.jobs.update(claimed)
                 if me is not None and claimed:
@@ -237,8 +238,10 @@ class Held:
         if late:
             self.put_back(claimed, "claimed as the pool stopped")
             return None
-        if len(claimed) > 1:
-            self.maintenance.set()  # to give back what is still batched in time
+        if len(claimed) > 1 and was_empty:
+            # The upkeep gives back what waits in the batch too long: it planned its next
+            # round by the batch's oldest job, if there was one, which is older than these.
+            self.maintenance.set()
         return first
 
     def split(self) -> Split:

@@ -161,6 +161,9 @@ _CLAIM = f"""
 """
 
 
+BATCH = 64  # claims of this many jobs or more find their rows by ctid (see claim_statement)
+
+
 @functools.lru_cache(maxsize=64)
 def claim_statement(limit: int) -> str:
     """CLAIM of up to ``limit`` jobs, the number written into the text. Bound as a parameter,
@@ -168,13 +171,15 @@ def claim_statement(limit: int) -> str:
     assumes a tenth of the table): ~0.5 ms a claim, half of a claim of one job. The text of
     each limit is planned on its first few uses only; a pool asks for a few sizes.
 
-    The rows a claim of many takes are found again by the ctid their locking read returned
-    (a TID scan): by seq, a claim of 256 from a table of 20,000 rows was planned as a hash
-    join reading the whole table, 1.7 of its 5.5 ms. A one-job claim finds its row by seq:
-    planned once on a small table (a fleet's first minutes), a TID scan loses to reading the
-    table, and the plan is kept as the table grows."""
+    The rows a claim of a batch (``BATCH`` or more) takes are found again by the ctid their
+    locking read returned (a TID scan): by seq, a claim of 256 from a table of 20,000 rows was
+    planned as a hash join reading the whole table, 1.7 of its 5.5 ms. Smaller claims, an
+    idle worker's, find their rows by seq: planned once on a small table (a fleet's first
+    minutes), a TID scan loses to reading the table, and the plan is kept as it grows."""
     found = (
-        "ctid = ANY(ARRAY(SELECT ctid FROM due))" if limit > 1 else "seq IN (SELECT seq FROM due)"
+        "ctid = ANY(ARRAY(SELECT ctid FROM due))"
+        if limit >= BATCH
+        else "seq IN (SELECT seq FROM due)"
     )
     return _CLAIM.replace("%(limit)s", str(int(limit))).replace("{found}", found)
 

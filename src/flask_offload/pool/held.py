@@ -184,6 +184,10 @@ class Held:
             batched = sum(c.job.task in split.aio for c in self.batch)
             room = self.settings.async_concurrency - self.async_running - batched
         size = min(self.backend.most_claimed, max(1, int(PREFETCH_SECONDS / self.job_seconds)))
+        # At most twice what the last claim found: a backlog is claimed in batches that
+        # double from one job, while jobs that come one at a time are claimed a few at most
+        # (on PostgreSQL, whose plans of large claims may read a small table whole).
+        size = min(size, 2 * self.claimed or 1)
         size = 1 << (size.bit_length() - 1)  # a few sizes only: storage plans each once
         names, size = within_room(split.plain, split.plain_sync, size, room, self.async_lately)
         if not names:

@@ -332,8 +332,9 @@ class Held:
     def ran(self, seconds: float) -> None:
         """A job ran for ``seconds`` (an ``async def`` one: was handed to the event loop in
         that time): the mean of the first 8, then a moving average. The first replaces the
-        guess (``PREFETCH_SECONDS``), so a pool that starts on a backlog of short jobs claims
-        full batches from its second claim on instead of growing them over a few dozen."""
+        guess (``PREFETCH_SECONDS``), so a pool that starts on a backlog of short jobs doubles
+        its claims from the second on (``_claim``) instead of growing them over a few dozen
+        jobs."""
         self.runs = min(self.runs + 1, 8)
         self.job_seconds += (seconds - self.job_seconds) / self.runs
 

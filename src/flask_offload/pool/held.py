@@ -143,8 +143,10 @@ class Held:
 
     def wants_feed(self) -> bool:
         """Whether the finisher is to claim the next batch now (with the lock held): the pool
-        drains a queue, its batch is down to half of what the last claim took, the outcomes
-        waiting to be stored leave room (as for the threads' claims), and no thread claims.
+        drains a queue, its batch is down to half of what the last claim took, fewer than
+        ``MAX_UNSTORED`` jobs wait in it or for the finisher (so what the pool holds stays
+        within ``MAX_UNSTORED`` and one claim, as with the threads' claims, which come when
+        the batch is empty), and no thread claims.
         The finisher then keeps the connection busy, storing and claiming in turn, while the
         threads run what it claimed: on PostgreSQL, after each claim a thread made for itself
         the connection sat idle ~3 ms until the finisher's next store (busy 69 % of a drain,
@@ -152,7 +154,7 @@ class Held:
         return (
             self.draining
             and len(self.batch) <= self.claimed // 2
-            and self.unstored < MAX_UNSTORED
+            and self.unstored + len(self.batch) < MAX_UNSTORED
             and not self.stopping
             and not self.claiming.locked()
         )
